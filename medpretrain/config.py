@@ -1,0 +1,319 @@
+"""Typed configuration: one dataclass per entry point, YAML files and command-line overrides on top.
+
+The contract (nanoGPT's configurator, made strict):
+
+* defaults live in a dataclass (nested dataclasses for groups such as ``data`` or ``optim``);
+* ``--config file.yaml`` (or a first positional ``*.yaml``) is applied over the defaults;
+* any key can then be overridden as ``key=value``, ``--key value`` or ``--key=value``; nested keys are
+  dotted (``data.image_size=64``). Values are parsed as YAML scalars (``1e-3``, ``true``, ``[1, 2]``);
+* an unknown key or a value of the wrong type raises :class:`ConfigError` naming the key, before any
+  work starts;
+* :func:`save_config` writes the resolved config next to every output; checkpoints embed
+  :func:`config_to_dict`.
+
+YAML is always read with ``yaml.safe_load``: a config can never construct Python objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid: unknown key, wrong type or unreadable file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shared groups. Entry points compose these into their own dataclass (DINO's parent parsers).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which data, and how it is turned into tensors. See :mod:`medpretrain.data` for spec strings."""
+
+    dataset: str = "medmnist:pneumoniamnist"
+    """Dataset spec: ``medmnist:<name>[@size]``, ``folder:<path>``, ``dicom:<path>``, ``nifti:<path>``,
+    ``segpairs:<images>,<masks>[,<roi>]``. Relative paths resolve against ``root``."""
+    root: str | None = None
+    """Data root; ``None`` means ``$MEDPRETRAIN_DATA``, else ``../shared/data`` next to the project."""
+    image_size: int | None = None
+    """Resize to this square size; ``None`` keeps the source size (MedMNIST) or 224 for files."""
+    channels: int = 1
+    """1 (grey; RGB files are converted) or 3."""
+    mean: float = 0.5
+    """Normalisation applied after scaling to [0, 1]: ``(x - mean) / std`` (stored in checkpoints)."""
+    std: float = 0.5
+    val_fraction: float = 0.1
+    """Used only when the source has no official validation split."""
+    test_fraction: float = 0.2
+    """Used only when the source has no official test split."""
+    split_seed: int = 0
+    label_fraction: float | None = None
+    """Fraction of the training labels to keep, drawn stratified (1.0 = all)."""
+    labels_per_class: int | None = None
+    """Alternative to ``label_fraction``: this many training labels per class."""
+    skip_bad: bool = False
+    """Skip unreadable files (counted and reported) instead of failing on the first one."""
+    num_workers: int = 0
+    download: bool = False
+    """MedMNIST only: download through the ``medmnist`` package when the file is missing (needs a network)."""
+    # DICOM / NIfTI specifics.
+    window: str = "auto"
+    """DICOM intensity window: ``auto`` (VOI LUT or window centre/width, else min-max), ``minmax``,
+    or ``<centre>,<width>``."""
+    slice_axis: int = 2
+    """NIfTI: axis along which 3D volumes are cut into 2D slices."""
+
+
+@dataclasses.dataclass
+class BackboneConfig:
+    arch: str = "resnet18"
+    """Registered architecture, see :func:`medpretrain.backbones.available_backbones`."""
+    stem: str = "auto"
+    """``standard`` (7x7 stride 2 + max-pool), ``small`` (3x3 stride 1, no pool; for 28-64 px) or
+    ``auto`` (small below 96 px)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, validating.
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError. Ints are accepted where floats are."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. init=5 would be odd, but a path "2024" is legitimate
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    """Instantiate dataclass ``cls`` from a (partial) mapping, validating every key and type."""
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys here: {', '.join(prefix + k for k in fields)}"
+        )
+    kwargs = {name: _coerce(v, hints[name], prefix + name) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-JSON view of a config dataclass (for checkpoints, results and ``config.yaml``)."""
+    return dataclasses.asdict(cfg)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; errors name the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config file must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _dotted_to_nested(key: str, value: Any) -> dict[str, Any]:
+    parts = key.split(".")
+    out: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        out = {part: out}
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Split argv into config files and a nested override mapping.
+
+    Accepts ``--config F`` (repeatable), bare ``*.yaml`` paths, ``key=value``, ``--key value``
+    and ``--key=value``. A ``--flag`` followed by another ``--`` option or nothing means ``true``.
+    """
+    files: list[str] = []
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise SystemExit(0)  # handled by load_config, which prints help first
+        if arg == "--config" or arg == "-c":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file path")
+            files.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+            i += 1
+            continue
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, text = body.split("=", 1)
+                i += 1
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                key, text = body, argv[i + 1]
+                i += 2
+            else:
+                key, text = body, "true"
+                i += 1
+        elif "=" in arg:
+            key, text = arg.split("=", 1)
+            i += 1
+        elif arg.endswith((".yaml", ".yml")):
+            files.append(arg)
+            i += 1
+            continue
+        else:
+            raise ConfigError(f"cannot parse argument {arg!r}: use key=value, --key value or --config file.yaml")
+        key = key.replace("-", "_")
+        overrides = _merge(overrides, _dotted_to_nested(key, _parse_scalar(text)))
+    return files, overrides
+
+
+def _help_lines(cls: type, prefix: str = "") -> list[str]:
+    lines = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += _help_lines(tp, prefix + f.name + ".")  # type: ignore[arg-type]
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "?"  # type: ignore[misc]
+        )
+        lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default!r}")
+    return lines
+
+
+def config_help(cls: type) -> str:
+    return "options (key=value, --key value, or --config file.yaml):\n" + "\n".join(_help_lines(cls))
+
+
+def load_config(cls: type[T], argv: list[str] | None = None, defaults_file: str | os.PathLike[str] | None = None) -> T:
+    """Resolve a config: dataclass defaults < ``defaults_file`` < ``--config`` files < overrides.
+
+    Raises :class:`ConfigError` (a ``ValueError``) naming the bad key or file before any work starts.
+    """
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        sys.stdout.write(config_help(cls) + "\n")
+        raise SystemExit(0)
+    files, overrides = parse_args(argv)
+    merged: dict[str, Any] = {}
+    for f in ([defaults_file] if defaults_file else []) + files:
+        merged = _merge(merged, read_yaml(f))
+    merged = _merge(merged, overrides)
+    return _build(cls, merged)
+
+
+def save_config(cfg: Any, out_dir: str | os.PathLike[str], name: str = "config.yaml") -> Path:
+    """Write the resolved config as YAML next to the outputs (atomically) and return its path."""
+    from medpretrain.utils import atomic_write_text
+
+    path = Path(out_dir) / name
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a config, used to decide whether a stage can be reused."""
+    import hashlib
+
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
