@@ -1,0 +1,10 @@
+.PHONY: setup test lint main
+setup:
+	bash scripts/setup.sh
+test:
+	bash scripts/test.sh
+lint:
+	.venv/bin/ruff check medpretrain pretrain finetune generative scripts tests
+	.venv/bin/mypy
+main:
+	bash scripts/main.sh

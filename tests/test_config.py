@@ -1,0 +1,117 @@
+"""The typed config schema: YAML + overrides on top of dataclass defaults, strict keys and types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from medpretrain.config import (
+    BackboneConfig,
+    ConfigError,
+    DataConfig,
+    config_hash,
+    load_config,
+    parse_args,
+    save_config,
+)
+
+
+@dataclass
+class Optim:
+    lr: float = 0.1
+    milestones: list[int] = field(default_factory=lambda: [50, 75])
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: Optim = field(default_factory=Optim)
+    init: str = "scratch"
+    seed: int = 0
+    resume: str | None = None
+    amp: bool = False
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 3\noptim:\n  lr: 0.01\ndata:\n  image_size: 64\n")
+    cfg = load_config(RunConfig, ["--config", str(f), "optim.lr=1e-3", "--init", "imagenet", "--amp"])
+    assert cfg.seed == 3  # from file
+    assert cfg.optim.lr == pytest.approx(1e-3)  # override beats file; "1e-3" parsed as float
+    assert cfg.data.image_size == 64
+    assert cfg.data.channels == 1  # untouched default
+    assert cfg.init == "imagenet" and cfg.amp is True
+    assert cfg.optim.milestones == [50, 75]
+
+
+def test_override_forms_are_equivalent():
+    a = load_config(RunConfig, ["data.image_size=32", "resume=auto"])
+    b = load_config(RunConfig, ["--data.image_size", "32", "--resume", "auto"])
+    c = load_config(RunConfig, ["--data.image_size=32", "--resume=auto"])
+    assert a == b == c
+    assert a.resume == "auto"
+
+
+def test_list_and_none_values():
+    cfg = load_config(RunConfig, ["optim.milestones=[10, 20, 30]", "data.image_size=null"])
+    assert cfg.optim.milestones == [10, 20, 30]
+    assert cfg.data.image_size is None
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["data.imagesize=3"], "unknown config key(s) data.imagesize"),
+        (["nope=1"], "unknown config key(s) nope"),
+        (["optim.lr=fast"], "config key 'optim.lr': expected a number"),
+        (["seed=1.5"], "config key 'seed': expected an integer"),
+        (["amp=maybe"], "config key 'amp': expected true/false"),
+        (["data=3"], "expected a mapping of DataConfig fields"),
+        (["optim.milestones=5"], "expected a list"),
+        (["justaword"], "cannot parse argument 'justaword'"),
+    ],
+)
+def test_bad_keys_and_types_fail_with_the_key_named(argv, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, argv)
+    assert fragment in str(e.value)
+
+
+def test_bad_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(RunConfig, ["--config", str(bad)])
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: a config file must be a mapping"):
+        load_config(RunConfig, [str(lst)])
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
+        load_config(RunConfig, ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_yaml_cannot_build_python_objects(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("init: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(RunConfig, [str(evil)])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(RunConfig, ["optim.lr=0.005", "data.dataset=folder:busi", "seed=7"])
+    path = save_config(cfg, tmp_path)
+    assert path.name == "config.yaml"
+    again = load_config(RunConfig, ["--config", str(path)])
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config(RunConfig, ["seed=8"])) != config_hash(cfg)
+    assert yaml.safe_load(path.read_text())["optim"]["lr"] == 0.005
+
+
+def test_parse_args_splits_files_and_overrides():
+    files, over = parse_args(["a.yaml", "--config", "b.yml", "x.y=1", "--flag"])
+    assert files == ["a.yaml", "b.yml"]
+    assert over == {"x": {"y": 1}, "flag": True}
