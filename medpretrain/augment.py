@@ -1,0 +1,252 @@
+"""Batched, on-device view generation for contrastive pretraining on grey-scale medical images.
+
+Why not lightly's ``SimCLRTransform``: it works per sample on PIL images inside DataLoader workers, and
+its defaults (colour jitter, random greyscale, ImageNet normalisation) suit photographs, not scans.
+At 28-128 px the per-sample Python overhead dominates, so the loader, not the model, sets the pace.
+Here a whole batch ``[B, C, H, W]`` (in [0, 1]) is augmented with tensor ops on the training device,
+with independent random parameters for every sample:
+
+1. random resized crop + horizontal/vertical flip + small rotation, composed into one affine matrix
+   per sample and applied with a single ``affine_grid``/``grid_sample`` resample (one interpolation,
+   not three);
+2. intensity: brightness (multiplicative), contrast (blend with the image mean) and gamma, each with
+   its own per-sample factor, applied together with probability ``intensity_p``;
+3. Gaussian blur with a per-sample sigma (one grouped separable convolution for the whole batch);
+4. additive Gaussian noise with a per-sample standard deviation;
+5. clamp to [0, 1] and normalise ``(x - mean) / std`` (the dataset's statistics, stored in the backbone).
+
+There is deliberately no hue, saturation or random-greyscale step: the images are grey.
+Randomness comes from an optional ``torch.Generator`` so a run can be replayed exactly (the training
+scripts seed it from the step number, which makes resumed runs draw the same views).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class AugmentConfig:
+    """Parameters of the batched views; every default carries its reason.
+
+    Ranges are ``[low, high]`` lists so they can be overridden from the command line
+    (``aug.crop_scale=[0.3,1.0]``).
+    """
+
+    crop_scale: list[float] = (0.3, 1.0)  # type: ignore[assignment]
+    """Area fraction of the crop. SimCLR uses [0.08, 1] on 224 px photos; at 28-64 px a 8 % crop of a
+    chest X-ray is a few pixels of lung with nothing left to match, so the floor is raised to 0.3
+    (MoCo-CXR, Sowrirajan et al. 2021, also uses milder crops on X-rays)."""
+    crop_ratio: list[float] = (3 / 4, 4 / 3)  # type: ignore[assignment]
+    """Aspect ratio range of the crop (SimCLR/torchvision default)."""
+    hflip_p: float = 0.5
+    """Left-right flip: anatomy is nearly symmetric at this resolution and MoCo-CXR uses it."""
+    vflip_p: float = 0.0
+    """Upside-down scans do not occur in practice; learning that invariance wastes capacity."""
+    rotation_deg: float = 10.0
+    """Small rotations mimic patient positioning; MoCo-CXR uses +-10 degrees."""
+    padding_mode: str = "reflection"
+    """How ``grid_sample`` fills pixels rotated in from outside: ``reflection`` avoids black corners the
+    network could use to read off the rotation angle; ``zeros`` or ``border`` are the alternatives."""
+    intensity_p: float = 0.8
+    """Probability that a sample gets brightness/contrast/gamma jitter (SimCLR applies colour jitter
+    with p = 0.8)."""
+    brightness: float = 0.4
+    """Multiplicative brightness factor drawn from [1 - b, 1 + b]: exposure varies between machines."""
+    contrast: float = 0.4
+    """Contrast factor drawn from [1 - c, 1 + c], blended around each image's mean (torchvision's rule)."""
+    gamma: list[float] = (0.7, 1.4)  # type: ignore[assignment]
+    """Gamma range (log-uniform): different detector response curves and windowing."""
+    blur_p: float = 0.5
+    """Probability of Gaussian blur (SimCLR: 0.5)."""
+    blur_sigma: list[float] = (0.1, 1.0)  # type: ignore[assignment]
+    """Blur sigma in output pixels. SimCLR's [0.1, 2.0] is for 224 px; at 28-128 px a sigma above ~1 px
+    erases the fine opacity texture that separates pneumonia from normal lungs."""
+    noise_p: float = 0.5
+    """Probability of additive Gaussian noise (quantum noise of low-dose acquisitions)."""
+    noise_std: list[float] = (0.0, 0.04)  # type: ignore[assignment]
+    """Noise standard deviation range on the [0, 1] intensity scale."""
+
+    def __post_init__(self) -> None:
+        for name in ("crop_scale", "crop_ratio", "gamma", "blur_sigma", "noise_std"):
+            value = [float(v) for v in getattr(self, name)]
+            if len(value) != 2 or value[0] > value[1]:
+                raise ValueError(f"augment {name} must be [low, high] with low <= high, got {value}")
+            setattr(self, name, value)
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"augment crop_scale must lie in (0, 1], got {self.crop_scale}")
+        if self.crop_ratio[0] <= 0:
+            raise ValueError(f"augment crop_ratio must be positive, got {self.crop_ratio}")
+        for name in ("hflip_p", "vflip_p", "intensity_p", "blur_p", "noise_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"augment {name} is a probability in [0, 1], got {p}")
+        if self.brightness < 0 or self.contrast < 0 or self.rotation_deg < 0:
+            raise ValueError("augment brightness, contrast and rotation_deg must be >= 0")
+        if self.gamma[0] <= 0 or self.blur_sigma[0] <= 0 or self.noise_std[0] < 0:
+            raise ValueError("augment gamma and blur_sigma must be > 0 and noise_std >= 0")
+        if self.padding_mode not in ("zeros", "border", "reflection"):
+            raise ValueError(f"augment padding_mode must be zeros, border or reflection, got {self.padding_mode!r}")
+
+
+def _uniform(n: int, low: float, high: float, device: torch.device, gen: torch.Generator | None) -> Tensor:
+    return torch.rand(n, device=device, generator=gen) * (high - low) + low
+
+
+def _bernoulli(n: int, p: float, device: torch.device, gen: torch.Generator | None) -> Tensor:
+    return torch.rand(n, device=device, generator=gen) < p
+
+
+def random_affine_matrices(
+    n: int,
+    cfg: AugmentConfig,
+    aspect: float = 1.0,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-sample ``[n, 2, 3]`` matrices for ``affine_grid`` combining crop, flips and rotation.
+
+    The matrix maps output coordinates (normalised to [-1, 1]) to input coordinates: the output grid is
+    scaled to the crop's half-extent, flipped, rotated (in pixel space, so non-square images rotate
+    rigidly; ``aspect`` = height / width) and shifted to a random crop centre inside the image.
+    Crop sizes follow torchvision's ``RandomResizedCrop`` (area fraction and log-uniform aspect ratio),
+    clipped to the image instead of re-drawn so that the batch needs no Python loop.
+    """
+    device = torch.device(device)
+    area = _uniform(n, cfg.crop_scale[0], cfg.crop_scale[1], device, generator)
+    log_r = _uniform(n, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), device, generator)
+    ratio = torch.exp(log_r)
+    sw = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
+    sh = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (torch.rand(n, device=device, generator=generator) * 2 - 1) * (1 - sw)
+    cy = (torch.rand(n, device=device, generator=generator) * 2 - 1) * (1 - sh)
+    fx = torch.where(_bernoulli(n, cfg.hflip_p, device, generator), -1.0, 1.0)
+    fy = torch.where(_bernoulli(n, cfg.vflip_p, device, generator), -1.0, 1.0)
+    angle = _uniform(n, -cfg.rotation_deg, cfg.rotation_deg, device, generator) * (math.pi / 180)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Rotation in pixel space expressed in normalised coordinates: u = x / (W/2), v = y / (H/2).
+    theta = torch.empty(n, 2, 3, device=device)
+    theta[:, 0, 0] = cos * sw * fx
+    theta[:, 0, 1] = -sin * aspect * sh * fy
+    theta[:, 1, 0] = sin / aspect * sw * fx
+    theta[:, 1, 1] = cos * sh * fy
+    theta[:, 0, 2] = cx
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
+    """``F.affine_grid(theta, [B, C, h, w], align_corners=False)`` as one batched matmul (faster on CPU)."""
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    base = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=theta.device)], -1)
+    return torch.matmul(base.view(1, h * w, 3), theta.transpose(1, 2)).view(-1, h, w, 2)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Blur each sample of ``x`` ``[B, C, H, W]`` with its own ``sigma`` ``[B]`` (pixels; 0 = identity).
+
+    One grouped separable convolution for the whole batch, reflect-padded. The kernel radius is
+    ``ceil(3 * max(sigma))`` so the widest kernel in the batch is not truncated.
+    """
+    b, c, h, w = x.shape
+    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
+    radius = min(radius, (min(h, w) - 1))  # reflect padding needs radius < size
+    coords = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.dtype).clamp(min=1e-6)[:, None]
+    kernel = torch.exp(-(coords[None, :] ** 2) / (2 * s**2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    # sigma == 0 means "no blur": a delta kernel.
+    delta = (coords == 0).to(x.dtype)[None, :].expand_as(kernel)
+    kernel = torch.where((sigma <= 0)[:, None], delta, kernel)
+    kernel = kernel.repeat_interleave(c, dim=0)  # [B*C, k]
+    k = kernel.shape[1]
+    y = x.reshape(1, b * c, h, w)
+    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, kernel.view(b * c, 1, 1, k), groups=b * c)
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    y = F.conv2d(y, kernel.view(b * c, 1, k, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+class BatchViews(torch.nn.Module):
+    """Random views of a batch of grey-scale images, computed on the batch's device.
+
+    Input: ``[B, C, H, W]`` float in [0, 1] (``build_dataset(..., normalize=False)``). Output:
+    ``[B, C, size, size]`` normalised as ``(x - mean) / std`` (pass ``DataConfig.mean/std``, the
+    statistics stored in the exported backbone). ``size`` defaults to the input size.
+    Every sample draws its own crop, flip, rotation, intensity, blur and noise parameters.
+
+    Example::
+
+        views = BatchViews(AugmentConfig(), size=28, mean=0.5, std=0.5)
+        x0, x1 = views.pair(images, generator=g)   # two independent views of each image
+    """
+
+    def __init__(
+        self, cfg: AugmentConfig | None = None, size: int | None = None, mean: float = 0.5, std: float = 0.5
+    ):
+        super().__init__()
+        self.cfg = cfg or AugmentConfig()
+        if size is not None and size < 2:
+            raise ValueError(f"view size must be >= 2 pixels, got {size}")
+        if std <= 0:
+            raise ValueError(f"normalisation std must be > 0, got {std}")
+        self.size = size
+        self.mean = float(mean)
+        self.std = float(std)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"BatchViews expects [B, C, H, W], got shape {tuple(x.shape)}")
+        cfg = self.cfg
+        x = x.float()
+        b, c, h, w = x.shape
+        out_h = out_w = self.size or h
+        if self.size is None:
+            out_w = w
+        dev = x.device
+        theta = random_affine_matrices(b, cfg, aspect=h / w, device=dev, generator=generator)
+        y = F.grid_sample(x, _affine_grid(theta, out_h, out_w), mode="bilinear",
+                          padding_mode=cfg.padding_mode, align_corners=False)
+
+        if cfg.intensity_p > 0:
+            on = _bernoulli(b, cfg.intensity_p, dev, generator)
+            bright = _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, dev, generator)
+            contrast = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, dev, generator)
+            log_g = _uniform(b, math.log(cfg.gamma[0]), math.log(cfg.gamma[1]), dev, generator)
+            bright = torch.where(on, bright, 1.0).view(b, 1, 1, 1)
+            contrast = torch.where(on, contrast, 1.0).view(b, 1, 1, 1)
+            gamma = torch.where(on, log_g, 0.0).exp().view(b, 1, 1, 1)
+            y.mul_(bright).clamp_(0, 1)
+            mean = y.mean(dim=(1, 2, 3), keepdim=True)
+            y.sub_(mean).mul_(contrast).add_(mean).clamp_(1e-6, 1)
+            y = y.log_().mul_(gamma).exp_()  # y ** gamma, in place
+
+        # Blur and noise touch only the selected samples (half the batch by default): same result as a
+        # masked pass over all of them at half the cost.
+        if cfg.blur_p > 0:
+            idx = torch.nonzero(_bernoulli(b, cfg.blur_p, dev, generator)).squeeze(1)
+            sigma = _uniform(b, cfg.blur_sigma[0], cfg.blur_sigma[1], dev, generator)
+            if idx.numel() > 0:
+                y[idx] = gaussian_blur(y[idx], sigma[idx])
+
+        if cfg.noise_p > 0 and cfg.noise_std[1] > 0:
+            idx = torch.nonzero(_bernoulli(b, cfg.noise_p, dev, generator)).squeeze(1)
+            std = _uniform(b, cfg.noise_std[0], cfg.noise_std[1], dev, generator)
+            if idx.numel() > 0:
+                noise = torch.randn((idx.numel(), *y.shape[1:]), device=dev, generator=generator)
+                y[idx] += noise.mul_(std[idx].view(-1, 1, 1, 1))
+
+        return y.clamp_(0, 1).sub_(self.mean).div_(self.std)
+
+    def pair(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Two independent views of every image (one batched call over ``2B`` samples)."""
+        both = self(torch.cat([x, x], dim=0), generator=generator)
+        return both[: x.shape[0]], both[x.shape[0] :]

@@ -1,0 +1,335 @@
+"""Training utilities shared by every stage: metrics CSV, loss guard, checkpoints, resume, plots.
+
+Checkpoints use accelerate's own bookkeeping (``ProjectConfiguration(automatic_checkpoint_naming=True,
+total_limit=N)`` writes ``<project_dir>/checkpoints/checkpoint_<i>``) with one addition that makes them
+safe against a kill mid-write: :func:`save_checkpoint` writes a ``COMPLETE`` marker (atomically, after
+every process has finished writing) and :func:`resolve_resume` only ever returns folders that carry it.
+A half-written folder is ignored and removed on resume. Because accelerate deletes the oldest folder
+*before* writing the next one, ``total_limit`` must be at least 2 so that a complete checkpoint always
+survives the write (:func:`project_configuration` enforces this).
+
+Library code never prints: scripts report through ``accelerator.print``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medpretrain.utils import atomic_write_text
+
+COMPLETE_MARKER = "COMPLETE"
+_CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+class CSVLogger:
+    """Append-only CSV of metrics, one row per logged step, flushed on every write.
+
+    The header is fixed by the first row (or ``fieldnames``); later rows may omit columns (left
+    empty) but may not add new ones. On resume, :meth:`truncate_after` drops rows written after the
+    checkpoint so the file has every step exactly once.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fieldnames: list[str] | None = None):
+        self.path = Path(path)
+        self.fieldnames = list(fieldnames) if fieldnames else None
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, newline="") as fh:
+                header = next(csv.reader(fh), None)
+            if header:
+                self.fieldnames = header
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        if self.fieldnames is None:
+            self.fieldnames = list(row)
+        extra = set(row) - set(self.fieldnames)
+        if extra:
+            raise ValueError(f"{self.path}: columns {sorted(extra)} are not in the header {self.fieldnames}")
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fieldnames)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: _fmt(v) for k, v in row.items()})
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def truncate_after(self, step: int, key: str = "step") -> int:
+        """Drop rows whose ``key`` is greater than ``step`` (atomically). Returns the rows dropped."""
+        rows = self.rows()
+        keep = [r for r in rows if r.get(key, "") == "" or int(float(r[key])) <= step]
+        if len(keep) == len(rows) or self.fieldnames is None:
+            return 0
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.fieldnames)
+        writer.writeheader()
+        writer.writerows(keep)
+        atomic_write_text(self.path, buf.getvalue())
+        return len(rows) - len(keep)
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite loss guard
+# --------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops instead of training on garbage."""
+
+    def __init__(self, step: int, last_checkpoint: str | os.PathLike[str] | None):
+        self.step = step
+        self.last_checkpoint = str(last_checkpoint) if last_checkpoint else None
+        where = (
+            f"last good checkpoint: {self.last_checkpoint} (resume with resume=auto after fixing the cause)"
+            if self.last_checkpoint
+            else "no checkpoint was written before it"
+        )
+        super().__init__(
+            f"loss is not finite (NaN or inf) at step {step}; stopping. {where}. "
+            "Common causes: learning rate too high, fp16 overflow (try mixed_precision=bf16), bad input data."
+        )
+
+
+class FiniteGuard:
+    """Remembers the first step whose loss was not finite, without a host sync every step.
+
+    ``update`` stays on the device; ``check`` (call it every few steps, before every checkpoint and
+    at the end) synchronises once and raises :class:`NonFiniteLossError` naming that step.
+    ``reduce`` makes all processes agree (e.g. ``lambda t: accelerator.gather(t).max()``) so that
+    every rank stops at the same call instead of one rank leaving the others in a collective.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        step_t = torch.full_like(self.first_bad, step)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step_t, self.first_bad)
+
+    def check(
+        self,
+        last_checkpoint: str | os.PathLike[str] | None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        flag = self.first_bad
+        if reduce is not None:
+            flag = reduce(flag.reshape(1)).reshape(())
+        step = int(flag)
+        if step >= 0:
+            raise NonFiniteLossError(step, last_checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------------
+
+
+class Counter:
+    """A step counter accelerate can checkpoint (``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self, value: int = 0):
+        self.value = value
+
+    def state_dict(self) -> dict[str, int]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.value = int(state["value"])
+
+
+class BufferState:
+    """Checkpoint non-persistent buffers of a module (lightly's memory bank keeps its queue in
+    ``persistent=False`` buffers, so ``state_dict()`` is empty and ``save_state`` would lose it)."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str]):
+        missing = [n for n in names if not hasattr(module, n)]
+        if missing:
+            raise ValueError(f"{type(module).__name__} has no buffer(s) {missing}")
+        self.module = module
+        self.names = list(names)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self.module, n).detach().cpu().clone() for n in self.names}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if set(state) != set(self.names):
+            raise ValueError(f"buffer checkpoint has keys {sorted(state)}, expected {sorted(self.names)}")
+        for n in self.names:
+            getattr(self.module, n).copy_(state[n])
+
+
+def project_configuration(run_dir: str | os.PathLike[str], total_limit: int = 2) -> Any:
+    """accelerate's ``ProjectConfiguration`` with automatic checkpoint naming under ``run_dir``."""
+    from accelerate.utils import ProjectConfiguration
+
+    if total_limit < 2:
+        raise ValueError(
+            f"checkpoint total_limit must be >= 2 (got {total_limit}): accelerate deletes the oldest "
+            "checkpoint before writing the next, so with 1 a kill mid-write would leave none"
+        )
+    return ProjectConfiguration(
+        project_dir=str(run_dir),
+        logging_dir=str(Path(run_dir) / "tb"),
+        automatic_checkpoint_naming=True,
+        total_limit=total_limit,
+    )
+
+
+def _index(path: Path) -> int:
+    m = _CKPT_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike[str], complete_only: bool = True) -> list[Path]:
+    """``checkpoint_<i>`` folders sorted by ``i``; by default only those with the ``COMPLETE`` marker."""
+    d = Path(checkpoints_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and _index(p) >= 0]
+    if complete_only:
+        found = [p for p in found if (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=_index)
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """Optimizer step recorded in a complete checkpoint's marker."""
+    marker = Path(path) / COMPLETE_MARKER
+    try:
+        return int(json.loads(marker.read_text())["step"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: not a complete checkpoint (missing or unreadable {COMPLETE_MARKER}: {e})") from None
+
+
+def resolve_resume(resume: str | None, checkpoints_dir: str | os.PathLike[str]) -> Path | None:
+    """What ``resume=<value>`` means.
+
+    * ``""``/``"none"``/``None``: start fresh (``None``);
+    * ``"auto"``: the newest *complete* checkpoint under ``checkpoints_dir``, or ``None`` if there is
+      none (so ``resume=auto`` is safe on a first run);
+    * a path: that folder, which must be a complete checkpoint (``ValueError`` otherwise).
+    """
+    if resume is None or resume.strip().lower() in ("", "none", "false", "no"):
+        return None
+    if resume.strip().lower() == "auto":
+        done = list_checkpoints(checkpoints_dir)
+        return done[-1] if done else None
+    path = Path(resume).expanduser()
+    checkpoint_step(path)  # raises a clear error if it is not a complete checkpoint
+    return path
+
+
+def prepare_resume(accelerator: Any, checkpoints_dir: str | os.PathLike[str]) -> None:
+    """Before ``load_state``/the first ``save_state`` of a resumed run: drop half-written folders
+    (main process) and continue accelerate's folder numbering after the highest existing index."""
+    d = Path(checkpoints_dir)
+    if accelerator.is_main_process and d.is_dir():
+        for p in d.iterdir():
+            if p.is_dir() and _index(p) >= 0 and not (p / COMPLETE_MARKER).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    existing = list_checkpoints(d, complete_only=True)
+    accelerator.project_configuration.iteration = (_index(existing[-1]) + 1) if existing else 0
+
+
+def save_checkpoint(accelerator: Any, step: int) -> Path:
+    """``accelerator.save_state()`` (automatic naming, rotation by ``total_limit``), then the marker.
+
+    The marker is written by the main process after every process finished its part, atomically, so a
+    folder without it is by construction incomplete. Returns the checkpoint folder.
+    """
+    if not accelerator.project_configuration.automatic_checkpoint_naming:
+        raise ValueError("save_checkpoint needs ProjectConfiguration(automatic_checkpoint_naming=True)")
+    out = Path(accelerator.project_dir) / "checkpoints" / f"checkpoint_{accelerator.save_iteration}"
+    accelerator.save_state()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(out / COMPLETE_MARKER, json.dumps({"step": int(step)}) + "\n")
+    accelerator.wait_for_everyone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules and plots
+# --------------------------------------------------------------------------------------------
+
+
+def warmup_cosine(step: int, total: int, base: float, warmup: int = 0, final: float = 0.0) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay from ``base`` to ``final`` at ``total``."""
+    if total <= 0:
+        raise ValueError(f"total steps must be > 0, got {total}")
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def plot_curves(
+    csv_path: str | os.PathLike[str],
+    png_path: str | os.PathLike[str],
+    y_keys: tuple[str, ...] = ("loss",),
+    x_key: str = "step",
+    title: str | None = None,
+) -> Path:
+    """Plot columns of a metrics CSV against ``x_key`` into a PNG (matplotlib, Agg, written atomically).
+
+    Each key gets its own panel; rows where a key is empty are skipped (e.g. kNN every N epochs).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keys = [k for k in y_keys if any(r.get(k) not in (None, "") for r in rows)]
+    if not keys:
+        raise ValueError(f"{csv_path}: none of the columns {list(y_keys)} has values to plot")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=False):
+        pts = [(float(r[x_key]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, linewidth=1)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png = Path(png_path)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
