@@ -1,0 +1,195 @@
+"""Transfer regimes: how a (pre-trained) backbone and a new head are trained downstream.
+
+The regimes follow the medical transfer-learning studies the project reproduces:
+
+* ``linear``: linear probe / feature extraction. The whole backbone is frozen *and kept in eval mode*,
+  so BatchNorm running statistics do not move either; only the head trains.
+* ``freeze:<k>``: the first ``k`` stages are frozen (weights and BN statistics), the rest trains.
+* ``full``: everything trains; pre-trained backbone weights use ``lr * backbone_lr_mult``.
+* ``reinit:<k>``: keep the first ``k`` stages, re-initialise the stages above them and train all
+  (Raghu et al., "Transfusion", NeurIPS 2019: useful reuse sits in the lowest layers).
+
+Stages are counted from the input: for ResNets ``[stem (conv1, bn1), layer1, layer2, layer3, layer4]``,
+so ``freeze:1`` freezes the stem only and ``reinit:1`` keeps only the stem. A backbone may declare its
+own stages with a ``stages`` attribute (a list of lists of top-level module names); otherwise the
+per-architecture table :data:`STAGES` is used, and otherwise the top-level children that hold
+parameters, in order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+STAGES: dict[str, list[list[str]]] = {
+    "resnet": [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
+    "densenet": [
+        ["features.conv0", "features.norm0"],
+        ["features.denseblock1", "features.transition1"],
+        ["features.denseblock2", "features.transition2"],
+        ["features.denseblock3", "features.transition3"],
+        ["features.denseblock4", "features.norm5"],
+    ],
+}
+"""Stages per architecture family (matched as a prefix of ``backbone.arch``); names are submodule paths."""
+
+
+def backbone_stages(backbone: nn.Module) -> list[list[str]]:
+    """Top-level module names of each stage, from the input upwards."""
+    declared = getattr(backbone, "stages", None)
+    if declared:
+        return [list(s) if not isinstance(s, str) else [s] for s in declared]
+    arch = str(getattr(backbone, "arch", ""))
+    if arch.startswith("cbr"):  # Transfusion's CBR nets: one stage per conv-BN-ReLU block
+        return [[f"blocks.{i}"] for i in range(len(backbone.get_submodule("blocks")))]
+    for family, stages in STAGES.items():
+        if arch.startswith(family):
+            return [list(s) for s in stages]
+    return [[name] for name, m in backbone.named_children() if any(True for _ in m.parameters())]
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A parsed regime string: ``kind`` in linear / freeze / full / reinit, ``k`` for freeze and reinit."""
+
+    kind: str
+    k: int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.k is None else f"{self.kind}:{self.k}"
+
+
+def parse_regime(text: str) -> Regime:
+    """Parse ``linear``, ``full``, ``freeze:<k>`` or ``reinit:<k>``; raise ``ValueError`` otherwise."""
+    m = re.fullmatch(r"(linear|full)|(freeze|reinit):(\d+)", text.strip())
+    if not m:
+        raise ValueError(f"unknown regime {text!r}; expected linear, full, freeze:<k> or reinit:<k>")
+    if m.group(1):
+        return Regime(m.group(1))
+    return Regime(m.group(2), int(m.group(3)))
+
+
+class Classifier(nn.Module):
+    """Backbone + dropout + linear head. Frozen modules stay in eval mode whatever ``train()`` says.
+
+    ``forward(x [B, C, H, W]) -> logits [B, num_outputs]``.
+    """
+
+    def __init__(self, backbone: nn.Module, num_outputs: int, dropout: float = 0.0):
+        super().__init__()
+        if num_outputs < 1:
+            raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        num_features = int(getattr(backbone, "num_features"))  # noqa: B009 (contract attribute)
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(num_features, num_outputs)
+        self.frozen: list[str] = []
+        """Names of backbone submodules that are frozen (kept in eval mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.backbone(x)))
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        for name in self.frozen:
+            # Frozen means frozen: BatchNorm running statistics and dropout stay as in eval.
+            self.backbone.get_submodule(name).eval()
+        return self
+
+
+@dataclass
+class RegimeInfo:
+    """What :func:`apply_regime` did, for results files."""
+
+    regime: str
+    stages: list[list[str]]
+    frozen_stages: list[int] = field(default_factory=list)
+    reinit_stages: list[int] = field(default_factory=list)
+    trainable_params: int = 0
+    frozen_params: int = 0
+    backbone_lr: float = 0.0
+    head_lr: float = 0.0
+
+
+def _reset(module: nn.Module, fresh: nn.Module | None) -> None:
+    if fresh is not None:
+        module.load_state_dict(fresh.state_dict())
+        return
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()  # type: ignore[operator]
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+
+
+def apply_regime(
+    model: Classifier,
+    regime: str | Regime,
+    *,
+    lr: float,
+    backbone_lr_mult: float = 1.0,
+    weight_decay: float = 0.0,
+    pretrained: bool = True,
+    fresh_backbone: nn.Module | None = None,
+) -> tuple[list[dict[str, Any]], RegimeInfo]:
+    """Freeze / re-initialise ``model.backbone`` per ``regime`` and return optimizer parameter groups.
+
+    Learning rates: the head and re-initialised stages use ``lr``; kept pre-trained backbone weights
+    use ``lr * backbone_lr_mult`` (the multiplier is ignored when ``pretrained`` is false: nothing is
+    worth protecting in a randomly initialised backbone). Weight decay applies to weight matrices and
+    kernels only, not to biases and normalisation parameters. ``fresh_backbone`` (same architecture)
+    supplies the re-initialised weights so that ``reinit`` matches a scratch initialisation exactly;
+    without it the modules' ``reset_parameters`` are used.
+
+    Returns ``(param_groups, info)``; frozen parameters have ``requires_grad=False`` and are in no group.
+    """
+    reg = parse_regime(regime) if isinstance(regime, str) else regime
+    backbone = model.backbone
+    stages = backbone_stages(backbone)
+    n = len(stages)
+    if reg.k is not None and not 0 <= reg.k <= n:
+        raise ValueError(f"regime {reg}: k must be between 0 and {n} (stages: {stages})")
+    frozen_idx = list(range(n)) if reg.kind == "linear" else list(range(reg.k or 0)) if reg.kind == "freeze" else []
+    reinit_idx = list(range(reg.k or 0, n)) if reg.kind == "reinit" else []
+
+    frozen_names = [name for i in frozen_idx for name in stages[i]]
+    if reg.kind == "linear":
+        frozen_names = [name for name, _ in backbone.named_children()]
+    for name in frozen_names:
+        for p in backbone.get_submodule(name).parameters():
+            p.requires_grad_(False)
+    model.frozen = frozen_names
+    for i in reinit_idx:
+        for name in stages[i]:
+            sub_fresh = fresh_backbone.get_submodule(name) if fresh_backbone is not None else None
+            _reset(backbone.get_submodule(name), sub_fresh)
+    model.train(model.training)  # put the frozen parts in eval mode now
+
+    reinit_prefixes = tuple(f"backbone.{name}." for i in reinit_idx for name in stages[i])
+    mult = backbone_lr_mult if pretrained else 1.0
+    buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kept_backbone = pname.startswith("backbone.") and not pname.startswith(reinit_prefixes)
+        group_lr = lr * mult if kept_backbone else lr
+        wd = weight_decay if p.ndim > 1 else 0.0
+        buckets.setdefault((group_lr, wd), []).append(p)
+    groups = [{"params": ps, "lr": glr, "weight_decay": wd} for (glr, wd), ps in buckets.items()]
+    info = RegimeInfo(
+        regime=str(reg),
+        stages=stages,
+        frozen_stages=frozen_idx,
+        reinit_stages=reinit_idx,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        frozen_params=sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        backbone_lr=lr * mult,
+        head_lr=lr,
+    )
+    return groups, info
