@@ -1,0 +1,26 @@
+"""Medical image data: spec strings -> decoded :class:`Source` -> split :class:`MedicalDataset`.
+
+``build_dataset(cfg.data, split)`` is the one entry point every stage uses; spec strings are described
+in :mod:`medpretrain.data.spec`, the readers' scaling in their modules (``medmnist``, ``folder``,
+``segpairs``, ``dicom``, ``nifti``), splits and label fractions in :mod:`medpretrain.data.splits`.
+"""
+
+from medpretrain.data.base import Source, Task
+from medpretrain.data.dataset import (
+    MedicalDataset,
+    build_dataset,
+    clear_source_cache,
+    fingerprint,
+    read_source,
+    split_indices,
+)
+from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.spec import DatasetSpec, data_root, parse_spec
+from medpretrain.data.splits import make_splits, subsample_train
+from medpretrain.data.transforms import Compose, MapImage, PairedRandomCrop, PairedRandomFlip
+
+__all__ = [
+    "Compose", "DataError", "DatasetSpec", "MapImage", "MedicalDataset", "PairedRandomCrop",
+    "PairedRandomFlip", "SkipLog", "Source", "Task", "build_dataset", "clear_source_cache", "data_root",
+    "fingerprint", "make_splits", "parse_spec", "read_source", "split_indices", "subsample_train",
+]

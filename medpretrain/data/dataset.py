@@ -1,0 +1,222 @@
+"""From a config to a torch Dataset: :func:`read_source` (decode once per process) and :func:`build_dataset`.
+
+Every stage builds its data the same way::
+
+    train = build_dataset(cfg.data, "train")                  # labelled, label_fraction applied
+    pre = build_dataset(cfg.data, "all", unlabeled=True)      # pretraining: train + val, never test
+
+Samples are dicts (MONAI style): ``image`` float32 ``[C, H, W]``; ``label`` int64 ``[]`` (binary /
+multiclass) or float32 ``[K]`` (multilabel), absent when unlabeled; ``mask`` and ``roi`` float32
+``[1, H, W]`` for segmentation (roi all ones when the source has none); ``index`` the position in the
+dataset (``dataset.names[index]`` names it).
+
+A ``transform`` receives the sample with ``image`` still in [0, 1] and returns a sample; the
+normalisation ``(x - mean) / std`` is applied afterwards to ``image`` (a tensor, or each tensor of a
+list / tuple of views).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medpretrain.config import DataConfig
+from medpretrain.data.base import Source, Task
+from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.spec import data_root, parse_spec
+from medpretrain.data.splits import make_splits, subsample_train
+from medpretrain.utils import hash_files, sha256_file
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
+
+_SOURCE_CACHE: dict[tuple, Source] = {}
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def _cache_key(cfg: DataConfig) -> tuple:
+    return (cfg.dataset.strip(), str(data_root(cfg)), cfg.image_size, cfg.channels, cfg.window,
+            cfg.slice_axis, cfg.skip_bad)
+
+
+def clear_source_cache() -> None:
+    """Forget decoded sources (tests; or to free memory between experiments)."""
+    _SOURCE_CACHE.clear()
+
+
+def _decode(cfg: DataConfig) -> Source:
+    if cfg.channels not in (1, 3):
+        raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise ValueError(f"data.image_size must be positive, got {cfg.image_size}")
+    root = data_root(cfg)
+    spec = parse_spec(cfg.dataset, root)
+    skips = SkipLog(skip_bad=cfg.skip_bad)
+    if spec.scheme == "medmnist":
+        from medpretrain.data.medmnist import read_medmnist_source
+
+        return read_medmnist_source(spec.name, spec.size, root, cfg, skips)  # type: ignore[arg-type]
+    if spec.scheme == "folder":
+        from medpretrain.data.folder import read_folder_source
+
+        return read_folder_source(spec.paths[0], cfg, skips)
+    if spec.scheme == "segpairs":
+        from medpretrain.data.segpairs import read_segpairs_source
+
+        roi = spec.paths[2] if len(spec.paths) > 2 else None
+        return read_segpairs_source(spec.paths[0], spec.paths[1], roi, cfg, skips)
+    if spec.scheme == "drive":
+        from medpretrain.data.segpairs import read_drive_source
+
+        return read_drive_source(spec.paths[0], cfg, skips)
+    if spec.scheme == "dicom":
+        from medpretrain.data.dicom import read_dicom_source
+
+        return read_dicom_source(spec.paths[0], cfg, skips)
+    from medpretrain.data.nifti import read_nifti_source
+
+    return read_nifti_source(spec.paths[0], cfg, skips)
+
+
+def read_source(cfg: DataConfig) -> Source:
+    """The decoded :class:`Source` for ``cfg``, cached per process.
+
+    Cache key: dataset spec, data root, image_size, channels, window, slice_axis, skip_bad. The
+    returned object is shared: do not modify it. Skipped files are logged once, here.
+    Raises :class:`DataError` for a bad spec or bad input (unless ``skip_bad``).
+    """
+    key = _cache_key(cfg)
+    if key not in _SOURCE_CACHE:
+        source = _decode(cfg)
+        if len(source) == 0:
+            raise DataError(cfg.dataset, "no samples could be read")
+        if source.skipped:
+            log.warning("%s: %s", cfg.dataset, SkipLog(True, source.skipped).summary())
+        log.info("%s: %d samples, task %s", cfg.dataset, len(source), source.task)
+        _SOURCE_CACHE[key] = source
+    return _SOURCE_CACHE[key]
+
+
+def fingerprint(files: list[Path]) -> str:
+    """Content hash of the source files (cached per process by path, size and mtime).
+
+    One file (a MedMNIST npz): the first 16 hex digits of its sha256, as ``sha256sum`` prints.
+    Several files: :func:`medpretrain.utils.hash_files`.
+    """
+    key = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = sha256_file(files[0])[:16] if len(files) == 1 else hash_files(list(files))
+    return _HASH_CACHE[key]
+
+
+def split_indices(source: Source, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """``train`` / ``val`` / ``test`` indices of ``source`` under ``cfg`` (see :mod:`.splits`)."""
+    return make_splits(
+        source.labels, len(source), groups=source.groups, official=source.official_splits,
+        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+    )
+
+
+class MedicalDataset(Dataset):
+    """One split of a :class:`Source` as a map-style dataset (see the module docstring for the sample).
+
+    Attributes: ``task`` (``unlabeled`` when built unlabeled), ``num_classes`` (segmentation: 1,
+    the foreground), ``class_names``, ``in_channels``, ``labels`` (this split's, or None), ``fingerprint``,
+    ``spec``, ``split``, ``skipped`` (``(file, reason)`` pairs skipped at decode), ``mean``, ``std``,
+    ``names``, ``indices`` (into the source).
+    """
+
+    def __init__(self, source: Source, indices: np.ndarray, *, spec: str, split: str, in_channels: int,
+                 mean: float, std: float, unlabeled: bool = False, normalize: bool = True,
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+        if std <= 0:
+            raise ValueError(f"data.std must be positive, got {std}")
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.spec, self.split = spec, split
+        self.in_channels = in_channels
+        self.mean, self.std = float(mean), float(std)
+        self.normalize, self.transform = normalize, transform
+        self.unlabeled = unlabeled or source.task == "unlabeled"
+        self.task: Task = "unlabeled" if self.unlabeled else source.task
+        self.class_names = list(source.class_names)
+        self.num_classes = 1 if source.task == "segmentation" else len(self.class_names)
+        has_labels = source.labels is not None and not self.unlabeled
+        self.labels = source.labels[self.indices] if has_labels else None  # type: ignore[index]
+        self.names = [source.names[i] for i in self.indices]
+        self.skipped = list(source.skipped)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the whole source (all splits), computed on first use."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.source.files)
+        return self._fingerprint
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _norm(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return (x - self.mean) / self.std
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._norm(v) for v in x)
+        return x
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.indices[i])
+        src = self.source
+        sample: dict[str, Any] = {"image": torch.from_numpy(np.array(src.images[j], dtype=np.float32)), "index": i}
+        if not self.unlabeled:
+            if src.labels is not None:
+                y = src.labels[j]
+                sample["label"] = (torch.as_tensor(y, dtype=torch.float32) if self.task == "multilabel"
+                                   else torch.as_tensor(int(y), dtype=torch.int64))
+            if src.masks is not None:
+                sample["mask"] = torch.from_numpy(np.array(src.masks[j], dtype=np.float32))
+                sample["roi"] = (torch.from_numpy(np.array(src.rois[j], dtype=np.float32)) if src.rois is not None
+                                 else torch.ones_like(sample["mask"]))
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.normalize:
+            sample["image"] = self._norm(sample["image"])
+        return sample
+
+    def __repr__(self) -> str:
+        return (f"MedicalDataset({self.spec!r}, split={self.split}, n={len(self)}, task={self.task}, "
+                f"classes={self.num_classes}, channels={self.in_channels})")
+
+
+def build_dataset(cfg: DataConfig, split: str, *, unlabeled: bool = False, normalize: bool = True,
+                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> MedicalDataset:
+    """The ``split`` (train / val / test / all) of ``cfg.dataset`` as a :class:`MedicalDataset`.
+
+    ``all`` is train + val (never test), for pretraining. ``label_fraction`` / ``labels_per_class``
+    shrink the labelled ``train`` split only (not when ``unlabeled``). Raises ValueError for an unknown
+    split or bad options, and DataError for bad data or an empty split.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    source = read_source(cfg)
+    parts = split_indices(source, cfg)
+    if split == "all":
+        indices = np.sort(np.concatenate([parts["train"], parts["val"]]))
+    else:
+        indices = parts[split]
+    if split == "train" and not unlabeled and source.task != "unlabeled":
+        indices = subsample_train(indices, source.labels, fraction=cfg.label_fraction,
+                                  per_class=cfg.labels_per_class, seed=cfg.split_seed)
+    if len(indices) == 0:
+        raise DataError(cfg.dataset, f"split '{split}' is empty (val_fraction={cfg.val_fraction}, "
+                                     f"test_fraction={cfg.test_fraction}, {len(source)} samples)")
+    return MedicalDataset(source, indices, spec=cfg.dataset, split=split, in_channels=cfg.channels,
+                          mean=cfg.mean, std=cfg.std, unlabeled=unlabeled, normalize=normalize,
+                          transform=transform)
