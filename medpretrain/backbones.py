@@ -1,0 +1,432 @@
+"""Backbones by name: torchvision ResNet / DenseNet / VGG / Inception and small plain CBR nets.
+
+Every backbone is a :class:`Backbone` (an ``nn.Module``) with
+
+* ``forward(x [B, C, H, W]) -> [B, num_features]`` (globally average-pooled features),
+* ``forward_features(x) -> list[Tensor]``: multi-scale maps, shallow to deep, with channels
+  ``feature_channels`` and nominal strides ``feature_strides`` (for a U-Net encoder),
+* attributes ``arch``, ``in_channels``, ``stem``, ``num_features``, ``feature_channels``,
+  ``feature_strides``, ``min_input_size`` and ``first_conv_key`` (state-dict key of the first conv,
+  the one adapted when channels or the stem differ from ImageNet's).
+
+For the torchvision architectures the state-dict keys are exactly torchvision's minus the classifier
+(see :func:`torchvision_head_prefixes`), so ImageNet weights load with an exact key check.
+
+Stems (``stem=``):
+
+* ``standard``: the architecture as published.
+* ``small``, for 28-64 px images: ResNet ``conv1`` becomes 3x3 stride 1 and the max-pool is removed
+  (the key stays ``conv1.weight``, shape ``[64, C, 3, 3]``); DenseNet likewise for ``features.conv0`` and
+  ``features.pool0``; VGG drops its first max-pool (16x instead of 32x downsampling; no weights change);
+  the CBR nets have no stem, so ``small`` builds the same network as ``standard``. Inception-v3 has no
+  small stem (``ValueError``); it needs inputs of at least 75x75.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+STEMS = ("standard", "small")
+SMALL_STEM_BELOW = 96
+"""``resolve_stem("auto", size)`` picks the small stem below this many pixels."""
+
+
+class Backbone(nn.Module):
+    """Base class: a feature extractor with a pooled ``forward`` and a multi-scale ``forward_features``."""
+
+    arch: str
+    in_channels: int
+    stem: str
+    num_features: int
+    feature_channels: list[int]
+    feature_strides: list[int]
+    min_input_size: int
+    first_conv_key: str
+
+    def _set_info(
+        self,
+        arch: str,
+        in_channels: int,
+        stem: str,
+        num_features: int,
+        feature_channels: list[int],
+        feature_strides: list[int],
+        first_conv_key: str,
+    ) -> None:
+        self.arch = arch
+        self.in_channels = in_channels
+        self.stem = stem
+        self.num_features = num_features
+        self.feature_channels = list(feature_channels)
+        self.feature_strides = list(feature_strides)
+        self.min_input_size = min_image_size(arch, stem)
+        self.first_conv_key = first_conv_key
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, H, W]`` with H, W >= ``min_input_size``."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.arch} backbone expects input [B, {self.in_channels}, H, W], got {list(x.shape)}"
+            )
+        check_image_size(self.arch, self.stem, int(x.shape[-2]), int(x.shape[-1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled features ``[B, num_features]``."""
+        self.check_input(x)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self._last_map(x), 1), 1)
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """Multi-scale feature maps, shallow to deep; ``len == len(feature_channels)``."""
+        self.check_input(x)
+        return self._maps(x)
+
+    # Subclasses implement these two.
+    def _maps(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _last_map(self, x: Tensor) -> Tensor:
+        return self._maps(x)[-1]
+
+
+def _new_conv(
+    in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, bias: bool, init: str
+) -> nn.Conv2d:
+    """A conv initialised the way torchvision initialises that architecture's convs."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=bias)
+    if init == "fan_out":  # ResNet, VGG
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    elif init == "fan_in":  # DenseNet
+        nn.init.kaiming_normal_(conv.weight)
+    elif init == "trunc":  # Inception-v3
+        nn.init.trunc_normal_(conv.weight, mean=0.0, std=0.1, a=-2, b=2)
+    else:  # pragma: no cover - programming error
+        raise AssertionError(init)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+# ------------------------------------------------------------------------------------------------
+# ResNet
+# ------------------------------------------------------------------------------------------------
+
+
+class ResNetBackbone(Backbone):
+    """torchvision ResNet without ``fc``; maps after ``relu`` (stem) and ``layer1..layer4``."""
+
+    def __init__(self, arch: str, in_channels: int, stem: str) -> None:
+        super().__init__()
+        tv = getattr(torchvision.models, arch)(weights=None)
+        if stem == "small":
+            conv1: nn.Module = _new_conv(in_channels, 64, 3, 1, 1, False, "fan_out")
+            maxpool: nn.Module = nn.Identity()
+        else:
+            conv1 = tv.conv1 if in_channels == 3 else _new_conv(in_channels, 64, 7, 2, 3, False, "fan_out")
+            maxpool = tv.maxpool
+        # Same attribute names and order as torchvision, so the state-dict keys are identical.
+        self.conv1 = conv1
+        self.bn1 = tv.bn1
+        self.relu = tv.relu
+        self.maxpool = maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
+        expansion = 4 if arch in ("resnet50", "resnet101", "resnet152") else 1
+        chans = [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        strides = [1, 1, 2, 4, 8] if stem == "small" else [2, 4, 8, 16, 32]
+        self._set_info(arch, in_channels, stem, chans[-1], chans, strides, "conv1.weight")
+
+    def _maps(self, x: Tensor) -> list[Tensor]:
+        x0 = self.relu(self.bn1(self.conv1(x)))
+        x1 = self.layer1(self.maxpool(x0))
+        x2 = self.layer2(x1)
+        x3 = self.layer3(x2)
+        x4 = self.layer4(x3)
+        return [x0, x1, x2, x3, x4]
+
+
+# ------------------------------------------------------------------------------------------------
+# DenseNet
+# ------------------------------------------------------------------------------------------------
+
+
+class DenseNetBackbone(Backbone):
+    """torchvision DenseNet: ``features.*`` only (no ``classifier``).
+
+    Maps after ``relu0``, ``denseblock1..3`` (before their transitions) and ``relu(norm5)``.
+    """
+
+    _TAPS = ("relu0", "denseblock1", "denseblock2", "denseblock3")
+
+    def __init__(self, arch: str, in_channels: int, stem: str) -> None:
+        super().__init__()
+        tv = getattr(torchvision.models, arch)(weights=None)
+        self.features = tv.features
+        if stem == "small":
+            self.features.conv0 = _new_conv(in_channels, 64, 3, 1, 1, False, "fan_in")
+            self.features.pool0 = nn.Identity()
+        elif in_channels != 3:
+            self.features.conv0 = _new_conv(in_channels, 64, 7, 2, 3, False, "fan_in")
+        n = tv.classifier.in_features
+        chans = [64, 256, 512, 1024, n] if arch == "densenet121" else self._probe_channels(in_channels)
+        strides = [1, 1, 2, 4, 8] if stem == "small" else [2, 4, 8, 16, 32]
+        self._set_info(arch, in_channels, stem, n, chans, strides, "features.conv0.weight")
+
+    def _probe_channels(self, in_channels: int) -> list[int]:  # pragma: no cover - other densenets
+        with torch.no_grad():
+            return [m.shape[1] for m in self._maps(torch.zeros(1, in_channels, 64, 64))]
+
+    def _maps(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for name, module in self.features.named_children():
+            x = module(x)
+            if name in self._TAPS:
+                out.append(x)
+        out.append(nn.functional.relu(x))  # torchvision applies this ReLU after norm5 in forward()
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# VGG
+# ------------------------------------------------------------------------------------------------
+
+
+_VGG_CFG = {"vgg16_bn": "D"}
+
+
+class VGGBackbone(Backbone):
+    """torchvision VGG (with BN): ``features.*`` only; the 7x7 ``avgpool`` and ``classifier`` are dropped.
+
+    Pooled output = global average of the last ``features`` output (512). Maps are the outputs just
+    before each max-pool (channels 64, 128, 256, 512, 512).
+    """
+
+    def __init__(self, arch: str, in_channels: int, stem: str) -> None:
+        super().__init__()
+        # Only the features are built: torchvision's 100M-parameter classifier would take seconds to init.
+        from torchvision.models.vgg import cfgs, make_layers
+
+        self.features = make_layers(cfgs[_VGG_CFG[arch]], batch_norm=True)
+        for m in self.features.modules():  # torchvision's VGG init for these module types
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if in_channels != 3:
+            self.features[0] = _new_conv(in_channels, 64, 3, 1, 1, True, "fan_out")
+        self._pool_idx = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        if stem == "small":
+            # Parameter-free change: the keys and shapes stay torchvision's.
+            self.features[self._pool_idx[0]] = nn.Identity()
+        chans = [self.features[i - 2].num_features for i in self._pool_idx]  # the BN before each pool
+        strides = [1, 1, 2, 4, 8] if stem == "small" else [1, 2, 4, 8, 16]
+        self._set_info(arch, in_channels, stem, chans[-1], chans, strides, "features.0.weight")
+
+    def _maps(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for i, module in enumerate(self.features):
+            if i in self._pool_idx:
+                out.append(x)
+            x = module(x)
+        return out
+
+    def _last_map(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inception-v3
+# ------------------------------------------------------------------------------------------------
+
+
+class InceptionBackbone(Backbone):
+    """torchvision Inception-v3 with ``aux_logits=False`` and ``transform_input=False``, without ``fc``.
+
+    ``transform_input`` is off: torchvision turns it on with ImageNet weights to map ImageNet-normalised
+    RGB to the [-1, 1] range Google's weights expect; our data is normalised by ``DataConfig.mean/std``
+    (default 0.5/0.5, already [-1, 1]). Maps after ``Conv2d_2b_3x3``, ``Conv2d_4a_3x3``, ``Mixed_5d``,
+    ``Mixed_6e``, ``Mixed_7c``; Inception uses unpadded convs, so their sizes are only roughly
+    H/2 ... H/32 and a decoder must resize. Needs H, W >= 75.
+    """
+
+    _TAPS = ("Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c")
+    _DROP = ("AuxLogits", "avgpool", "dropout", "fc")
+
+    def __init__(self, arch: str, in_channels: int, stem: str) -> None:
+        super().__init__()
+        tv = torchvision.models.inception_v3(weights=None, aux_logits=False, transform_input=False, init_weights=True)
+        for name, module in tv.named_children():
+            if name not in self._DROP and module is not None:
+                self.add_module(name, module)
+        if in_channels != 3:
+            first: nn.Module = getattr(self, "Conv2d_1a_3x3")  # noqa: B009 - typed access to a BasicConv2d
+            first.conv = _new_conv(in_channels, 32, 3, 2, 0, False, "trunc")
+        chans = [64, 192, 288, 768, 2048]
+        self._set_info(arch, in_channels, stem, 2048, chans, [2, 4, 8, 16, 32], "Conv2d_1a_3x3.conv.weight")
+
+    def _maps(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for name, module in self.named_children():
+            x = module(x)
+            if name in self._TAPS:
+                out.append(x)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# CBR nets (Transfusion, Raghu et al. 2019)
+# ------------------------------------------------------------------------------------------------
+
+
+class CBRBackbone(Backbone):
+    """Plain conv-BN-ReLU net (Raghu et al., "Transfusion", NeurIPS 2019).
+
+    Each block: ``Conv(k, stride 1, same padding, no bias) -> BN -> ReLU``, then ``MaxPool(3, stride 2,
+    padding 1)``; global average pool at the end. Keys: ``blocks.<i>.conv|bn.*``. Maps are the block
+    outputs before their pool (strides 1, 2, 4, 8). Works from 1 px up; ``stem`` has no effect.
+    """
+
+    def __init__(self, arch: str, in_channels: int, stem: str, channels: tuple[int, ...], kernel: int) -> None:
+        super().__init__()
+        blocks = []
+        prev = in_channels
+        for c in channels:
+            conv = _new_conv(prev, c, kernel, 1, kernel // 2, False, "fan_out")
+            blocks.append(nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(c), relu=nn.ReLU(inplace=True))))
+            prev = c
+        self.blocks = nn.ModuleList(blocks)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        strides = [2**i for i in range(len(channels))]
+        self._set_info(arch, in_channels, stem, channels[-1], list(channels), strides, "blocks.0.conv.weight")
+
+    def _maps(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for i, block in enumerate(self.blocks):
+            if i > 0:
+                x = self.pool(x)
+            x = block(x)
+            out.append(x)
+        return out
+
+    def _last_map(self, x: Tensor) -> Tensor:
+        # The pooled output follows the last block's max-pool, as in the paper's nets.
+        return self.pool(self._maps(x)[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------------
+
+_Builder = Callable[[int, str], Backbone]
+
+_REGISTRY: dict[str, _Builder] = {
+    "resnet18": lambda c, s: ResNetBackbone("resnet18", c, s),
+    "resnet50": lambda c, s: ResNetBackbone("resnet50", c, s),
+    "densenet121": lambda c, s: DenseNetBackbone("densenet121", c, s),
+    "vgg16_bn": lambda c, s: VGGBackbone("vgg16_bn", c, s),
+    "inception_v3": lambda c, s: InceptionBackbone("inception_v3", c, s),
+    # Transfusion's CBR-Small: 4 blocks of 32/64/128/256 filters, 7x7 kernels.
+    "cbr_small": lambda c, s: CBRBackbone("cbr_small", c, s, (32, 64, 128, 256), 7),
+    # Smaller still (our choice, not the paper's table): 4 blocks of 16/32/64/128 filters, 5x5 kernels.
+    "cbr_tiny": lambda c, s: CBRBackbone("cbr_tiny", c, s, (16, 32, 64, 128), 5),
+}
+
+_HEAD_PREFIXES: dict[str, tuple[str, ...]] = {
+    "resnet18": ("fc.",),
+    "resnet50": ("fc.",),
+    "densenet121": ("classifier.",),
+    "vgg16_bn": ("classifier.",),
+    "inception_v3": ("fc.", "AuxLogits."),
+}
+_NO_SMALL_STEM = frozenset({"inception_v3"})
+_MIN_SIZE: dict[tuple[str, str], int] = {
+    ("inception_v3", "standard"): 75,
+    ("densenet121", "standard"): 29,
+    ("densenet121", "small"): 8,
+    ("vgg16_bn", "standard"): 32,
+    ("vgg16_bn", "small"): 16,
+}
+
+
+def available_backbones() -> list[str]:
+    """Registered architecture names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def torchvision_archs() -> list[str]:
+    """Architectures whose keys are torchvision's (and for which ImageNet weights exist)."""
+    return sorted(_HEAD_PREFIXES)
+
+
+def torchvision_head_prefixes(arch: str) -> tuple[str, ...]:
+    """Key prefixes of the torchvision classifier that the backbone drops (e.g. ``("fc.",)``).
+
+    Raises ``ValueError`` for architectures that are not torchvision models.
+    """
+    if arch not in _HEAD_PREFIXES:
+        raise ValueError(f"{arch!r} is not a torchvision architecture; those are {torchvision_archs()}")
+    return _HEAD_PREFIXES[arch]
+
+
+def min_image_size(arch: str, stem: str) -> int:
+    """Smallest H and W the backbone accepts."""
+    return _MIN_SIZE.get((arch, stem), 1)
+
+
+def check_image_size(arch: str, stem: str, height: int, width: int | None = None) -> None:
+    """Raise ``ValueError`` if an image of ``height x width`` is too small for ``arch`` with ``stem``."""
+    width = height if width is None else width
+    m = min_image_size(arch, stem)
+    if height < m or width < m:
+        hint = " (Inception-v3 has no small stem: resize the images to >= 75 px)" if arch == "inception_v3" else ""
+        raise ValueError(f"{arch} with stem={stem!r} needs images of at least {m}x{m}, got {height}x{width}{hint}")
+
+
+def resolve_stem(stem: str, image_size: int | None, arch: str | None = None) -> str:
+    """Map ``"auto"`` to ``"small"`` below 96 px, else ``"standard"``; validate explicit stems.
+
+    With ``arch`` given, ``auto`` never picks a stem that ``arch`` lacks (Inception-v3: always standard).
+    Raises ``ValueError`` for an unknown stem, or ``auto`` without an image size.
+    """
+    if stem == "auto":
+        if image_size is None:
+            raise ValueError("stem='auto' needs the image size; pass image_size or choose 'standard'/'small'")
+        if arch in _NO_SMALL_STEM:
+            return "standard"
+        return "small" if image_size < SMALL_STEM_BELOW else "standard"
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {list(STEMS) + ['auto']}")
+    return stem
+
+
+def build_backbone(
+    arch: str, in_channels: int = 1, stem: str = "standard", *, image_size: int | None = None
+) -> Backbone:
+    """Build a randomly initialised (torchvision default init) backbone.
+
+    ``stem`` is ``standard``, ``small`` or ``auto`` (then ``image_size`` is needed). With
+    ``image_size`` given, it is checked against the architecture's minimum. Seed with the caller's RNG.
+    Raises ``ValueError`` for an unknown arch, bad ``in_channels`` (1 or 3), an unsupported stem or a too
+    small image size.
+    """
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown backbone {arch!r}; available: {available_backbones()}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+    stem = resolve_stem(stem, image_size, arch)
+    if stem == "small" and arch in _NO_SMALL_STEM:
+        raise ValueError(f"{arch} has no small stem; use stem='standard' with images of at least 75x75")
+    if image_size is not None:
+        check_image_size(arch, stem, image_size)
+    backbone = _REGISTRY[arch](in_channels, stem)
+    log.debug("built %s (in_channels=%d, stem=%s)", arch, in_channels, stem)
+    return backbone

@@ -1,0 +1,207 @@
+"""Backbone checkpoint contract: round trips, metadata, exact keys, clear errors, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from medpretrain import checkpoint
+from medpretrain.backbones import build_backbone
+from medpretrain.checkpoint import (
+    BackboneMeta,
+    CheckpointError,
+    load_backbone,
+    load_exact,
+    load_state_dict,
+    read_meta,
+    save_backbone,
+    save_state_dict,
+)
+
+torch.set_num_threads(1)
+
+
+def _meta(**kw: object) -> BackboneMeta:
+    base: dict[str, object] = dict(
+        arch="cbr_tiny", in_channels=1, stem="small", image_size=28, mean=[0.25], std=[0.5], method="simclr",
+        dataset="medmnist:pneumoniamnist", dataset_hash="abc123", epochs=3, steps=42,
+        config={"optim": {"lr": 0.001}, "data": {"dataset": "medmnist:pneumoniamnist"}}, extra={"note": "x"},
+    )
+    base.update(kw)
+    return BackboneMeta(**base)  # type: ignore[arg-type]
+
+
+def _trained(arch: str = "cbr_tiny", stem: str = "small", in_channels: int = 1):
+    torch.manual_seed(1)
+    b = build_backbone(arch, in_channels, stem)
+    b.train()
+    with torch.no_grad():  # move BN running stats away from their defaults
+        b(torch.randn(4, in_channels, 28, 28) * 3 + 1)
+    return b.eval()
+
+
+def test_round_trip_identical_outputs_and_meta(tmp_path: Path) -> None:
+    b = _trained()
+    meta = _meta()
+    path = save_backbone(tmp_path / "run" / "backbone.safetensors", b, meta)
+    assert path.exists() and not list(path.parent.glob(".*.tmp"))
+    b2, meta2 = load_backbone(path, arch="cbr_tiny", in_channels=1, image_size=28)
+    assert meta2 == meta
+    assert meta2.to_dict() == meta.to_dict()
+    assert meta2.code_version and meta2.created.endswith("+00:00")
+    assert read_meta(path) == meta
+    x = torch.randn(3, 1, 33, 34)
+    with torch.no_grad():
+        assert torch.equal(b(x), b2.eval()(x))
+    sd, sd2 = b.state_dict(), b2.state_dict()
+    assert set(sd) == set(sd2)
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert int(sd2["blocks.0.bn.num_batches_tracked"]) == 1
+
+
+def test_round_trip_resnet18(tmp_path: Path) -> None:
+    b = _trained("resnet18")
+    path = save_backbone(tmp_path / "r.safetensors", b, _meta(arch="resnet18"))
+    b2, _ = load_backbone(path)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(b(x), b2.eval()(x))
+        for m1, m2 in zip(b.forward_features(x), b2.forward_features(x), strict=True):
+            assert torch.equal(m1, m2)
+
+
+def test_header_holds_json_metadata(tmp_path: Path) -> None:
+    path = save_backbone(tmp_path / "b.safetensors", _trained(), _meta())
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+    assert md["medpretrain_kind"] == "backbone"
+    decoded = json.loads(md["medpretrain"])
+    assert decoded["arch"] == "cbr_tiny" and decoded["steps"] == 42 and decoded["format_version"] == 1
+    assert decoded["config"]["optim"]["lr"] == 0.001
+
+
+def test_wrong_arch_and_channels_name_file_and_values(tmp_path: Path) -> None:
+    path = save_backbone(tmp_path / "b.safetensors", _trained(), _meta())
+    with pytest.raises(ValueError, match=r"b\.safetensors: checkpoint holds arch 'cbr_tiny', but arch 'resnet18'"):
+        load_backbone(path, arch="resnet18")
+    with pytest.raises(ValueError, match=r"b\.safetensors: checkpoint has in_channels=1, but in_channels=3"):
+        load_backbone(path, in_channels=3)
+
+
+def test_meta_must_match_module(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="meta.arch='resnet18' but the backbone has arch='cbr_tiny'"):
+        save_backbone(tmp_path / "b.safetensors", _trained(), _meta(arch="resnet18"))
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    path = save_backbone(tmp_path / "b.safetensors", _trained(), _meta())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: truncated: header promises \d+ bytes, file has"):
+        load_backbone(path)
+    path.write_bytes(data[:20])
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: not a safetensors file"):
+        read_meta(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: not a safetensors file \(only 5 bytes\)"):
+        read_meta(path)
+
+
+def test_pickle_file_is_rejected_without_unpickling(tmp_path: Path) -> None:
+    path = tmp_path / "resnet18.pth"
+    torch.save(build_backbone("cbr_tiny").state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"resnet18\.pth: not a safetensors file"):
+        load_backbone(path)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello, this is not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"notes\.safetensors: not a safetensors file"):
+        read_meta(text)
+
+
+def test_missing_file_and_missing_metadata(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        read_meta(tmp_path / "nope.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match=r"plain\.safetensors: safetensors file without 'medpretrain'"):
+        read_meta(plain)
+    whole = save_state_dict(tmp_path / "model.safetensors", {"w": torch.zeros(2)}, {"task": "x"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: is a 'state_dict' checkpoint, expected"):
+        load_backbone(whole)
+
+
+def test_newer_format_is_refused(tmp_path: Path) -> None:
+    path = save_backbone(tmp_path / "b.safetensors", _trained(), _meta(format_version=99))
+    with pytest.raises(CheckpointError, match="format_version 99 is newer"):
+        read_meta(path)
+
+
+def test_key_mismatch_lists_keys(tmp_path: Path) -> None:
+    b = _trained()
+    sd = b.state_dict()
+    sd["blocks.9.conv.weight"] = torch.zeros(1)
+    del sd["blocks.0.bn.running_mean"]
+    # A tampered file, written with the same metadata.
+    header = {"medpretrain": json.dumps(_meta().to_dict()), "medpretrain_kind": "backbone"}
+    path = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=header)
+    with pytest.raises(ValueError, match=r"bad\.safetensors: keys do not match .*missing \['blocks\.0\.bn\."
+                       r"running_mean'\].*unexpected \['blocks\.9\.conv\.weight'\]"):
+        load_backbone(path)
+
+
+def test_load_exact_shapes_and_ignore() -> None:
+    b = build_backbone("cbr_tiny")
+    sd = {k: v.clone() for k, v in b.state_dict().items()}
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(2, 128), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"src: keys do not match .*unexpected \['fc.bias', 'fc.weight'\]"):
+        load_exact(b, sd, "src")
+    load_exact(b, sd, "src", ignore={"fc.weight", "fc.bias"})
+    with pytest.raises(ValueError, match=r"expected keys \['head.w'\] to be present"):
+        load_exact(b, sd, "src", ignore={"fc.weight", "fc.bias", "head.w"})
+    sd2 = dict(b.state_dict())
+    sd2["blocks.0.conv.weight"] = torch.zeros(16, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"blocks\.0\.conv\.weight: file \[16, 3, 5, 5\] vs model \[16, 1, 5, 5\]"):
+        load_exact(b, sd2, "src")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(path, _trained(), _meta(steps=1))
+    before = path.read_bytes()
+
+    def failing_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"partial garbage")  # half-written, then the process "dies"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_backbone(path, _trained(), _meta(steps=2))
+    assert path.read_bytes() == before
+    assert read_meta(path).steps == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.safetensors"]
+
+
+def test_state_dict_helpers_round_trip(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    sd = model.state_dict()
+    sd_t = {"0.weight": sd["0.weight"].t()}  # non-contiguous input is made contiguous
+    path = save_state_dict(tmp_path / "m.safetensors", {**sd, **sd_t}, {"task": "binary", "classes": [0, 1]})
+    tensors, meta = load_state_dict(path)
+    assert meta == {"task": "binary", "classes": [0, 1]}
+    assert torch.equal(tensors["0.weight"], sd["0.weight"].t())
+    assert torch.equal(tensors["1.running_var"], sd["1.running_var"])
+    with pytest.raises(CheckpointError, match=r"is a 'backbone' checkpoint, expected a 'state_dict'"):
+        load_state_dict(save_backbone(tmp_path / "b.safetensors", _trained(), _meta()))
+
+
+def test_header_length_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(CheckpointError, match="bad header length"):
+        read_meta(path)
