@@ -1,0 +1,137 @@
+"""Transfer regimes: frozen parts really do not change (weights and BN statistics), re-init is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medpretrain.backbones import build_backbone
+from medpretrain.regimes import Classifier, apply_regime, backbone_stages, parse_regime
+from medpretrain.utils import default_data_root
+
+
+def _batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few real PneumoniaMNIST images (both classes) scaled to [-1, 1]."""
+    npz = np.load(default_data_root() / "pneumoniamnist" / "pneumoniamnist_28.npz")
+    y = npz["train_labels"].reshape(-1)
+    idx = np.concatenate([np.nonzero(y == 0)[0][: n // 2], np.nonzero(y == 1)[0][: n // 2]])
+    x = torch.from_numpy(npz["train_images"][idx].astype(np.float32) / 127.5 - 1).unsqueeze(1)
+    return x, torch.from_numpy(y[idx].astype(np.int64))
+
+
+def _model(seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier(build_backbone("resnet18", 1, "small"), 2, dropout=0.2)
+
+
+def _train_steps(model: Classifier, groups, steps: int = 2) -> None:
+    x, y = _batch()
+    opt = torch.optim.SGD(groups, lr=0.1)
+    model.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix) and before[k].is_floating_point()]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+def test_parse_regime():
+    assert str(parse_regime("freeze:3")) == "freeze:3" and parse_regime("linear").k is None
+    for bad in ("freeze", "reinit:-1", "finetune", "linear:2"):
+        with pytest.raises(ValueError, match="unknown regime"):
+            parse_regime(bad)
+
+
+def test_resnet_stages_from_stem_up():
+    assert backbone_stages(build_backbone("resnet18", 1, "small")) == [
+        ["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]
+    ]
+    assert backbone_stages(build_backbone("cbr_tiny", 1)) == [["blocks.0"], ["blocks.1"], ["blocks.2"], ["blocks.3"]]
+
+
+def test_linear_probe_backbone_frozen_including_bn_stats():
+    model = _model()
+    groups, info = apply_regime(model, "linear", lr=0.1)
+    before = _snapshot(model)
+    _train_steps(model, groups)
+    after = _snapshot(model)
+    # Every backbone tensor (weights, BN running mean/var and the batch counter) is bit-identical.
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone.")), "backbone moved"
+    assert _changed(before, after, "head.")
+    assert not model.backbone.bn1.training and model.dropout.training
+    assert info.trainable_params == 512 * 2 + 2
+    assert sum(p.numel() for g in groups for p in g["params"]) == info.trainable_params
+
+
+def test_freeze_k_freezes_exactly_the_first_k_stages():
+    model = _model()
+    groups, info = apply_regime(model, "freeze:2", lr=0.1)
+    assert info.frozen_stages == [0, 1]
+    before = _snapshot(model)
+    _train_steps(model, groups)
+    after = _snapshot(model)
+    for frozen in ("backbone.conv1.", "backbone.bn1.", "backbone.layer1."):
+        assert not _changed(before, after, frozen), frozen
+    for trained in ("backbone.layer2.", "backbone.layer4.", "head."):
+        assert _changed(before, after, trained), trained
+    assert model.backbone.layer2.training and not model.backbone.layer1.training
+
+
+def test_reinit_keeps_lower_stages_and_matches_fresh_init():
+    model = _model(seed=0)
+    pretrained = _snapshot(model.backbone)
+    torch.manual_seed(123)
+    fresh = build_backbone("resnet18", 1, "small")
+    groups, info = apply_regime(model, "reinit:2", lr=0.1, backbone_lr_mult=0.1, fresh_backbone=fresh)
+    assert info.reinit_stages == [2, 3, 4]
+    now = model.backbone.state_dict()
+    for k in pretrained:
+        if k.startswith(("conv1.", "bn1.", "layer1.")):
+            assert torch.equal(now[k], pretrained[k]), k
+        elif k.startswith(("layer2.", "layer3.", "layer4.")):
+            assert torch.equal(now[k], fresh.state_dict()[k]), k
+    # Kept pre-trained stages get the lower learning rate, re-initialised ones the full one.
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(model.backbone.conv1.weight)] == pytest.approx(0.01)
+    assert lr_of[id(model.backbone.layer1[0].conv1.weight)] == pytest.approx(0.01)
+    assert lr_of[id(model.backbone.layer3[0].conv1.weight)] == pytest.approx(0.1)
+    assert lr_of[id(model.head.weight)] == pytest.approx(0.1)
+
+
+def test_reinit_without_fresh_backbone_resets_parameters():
+    model = _model()
+    before = _snapshot(model.backbone)
+    apply_regime(model, "reinit:4", lr=0.1)
+    after = model.backbone.state_dict()
+    assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
+    assert torch.equal(before["layer3.0.conv1.weight"], after["layer3.0.conv1.weight"])
+
+
+def test_full_param_groups_lr_and_weight_decay():
+    model = _model()
+    groups, info = apply_regime(model, "full", lr=1e-3, backbone_lr_mult=0.1, weight_decay=1e-4)
+    assert info.frozen_params == 0
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert by_id[id(model.backbone.layer2[0].conv1.weight)]["lr"] == pytest.approx(1e-4)
+    assert by_id[id(model.backbone.layer2[0].conv1.weight)]["weight_decay"] == pytest.approx(1e-4)
+    assert by_id[id(model.backbone.bn1.weight)]["weight_decay"] == 0.0  # no decay on norms and biases
+    assert by_id[id(model.head.weight)]["lr"] == pytest.approx(1e-3)
+    # From scratch there is nothing to protect: the multiplier is ignored.
+    groups2, info2 = apply_regime(_model(), "full", lr=1e-3, backbone_lr_mult=0.1, pretrained=False)
+    assert {g["lr"] for g in groups2} == {1e-3} and info2.backbone_lr == pytest.approx(1e-3)
+
+
+def test_k_out_of_range():
+    with pytest.raises(ValueError, match="k must be between 0 and 5"):
+        apply_regime(_model(), "freeze:6", lr=0.1)
