@@ -460,6 +460,19 @@ def pairwise_diversity(x: Tensor) -> float:
     return float(torch.pdist(flat).mean() / math.sqrt(flat.shape[1]))
 
 
+class ModeCollapseError(RuntimeError):
+    """Generated samples stopped varying (see :class:`CollapseMonitor`); the run stops instead of going on."""
+
+    def __init__(self, step: int, ratio: float, threshold: float, patience: int, last_checkpoint: str | None):
+        self.step, self.ratio = step, ratio
+        where = f"last checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written before it"
+        super().__init__(
+            f"mode collapse at step {step}: generated-batch diversity stayed below {threshold:.0%} of the real "
+            f"batch's for {patience} consecutive checks (last ratio {ratio:.3f}); stopping. {where}. "
+            "Try loss=hinge spectral_norm=true, a lower learning rate, or on_collapse=warn to continue anyway."
+        )
+
+
 class CollapseMonitor:
     """Flags mode collapse: generated-batch diversity below ``threshold`` x real-batch diversity for
     ``patience`` consecutive checks. Non-finite diversity counts as collapsed.
