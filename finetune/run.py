@@ -1,0 +1,474 @@
+"""Fine-tune one initialisation on a labelled task: one init, one regime, one label fraction, one seed.
+
+    accelerate launch finetune/run.py --config configs/finetune.yaml --init selfsup --regime linear
+    accelerate launch finetune/run.py --config configs/finetune_busi.yaml init=imagenet data.label_fraction=0.1
+
+``--init`` is ``scratch``, ``imagenet``, ``selfsup`` / ``simclr`` / ``moco`` / ``vae`` / ``dcgan`` (the
+latest export under ``runs_dir``) or a path to a backbone checkpoint (:mod:`medpretrain.init`).
+``--regime`` is ``linear``, ``freeze:<k>``, ``full`` or ``reinit:<k>`` (:mod:`medpretrain.regimes`).
+
+Model selection uses the validation split only (best validation AUC, optional early stopping); the
+test split is evaluated exactly once, at the end, with the selected weights. Output folder
+(default ``runs/finetune/<task>/<init>/<regime>/<fraction>/seed<k>``):
+
+* ``results.json``: test metrics, bootstrap CIs, ROC points, per-epoch history, config + hash, init
+  info (source, sha256), data fingerprint, timings; ``status`` is ``complete`` or ``unavailable`` (the
+  ImageNet weights are missing: the run stops, it never falls back to random weights);
+* ``predictions.npz``: test probabilities, labels and indices (``scripts/compare.py`` ensembles them);
+* ``model.safetensors`` (backbone + head, selected weights), ``config.yaml``, ``metrics.csv``.
+
+``resume=auto`` continues from the newest complete epoch checkpoint in ``<output>/checkpoints``.
+Segmentation (``task=segmentation``) comes with a later issue and is refused here for now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medpretrain.backbones import build_backbone, resolve_stem  # noqa: E402
+from medpretrain.checkpoint import load_exact, load_state_dict, save_state_dict  # noqa: E402
+from medpretrain.config import (  # noqa: E402
+    BackboneConfig,
+    ConfigError,
+    DataConfig,
+    config_hash,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from medpretrain.data import build_dataset, read_source  # noqa: E402
+from medpretrain.metrics import (  # noqa: E402
+    bootstrap_ci,
+    classification_metrics,
+    epochs_to_fraction_of_best,
+    probabilities,
+    roc_curves,
+)
+from medpretrain.regimes import Classifier, apply_regime, parse_regime  # noqa: E402
+from medpretrain.training import (  # noqa: E402
+    CSVLogger,
+    FiniteGuard,
+    prepare_resume,
+    project_configuration,
+    resolve_resume,
+    save_checkpoint,
+)
+from medpretrain.utils import atomic_write_text, code_version, seed_everything  # noqa: E402
+
+log = logging.getLogger("finetune")
+EXIT_UNAVAILABLE = 3
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    """Head (and re-initialised stages) learning rate."""
+    backbone_lr_mult: float = 0.1
+    """Pre-trained backbone weights train at ``lr * backbone_lr_mult`` (ignored for ``init=scratch``)."""
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    epochs: int = 20
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """Step decay at these fractions of ``epochs`` (the MedMNIST v2 protocol)."""
+    gamma: float = 0.1
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this (0 = off)."""
+    dropout: float = 0.0
+    """Dropout before the linear head."""
+    patience: int = 0
+    """Early stopping: stop after this many epochs without a better validation AUC (0 = off)."""
+    max_steps_per_epoch: int = 0
+    """Smoke tests only: cap the optimizer steps per epoch (0 = the whole training split)."""
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    init: str = "scratch"
+    """scratch | imagenet | selfsup | simclr | moco | vae | dcgan | <path to a backbone checkpoint>."""
+    weights: str | None = None
+    """ImageNet weights file (``init=imagenet``); default: looked up by :mod:`medpretrain.init`."""
+    runs_dir: str = "runs"
+    task: Literal["classification", "segmentation"] = "classification"
+    regime: str = "full"
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str | None = None
+    """Default: ``<runs_dir>/finetune/<task>/<init>/<regime>/<fraction>/seed<seed>``."""
+    n_bootstrap: int = 1000
+    resume: str = ""
+    """``auto``: continue from the newest complete epoch checkpoint of this output folder."""
+    keep_checkpoints: bool = False
+    """Keep the per-epoch resume checkpoints after a successful run (they are large)."""
+
+
+def init_label(init: str) -> str:
+    """Short name of an init for folders and reports (a checkpoint path becomes its parent folder name)."""
+    p = Path(init)
+    if p.suffix == ".safetensors" or "/" in init:
+        return f"{p.parent.name}-{p.stem}" if p.parent.name else p.stem
+    return init
+
+
+def run_hash(cfg: FinetuneConfig) -> str:
+    """Hash of what a run computes: the config without the bookkeeping keys (``resume``, ``keep_checkpoints``).
+
+    ``scripts/compare.py`` skips a run whose ``results.json`` carries the same hash.
+    """
+    return config_hash(dataclasses.replace(cfg, resume="", keep_checkpoints=False))
+
+
+def output_dir(cfg: FinetuneConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    frac = cfg.data.label_fraction if cfg.data.label_fraction is not None else 1.0
+    return (Path(cfg.runs_dir) / "finetune" / cfg.task / init_label(cfg.init) / cfg.regime.replace(":", "-")
+            / f"{frac:g}" / f"seed{cfg.seed}")
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=2, allow_nan=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parts
+# ------------------------------------------------------------------------------------------------
+
+
+def build_init(cfg: FinetuneConfig, in_channels: int, stem: str, image_size: int) -> tuple[torch.nn.Module, Any]:
+    """Backbone from ``medpretrain.init`` (raises ``ImageNetUnavailable``: never random weights)."""
+    from medpretrain.init import init_backbone
+
+    return init_backbone(cfg.init, cfg.backbone.arch, in_channels, stem, image_size=image_size,
+                         weights=cfg.weights, runs_dir=cfg.runs_dir)
+
+
+def reconcile_with_init(cfg: FinetuneConfig, info: Any, accelerator: Accelerator) -> list[str]:
+    """Use the init checkpoint's input normalisation / size / channels (warn where the config differs)."""
+    meta = getattr(info, "meta", None)
+    if meta is None:
+        return []
+    warnings = []
+    for ours, theirs in (("mean", "mean"), ("std", "std"), ("image_size", "image_size"), ("channels", "in_channels")):
+        value = getattr(meta, theirs, None)
+        if value is None or isinstance(value, list):
+            if isinstance(value, list) and len(set(value)) == 1:
+                value = value[0]
+            else:
+                continue
+        if getattr(cfg.data, ours) != value:
+            warnings.append(f"data.{ours}={getattr(cfg.data, ours)!r} differs from the init checkpoint's "
+                            f"{theirs}={value!r}; using the checkpoint's")
+            setattr(cfg.data, ours, value)
+    for w in warnings:
+        accelerator.print(f"warning: {w}")
+    return warnings
+
+
+def build_dataloaders(cfg: FinetuneConfig) -> dict[str, Any]:
+    ds = {split: build_dataset(cfg.data, split) for split in ("train", "val", "test")}
+    g = torch.Generator().manual_seed(cfg.seed)
+    loaders = {
+        "train": DataLoader(ds["train"], batch_size=cfg.optim.batch_size, shuffle=True, generator=g,
+                            num_workers=cfg.data.num_workers, drop_last=len(ds["train"]) > cfg.optim.batch_size),
+        "val": DataLoader(ds["val"], batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers),
+        "test": DataLoader(ds["test"], batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers),
+    }
+    return {"datasets": ds, "loaders": loaders}
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, y.float())
+    return F.cross_entropy(logits, y)  # binary heads have two logits (the MedMNIST convention)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, task: str, accelerator: Accelerator) -> dict[str, np.ndarray]:
+    """Probabilities, labels and dataset indices over a whole split, gathered across processes."""
+    model.eval()
+    probs, labels, index = [], [], []
+    for batch in loader:
+        p = probabilities(model(batch["image"]), task)
+        p, y, i = accelerator.gather_for_metrics((p, batch["label"], batch["index"]))
+        probs.append(p.float().cpu())
+        labels.append(y.cpu())
+        index.append(i.cpu())
+    return {"probs": torch.cat(probs).numpy(), "labels": torch.cat(labels).numpy(), "index": torch.cat(index).numpy()}
+
+
+class Progress:
+    """Epoch counter, best validation AUC and history: checkpointed with the model (resume)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.best_auc = -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.history: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"json": json.dumps(self.__dict__)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(json.loads(state["json"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Classification
+# ------------------------------------------------------------------------------------------------
+
+
+def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_hash: str) -> dict[str, Any]:
+    t_run = time.perf_counter()
+    regime = parse_regime(cfg.regime)
+    seed_everything(cfg.seed)
+
+    source = read_source(cfg.data)
+    image_size = cfg.data.image_size or int(np.asarray(source.images[0]).shape[-1])
+    stem = resolve_stem(cfg.backbone.stem, image_size, cfg.backbone.arch)
+    backbone, info = build_init(cfg, cfg.data.channels, stem, image_size)
+    init_warnings = reconcile_with_init(cfg, info, accelerator)
+
+    parts = build_dataloaders(cfg)
+    train_ds = parts["datasets"]["train"]
+    task = train_ds.task
+    if task not in ("binary", "multiclass", "multilabel"):
+        raise ConfigError(f"task=classification needs a labelled classification dataset, got task {task!r}")
+    num_outputs = 2 if task == "binary" else train_ds.num_classes
+
+    model = Classifier(backbone, num_outputs, dropout=cfg.optim.dropout)
+    torch.manual_seed(cfg.seed + 1)  # the re-init weights: a scratch backbone of the same architecture
+    fresh = build_backbone(cfg.backbone.arch, cfg.data.channels, stem) if regime.kind == "reinit" else None
+    groups, regime_info = apply_regime(
+        model, regime, lr=cfg.optim.lr, backbone_lr_mult=cfg.optim.backbone_lr_mult,
+        weight_decay=cfg.optim.weight_decay, pretrained=cfg.init != "scratch", fresh_backbone=fresh,
+    )
+    if cfg.optim.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    elif cfg.optim.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
+    milestones = sorted({max(1, int(m * cfg.optim.epochs)) for m in cfg.optim.milestones})
+    # Stepped once per epoch and not passed to prepare() (accelerate steps prepared schedulers once per
+    # process per call, which suits per-batch schedules only); checkpointed through register_for_checkpointing.
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.optim.gamma)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, parts["loaders"]["train"], parts["loaders"]["val"], parts["loaders"]["test"]
+    )
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+
+    ckpt_dir = out / "checkpoints"
+    csv_log = CSVLogger(out / "metrics.csv", ["epoch", "train_loss", "val_auc", "val_accuracy", "lr", "epoch_s"])
+    resume_from = resolve_resume(cfg.resume, ckpt_dir)
+    prepare_resume(accelerator, ckpt_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        csv_log.truncate_after(progress.epoch, key="epoch")
+        accelerator.print(f"resumed from {resume_from} after epoch {progress.epoch}")
+    guard = FiniteGuard(accelerator.device)
+    best_path = out / "best_model.safetensors"
+    unwrapped = accelerator.unwrap_model(model)
+
+    accelerator.print(
+        f"{cfg.init} / {regime} / labels {cfg.data.label_fraction or 1.0:g} ({len(train_ds)} train) / seed "
+        f"{cfg.seed}: {task}, {num_outputs} outputs, {regime_info.trainable_params} trainable params"
+    )
+    step = 0
+    for epoch in range(progress.epoch + 1, cfg.optim.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        total, count = torch.zeros((), device=accelerator.device), 0
+        lr = optimizer.param_groups[0]["lr"]
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not accelerator.is_local_main_process)
+        for i, batch in enumerate(bar):
+            if cfg.optim.max_steps_per_epoch and i >= cfg.optim.max_steps_per_epoch:
+                break
+            with accelerator.accumulate(model):
+                loss = loss_fn(model(batch["image"]), batch["label"], task)
+                guard.update(loss, step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad()
+            step += 1
+            total += loss.detach() * len(batch["label"])
+            count += len(batch["label"])
+        scheduler.step()
+        guard.check(resume_from, reduce=lambda t: accelerator.gather(t).max())
+        train_loss = float(accelerator.gather(total.reshape(1)).sum()) / max(1, count * accelerator.num_processes)
+
+        val = predict(model, val_loader, task, accelerator)
+        val_m = classification_metrics(val["probs"], val["labels"], task)
+        epoch_s = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": train_loss, "val_auc": val_m["auc"], "val_accuracy": val_m["accuracy"],
+               "lr": lr, "epoch_s": epoch_s}
+        progress.history.append({**row, "val": val_m})
+        progress.epoch = epoch
+        improved = math.isfinite(val_m["auc"]) and val_m["auc"] > progress.best_auc
+        if improved:
+            progress.best_auc, progress.best_epoch, progress.bad_epochs = val_m["auc"], epoch, 0
+            if accelerator.is_main_process:
+                save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, "val_auc": val_m["auc"]})
+        else:
+            progress.bad_epochs += 1
+        if accelerator.is_main_process:
+            csv_log.log(row)
+        accelerator.print(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} val AUC {val_m['auc']:.4f} "
+                          f"ACC {val_m['accuracy']:.4f} lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
+        accelerator.wait_for_everyone()
+        resume_from = save_checkpoint(accelerator, step=epoch)
+        if cfg.optim.patience and progress.bad_epochs >= cfg.optim.patience:
+            accelerator.print(f"early stopping: no better validation AUC for {cfg.optim.patience} epochs")
+            break
+
+    # Model selection is over: load the best-validation weights and touch the test split once.
+    if not best_path.exists():
+        raise RuntimeError("no epoch produced a finite validation AUC; nothing to evaluate")
+    state, _ = load_state_dict(best_path)
+    load_exact(unwrapped, state, source=best_path)
+    test = predict(model, test_loader, task, accelerator)
+    test_m = classification_metrics(test["probs"], test["labels"], task)
+    test_ds = parts["datasets"]["test"]
+    ci = bootstrap_ci(test["probs"], test["labels"], task, n_boot=cfg.n_bootstrap, seed=cfg.seed)
+    roc = roc_curves(test["probs"], test["labels"], task, class_names=test_ds.class_names)
+    val_best = progress.history[progress.best_epoch - 1]["val"]
+    aucs = [h["val_auc"] for h in progress.history]
+
+    results: dict[str, Any] = {
+        "status": "complete",
+        "task": cfg.task,
+        "label_task": task,
+        "init": cfg.init,
+        "init_label": init_label(cfg.init),
+        "init_info": info,
+        "init_warnings": init_warnings,
+        "regime": str(regime),
+        "regime_info": regime_info,
+        "label_fraction": cfg.data.label_fraction if cfg.data.label_fraction is not None else 1.0,
+        "seed": cfg.seed,
+        "metrics": {"test": test_m, "val_best": val_best},
+        "ci": ci,
+        "ci_method": f"percentile bootstrap over test cases, n={cfg.n_bootstrap}, seed={cfg.seed}, 95%",
+        "roc": roc,
+        "best_epoch": progress.best_epoch,
+        "epochs_run": progress.epoch,
+        "epochs_to_95": epochs_to_fraction_of_best(aucs, 0.95),
+        "history": [{k: v for k, v in h.items() if k != "val"} for h in progress.history],
+        "timing": {"mean_epoch_s": float(np.mean([h["epoch_s"] for h in progress.history])),
+                   "total_s": time.perf_counter() - t_run, "processes": accelerator.num_processes,
+                   "device": str(accelerator.device)},
+        "data": {"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": len(train_ds),
+                 "val_size": len(parts["datasets"]["val"]), "test_size": len(test_ds),
+                 "class_names": train_ds.class_names,
+                 "train_class_counts": np.bincount(train_ds.labels, minlength=num_outputs).tolist()
+                 if task != "multilabel" else np.asarray(train_ds.labels).sum(0).tolist()},
+        "config": config_to_dict(cfg),
+        "config_hash": requested_hash,
+        "resolved_config_hash": run_hash(cfg),
+        "code_version": code_version(),
+        "torch": torch.__version__,
+        "run_dir": str(out),
+    }
+    if accelerator.is_main_process:
+        save_state_dict(out / "model.safetensors", unwrapped.state_dict(),
+                        {"config": config_to_dict(cfg), "task": task, "class_names": train_ds.class_names,
+                         "arch": cfg.backbone.arch, "stem": stem, "in_channels": cfg.data.channels,
+                         "mean": cfg.data.mean, "std": cfg.data.std, "image_size": image_size,
+                         "best_epoch": progress.best_epoch, "init": cfg.init})
+        np.savez(out / "predictions.npz", test_probs=test["probs"], test_labels=test["labels"],
+                 test_index=test["index"])
+        write_results(out, results)
+        best_path.unlink(missing_ok=True)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.print(
+        f"test ({len(test_ds)}): " + " ".join(f"{k} {v:.4f}" for k, v in test_m.items())
+        + f" | AUC 95% CI [{ci['auc']['low']:.4f}, {ci['auc']['high']:.4f}] | best epoch {progress.best_epoch}"
+    )
+    return results
+
+
+TASKS = {"classification": run_classification}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(FinetuneConfig, argv)
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task!r} is not implemented yet (planned with the segmentation issue); "
+                          f"available: {sorted(TASKS)}")
+    parse_regime(cfg.regime)  # fail on a bad regime before any work
+    out = output_dir(cfg)
+    requested_hash = run_hash(cfg)  # before the init checkpoint may adjust data options
+    accelerator = Accelerator(
+        project_config=project_configuration(out, total_limit=2),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    from medpretrain.init import ImageNetUnavailable
+
+    try:
+        TASKS[cfg.task](cfg, accelerator, out, requested_hash)
+    except ImageNetUnavailable as e:
+        # Report the arm as unavailable; never substitute random weights.
+        if accelerator.is_main_process:
+            write_results(out, {
+                "status": "unavailable", "reason": str(e), "task": cfg.task, "init": cfg.init,
+                "init_label": init_label(cfg.init), "regime": cfg.regime, "seed": cfg.seed,
+                "label_fraction": cfg.data.label_fraction if cfg.data.label_fraction is not None else 1.0,
+                "config": config_to_dict(cfg), "config_hash": requested_hash, "code_version": code_version(),
+            })
+        accelerator.print(f"init '{cfg.init}' is unavailable: {e}\nwrote {out / 'results.json'} with status "
+                          "'unavailable'; this arm is not run with random weights.")
+        accelerator.end_training()
+        return EXIT_UNAVAILABLE
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Comparison report: Markdown + CSV + matplotlib (Agg) plots from fine-tuning ``results.json`` files.
+
+Input: a list of result dictionaries as written by ``finetune/run.py`` (one per run: init, regime,
+label fraction, seed), plus optional ensemble rows (probabilities averaged over the seeds of one init,
+computed by ``scripts/compare.py``). Output under ``out_dir``:
+
+* ``report.md``: comparison table (mean +- sd over seeds, per-seed bootstrap CIs, ensemble rows),
+  label-efficiency table and curves, ROC curves, a six-metric radar chart per init, learning curves,
+  convergence speed (epochs to 95% of the best validation AUC) and wall-clock per epoch, and an
+  "unavailable arms" section (e.g. ImageNet weights missing: never replaced by random weights);
+* ``runs.csv`` (one row per run) and ``summary.csv`` (one row per init x regime x fraction, and the
+  ensemble rows);
+* ``label_efficiency.png``, ``roc.png``, ``radar.png``, ``learning_curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medpretrain.metrics import METRICS, aggregate
+from medpretrain.utils import atomic_path, atomic_write_text
+
+Result = Mapping[str, Any]
+PLOTS = ("label_efficiency.png", "roc.png", "radar.png", "learning_curves.png")
+_LABELS = {"auc": "AUC", "accuracy": "ACC", "sensitivity": "Sens", "specificity": "Spec", "precision": "Prec",
+           "f1": "F1"}
+
+
+def _key(r: Result) -> tuple[str, str, float]:
+    return (str(r["init_label"]), str(r["regime"]), float(r["label_fraction"]))
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def _pm(agg: Mapping[str, float]) -> str:
+    if agg["n"] == 0:
+        return "-"
+    if agg["n"] == 1 or not math.isfinite(agg["std"]):
+        return _fmt(agg["mean"])
+    return f"{agg['mean']:.3f} ± {agg['std']:.3f}"
+
+
+def _frac(f: float) -> str:
+    return f"{f:g}"
+
+
+def summarize(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """One row per (init, regime, label fraction) over the completed runs: mean/sd of every test metric,
+    epochs to 95% of the best validation AUC, seconds per epoch, and the per-seed bootstrap CIs of AUC."""
+    groups: dict[tuple[str, str, float], list[Result]] = defaultdict(list)
+    for r in results:
+        if r.get("status") == "complete":
+            groups[_key(r)].append(r)
+    rows = []
+    for (init, regime, frac), runs in sorted(groups.items()):
+        runs = sorted(runs, key=lambda r: r["seed"])
+        agg = aggregate([r["metrics"]["test"] for r in runs], METRICS)
+        conv = aggregate([{"e95": r.get("epochs_to_95") or math.nan, "s": r["timing"]["mean_epoch_s"],
+                           "best": r.get("best_epoch") or math.nan} for r in runs])
+        rows.append({
+            "kind": "single", "init": init, "regime": regime, "label_fraction": frac,
+            "seeds": [r["seed"] for r in runs], "n": len(runs), "metrics": agg,
+            "auc_ci": [(r["ci"]["auc"]["low"], r["ci"]["auc"]["high"]) for r in runs if r.get("ci")],
+            "epochs_to_95": conv["e95"], "epoch_s": conv["s"], "best_epoch": conv["best"],
+            "train_size": runs[0]["data"].get("train_size"),
+        })
+    return rows
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _runs_csv(results: Sequence[Result]) -> str:
+    rows = []
+    for r in results:
+        row: dict[str, Any] = {"init": r.get("init_label"), "regime": r.get("regime"),
+                               "label_fraction": r.get("label_fraction"), "seed": r.get("seed"),
+                               "status": r.get("status"), "reason": r.get("reason", "")}
+        if r.get("status") == "complete":
+            for m in METRICS:
+                row[f"test_{m}"] = r["metrics"]["test"][m]
+                row[f"test_{m}_ci_low"] = r["ci"][m]["low"]
+                row[f"test_{m}_ci_high"] = r["ci"][m]["high"]
+            row.update(best_epoch=r.get("best_epoch"), epochs_run=r.get("epochs_run"),
+                       best_val_auc=r["metrics"]["val_best"]["auc"], epochs_to_95=r.get("epochs_to_95"),
+                       mean_epoch_s=r["timing"]["mean_epoch_s"], train_size=r["data"].get("train_size"),
+                       config_hash=r.get("config_hash"), run_dir=r.get("run_dir", ""))
+        rows.append(row)
+    return _csv_text(rows)
+
+
+def _summary_csv(rows: list[dict[str, Any]], ensembles: Sequence[Mapping[str, Any]]) -> str:
+    out = []
+    for s in rows:
+        row: dict[str, Any] = {"kind": "single", "init": s["init"], "regime": s["regime"],
+                               "label_fraction": s["label_fraction"], "n_seeds": s["n"]}
+        for m in METRICS:
+            row[f"{m}_mean"] = s["metrics"][m]["mean"]
+            row[f"{m}_std"] = s["metrics"][m]["std"]
+        row.update(epochs_to_95_mean=s["epochs_to_95"]["mean"], epoch_s_mean=s["epoch_s"]["mean"])
+        out.append(row)
+    for e in ensembles:
+        row = {"kind": "ensemble", "init": e["init"], "regime": e["regime"], "label_fraction": e["label_fraction"],
+               "n_seeds": e["n"]}
+        for m in METRICS:
+            row[f"{m}_mean"] = e["metrics"][m]
+            row[f"{m}_ci_low"] = e["ci"][m]["low"]
+            row[f"{m}_ci_high"] = e["ci"][m]["high"]
+        out.append(row)
+    return _csv_text(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg; every figure saved atomically)
+# ------------------------------------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    plt = _plt()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def _colors(inits: Sequence[str]) -> dict[str, Any]:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return {init: cmap(i % 10) for i, init in enumerate(inits)}
+
+
+def plot_label_efficiency(rows: list[dict[str, Any]], path: Path, metric: str = "auc") -> Path:
+    """Test metric (mean +- sd over seeds) against label fraction: one panel per regime, one line per init."""
+    plt = _plt()
+    regimes = sorted({r["regime"] for r in rows})
+    inits = sorted({r["init"] for r in rows})
+    colors = _colors(inits)
+    fig, axes = plt.subplots(1, max(1, len(regimes)), figsize=(4.5 * max(1, len(regimes)), 3.6), squeeze=False)
+    for ax, regime in zip(axes[0], regimes, strict=False):
+        for init in inits:
+            pts = sorted((r["label_fraction"], r["metrics"][metric]) for r in rows
+                         if r["regime"] == regime and r["init"] == init)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1]["mean"] for p in pts]
+            es = [p[1]["std"] if math.isfinite(p[1]["std"]) else 0.0 for p in pts]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=init, color=colors[init])
+        fracs = sorted({r["label_fraction"] for r in rows})
+        if len(fracs) > 1 and fracs[-1] / max(fracs[0], 1e-9) >= 5:
+            ax.set_xscale("log")
+        ax.set_xticks(fracs, [_frac(f) for f in fracs])
+        ax.set_title(f"regime: {regime}")
+        ax.set_xlabel("label fraction")
+        ax.set_ylabel(f"test {_LABELS.get(metric, metric)}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_roc(curves: Mapping[str, Mapping[str, Mapping[str, list[float]]]], path: Path, title: str = "") -> Path:
+    """ROC curves: ``curves[init][class_name] = {"fpr", "tpr", "auc"}``; one panel per class, a line per init."""
+    plt = _plt()
+    names: list[str] = []
+    for per_init in curves.values():
+        names += [n for n in per_init if n not in names]
+    names = names or ["(none)"]
+    colors = _colors(list(curves))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        for init, per_init in curves.items():
+            c = per_init.get(name)
+            if c:
+                ax.plot(c["fpr"], c["tpr"], label=f"{init} (AUC {c['auc']:.3f})", color=colors[init])
+        ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+        ax.set_title(f"{name} vs rest" if len(names) > 1 else name)
+        ax.set_xlabel("1 - specificity (FPR)")
+        ax.set_ylabel("sensitivity (TPR)")
+        ax.set_aspect("equal")
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_radar(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Six-metric radar chart, one polar panel per init, one polygon per regime (mean over seeds)."""
+    plt = _plt()
+    inits = sorted({r["init"] for r in rows})
+    regimes = sorted({r["regime"] for r in rows})
+    colors = _colors(regimes)
+    angles = np.linspace(0, 2 * np.pi, len(METRICS), endpoint=False).tolist()
+    n = max(1, len(inits))
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.9), subplot_kw={"projection": "polar"}, squeeze=False)
+    for ax, init in zip(axes[0], inits, strict=False):
+        for r in rows:
+            if r["init"] != init:
+                continue
+            vals = [r["metrics"][m]["mean"] if math.isfinite(r["metrics"][m]["mean"]) else 0.0 for m in METRICS]
+            ax.plot(angles + angles[:1], vals + vals[:1], color=colors[r["regime"]], label=r["regime"])
+            ax.fill(angles + angles[:1], vals + vals[:1], color=colors[r["regime"]], alpha=0.1)
+        ax.set_xticks(angles, [_LABELS[m] for m in METRICS], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(init, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.25, -0.15))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_learning_curves(results: Sequence[Result], path: Path) -> Path:
+    """Validation AUC (top) and training loss (bottom) per epoch, mean over seeds; a column per regime."""
+    plt = _plt()
+    done = [r for r in results if r.get("status") == "complete"]
+    regimes = sorted({r["regime"] for r in done}) or ["-"]
+    inits = sorted({r["init_label"] for r in done})
+    colors = _colors(inits)
+    fig, axes = plt.subplots(2, len(regimes), figsize=(4.5 * len(regimes), 6), squeeze=False)
+    for j, regime in enumerate(regimes):
+        for init in inits:
+            runs = [r for r in done if r["regime"] == regime and r["init_label"] == init]
+            if not runs:
+                continue
+            for i, key in enumerate(("val_auc", "train_loss")):
+                curves = [[h[key] for h in r["history"]] for r in runs]
+                length = min(len(c) for c in curves)
+                mean = np.nanmean(np.asarray([c[:length] for c in curves], dtype=float), axis=0)
+                axes[i][j].plot(range(1, length + 1), mean, color=colors[init], label=init)
+        axes[0][j].set_title(f"regime: {regime}")
+        axes[0][j].set_ylabel("val AUC")
+        axes[1][j].set_ylabel("train loss")
+        axes[1][j].set_xlabel("epoch")
+        for i in range(2):
+            axes[i][j].grid(alpha=0.3)
+            axes[i][j].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+
+
+def _headline(results: Sequence[Result]) -> tuple[float | None, str | None]:
+    done = [r for r in results if r.get("status") == "complete"]
+    if not done:
+        return None, None
+    frac = max(float(r["label_fraction"]) for r in done)
+    regimes = sorted({r["regime"] for r in done if float(r["label_fraction"]) == frac})
+    return frac, ("full" if "full" in regimes else regimes[0])
+
+
+def build_report(
+    results: Sequence[Result],
+    out_dir: str | os.PathLike[str],
+    *,
+    title: str = "Initialisation comparison",
+    ensembles: Sequence[Mapping[str, Any]] = (),
+    notes: Sequence[str] = (),
+    metric: str = "auc",
+) -> Path:
+    """Write ``report.md``, ``runs.csv``, ``summary.csv`` and the plots to ``out_dir``; return the report path.
+
+    ``results``: run results (``status`` complete / unavailable / failed). ``ensembles``: rows with
+    ``init, regime, label_fraction, n, metrics{m: value}, ci{m: {low, high}}, roc`` (optional).
+    ``notes``: free text lines (protocol remarks such as a smaller local train split).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(results)
+    done = [r for r in results if r.get("status") == "complete"]
+    unavailable = [r for r in results if r.get("status") == "unavailable"]
+    failed = [r for r in results if r.get("status") not in ("complete", "unavailable")]
+
+    atomic_write_text(out / "runs.csv", _runs_csv(results))
+    atomic_write_text(out / "summary.csv", _summary_csv(rows, ensembles))
+
+    md: list[str] = [f"# {title}", ""]
+    md.append(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {len(results)} run(s): "
+              f"{len(done)} complete, {len(unavailable)} unavailable, {len(failed)} failed.")
+    datasets = sorted({str(r["config"]["data"]["dataset"]) for r in done if "config" in r})
+    if datasets:
+        md.append(f"Data: {', '.join(f'`{d}`' for d in datasets)}; task: "
+                  f"{', '.join(sorted({str(r.get('label_task')) for r in done}))}. "
+                  "Model selection on the validation split only (best validation AUC); each run evaluates "
+                  "its test split once.")
+    md += [f"- {n}" for n in notes]
+    md.append("")
+
+    md += ["## Comparison (test set)", "",
+           "Mean ± sample sd over seeds; per-seed 95% percentile-bootstrap CIs of the test AUC; ensemble rows "
+           "average the test probabilities of the seeds of one init (CI from the bootstrap of that ensemble).",
+           "", "| init | regime | labels | model | " + " | ".join(_LABELS[m] for m in METRICS)
+           + " | AUC 95% CI | epochs to 95% | s/epoch |",
+           "|" + "---|" * (len(METRICS) + 7)]
+    ens_by_key = {(e["init"], e["regime"], float(e["label_fraction"])): e for e in ensembles}
+    for s in rows:
+        cis = "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s["auc_ci"])
+        md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} ({s['train_size']}) | "
+                  f"single (n={s['n']}) | " + " | ".join(_pm(s["metrics"][m]) for m in METRICS)
+                  + f" | {cis} | {_pm(s['epochs_to_95'])} | {_fmt(s['epoch_s']['mean'], 1)} |")
+        e = ens_by_key.get((s["init"], s["regime"], s["label_fraction"]))
+        if e:
+            md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | ensemble of {e['n']} | "
+                      + " | ".join(_fmt(e["metrics"][m]) for m in METRICS)
+                      + f" | [{e['ci']['auc']['low']:.3f}, {e['ci']['auc']['high']:.3f}] | | |")
+    md.append("")
+
+    if rows:
+        fracs = sorted({s["label_fraction"] for s in rows})
+        md += ["## Label efficiency", "",
+               f"Test {_LABELS[metric]} (mean ± sd over seeds) against the fraction of training labels "
+               "(stratified, seeded subsets).", "",
+               "| init | regime | " + " | ".join(_frac(f) for f in fracs) + " |",
+               "|---|---|" + "---|" * len(fracs)]
+        for init, regime in sorted({(s["init"], s["regime"]) for s in rows}):
+            cells = []
+            for f in fracs:
+                match = [s for s in rows if (s["init"], s["regime"], s["label_fraction"]) == (init, regime, f)]
+                cells.append(_pm(match[0]["metrics"][metric]) if match else "-")
+            md.append(f"| {init} | {regime} | " + " | ".join(cells) + " |")
+        md += ["", f"![label efficiency]({PLOTS[0]})", ""]
+        plot_label_efficiency(rows, out / PLOTS[0], metric)
+
+        frac, regime = _headline(results)
+        curves: dict[str, Any] = {}
+        for init in sorted({s["init"] for s in rows}):
+            e = ens_by_key.get((init, regime, frac))
+            if e and e.get("roc"):
+                curves[f"{init} (ensemble)"] = e["roc"]
+                continue
+            runs = sorted((r for r in done if _key(r) == (init, regime, frac)), key=lambda r: r["seed"])
+            if runs and runs[0].get("roc"):
+                curves[f"{init} (seed {runs[0]['seed']})"] = runs[0]["roc"]
+        md += ["## ROC curves", "", f"Regime `{regime}`, label fraction {_frac(frac or 1)}, test set.", "",
+               f"![ROC curves]({PLOTS[1]})", ""]
+        plot_roc(curves, out / PLOTS[1], title=f"regime {regime}, labels {_frac(frac or 1)}")
+
+        head_rows = [s for s in rows if s["label_fraction"] == frac]
+        md += ["## Six-metric radar", "",
+               f"Per init, label fraction {_frac(frac or 1)}, one polygon per regime (mean over seeds).", "",
+               f"![radar]({PLOTS[2]})", ""]
+        plot_radar(head_rows, out / PLOTS[2])
+
+        head_runs = [r for r in done if float(r["label_fraction"]) == frac]
+        md += ["## Learning curves and convergence", "",
+               f"Validation AUC and training loss per epoch (mean over seeds), label fraction {_frac(frac or 1)}. "
+               "Convergence speed = epochs until the validation AUC first reaches 95% of its best value.", "",
+               f"![learning curves]({PLOTS[3]})", "",
+               "| init | regime | labels | epochs to 95% of best val AUC | best epoch | s/epoch (wall-clock) |",
+               "|---|---|---|---|---|---|"]
+        for s in rows:
+            md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | {_pm(s['epochs_to_95'])} | "
+                      f"{_pm(s['best_epoch'])} | {_fmt(s['epoch_s']['mean'], 2)} |")
+        md.append("")
+        plot_learning_curves(head_runs, out / PLOTS[3])
+
+    md += ["## Unavailable arms", ""]
+    if unavailable:
+        md.append("These arms could not be measured and are **not** replaced by randomly initialised weights:")
+        md.append("")
+        seen = set()
+        for r in unavailable:
+            key = (r.get("init_label"), r.get("reason"))
+            if key in seen:
+                continue
+            seen.add(key)
+            n = sum(1 for u in unavailable if (u.get("init_label"), u.get("reason")) == key)
+            md.append(f"- **{r.get('init_label')}** ({n} run(s)): {r.get('reason')}")
+    else:
+        md.append("None: every requested init was available.")
+    md.append("")
+    if failed:
+        md += ["## Failed runs", ""]
+        for r in failed:
+            md.append(f"- {r.get('init_label')} / {r.get('regime')} / {r.get('label_fraction')} / seed "
+                      f"{r.get('seed')}: {r.get('reason', 'no reason recorded')}")
+        md.append("")
+    md += ["Files: `runs.csv` (one row per run, with bootstrap CIs of every metric), `summary.csv` "
+           "(aggregates and ensembles)."]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    return path
