@@ -99,9 +99,10 @@ def _scale(arr: np.ndarray, path: Path) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise DataError(path, "image contains NaN or infinite values")
-        lo, hi = float(arr.min()), float(arr.max())
-        out = (arr.astype(np.float32) - lo) / (hi - lo) if hi > lo else np.zeros(arr.shape, np.float32)
-        return out
+        fmin, fmax = float(arr.min()), float(arr.max())
+        if fmax == fmin:
+            return np.zeros(arr.shape, np.float32)
+        return ((arr.astype(np.float32) - fmin) / (fmax - fmin)).astype(np.float32)
     raise DataError(path, f"unsupported pixel type {arr.dtype}")
 
 
@@ -257,17 +258,20 @@ def read_manifest_source(manifest: Path, cfg: DataConfig, skips: SkipLog) -> Sou
     class_names: list[str] = []
     if "label" in header:
         labels, class_names = _parse_labels([r.get("label") or "" for r in rows], line_numbers, manifest, skips)
-    files, keep_labels, groups = [], [], []
+    files: list[Path] = []
+    keep_labels: list[int] = []
+    groups: list[str] = []
     for i, r in enumerate(rows):
         rel = (r.get("image_path") or "").strip()
         if not rel:
             skips.handle(DataError(manifest, f"row {line_numbers[i]}: empty image_path"))
             continue
-        if labels is not None and labels[i] is None:
+        label = labels[i] if labels is not None else 0
+        if label is None:
             continue
         p = Path(rel).expanduser()
         files.append(p if p.is_absolute() else base / p)
-        keep_labels.append(labels[i] if labels is not None else 0)
+        keep_labels.append(label)
         groups.append(salted_group((r.get("patient") or "").strip() or f"row{i}"))
     if not files:
         raise DataError(manifest, "no usable rows")

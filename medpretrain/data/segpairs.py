@@ -97,8 +97,9 @@ def read_segpairs_source(image_dir: Path, mask_dir: Path, roi_dir: Path | None, 
             x = load_image(img, cfg.channels)
             m = load_mask(mask_of[img])
             r = load_mask(roi_of[img]) if roi_of is not None else None
-            for f, arr in ((mask_of[img], m), (roi_of[img] if roi_of else None, r)):
-                if arr is not None and arr.shape[1:] != x.shape[1:]:
+            checks = [(mask_of[img], m)] + ([(roi_of[img], r)] if roi_of is not None and r is not None else [])
+            for f, arr in checks:
+                if arr.shape[1:] != x.shape[1:]:
                     raise DataError(f, f"size {arr.shape[2]}x{arr.shape[1]} differs from image "
                                        f"{img.name} ({x.shape[2]}x{x.shape[1]})")
         except DataError as err:

@@ -152,6 +152,9 @@ def subsample_train(train: np.ndarray, labels: np.ndarray | None, *, fraction: f
     keep = []
     for c in np.unique(key[train]):
         members = rng.permutation(train[key[train] == c])
-        k = min(len(members), per_class) if per_class is not None else max(1, round(fraction * len(members)))
+        if per_class is not None:
+            k = min(len(members), per_class)
+        else:
+            k = max(1, round(float(fraction) * len(members)))  # type: ignore[arg-type]
         keep.append(members[:k])
     return np.sort(np.concatenate(keep)) if keep else train
