@@ -60,8 +60,8 @@ EXPORT_NAME = "backbone.safetensors"
 _CREATE_COMMAND = {
     "simclr": "python pretrain/simclr.py  (writes runs/pretrain/simclr/<run>/backbone.safetensors)",
     "moco": "python pretrain/moco.py  (writes runs/pretrain/moco/<run>/backbone.safetensors)",
-    "vae": "python generative/vae.py  (writes runs/pretrain/vae/<run>/backbone.safetensors)",
-    "dcgan": "python generative/dcgan.py  (writes runs/pretrain/dcgan/<run>/backbone.safetensors)",
+    "vae": "python generative/vae.py  (writes runs/generative/vae/<run>/backbone.safetensors)",
+    "dcgan": "python generative/dcgan.py  (writes runs/generative/dcgan/<run>/backbone.safetensors)",
 }
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torchvision / torch.hub's HASH_REGEX
 _DENSENET_OLD_KEY = re.compile(
@@ -306,11 +306,14 @@ def find_latest_export(runs_dir: str | os.PathLike[str], methods: Iterable[str],
     ``methods`` (and ``meta.arch == arch`` when given).
 
     "Newest" is by ``meta.created`` (the export time written into the file, robust to copies that change
-    mtimes), then file mtime, then path. Unreadable files are skipped with a warning.
+    mtimes), then file mtime, then path. Unreadable files are skipped with a warning. A relative
+    ``runs_dir`` resolves against the project root, as the pretraining scripts' ``out_dir`` does.
     Raises ``FileNotFoundError`` saying which command creates an export.
     """
     methods = tuple(methods)
-    root = Path(runs_dir)
+    root = Path(runs_dir).expanduser()
+    if not root.is_absolute():
+        root = PROJECT_ROOT / root
     found: list[tuple[tuple[datetime, float, str], Path]] = []
     other_archs: list[str] = []
     for p in sorted(root.rglob(EXPORT_NAME)) if root.is_dir() else []:
@@ -384,8 +387,8 @@ def init_backbone(
 
     ``init``: ``scratch`` (torchvision's default init; seed with :func:`medpretrain.utils.seed_everything`
     first), ``imagenet``, ``simclr`` | ``moco`` | ``vae`` | ``dcgan`` (newest export of that method
-    and arch under ``runs_dir``), ``selfsup`` (newest of simclr / moco), or a path to a backbone
-    checkpoint. ``stem``: ``standard``, ``small`` or ``auto`` (resolved with ``image_size``; a loaded
+    and arch under ``runs_dir``, relative to the project root), ``selfsup`` (newest of simclr / moco), or a
+    path to a backbone checkpoint. ``stem``: ``standard``, ``small`` or ``auto`` (resolved with ``image_size``; a loaded
     export keeps its own stem).
 
     Raises :class:`ImageNetUnavailable`, :class:`WeightsHashMismatch`, ``FileNotFoundError`` (no export /

@@ -224,6 +224,13 @@ def test_missing_export_names_the_command(tmp_path) -> None:
         init_backbone("selfsup", "cbr_tiny", 1, "auto", image_size=28, runs_dir=tmp_path / "runs")
 
 
+def test_relative_runs_dir_resolves_against_project_root(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(init_mod, "PROJECT_ROOT", tmp_path)
+    path, _ = _export(tmp_path / "runs", "generative/vae/r", "vae", "2026-01-01T00:00:00+00:00", 1)
+    monkeypatch.chdir(tmp_path / "runs")  # the working directory does not matter
+    assert init_mod.find_latest_export("runs", ["vae"], "cbr_tiny") == path
+
+
 def test_path_init_checks_and_adapts_channels(tmp_path) -> None:
     path, ref = _export(tmp_path, "x", "dcgan", "2026-01-01T00:00:00+00:00", 7, in_channels=3)
     b, info = init_backbone(str(path), "cbr_tiny", 1, "auto", image_size=32)
