@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -70,6 +72,7 @@ from medpretrain.training import (
     Counter,
     CSVLogger,
     FiniteGuard,
+    NonFiniteLossError,
     checkpoint_step,
     plot_curves,
     prepare_resume,
@@ -79,6 +82,7 @@ from medpretrain.training import (
 )
 
 METHOD = "dcgan"
+DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "dcgan.yaml"
 FIELDS = ["step", "epoch", "d_loss", "g_loss", "d_real", "d_fake", "diversity_ratio", "elapsed_s"]
 
 
@@ -117,7 +121,7 @@ def build_models(cfg: DCGANConfig, in_channels: int, image_size: int) -> tuple[D
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = load_config(DCGANConfig, argv)
+    cfg = load_config(DCGANConfig, argv, defaults_file=DEFAULTS)
     check_data_config(cfg.data)
     tc = cfg.train
     run_dir, existing = resolve_run_dir(cfg.out_dir, cfg.run_name, tc.resume)
@@ -167,6 +171,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{image_size} px), {total_steps} steps -> {run_dir}")
 
     guard = FiniteGuard(accelerator.device)
+
+    def check_guard() -> None:
+        try:
+            guard.check(last_ckpt, reduce=lambda f: accelerator.gather(f).max())
+        except NonFiniteLossError as err:
+            accelerator.print(f"ERROR: {err}")
+            accelerator.end_training()
+            raise
+
     fixed_z = latent_noise(tc.grid_size, cfg.latent_dim, tc.seed)
     gen_module = accelerator.unwrap_model(generator)
     warned = False
@@ -209,14 +222,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if cfg.collapse_check_every and step.value % cfg.collapse_check_every == 0:
                 collapsed = monitor.update(pairwise_diversity(fake), pairwise_diversity(real))
                 if collapsed and cfg.on_collapse == "stop":
-                    raise ModeCollapseError(step.value, monitor.last_ratio, cfg.collapse_threshold,
+                    err = ModeCollapseError(step.value, monitor.last_ratio, cfg.collapse_threshold,
                                             cfg.collapse_patience, str(last_ckpt) if last_ckpt else None)
+                    accelerator.print(f"ERROR: {err}")
+                    if accelerator.is_main_process:
+                        save_grid(generate(gen_module, fixed_z), run_dir / "samples_collapsed.png")
+                    accelerator.end_training()
+                    raise err
                 if collapsed and not warned:
                     accelerator.print(f"WARNING: possible mode collapse at step {step.value} "
                                       f"(diversity ratio {monitor.last_ratio:.3f} < {cfg.collapse_threshold})")
                 warned = collapsed
             if step.value % tc.log_every == 0:
-                guard.check(last_ckpt, reduce=lambda t: accelerator.gather(t).max())
+                check_guard()
                 row = {"d_loss": d_loss.item(), "g_loss": g_loss.item(),
                        "d_real": torch.sigmoid(real_logits.float()).mean().item(),
                        "d_fake": torch.sigmoid(fake_logits.float()).mean().item(),
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if accelerator.is_main_process:
                     metrics.log({"step": step.value, "epoch": epoch, **row, "elapsed_s": time.time() - start})
             if tc.checkpoint_every and step.value % tc.checkpoint_every == 0:
-                guard.check(last_ckpt, reduce=lambda t: accelerator.gather(t).max())
+                check_guard()
                 last_ckpt = save_checkpoint(accelerator, step.value)
             fault_hook(step.value)
             if step.value >= total_steps:
@@ -237,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator.print(f"epoch {epoch + 1}/{num_epochs} step {step.value} done")
     pbar.close()
 
-    guard.check(last_ckpt, reduce=lambda t: accelerator.gather(t).max())
+    check_guard()
     if last_ckpt is None or checkpoint_step(last_ckpt) != step.value:
         last_ckpt = save_checkpoint(accelerator, step.value)
     results: dict[str, Any] = {}
@@ -266,4 +284,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -68,6 +70,7 @@ from medpretrain.training import (
     Counter,
     CSVLogger,
     FiniteGuard,
+    NonFiniteLossError,
     checkpoint_step,
     plot_curves,
     prepare_resume,
@@ -77,6 +80,7 @@ from medpretrain.training import (
 )
 
 METHOD = "vae"
+DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "vae.yaml"
 FIELDS = ["step", "epoch", "loss", "recon", "kl", "beta", "perceptual", "val_mse", "val_psnr", "elapsed_s"]
 
 
@@ -139,7 +143,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = load_config(VAEConfig, argv)
+    cfg = load_config(VAEConfig, argv, defaults_file=DEFAULTS)
     check_data_config(cfg.data)
     tc = cfg.train
     run_dir, existing = resolve_run_dir(cfg.out_dir, cfg.run_name, tc.resume)
@@ -191,6 +195,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{total_steps} steps -> {run_dir}")
 
     guard = FiniteGuard(accelerator.device)
+
+    def check_guard() -> None:
+        try:
+            guard.check(last_ckpt, reduce=lambda f: accelerator.gather(f).max())
+        except NonFiniteLossError as err:
+            accelerator.print(f"ERROR: {err}")
+            accelerator.end_training()
+            raise
+
     fixed_z = latent_noise(tc.grid_size, cfg.latent_dim, tc.seed)  # same latents in every grid
     decoder = accelerator.unwrap_model(model).decoder
     start = time.time()
@@ -225,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pbar.update(1)
 
             if step.value % tc.log_every == 0:
-                guard.check(last_ckpt, reduce=lambda t: accelerator.gather(t).max())
+                check_guard()
                 row = {"loss": loss.item(), "recon": recon.item(), "kl": kl.item(), "beta": beta}
                 if perc is not None:
                     row["perceptual"] = perc.item()
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if accelerator.is_main_process:
                     metrics.log({"step": step.value, "epoch": epoch, **row, "elapsed_s": time.time() - start})
             if tc.checkpoint_every and step.value % tc.checkpoint_every == 0:
-                guard.check(last_ckpt, reduce=lambda t: accelerator.gather(t).max())
+                check_guard()
                 last_ckpt = save_checkpoint(accelerator, step.value)
             fault_hook(step.value)
             if step.value >= total_steps:
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pbar.close()
 
     # Finish: a last NaN check and checkpoint, then the exports.
-    guard.check(last_ckpt, reduce=lambda t: accelerator.gather(t).max())
+    check_guard()
     if last_ckpt is None or checkpoint_step(last_ckpt) != step.value:
         last_ckpt = save_checkpoint(accelerator, step.value)
     val = evaluate(model, val_loader, accelerator)
@@ -281,4 +294,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -546,7 +546,9 @@ def save_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> Pat
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in sorted(arrays):
             buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            array = np.asarray(arrays[name])  # not ascontiguousarray: it turns 0-d arrays into 1-d
+            np.lib.format.write_array(buf, array if array.flags.c_contiguous else array.copy(order="C"),
+                                      allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, buf.getvalue())
