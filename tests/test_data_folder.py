@@ -26,6 +26,11 @@ def save(path: Path, array: np.ndarray, **kw) -> Path:
     return path
 
 
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
 def grey(h: int = 20, w: int = 24, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
 
@@ -50,11 +55,11 @@ def test_busi_folder_and_manifest(data_root, spec):
 
 def test_busi_rgb_that_is_grey_and_coloured_marks(data_root):
     plain = data_root / "busi" / "benign" / "benign (1).png"
-    rgb = np.asarray(Image.open(plain))
+    rgb = read_png(plain)
     assert rgb.ndim == 3 and (rgb[..., 0] == rgb[..., 1]).all()
     np.testing.assert_array_equal(load_image(plain, 1)[0], rgb[..., 0] / np.float32(255))  # exact
     marked = data_root / "busi" / "benign" / "benign (102).png"  # one of the 15 with coloured marks
-    rgb = np.asarray(Image.open(marked)).astype(np.float32) / 255
+    rgb = read_png(marked).astype(np.float32) / 255
     assert not np.array_equal(rgb[..., 0], rgb[..., 1])
     luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
     np.testing.assert_allclose(load_image(marked, 1)[0], luma, atol=1e-6)

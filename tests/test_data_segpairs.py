@@ -38,7 +38,8 @@ def test_drive_official_split_masks_and_rois(data_root):
     assert item["roi"].shape == (1, 584, 565) and item["mask"].dtype == torch.float32
     assert set(item["mask"].unique().tolist()) == {0.0, 1.0} and set(item["roi"].unique().tolist()) == {0.0, 1.0}
     assert 0.05 < item["mask"].mean() < 0.2 and 0.6 < item["roi"].mean() < 0.75  # vessels inside the FOV
-    manual = np.asarray(Image.open(data_root / "drive" / "test" / "1st_manual" / "01_manual1.gif")) > 0
+    with Image.open(data_root / "drive" / "test" / "1st_manual" / "01_manual1.gif") as gif:
+        manual = np.asarray(gif) > 0
     assert test.names[0] == "test/01_test.tif" and np.array_equal(item["mask"][0].numpy(), manual)
     assert len(build_dataset(cfg, "all", unlabeled=True)) == 20
     assert set(build_dataset(cfg, "all", unlabeled=True)[0]) == {"image", "index"}

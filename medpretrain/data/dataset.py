@@ -110,9 +110,10 @@ def fingerprint(files: list[Path]) -> str:
     One file (a MedMNIST npz): the first 16 hex digits of its sha256, as ``sha256sum`` prints.
     Several files: :func:`medpretrain.utils.hash_files`.
     """
-    key = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    existing = [p for p in files if p.is_file()]  # a missing file skipped under skip_bad has no content
+    key = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in existing))
     if key not in _HASH_CACHE:
-        _HASH_CACHE[key] = sha256_file(files[0])[:16] if len(files) == 1 else hash_files(list(files))
+        _HASH_CACHE[key] = sha256_file(existing[0])[:16] if len(existing) == 1 else hash_files(list(existing))
     return _HASH_CACHE[key]
 
 

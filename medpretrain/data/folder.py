@@ -62,8 +62,12 @@ def progress(items: list, desc: str) -> Iterable:
     return tqdm(items, desc=desc, disable=quiet, leave=False)
 
 
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode ``path`` (first frame), or raise DataError with the reason."""
+def _pixels(path: Path, mask: bool = False) -> np.ndarray:
+    """Decode the first frame of ``path`` to a numpy array (``[H, W]`` or ``[H, W, 3]``), closing the file.
+
+    Colour modes (palette, CMYK, RGBA, ...) become RGB, grey+alpha becomes grey; for masks, palette
+    images become grey (luma), so black is background. Raises DataError with the reason.
+    """
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -73,14 +77,21 @@ def _open(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning, TIFF tag warnings
-            im = Image.open(path)
-            im.seek(0)
-            im.load()
+            with Image.open(path) as im:
+                im.seek(0)
+                im.load()
+                if mask and im.mode in ("P", "PA"):
+                    return np.asarray(im.convert("L"))
+                if not mask and im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "RGBX", "RGBa"):
+                    return np.asarray(im.convert("RGB"))
+                if im.mode in ("LA", "La"):
+                    return np.asarray(im.convert("L"))
+                arr = np.asarray(im)
+                return arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
     except UnidentifiedImageError:
         raise DataError(path, "not a readable image (unknown format or not an image)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(path, f"corrupt or truncated image ({e})") from None
-    return im
 
 
 def _scale(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -108,32 +119,19 @@ def _scale(arr: np.ndarray, path: Path) -> np.ndarray:
 
 def load_image(path: Path, channels: int) -> np.ndarray:
     """Decode an image file to float32 ``[channels, H, W]`` in [0, 1]. Raises DataError naming the file."""
-    im = _open(path)
-    if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "RGBX", "RGBa"):
-        im = im.convert("RGB")
-    elif im.mode in ("LA", "La"):
-        im = im.convert("L")
-    elif im.mode.startswith("I;16"):
-        arr16 = np.asarray(im).astype(np.uint16)
-        return to_channels(_scale(arr16, path)[None], channels)
-    arr = np.asarray(im)
+    arr = _pixels(path)
     if arr.ndim == 2:
         arr = arr[None]
-    elif arr.ndim == 3:
+    elif arr.ndim == 3 and arr.shape[-1] in (1, 3):
         arr = np.moveaxis(arr, -1, 0)
     else:
         raise DataError(path, f"unsupported image shape {arr.shape}")
-    if arr.shape[0] not in (1, 3):
-        raise DataError(path, f"unsupported channel count {arr.shape[0]} (mode {im.mode})")
     return to_channels(_scale(arr, path), channels)
 
 
 def load_mask(path: Path) -> np.ndarray:
     """Decode a mask / roi file to float32 ``[1, H, W]`` in {0, 1} (any non-zero pixel is foreground)."""
-    im = _open(path)
-    if im.mode in ("P", "PA"):
-        im = im.convert("L")
-    arr = np.asarray(im)
+    arr = _pixels(path, mask=True)
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=-1) if arr.shape[-1] in (3, 4) else arr.max(axis=-1)
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
@@ -191,7 +189,8 @@ def read_folder_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
     if path.is_file() and path.suffix.lower() == ".csv":
         return read_manifest_source(path, cfg, skips)
     if not path.exists():
-        raise DataError(path, "folder not found (relative paths resolve against data.root / $MEDPRETRAIN_DATA)")
+        raise DataError(path, "not found (a folder or a .csv manifest; relative paths resolve against "
+                              "data.root or $MEDPRETRAIN_DATA)")
     if not path.is_dir():
         raise DataError(path, "not a folder or a .csv manifest")
     class_dirs = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
