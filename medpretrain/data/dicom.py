@@ -57,7 +57,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -70,7 +70,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_d
 from pydicom.uid import UID
 
 from medpretrain.config import ConfigError, DataConfig
-from medpretrain.data.base import Source
+from medpretrain.data.base import Source, Task
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.transforms import resize, to_channels
 
@@ -579,47 +579,56 @@ def _frame_to_unit(path: Path, raw: np.ndarray, ds: Dataset, index: int, photome
 # --------------------------------------------------------------------------------------------
 
 
-def _candidates(folder: Path) -> tuple[list[Path], int]:
-    """Files under ``folder`` (recursive, sorted) that may be DICOM, and the number ignored by name."""
-    files, ignored = [], 0
+def _candidates(folder: Path, accept: Callable[[Path], bool]) -> tuple[list[Path], int]:
+    """Files under ``folder`` (recursive, sorted, hidden folders skipped) that ``accept``, and the count refused."""
+    files, refused = [], 0
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]):
             continue
-        if is_ignored_name(p):
-            ignored += 1
-        else:
+        if accept(p):
             files.append(p)
-    return files, ignored
+        else:
+            refused += 1
+    return files, refused
 
 
-def list_dicom_layout(path: Path) -> tuple[list[Path], list[int] | None, list[str], int]:
-    """Candidate files of ``path``, their class indices (``None`` if unlabeled), class names, ignored count.
+def list_class_layout(path: Path, accept: Callable[[Path], bool]) -> tuple[list[Path], list[int] | None, list[str], int]:
+    """Files of ``path`` that ``accept``, their class indices (``None`` if unlabeled), class names, refused count.
 
-    Two or more sub-folders with candidate files make a labelled layout (files directly in ``path`` are
-    then left out with a warning); otherwise everything under ``path`` is unlabeled.
+    ``path`` may be one file (returned as is). Two or more sub-folders holding accepted files make a
+    labelled layout, one class per sub-folder (sorted; files directly in ``path`` are then left out with a
+    warning); otherwise every accepted file under ``path`` (recursively) is unlabeled. Shared by the
+    DICOM and NIfTI readers; it mirrors the ``folder:`` reader's rule.
     """
     if path.is_file():
         return [path], None, [], 0
     if not path.is_dir():
         raise DataError(path, "not found (relative paths resolve against data.root / $MEDPRETRAIN_DATA)")
     per_class: dict[str, list[Path]] = {}
-    ignored = 0
+    refused = 0
     for d in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files, n = _candidates(d)
-        ignored += n
+        files, n = _candidates(d, accept)
+        refused += n
         if files:
             per_class[d.name] = files
     if len(per_class) >= 2:
-        top = [p for p in path.iterdir() if p.is_file() and not is_ignored_name(p)]
+        top = [p for p in path.iterdir() if p.is_file() and accept(p)]
         if top:
             logger.warning("%s: %d file(s) directly in the folder are not in a class sub-folder; ignored",
                            path, len(top))
         names = sorted(per_class)
         files = [f for c in names for f in per_class[c]]
         labels = [i for i, c in enumerate(names) for _ in per_class[c]]
-        return files, labels, names, ignored
-    files, ignored = _candidates(path)
-    return files, None, [], ignored
+        return files, labels, names, refused
+    files, refused = _candidates(path, accept)
+    return files, None, [], refused
+
+
+def task_for(class_names: list[str], labelled: bool) -> Task:
+    """``"unlabeled"``, ``"binary"`` (two classes) or ``"multiclass"``."""
+    if not labelled:
+        return "unlabeled"
+    return "binary" if len(class_names) == 2 else "multiclass"
 
 
 def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
@@ -634,7 +643,7 @@ def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
     window = parse_window(cfg.window)
     channels = _check_channels(cfg.channels)
     size = cfg.image_size or DEFAULT_IMAGE_SIZE
-    files, labels, class_names, ignored = list_dicom_layout(path)
+    files, labels, class_names, ignored = list_class_layout(path, lambda p: not is_ignored_name(p))
     if ignored:
         logger.info("%s: ignored %d file(s) that are clearly not DICOM (by name)", path, ignored)
     if not files:
@@ -672,7 +681,7 @@ def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
     logger.info("%s: %d sample(s) from %d DICOM file(s); %d skipped", path, len(images), len(read), len(skipped))
     return Source(
         images=np.stack(images),
-        task="unlabeled" if labels is None else ("binary" if len(class_names) == 2 else "multiclass"),
+        task=task_for(class_names, labels is not None),
         names=names,
         files=read,
         labels=np.asarray(sample_labels, dtype=np.int64) if labels is not None else None,

@@ -1,0 +1,245 @@
+"""``nifti:<path>``: NIfTI volumes (``.nii`` / ``.nii.gz``; one file, or a folder searched recursively) cut
+into 2D slices.
+
+* Layout and labels as for ``dicom:`` (:func:`medpretrain.data.dicom.list_class_layout`): two or more
+  sub-folders holding volumes are classes, else unlabeled. Other files in the folder are ignored.
+* Orientation: each volume is first reoriented to the closest canonical RAS+ axes (nibabel's
+  ``io_orientation``), so ``slice_axis`` 0 / 1 / 2 cuts sagittal / coronal / axial slices whatever the
+  stored voxel order. Each slice is then shown as a radiology viewer (and a DICOM file) would: patient
+  right on the image's left, anterior (axial) or superior (coronal, sagittal) at the top, i.e. the
+  in-plane array ``s[a, b]`` becomes ``s[::-1, ::-1].T``. Slice indices in names (``"<file>#<k>"``)
+  count along the reoriented axis.
+* 4D volumes (time series, multi-echo...): only the first volume (index 0 of the 4th axis) is used;
+  2D images are one slice; further dimensions must have size 1.
+* Intensities: the voxels of the (first) volume are clipped to its 0.5th and 99.5th percentiles
+  (computed over finite voxels, scaling slope / intercept applied) and mapped linearly to [0, 1]
+  (robust to a few hot voxels; one scale per volume, so slices of a volume stay comparable). If the two
+  percentiles coincide, the volume's min and max are used; a constant volume has no content. NaN or
+  infinite voxels become 0.
+* Empty slices, constant after scaling (padding, air outside the field of view), are skipped unless
+  ``skip_empty=False``; a volume with no non-empty slice is a :class:`DataError`.
+* Size and channels: resized to ``image_size`` (224 when ``None``), bilinear with antialiasing, aspect
+  not kept; grey repeated when ``channels == 3``.
+* ``groups``: slices of one volume always share a group, so a volume is never split across train /
+  val / test. The key is the BIDS subject (a ``sub-<label>`` folder or file-name prefix) when present,
+  so all volumes of a subject stay together, else the volume file; keys are salted hashes
+  (:func:`medpretrain.data.dicom.salted_key`), never paths.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, io_orientation
+
+from medpretrain.config import ConfigError, DataConfig
+from medpretrain.data.base import Source
+from medpretrain.data.dicom import DEFAULT_IMAGE_SIZE, list_class_layout, project_salt, salted_key, task_for
+from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.transforms import resize, to_channels
+
+logger = logging.getLogger(__name__)
+
+PERCENTILES = (0.5, 99.5)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_BIDS_SUBJECT = re.compile(r"^(sub-[A-Za-z0-9]+)")
+
+
+def is_nifti_file(path: Path) -> bool:
+    """True for non-hidden ``*.nii`` / ``*.nii.gz`` files."""
+    name = path.name.lower()
+    return not name.startswith(".") and name.endswith(NIFTI_SUFFIXES)
+
+
+def load_nifti_volume(path: str | Path) -> np.ndarray:
+    """The first 3D volume of a NIfTI file in closest-canonical RAS+ voxel order, float32 ``[X, Y, Z]``.
+
+    Scaling slope / intercept are applied; 2D images come back as ``[X, Y, 1]``. Raises
+    :class:`DataError` for an empty, unreadable, corrupt or truncated file, or more than 4 non-trivial
+    dimensions.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise DataError(p, f"cannot read file ({e.strerror or type(e).__name__})") from None
+    if size == 0:
+        raise DataError(p, "empty file (0 bytes)")
+    try:
+        img = nib.load(p)
+    except nib.filebasedimages.ImageFileError:
+        raise DataError(p, _unidentified_reason(p)) from None
+    # A damaged header or gzip stream fails in many ways (OSError, EOFError, zlib.error, ValueError...).
+    except Exception as e:
+        raise DataError(p, f"corrupt NIfTI header ({type(e).__name__}: {_short(e)})") from None
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) > 4 and any(s != 1 for s in shape[4:]):
+        raise DataError(p, f"unsupported {len(shape)}D image of shape {shape} (2D, 3D or 4D expected)")
+    if len(shape) < 2 or min(shape) < 1:
+        raise DataError(p, f"unsupported image shape {shape}")
+    index: tuple[int | slice, ...] = (slice(None),) * min(len(shape), 3) + (0,) * max(0, len(shape) - 3)
+    if len(shape) >= 4 and shape[3] > 1:
+        logger.info("%s: 4D image with %d volumes; using the first", p.name, shape[3])
+    try:
+        data = np.asarray(img.dataobj[index], dtype=np.float32)
+    except Exception as e:
+        raise DataError(p, f"corrupt or truncated NIfTI data ({type(e).__name__}: {_short(e)})") from None
+    if data.ndim == 2:
+        data = data[:, :, None]
+    affine = img.affine if img.affine is not None else np.eye(4)
+    try:
+        ornt = io_orientation(affine[:4, :4])
+    except Exception:  # a degenerate affine (zeros): keep the stored voxel order
+        logger.warning("%s: degenerate affine; slices are cut in stored voxel order", p.name)
+        return data
+    return np.ascontiguousarray(apply_orientation(data, ornt))
+
+
+def _unidentified_reason(path: Path) -> str:
+    """Why nibabel could not identify ``path``: a damaged gzip stream, or not NIfTI at all."""
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as gz:
+                while gz.read(1 << 20):
+                    pass
+        except (OSError, EOFError, zlib.error) as e:
+            return f"corrupt or truncated gzip stream ({type(e).__name__})"
+    return "not a NIfTI file (nibabel cannot identify the format)"
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def scale_volume(volume: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
+    """Clip ``volume`` to its ``percentiles`` (over finite voxels) and map that range to [0, 1] (float32).
+
+    Falls back to min-max when the percentiles coincide; a constant volume maps to zeros; non-finite
+    voxels become 0.
+    """
+    finite = np.isfinite(volume)
+    values = volume[finite] if not finite.all() else volume
+    if values.size == 0:
+        return np.zeros(volume.shape, np.float32)
+    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(volume.shape, np.float32)
+    out = (np.clip(volume, lo, hi) - lo) / (hi - lo)
+    out[~finite] = 0.0
+    return out.astype(np.float32)
+
+
+def volume_slices(volume01: np.ndarray, axis: int, skip_empty: bool = True) -> tuple[list[int], np.ndarray]:
+    """Cut a scaled ``[X, Y, Z]`` volume along ``axis`` into display-oriented slices.
+
+    Returns the kept slice indices and a ``[S, 1, H, W]`` float32 array (see the module docstring for
+    the orientation). ``skip_empty`` drops slices that are constant.
+    """
+    moved = np.moveaxis(volume01, axis, 0)  # [S, a, b]
+    display = np.swapaxes(moved[:, ::-1, ::-1], 1, 2)  # s[::-1, ::-1].T for every slice
+    if skip_empty:
+        flat = display.reshape(display.shape[0], -1)
+        keep = np.flatnonzero(flat.max(axis=1) > flat.min(axis=1))
+    else:
+        keep = np.arange(display.shape[0])
+    return keep.tolist(), np.ascontiguousarray(display[keep][:, None], dtype=np.float32)
+
+
+def load_nifti(path: str | Path, slice_axis: int = 2, channels: int = 1, size: int | None = None,
+               skip_empty: bool = True) -> tuple[list[int], np.ndarray]:
+    """Slices of a NIfTI file: (kept slice indices, float32 ``[S, channels, H, W]`` in [0, 1]).
+
+    ``size`` resizes (bilinear, antialiased); ``None`` keeps the volume's in-plane size. Raises
+    :class:`DataError` for unreadable files and volumes without a non-empty slice.
+    """
+    p = Path(path)
+    _check_axis(slice_axis)
+    if channels not in (1, 3):
+        raise ConfigError(f"config key 'data.channels': must be 1 or 3, got {channels!r}")
+    volume = load_nifti_volume(p)
+    keep, slices = volume_slices(scale_volume(volume), slice_axis, skip_empty)
+    if not keep:
+        raise DataError(p, "volume is constant: no slice has any content")
+    if size:
+        slices = resize(slices, size)
+    if channels == 3:
+        slices = np.stack([to_channels(s, 3) for s in slices])
+    return keep, slices
+
+
+def _check_axis(axis: int) -> None:
+    if axis not in (0, 1, 2):
+        raise ConfigError(f"config key 'data.slice_axis': must be 0, 1 or 2, got {axis!r}")
+
+
+def _volume_group(file: Path, root: Path, salt: str) -> str:
+    """``subject-<hash>`` for a BIDS ``sub-<label>`` folder or file prefix, else ``volume-<hash>`` of the file."""
+    rel = file.relative_to(root) if file != root else Path(file.name)
+    for part in rel.parts:
+        m = _BIDS_SUBJECT.match(part)
+        if m:
+            return "subject-" + salted_key(m.group(1), salt)
+    return "volume-" + salted_key(rel.as_posix(), salt)
+
+
+def read_nifti_source(path: Path, cfg: DataConfig, log: SkipLog, *, skip_empty: bool = True) -> Source:
+    """Read ``nifti:<path>`` (a volume or a folder of volumes) into a :class:`Source` of 2D slices.
+
+    Slices along ``cfg.slice_axis`` of size ``cfg.image_size`` (224 when ``None``) with ``cfg.channels``
+    channels, named ``"<file>#<slice>"``, grouped per volume (see the module docstring). Bad files raise
+    :class:`DataError` or are counted in ``log`` under ``skip_bad``.
+    """
+    path = Path(path)
+    _check_axis(cfg.slice_axis)
+    if cfg.channels not in (1, 3):
+        raise ConfigError(f"config key 'data.channels': must be 1 or 3, got {cfg.channels!r}")
+    size = cfg.image_size or DEFAULT_IMAGE_SIZE
+    files, labels, class_names, ignored = list_class_layout(path, is_nifti_file)
+    if ignored:
+        logger.info("%s: ignored %d file(s) that are not .nii / .nii.gz", path, ignored)
+    if not files:
+        raise DataError(path, "no NIfTI files (.nii, .nii.gz) found")
+    first_skip = len(log.skipped)
+    salt = project_salt()
+    chunks: list[np.ndarray] = []
+    names: list[str] = []
+    groups: list[str] = []
+    sample_labels: list[int] = []
+    read: list[Path] = []
+    for i, f in enumerate(files):
+        try:
+            keep, slices = load_nifti(f, cfg.slice_axis, cfg.channels, size, skip_empty)
+        except DataError as err:
+            log.handle(err)
+            continue
+        read.append(f)
+        chunks.append(slices)
+        names += [f"{f.name}#{k}" for k in keep]
+        groups += [_volume_group(f, path, salt)] * len(keep)
+        if labels is not None:
+            sample_labels += [labels[i]] * len(keep)
+    if not chunks:
+        raise DataError(path, f"none of the {len(files)} NIfTI file(s) could be read")
+    skipped = list(log.skipped[first_skip:])
+    logger.info("%s: %d slice(s) from %d volume(s); %d skipped", path, len(names), len(read), len(skipped))
+    return Source(
+        images=np.concatenate(chunks),
+        task=task_for(class_names, labels is not None),
+        names=names,
+        files=read,
+        labels=np.asarray(sample_labels, dtype=np.int64) if labels is not None else None,
+        class_names=class_names if labels is not None else [],
+        groups=np.asarray(groups),
+        skipped=skipped,
+    )
