@@ -197,6 +197,9 @@ def read_folder_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
     per_class = {d.name: list_images(d, recursive=True) for d in class_dirs}
     per_class = {k: v for k, v in per_class.items() if v}
     if len(per_class) >= 2:
+        loose = list_images(path)
+        if loose:
+            log.warning("%s: %d image(s) beside the class folders are ignored (e.g. %s)", path, len(loose), loose[0].name)
         class_names = sorted(per_class)
         files = [f for c in class_names for f in per_class[c]]
         labels = [i for i, c in enumerate(class_names) for _ in per_class[c]]

@@ -28,7 +28,7 @@ from medpretrain.config import DataConfig
 from medpretrain.data.base import Source
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.spec import MEDMNIST_SIZES
-from medpretrain.data.transforms import resize, to_channels
+from medpretrain.data.transforms import LUMA_601, resize
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,15 @@ def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
             raise DataError(path, "train split is empty")
 
 
+def _channels(batch: np.ndarray, channels: int) -> np.ndarray:
+    """``[N, C, H, W]`` to ``channels``: ITU-R 601 luma for RGB -> grey, repetition for grey -> RGB."""
+    if batch.shape[1] == channels:
+        return batch
+    if channels == 1:
+        return np.einsum("c,nchw->nhw", LUMA_601, batch)[:, None]
+    return np.repeat(batch, 3, axis=1)
+
+
 def read_medmnist_source(name: str, size: int | None, root: Path, cfg: DataConfig, skips: SkipLog) -> Source:
     """Read ``medmnist:<name>[@size]`` under ``root``; see the module docstring.
 
@@ -149,18 +158,16 @@ def read_medmnist_source(name: str, size: int | None, root: Path, cfg: DataConfi
     arrays = _load_npz(path)
     _check(path, arrays)
     out_size = cfg.image_size or int(arrays["train_images"].shape[1])
-    parts, labels, names, official = [], [], [], {}
+    total = sum(len(arrays[f"{s}_images"]) for s in SPLITS)
+    images = np.empty((total, cfg.channels, out_size, out_size), dtype=np.float32)  # one allocation
+    labels, names, official = [], [], {}
     start = 0
     for s in SPLITS:
         x = arrays[f"{s}_images"]
         x = x[:, None] if x.ndim == 3 else np.moveaxis(x, -1, 1)
-        imgs = np.empty((len(x), cfg.channels, out_size, out_size), dtype=np.float32)
         for i in range(0, len(x), 2048):  # chunks keep the float copy of large sets bounded
             chunk = x[i:i + 2048].astype(np.float32) / 255.0
-            if chunk.shape[1] != cfg.channels:
-                chunk = np.stack([to_channels(c, cfg.channels) for c in chunk]) if len(chunk) else chunk
-            imgs[i:i + len(chunk)] = resize(chunk, out_size)
-        parts.append(imgs)
+            images[start + i:start + i + len(chunk)] = resize(_channels(chunk, cfg.channels), out_size)
         labels.append(arrays[f"{s}_labels"])
         names += [f"{path.name}[{s}:{i}]" for i in range(len(x))]
         official[s] = np.arange(start, start + len(x))
@@ -179,6 +186,6 @@ def read_medmnist_source(name: str, size: int | None, root: Path, cfg: DataConfi
     if len(class_names) != k:
         class_names = [str(i) for i in range(k)]
     return Source(
-        images=np.concatenate(parts), task=task, names=names, files=[path],  # type: ignore[arg-type]
+        images=images, task=task, names=names, files=[path],  # type: ignore[arg-type]
         labels=lab, class_names=class_names, official_splits=official,
     )
