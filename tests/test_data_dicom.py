@@ -353,8 +353,8 @@ def test_bad_files_give_clear_reasons(tmp_path):
     expect = {
         empty: "empty file (0 bytes)",
         text: "not a DICOM file",
-        cut: "truncated",
-        nopix: "no pixel data (SOP class 'Secondary Capture Image Storage'",
+        cut: "truncated pixel data: ",
+        nopix: "no pixel data in this file (SOP class 'Secondary Capture Image Storage')",
         mpeg: "unsupported transfer syntax 'MPEG2 Main Profile / Main Level'",
     }
     for path, words in expect.items():

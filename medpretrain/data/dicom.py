@@ -285,6 +285,8 @@ def read_dataset(path: Path) -> Dataset:
         size = path.stat().st_size
     except OSError as e:
         raise DataError(path, f"cannot read file ({e.strerror or type(e).__name__})") from None
+    if path.is_dir():
+        raise DataError(path, "is a folder, not a DICOM file")
     if size == 0:
         raise DataError(path, "empty file (0 bytes)")
     part10 = has_dicm_marker(path)
@@ -307,7 +309,7 @@ def read_dataset(path: Path) -> Dataset:
         if truncated:
             raise DataError(path, "truncated DICOM file: end of file reached inside an element, "
                                   "no pixel data could be read")
-        raise DataError(path, f"no pixel data (SOP class '{_sop_class(ds)}' is not an image)")
+        raise DataError(path, f"no pixel data in this file (SOP class '{_sop_class(ds)}'), nothing to decode")
     if truncated:
         raise DataError(path, "truncated DICOM file: end of file reached inside an element")
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -319,7 +321,26 @@ def read_dataset(path: Path) -> Dataset:
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows < 1 or cols < 1:
         raise DataError(path, f"image has no size (Rows={rows}, Columns={cols})")
+    _check_native_length(path, ds, UID(str(ts)))
     return ds
+
+
+def _check_native_length(path: Path, ds: Dataset, ts: UID) -> None:
+    """For uncompressed Pixel Data, raise DataError when fewer bytes are present than the header implies."""
+    if ts.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
+        n_values = int(ds.Rows) * int(ds.Columns) * samples * max(frames, 1)
+    except (AttributeError, TypeError, ValueError):
+        return  # incomplete image header: pydicom's decoder reports it
+    expected = (n_values + 7) // 8 if bits == 1 else n_values * bits // 8
+    present = len(ds.PixelData)
+    if present < expected:
+        raise DataError(path, f"truncated pixel data: {present} of {expected} bytes present "
+                              f"(the file is cut short or its image header is wrong)")
 
 
 def _check_decoder(path: Path, ts: UID) -> None:

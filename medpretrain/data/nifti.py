@@ -33,6 +33,7 @@ import logging
 import re
 import zlib
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -72,7 +73,7 @@ def load_nifti_volume(path: str | Path) -> np.ndarray:
     if size == 0:
         raise DataError(p, "empty file (0 bytes)")
     try:
-        img = nib.load(p)
+        img: Any = nib.load(p)
     except nib.filebasedimages.ImageFileError:
         raise DataError(p, _unidentified_reason(p)) from None
     # A damaged header or gzip stream fails in many ways (OSError, EOFError, zlib.error, ValueError...).
