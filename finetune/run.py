@@ -172,16 +172,30 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+class InitUnavailable(RuntimeError):
+    """The requested initialisation does not exist here (ImageNet weights missing, no pretraining export)."""
+
+
 def build_init(cfg: FinetuneConfig, in_channels: int, stem: str, image_size: int) -> tuple[torch.nn.Module, Any]:
-    """Backbone from ``medpretrain.init`` (raises ``ImageNetUnavailable``: never random weights)."""
+    """Backbone from :func:`medpretrain.init.init_backbone`; a missing init raises :class:`InitUnavailable`.
+
+    ``ImageNetUnavailable`` is a ``FileNotFoundError``, as is a missing pretraining export: neither ever
+    falls back to random weights.
+    """
     from medpretrain.init import init_backbone
 
-    return init_backbone(cfg.init, cfg.backbone.arch, in_channels, stem, image_size=image_size,
-                         weights=cfg.weights, runs_dir=cfg.runs_dir)
+    try:
+        return init_backbone(cfg.init, cfg.backbone.arch, in_channels, stem, image_size=image_size,
+                             weights=cfg.weights, runs_dir=cfg.runs_dir)
+    except FileNotFoundError as e:
+        raise InitUnavailable(str(e)) from e
 
 
-def reconcile_with_init(cfg: FinetuneConfig, info: Any, accelerator: Accelerator) -> list[str]:
-    """Use the init checkpoint's input normalisation / size / channels (warn where the config differs)."""
+def reconcile_with_init(cfg: FinetuneConfig, info: Any, accelerator: Accelerator, image_size: int) -> list[str]:
+    """Use the init checkpoint's input normalisation / size / channels (warn where the config differs).
+
+    ``image_size`` is the size the data has under the current config (``data.image_size`` or the source's).
+    """
     meta = getattr(info, "meta", None)
     if meta is None:
         return []
@@ -193,7 +207,10 @@ def reconcile_with_init(cfg: FinetuneConfig, info: Any, accelerator: Accelerator
                 value = value[0]
             else:
                 continue
-        if getattr(cfg.data, ours) != value:
+        current = getattr(cfg.data, ours)
+        if ours == "image_size" and current is None and value == image_size:
+            continue
+        if current != value:
             warnings.append(f"data.{ours}={getattr(cfg.data, ours)!r} differs from the init checkpoint's "
                             f"{theirs}={value!r}; using the checkpoint's")
             setattr(cfg.data, ours, value)
@@ -265,7 +282,9 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
     image_size = cfg.data.image_size or int(np.asarray(source.images[0]).shape[-1])
     stem = resolve_stem(cfg.backbone.stem, image_size, cfg.backbone.arch)
     backbone, info = build_init(cfg, cfg.data.channels, stem, image_size)
-    init_warnings = reconcile_with_init(cfg, info, accelerator)
+    stem = str(getattr(backbone, "stem", stem))  # a loaded export keeps its own stem
+    init_warnings = reconcile_with_init(cfg, info, accelerator, image_size)
+    image_size = cfg.data.image_size or image_size
 
     parts = build_dataloaders(cfg)
     train_ds = parts["datasets"]["train"]
@@ -366,7 +385,8 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
 
     # Model selection is over: load the best-validation weights and touch the test split once.
     if not best_path.exists():
-        raise RuntimeError("no epoch produced a finite validation AUC; nothing to evaluate")
+        raise RuntimeError(f"{best_path} is missing: no epoch produced a finite validation AUC (or the file was "
+                           "removed after a finished run; resume needs keep_checkpoints=true)")
     state, _ = load_state_dict(best_path)
     load_exact(unwrapped, state, source=best_path)
     test = predict(model, test_loader, task, accelerator)
@@ -421,9 +441,9 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
         np.savez(out / "predictions.npz", test_probs=test["probs"], test_labels=test["labels"],
                  test_index=test["index"])
         write_results(out, results)
-        best_path.unlink(missing_ok=True)
-        if not cfg.keep_checkpoints:
+        if not cfg.keep_checkpoints:  # the best-epoch weights belong to the resume state
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+            best_path.unlink(missing_ok=True)
     accelerator.print(
         f"test ({len(test_ds)}): " + " ".join(f"{k} {v:.4f}" for k, v in test_m.items())
         + f" | AUC 95% CI [{ci['auc']['low']:.4f}, {ci['auc']['high']:.4f}] | best epoch {progress.best_epoch}"
@@ -449,12 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
-    from medpretrain.init import ImageNetUnavailable
-
     try:
         TASKS[cfg.task](cfg, accelerator, out, requested_hash)
-    except ImageNetUnavailable as e:
-        # Report the arm as unavailable; never substitute random weights.
+    except InitUnavailable as e:
+        # ImageNetUnavailable, or no pretraining export yet: the arm is reported as unavailable and is
+        # never run with random weights instead.
         if accelerator.is_main_process:
             write_results(out, {
                 "status": "unavailable", "reason": str(e), "task": cfg.task, "init": cfg.init,
