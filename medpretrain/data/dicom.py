@@ -36,6 +36,13 @@ frame files are named ``"<file>"``; names are the file name only, never a folder
 
 Result: float32 ``[C, H, W]`` in [0, 1], finite.
 
+Not handled (by design, for now): Presentation LUT Shape ``INVERSE`` and supplemental / enhanced
+palettes on monochrome images are not applied; with several windows in the header the first is used;
+files without file meta information (no ``DICM`` preamble *and* no Transfer Syntax UID, such as
+pydicom-data's ``OT-PAL-8-face.dcm``) are rejected rather than decoded under a guessed syntax;
+non-image DICOM objects (reports, plans, DICOMDIR under another name) are reported as "no pixel data",
+so mixed PACS exports need ``skip_bad: true``; text burned into the pixels is not removed.
+
 Privacy: patient identifiers (names, IDs, dates, institution, accession number...) are never logged,
 returned or put into names or error messages. pydicom's own warnings, which may quote element values,
 are not passed on (only counted at debug level), and text of pydicom exceptions is scrubbed of every
