@@ -79,6 +79,7 @@ from pydicom.uid import UID
 from medpretrain.config import ConfigError, DataConfig
 from medpretrain.data.base import Source, Task
 from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.folder import progress
 from medpretrain.data.transforms import resize, to_channels
 
 logger = logging.getLogger(__name__)
@@ -683,7 +684,7 @@ def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
     groups: list[str] = []
     sample_labels: list[int] = []
     read: list[Path] = []
-    for i, f in enumerate(files):
+    for i, f in enumerate(progress(files, "DICOM")):
         try:
             ds = read_dataset(f)
             frames = _decode(f, ds, window, channels, size)

@@ -43,6 +43,7 @@ from medpretrain.config import ConfigError, DataConfig
 from medpretrain.data.base import Source
 from medpretrain.data.dicom import DEFAULT_IMAGE_SIZE, list_class_layout, project_salt, salted_key, task_for
 from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.folder import progress
 from medpretrain.data.transforms import resize, to_channels
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ def read_nifti_source(path: Path, cfg: DataConfig, log: SkipLog, *, skip_empty: 
     groups: list[str] = []
     sample_labels: list[int] = []
     read: list[Path] = []
-    for i, f in enumerate(files):
+    for i, f in enumerate(progress(files, "NIfTI")):
         try:
             keep, slices = load_nifti(f, cfg.slice_axis, cfg.channels, size, skip_empty)
         except DataError as err:
