@@ -182,8 +182,12 @@ def build_init(cfg: FinetuneConfig, in_channels: int, stem: str, image_size: int
     ``ImageNetUnavailable`` is a ``FileNotFoundError``, as is a missing pretraining export: neither ever
     falls back to random weights.
     """
+    from medpretrain.backbones import torchvision_archs
     from medpretrain.init import init_backbone
 
+    if cfg.init == "imagenet" and cfg.backbone.arch not in torchvision_archs():
+        raise InitUnavailable(f"ImageNet weights do not exist for {cfg.backbone.arch!r} (only for "
+                              f"{torchvision_archs()})")
     try:
         return init_backbone(cfg.init, cfg.backbone.arch, in_channels, stem, image_size=image_size,
                              weights=cfg.weights, runs_dir=cfg.runs_dir)

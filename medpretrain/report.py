@@ -46,12 +46,12 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return f"{x:.{nd}f}"
 
 
-def _pm(agg: Mapping[str, float]) -> str:
+def _pm(agg: Mapping[str, float], nd: int = 3) -> str:
     if agg["n"] == 0:
         return "-"
     if agg["n"] == 1 or not math.isfinite(agg["std"]):
-        return _fmt(agg["mean"])
-    return f"{agg['mean']:.3f} ± {agg['std']:.3f}"
+        return _fmt(agg["mean"], nd)
+    return f"{agg['mean']:.{nd}f} ± {agg['std']:.{nd}f}"
 
 
 def _frac(f: float) -> str:
@@ -234,7 +234,9 @@ def plot_radar(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.fill(angles + angles[:1], vals + vals[:1], color=colors[r["regime"]], alpha=0.1)
         ax.set_xticks(angles, [_LABELS[m] for m in METRICS], fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_title(init, fontsize=10)
+        ax.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=7)
+        ax.set_rlabel_position(90)
+        ax.set_title(init, fontsize=10, pad=14)
         ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.25, -0.15))
     fig.tight_layout()
     return _save(fig, path)
@@ -243,6 +245,8 @@ def plot_radar(rows: list[dict[str, Any]], path: Path) -> Path:
 def plot_learning_curves(results: Sequence[Result], path: Path) -> Path:
     """Validation AUC (top) and training loss (bottom) per epoch, mean over seeds; a column per regime."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     done = [r for r in results if r.get("status") == "complete"]
     regimes = sorted({r["regime"] for r in done}) or ["-"]
     inits = sorted({r["init_label"] for r in done})
@@ -263,6 +267,7 @@ def plot_learning_curves(results: Sequence[Result], path: Path) -> Path:
         axes[1][j].set_ylabel("train loss")
         axes[1][j].set_xlabel("epoch")
         for i in range(2):
+            axes[i][j].xaxis.set_major_locator(MaxNLocator(integer=True))
             axes[i][j].grid(alpha=0.3)
             axes[i][j].legend(fontsize=7)
     fig.tight_layout()
@@ -333,7 +338,7 @@ def build_report(
         cis = "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s["auc_ci"])
         md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} ({s['train_size']}) | "
                   f"single (n={s['n']}) | " + " | ".join(_pm(s["metrics"][m]) for m in METRICS)
-                  + f" | {cis} | {_pm(s['epochs_to_95'])} | {_fmt(s['epoch_s']['mean'], 1)} |")
+                  + f" | {cis} | {_pm(s['epochs_to_95'], 1)} | {_fmt(s['epoch_s']['mean'], 1)} |")
         e = ens_by_key.get((s["init"], s["regime"], s["label_fraction"]))
         if e:
             md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | ensemble of {e['n']} | "
@@ -385,8 +390,8 @@ def build_report(
                "| init | regime | labels | epochs to 95% of best val AUC | best epoch | s/epoch (wall-clock) |",
                "|---|---|---|---|---|---|"]
         for s in rows:
-            md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | {_pm(s['epochs_to_95'])} | "
-                      f"{_pm(s['best_epoch'])} | {_fmt(s['epoch_s']['mean'], 2)} |")
+            md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | {_pm(s['epochs_to_95'], 1)} | "
+                      f"{_pm(s['best_epoch'], 1)} | {_fmt(s['epoch_s']['mean'], 2)} |")
         md.append("")
         plot_learning_curves(head_runs, out / PLOTS[3])
 
