@@ -289,6 +289,8 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
     stem = str(getattr(backbone, "stem", stem))  # a loaded export keeps its own stem
     init_warnings = reconcile_with_init(cfg, info, accelerator, image_size)
     image_size = cfg.data.image_size or image_size
+    if init_warnings and accelerator.is_main_process:
+        save_config(cfg, out)  # the config actually used, with the checkpoint's data options
 
     parts = build_dataloaders(cfg)
     train_ds = parts["datasets"]["train"]
@@ -321,8 +323,10 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
     accelerator.register_for_checkpointing(scheduler, progress)
 
     ckpt_dir = out / "checkpoints"
-    csv_log = CSVLogger(out / "metrics.csv", ["epoch", "train_loss", "val_auc", "val_accuracy", "lr", "epoch_s"])
     resume_from = resolve_resume(cfg.resume, ckpt_dir)
+    if resume_from is None and accelerator.is_main_process:
+        (out / "metrics.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    csv_log = CSVLogger(out / "metrics.csv", ["epoch", "train_loss", "val_auc", "val_accuracy", "lr", "epoch_s"])
     prepare_resume(accelerator, ckpt_dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
