@@ -1,0 +1,156 @@
+"""End to end: ``accelerate launch pretrain/{simclr,moco}.py`` on real PneumoniaMNIST for a few steps.
+
+Checks the exported contract backbone (loads exactly, feeds a classifier), the metrics CSV, plots and
+TensorBoard logs; a kill mid-run followed by ``train.resume=auto`` (same steps, no CSV gap, same losses
+as an uninterrupted run, a half-written checkpoint ignored); and the NaN guard.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# tiny but real: cbr_tiny, 28 px, batch 16
+COMMON = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=6", "train.log_every=1",
+          "train.checkpoint_every=2", "train.knn_every=-1"]
+
+
+def launch(script: str, args: list[str], data_root: Path, env_extra: dict[str, str] | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+           str(ROOT / "pretrain" / script), *args]
+    env = {**os.environ, "MEDPRETRAIN_DATA": str(data_root), **(env_extra or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def loss_rows(path: Path) -> dict[int, float]:
+    rows = [r for r in read_csv(path) if r["loss"] != ""]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), f"duplicate steps in {path}: {steps}"
+    return {int(r["step"]): float(r["loss"]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def simclr_run(tmp_path_factory, data_root) -> Path:
+    out = tmp_path_factory.mktemp("simclr")
+    proc = launch("simclr.py", [*COMMON, "train.knn_every=0", f"out_dir={out}", "run_name=ref"], data_root)
+    run = out / "ref"
+    assert f"backbone: {run / 'backbone.safetensors'}" in proc.stdout
+    return run
+
+
+@pytest.fixture(scope="module")
+def moco_run(tmp_path_factory, data_root) -> Path:
+    out = tmp_path_factory.mktemp("moco")
+    launch("moco.py", [*COMMON, "train.knn_every=0", "moco.queue_size=64", f"out_dir={out}", "run_name=ref"],
+           data_root)
+    return out / "ref"
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_export_loads_into_classifier(method, simclr_run, moco_run):
+    from medpretrain.checkpoint import load_backbone, read_meta
+
+    run = simclr_run if method == "simclr" else moco_run
+    for name in ("backbone.safetensors", "config.yaml", "metrics.csv", "loss.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    meta = read_meta(run / "backbone.safetensors")
+    assert meta.method == method and meta.steps == 6 and meta.epochs == 1
+    assert meta.dataset == "medmnist:pneumoniamnist" and len(meta.dataset_hash) >= 8
+    assert (meta.mean, meta.std, meta.image_size, meta.in_channels) == (0.5, 0.5, 28, 1)
+    assert meta.config["train"]["max_steps"] == 6 and meta.config["backbone"]["arch"] == "cbr_tiny"
+    assert 0.0 <= meta.extra["knn_acc"] <= 1.0  # final kNN on the labelled val split
+
+    backbone, _ = load_backbone(run / "backbone.safetensors", arch="cbr_tiny", in_channels=1)
+    classifier = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, 2)).eval()
+    logits = classifier(torch.randn(3, 1, 28, 28))
+    assert logits.shape == (3, 2) and torch.isfinite(logits).all()
+
+    losses = loss_rows(run / "metrics.csv")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(v) and v > 0 for v in losses.values())
+    knn = [float(r["knn_acc"]) for r in read_csv(run / "metrics.csv") if r["knn_acc"] != ""]
+    assert len(knn) == 2  # before training and at the end
+    # trained weights differ from a fresh init
+    from medpretrain.backbones import build_backbone
+
+    torch.manual_seed(0)
+    fresh = build_backbone("cbr_tiny", 1, "small")
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), backbone.state_dict().values(),
+                                                       strict=True))
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_kill_and_resume_matches_uninterrupted_run(method, simclr_run, moco_run, data_root, tmp_path):
+    ref = simclr_run if method == "simclr" else moco_run
+    script = f"{method}.py"
+    extra = ["moco.queue_size=64"] if method == "moco" else []
+    args = [*COMMON, *extra, f"out_dir={tmp_path}"]
+    # Hard exit (no cleanup, like SIGKILL) right after step 5: checkpoints exist for steps 2 and 4.
+    proc = launch(script, [*args, "run_name=r"], data_root, {"MEDPRETRAIN_FAULT_EXIT_AT_STEP": "5"}, check=False)
+    assert proc.returncode != 0
+    run = tmp_path / "r"
+    assert not (run / "backbone.safetensors").exists()
+    assert sorted(loss_rows(run / "metrics.csv")) == [1, 2, 3, 4, 5]
+    done = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert done == ["checkpoint_0", "checkpoint_1"]  # total_limit=2
+    # A checkpoint killed mid-write: a folder without the COMPLETE marker must be ignored.
+    broken = run / "checkpoints" / "checkpoint_2"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"truncated")
+
+    proc = launch(script, [*args, "train.resume=auto"], data_root)  # no run_name: finds the interrupted run
+    assert "at step 4/6" in proc.stdout
+    assert (run / "backbone.safetensors").is_file()
+    resumed = loss_rows(run / "metrics.csv")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # step 5 re-done once, no gap, no duplicate
+    reference = loss_rows(ref / "metrics.csv")
+    for s in range(1, 7):
+        assert abs(resumed[s] - reference[s]) < 1e-4 * max(1.0, abs(reference[s])), (s, resumed[s], reference[s])
+    from medpretrain.checkpoint import load_backbone, read_meta
+
+    assert read_meta(run / "backbone.safetensors").steps == 6
+    a, _ = load_backbone(run / "backbone.safetensors")
+    b, _ = load_backbone(ref / "backbone.safetensors")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if va.is_floating_point():
+            assert torch.allclose(va, vb, atol=1e-4, rtol=1e-4), k
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(data_root, tmp_path):
+    proc = launch("simclr.py", [*COMMON, "train.log_every=2", f"out_dir={tmp_path}", "run_name=nan"], data_root,
+                  {"MEDPRETRAIN_FAULT_NAN_AT_STEP": "3"}, check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "loss is not finite (NaN or inf) at step 3" in text
+    assert str(tmp_path / "nan" / "checkpoints" / "checkpoint_0") in text  # the step-2 checkpoint
+    assert not (tmp_path / "nan" / "backbone.safetensors").exists()
+    # no checkpoint was written after the bad step
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["checkpoint_0"]
+
+
+def test_bad_config_fails_before_work(data_root, tmp_path):
+    proc = launch("moco.py", ["train.lr=fast", f"out_dir={tmp_path}"], data_root, check=False)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr
+    proc = launch("simclr.py", ["split=test", f"out_dir={tmp_path}"], data_root, check=False)
+    assert proc.returncode != 0 and "never test" in proc.stderr
