@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise
 
     fixed_z = latent_noise(tc.grid_size, cfg.latent_dim, tc.seed)
+    noise_gen = torch.Generator(device=accelerator.device)
     gen_module = accelerator.unwrap_model(generator)
     warned = False
     start = time.time()
@@ -196,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         discriminator.train()
         for batch in batches:
             real = to_images(batch)
-            z = torch.randn(real.shape[0], cfg.latent_dim, device=accelerator.device)
+            # Per-process, per-step seed (see vae.py): resumes replay the same latents.
+            noise_gen.manual_seed((tc.seed << 40) + (accelerator.process_index << 32) + step.value)
+            z = torch.randn(real.shape[0], cfg.latent_dim, device=accelerator.device, generator=noise_gen)
 
             # Discriminator step: real batch and (detached) fake batch, separately as in the paper's code.
             with accelerator.autocast():

@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise
 
     fixed_z = latent_noise(tc.grid_size, cfg.latent_dim, tc.seed)  # same latents in every grid
+    noise_gen = torch.Generator(device=accelerator.device)
     decoder = accelerator.unwrap_model(model).decoder
     start = time.time()
     pbar = tqdm(total=total_steps, initial=step.value, desc="vae", disable=not accelerator.is_local_main_process)
@@ -219,8 +220,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for batch in batches:
             x = to_images(batch)
             beta = beta_at(step.value)
+            # Noise from a per-process, per-step seed (not the global RNG, which a resume shifts by creating
+            # the data iterator after restoring it): a resumed run replays the exact same steps.
+            noise_gen.manual_seed((tc.seed << 40) + (accelerator.process_index << 32) + step.value)
             with accelerator.autocast():
-                out = model(x)
+                out = model(x, generator=noise_gen)
                 recon = reconstruction_loss(out.recon, x, cfg.recon_loss)
                 kl = kl_divergence(out.mu, out.logvar)
                 loss = recon + beta * kl

@@ -141,7 +141,7 @@ class VAEOutput:
 class VAE(nn.Module):
     """Encoder (a backbone: ``forward(x) -> [B, num_features]``) + :class:`GaussianHead` + decoder.
 
-    ``forward(x)`` draws ``z = mu + sigma * eps`` (the reparameterisation trick) in training mode and
+    ``forward(x, generator=None)`` draws ``z = mu + sigma * eps`` (the reparameterisation trick) in training mode and
     uses ``z = mu`` in eval mode, so validation reconstructions are deterministic.
     """
 
@@ -158,10 +158,12 @@ class VAE(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.head(self.encoder(x))
 
-    def forward(self, x: Tensor) -> VAEOutput:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+        """``generator`` (on ``x``'s device) draws the noise; a per-step seeded one makes resumes exact."""
         mu, logvar = self.encode(x)
         if self.training:
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps
         else:
             z = mu
         return VAEOutput(self.decoder(z), mu, logvar, z)
