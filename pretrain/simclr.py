@@ -13,6 +13,13 @@ negatives' gradients only. Views are made on the training device by :class:`medp
 Outputs in ``runs/pretrain/simclr/<run_name>/``: ``backbone.safetensors`` (the contract checkpoint that
 ``finetune/run.py --init selfsup`` finds), ``config.yaml``, ``metrics.csv``, ``loss.png``, ``tb/``,
 ``checkpoints/``.
+
+Finding the export later: ``finetune/run.py --init selfsup`` (or ``--init simclr`` / ``--init moco``)
+takes the newest ``backbone.safetensors`` under ``runs/`` whose metadata says ``method`` simclr or moco
+(and the requested arch), newest by the export time written into the file (``meta.created``), see
+``medpretrain.init.find_latest_export``. An explicit path (``--init runs/pretrain/simclr/<run>/backbone.safetensors``)
+always wins. ``train.resume=auto`` continues the newest run under ``out_dir`` that has a complete
+checkpoint but no export yet (or the run named by ``run_name``).
 """
 
 from __future__ import annotations

@@ -154,3 +154,25 @@ def test_bad_config_fails_before_work(data_root, tmp_path):
     assert proc.returncode != 0 and "train.lr" in proc.stderr
     proc = launch("simclr.py", ["split=test", f"out_dir={tmp_path}"], data_root, check=False)
     assert proc.returncode != 0 and "never test" in proc.stderr
+
+
+def test_selfsup_init_finds_the_newest_export(simclr_run, moco_run, tmp_path):
+    """``finetune/run.py --init selfsup`` resolves to the newest simclr/moco export (by meta.created)."""
+    import shutil
+
+    from medpretrain.checkpoint import read_meta
+    from medpretrain.init import init_backbone
+
+    runs = tmp_path / "runs"
+    for run, method in ((simclr_run, "simclr"), (moco_run, "moco")):
+        dst = runs / "pretrain" / method / "r1" / "backbone.safetensors"
+        dst.parent.mkdir(parents=True)
+        shutil.copy(run / "backbone.safetensors", dst)
+    newest = max(("simclr", "moco"), key=lambda m: read_meta(runs / "pretrain" / m / "r1" / "backbone.safetensors").created)
+    backbone, info = init_backbone("selfsup", "cbr_tiny", 1, "small", image_size=28, runs_dir=runs)
+    assert info.name == newest and info.source.endswith(f"pretrain/{newest}/r1/backbone.safetensors")
+    # an explicit path always wins
+    other = "moco" if newest == "simclr" else "simclr"
+    explicit = runs / "pretrain" / other / "r1" / "backbone.safetensors"
+    backbone, info = init_backbone(str(explicit), "cbr_tiny", 1, "small", image_size=28, runs_dir=runs)
+    assert info.name == other and info.source.endswith(f"pretrain/{other}/r1/backbone.safetensors")
