@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -77,6 +77,7 @@ def classification_metrics(
     """The six :data:`METRICS` for one set of predictions (floats; AUC is NaN if a class is absent)."""
     p, t = _as_tensors(probs, target)
     n = _check(p, t, task)
+    kw: dict[str, Any]
     if task == "binary":
         kw = {"threshold": threshold}
         out = {
@@ -120,7 +121,7 @@ def roc_curves(
     *,
     class_names: Sequence[str] | None = None,
     max_points: int = 200,
-) -> dict[str, dict[str, list[float]]]:
+) -> dict[str, dict[str, Any]]:
     """ROC points per curve: ``{name: {"fpr": [...], "tpr": [...], "auc": float}}``.
 
     Binary: one curve (the positive class). Multi-class: one-vs-rest per class. Multi-label: per label.
@@ -134,7 +135,7 @@ def roc_curves(
         onehot = torch.nn.functional.one_hot(t, n) if task == "multiclass" else t
         names = list(class_names) if class_names and len(class_names) == n else [str(i) for i in range(n)]
         pairs = [(names[i], p[:, i], onehot[:, i]) for i in range(n)]
-    curves: dict[str, dict[str, list[float]]] = {}
+    curves: dict[str, dict[str, Any]] = {}
     for name, score, y in pairs:
         if not 0 < int(y.sum()) < len(y):
             continue  # ROC undefined without both positives and negatives

@@ -45,7 +45,8 @@ def backbone_stages(backbone: nn.Module) -> list[list[str]]:
         return [list(s) if not isinstance(s, str) else [s] for s in declared]
     arch = str(getattr(backbone, "arch", ""))
     if arch.startswith("cbr"):  # Transfusion's CBR nets: one stage per conv-BN-ReLU block
-        return [[f"blocks.{i}"] for i in range(len(backbone.get_submodule("blocks")))]
+        blocks = backbone.get_submodule("blocks")
+        return [[f"blocks.{i}"] for i in range(len(list(blocks.children())))]
     for family, stages in STAGES.items():
         if arch.startswith(family):
             return [list(s) for s in stages]

@@ -362,7 +362,8 @@ def build_report(
         md += ["", f"![label efficiency]({PLOTS[0]})", ""]
         plot_label_efficiency(rows, out / PLOTS[0], metric)
 
-        frac, regime = _headline(results)
+        head_frac, head_regime = _headline(results)
+        frac, regime = float(head_frac or 1.0), str(head_regime)
         curves: dict[str, Any] = {}
         for init in sorted({s["init"] for s in rows}):
             e = ens_by_key.get((init, regime, frac))
@@ -372,19 +373,19 @@ def build_report(
             runs = sorted((r for r in done if _key(r) == (init, regime, frac)), key=lambda r: r["seed"])
             if runs and runs[0].get("roc"):
                 curves[f"{init} (seed {runs[0]['seed']})"] = runs[0]["roc"]
-        md += ["## ROC curves", "", f"Regime `{regime}`, label fraction {_frac(frac or 1)}, test set.", "",
+        md += ["## ROC curves", "", f"Regime `{regime}`, label fraction {_frac(frac)}, test set.", "",
                f"![ROC curves]({PLOTS[1]})", ""]
-        plot_roc(curves, out / PLOTS[1], title=f"regime {regime}, labels {_frac(frac or 1)}")
+        plot_roc(curves, out / PLOTS[1], title=f"regime {regime}, labels {_frac(frac)}")
 
         head_rows = [s for s in rows if s["label_fraction"] == frac]
         md += ["## Six-metric radar", "",
-               f"Per init, label fraction {_frac(frac or 1)}, one polygon per regime (mean over seeds).", "",
+               f"Per init, label fraction {_frac(frac)}, one polygon per regime (mean over seeds).", "",
                f"![radar]({PLOTS[2]})", ""]
         plot_radar(head_rows, out / PLOTS[2])
 
         head_runs = [r for r in done if float(r["label_fraction"]) == frac]
         md += ["## Learning curves and convergence", "",
-               f"Validation AUC and training loss per epoch (mean over seeds), label fraction {_frac(frac or 1)}. "
+               f"Validation AUC and training loss per epoch (mean over seeds), label fraction {_frac(frac)}. "
                "Convergence speed = epochs until the validation AUC first reaches 95% of its best value.", "",
                f"![learning curves]({PLOTS[3]})", "",
                "| init | regime | labels | epochs to 95% of best val AUC | best epoch | s/epoch (wall-clock) |",
