@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     accelerator.print(f"WARNING: possible mode collapse at step {step.value} "
                                       f"(diversity ratio {monitor.last_ratio:.3f} < {cfg.collapse_threshold})")
                 warned = collapsed
-            if step.value % tc.log_every == 0:
+            if step.value % tc.log_every == 0 or step.value == total_steps:
                 check_guard()
                 row = {"d_loss": d_loss.item(), "g_loss": g_loss.item(),
                        "d_real": torch.sigmoid(real_logits.float()).mean().item(),

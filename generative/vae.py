@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             guard.update(loss, step.value)
             pbar.update(1)
 
-            if step.value % tc.log_every == 0:
+            if step.value % tc.log_every == 0 or step.value == total_steps:
                 check_guard()
                 row = {"loss": loss.item(), "recon": recon.item(), "kl": kl.item(), "beta": beta}
                 if perc is not None:
