@@ -336,7 +336,7 @@ class BackboneDiscriminator(nn.Module):
         self.head = nn.Linear(num_features, 1)
         self.spectral_norm = spectral_norm
         # An unregistered plain copy (in a tuple, so not a submodule) to export the trunk into.
-        self._plain_template = (copy.deepcopy(backbone).cpu(),) if spectral_norm else ()
+        self._plain_template: tuple[nn.Module, ...] = (copy.deepcopy(backbone).cpu(),) if spectral_norm else ()
         if spectral_norm:
             for m in list(self.modules()):
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
