@@ -141,37 +141,47 @@ def random_affine_matrices(
 
 
 def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
-    """``F.affine_grid(theta, [B, C, h, w], align_corners=False)`` as one batched matmul (faster on CPU)."""
+    """``F.affine_grid(theta, [B, C, h, w], align_corners=False)`` computed as an outer product.
+
+    Each output coordinate is ``(theta[:, k, 0] * x_j + theta[:, k, 2]) + y_i * theta[:, k, 1]``, so the
+    grid is one broadcast multiply-add instead of a batched matmul with K = 3 (several times faster on a CPU).
+    """
     xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
     ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
-    base = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=theta.device)], -1)
-    return torch.matmul(base.view(1, h * w, 3), theta.transpose(1, 2)).view(-1, h, w, 2)
+    # Flattened last two dims (index 2j + k): grid = (t_k0 x_j + t_k2) + y_i * t_k1, one fused addcmul
+    # whose inner dimension is 2W (a [..., 2] inner dimension vectorises poorly).
+    col = (theta[:, None, :, 0] * xs[None, :, None] + theta[:, None, :, 2]).reshape(-1, 1, 2 * w)  # [B, 1, 2W]
+    slope = theta[:, None, :, 1].expand(-1, w, 2).reshape(-1, 1, 2 * w)  # [B, 1, 2W]
+    return torch.addcmul(col, ys[None, :, None], slope).view(-1, h, w, 2)
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     """Blur each sample of ``x`` ``[B, C, H, W]`` with its own ``sigma`` ``[B]`` (pixels; 0 = identity).
 
-    One grouped separable convolution for the whole batch, reflect-padded. The kernel radius is
-    ``ceil(3 * max(sigma))`` so the widest kernel in the batch is not truncated.
+    Separable, reflect-padded, with per-sample kernels applied as ``2r + 1`` shifted multiply-adds per
+    axis (on a CPU this is several times faster than a grouped convolution with ``B * C`` groups). The
+    kernel radius is ``ceil(3 * max(sigma))`` so the widest kernel in the batch is not truncated.
     """
     b, c, h, w = x.shape
     radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
-    radius = min(radius, (min(h, w) - 1))  # reflect padding needs radius < size
+    radius = min(radius, h - 1, w - 1)  # reflect padding needs radius < size
     coords = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     s = sigma.to(x.dtype).clamp(min=1e-6)[:, None]
     kernel = torch.exp(-(coords[None, :] ** 2) / (2 * s**2))
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     # sigma == 0 means "no blur": a delta kernel.
     delta = (coords == 0).to(x.dtype)[None, :].expand_as(kernel)
-    kernel = torch.where((sigma <= 0)[:, None], delta, kernel)
-    kernel = kernel.repeat_interleave(c, dim=0)  # [B*C, k]
-    k = kernel.shape[1]
-    y = x.reshape(1, b * c, h, w)
-    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, kernel.view(b * c, 1, 1, k), groups=b * c)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    y = F.conv2d(y, kernel.view(b * c, 1, k, 1), groups=b * c)
-    return y.view(b, c, h, w)
+    kernel = torch.where((sigma <= 0)[:, None], delta, kernel).view(b, -1, 1, 1, 1)  # [B, k, 1, 1, 1]
+    k = 2 * radius + 1
+    xp = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    y = xp[..., 0:w] * kernel[:, 0]
+    for i in range(1, k):
+        y.addcmul_(xp[..., i : i + w], kernel[:, i])
+    yp = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    out = yp[..., 0:h, :] * kernel[:, 0]
+    for i in range(1, k):
+        out.addcmul_(yp[..., i : i + h, :], kernel[:, i])
+    return out
 
 
 class BatchViews(torch.nn.Module):
