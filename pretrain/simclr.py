@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- resume ----
     ckpt_dir = run_dir / "checkpoints"
+    if (run_dir / "backbone.safetensors").exists():
+        raise FileExistsError(f"{run_dir} already finished (backbone.safetensors exists); pick another run_name")
     resume_from = resolve_resume(t.resume, ckpt_dir) if existing else None
     prepare_resume(accelerator, ckpt_dir)
     last_ckpt: Path | None = None
