@@ -3,8 +3,8 @@
     python generative/sample.py --model runs/generative/dcgan/<run>/generator.safetensors --n 1000 --out samples/
     python generative/sample.py --model runs/generative/vae/<run> --n 1000 --out samples/ --seed 1
 
-``--model`` is a ``decoder.safetensors`` / ``generator.safetensors`` written by ``generative/vae.py`` /
-``generative/dcgan.py`` (or their run folder). Latents come from a CPU generator seeded with ``--seed``,
+``--model`` is a ``decoder.safetensors`` / ``generator.safetensors`` / ``unet.safetensors`` written by
+``generative/vae.py`` / ``dcgan.py`` / ``ddpm.py`` (or their run folder; DDPM samples by 50-step DDIM). Latents come from a CPU generator seeded with ``--seed``,
 so the same model and seed give the same images (and a byte-identical ``samples.npz``).
 
 Writes into ``--out``: ``png/sample_00000.png`` ... (8-bit grey, or RGB for 3-channel models),
@@ -26,10 +26,18 @@ from PIL import Image
 
 from medpretrain.checkpoint import load_exact, load_state_dict
 from medpretrain.config import ConfigError, load_config
-from medpretrain.generative import build_generator, generate, latent_noise, save_grid, save_npz, to_uint8
+from medpretrain.generative import (
+    build_generator,
+    ddpm_sample,
+    generate,
+    latent_noise,
+    save_grid,
+    save_npz,
+    to_uint8,
+)
 from medpretrain.utils import atomic_write_text, sha256_file
 
-MODEL_FILES = ("generator.safetensors", "decoder.safetensors")
+MODEL_FILES = ("generator.safetensors", "decoder.safetensors", "unet.safetensors")
 
 
 @dataclasses.dataclass
@@ -94,7 +102,10 @@ def main(argv: list[str] | None = None) -> Path:
         raise ConfigError(f"n and batch_size must be positive, got n={cfg.n}, batch_size={cfg.batch_size}")
     model_file = resolve_model_file(cfg.model)
     model, meta = load_generator(model_file, cfg.device)
-    images = generate(model, latent_noise(cfg.n, int(meta["latent_dim"]), cfg.seed), cfg.batch_size)
+    if meta["kind"] == "ddpm_unet":
+        images = ddpm_sample(model, cfg.n, cfg.seed, meta, cfg.batch_size)
+    else:
+        images = generate(model, latent_noise(cfg.n, int(meta["latent_dim"]), cfg.seed), cfg.batch_size)
     out = Path(cfg.out).expanduser()
     write_samples(images, out, cfg, model_file, meta)
     print(f"wrote {cfg.n} samples {list(images.shape[1:])} from {model_file} (seed {cfg.seed}) to {out}")

@@ -46,6 +46,21 @@ def test_upsampling_plan(size, plan):
     assert start * 2**n_up >= size
 
 
+@pytest.mark.parametrize("size,levels", [(28, 3), (64, 4), (128, 4), (8, 2), (30, 2)])
+def test_ddpm_levels(size, levels):
+    from medpretrain.generative import ddpm_levels
+
+    assert ddpm_levels(size) == levels
+    assert size % 2 ** (levels - 1) == 0
+
+
+def test_ddpm_levels_rejects_odd_sizes():
+    from medpretrain.generative import ddpm_levels
+
+    with pytest.raises(ValueError, match="even image size"):
+        ddpm_levels(33)
+
+
 def test_upsampling_plan_rejects_tiny():
     with pytest.raises(ValueError, match="at least 8"):
         upsampling_plan(7)

@@ -140,3 +140,23 @@ def test_vae_nan_loss_stops_with_a_clear_message(tmp_path, data_root):
     assert proc.returncode != 0
     assert "loss is not finite (NaN or inf) at step 2" in proc.stdout + proc.stderr
     assert not (tmp_path / "n" / "backbone.safetensors").exists()
+
+
+def test_ddpm_trains_and_samples_reproducibly(tmp_path, data_root):
+    launch("generative/ddpm.py", ["train.batch_size=16", "train.log_every=1", "train.grid_size=4", "train.log_with=none",
+                                  f"out_dir={tmp_path}", "run_name=d", "train.max_steps=3", "train.checkpoint_every=2",
+                                  "sample_steps=2", "base_channels=16"], data_root)
+    run = tmp_path / "d"
+    for name in ("unet.safetensors", "config.yaml", "metrics.csv", "loss.png", "samples_epoch001.png", "results.json"):
+        assert (run / name).is_file(), name
+    assert not (run / "backbone.safetensors").exists()  # the UNet is not a registered backbone
+    outs = []
+    for name in ("a", "b"):
+        proc = subprocess.run([sys.executable, str(ROOT / "generative" / "sample.py"), "--model", str(run), "--n", "5",
+                               "--out", str(tmp_path / name), "--png", "false"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        outs.append((tmp_path / name / "samples.npz").read_bytes())
+    assert outs[0] == outs[1]
+    with np.load(tmp_path / "a" / "samples.npz") as npz:
+        assert npz["images"].shape == (5, 28, 28) and npz["images"].dtype == np.uint8
