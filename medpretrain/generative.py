@@ -482,7 +482,8 @@ def build_ddpm_unet(image_size: int, channels: int = 1, base_channels: int = 32)
 
 def ddpm_meta(unet: nn.Module, num_train_timesteps: int, beta_schedule: str, sample_steps: int) -> dict[str, Any]:
     """What :func:`build_generator` and :func:`ddpm_sample` need (stored in the safetensors header)."""
-    config = dict(unet.config)  # type: ignore[attr-defined]
+    model: Any = unet  # a diffusers UNet2DModel; its ``config`` is a FrozenDict
+    config = dict(model.config)
     return {"kind": "ddpm_unet", "unet": {k: v for k, v in config.items() if not k.startswith("_")},
             "image_size": int(config["sample_size"]), "out_channels": int(config["out_channels"]),
             "num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule,
@@ -496,7 +497,7 @@ def ddpm_sample(unet: nn.Module, n: int, seed: int, meta: dict[str, Any], batch_
     (default ``meta["sample_steps"]``) from noise drawn on the CPU with ``seed``."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(num_train_timesteps=int(meta["num_train_timesteps"]),
+    scheduler: Any = DDIMScheduler(num_train_timesteps=int(meta["num_train_timesteps"]),
                               beta_schedule=meta["beta_schedule"], clip_sample=True)
     scheduler.set_timesteps(int(steps or meta["sample_steps"]))
     size, channels = int(meta["image_size"]), int(meta["out_channels"])
