@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -475,9 +475,10 @@ def build_ddpm_unet(image_size: int, channels: int = 1, base_channels: int = 32)
     widths = tuple(base_channels * m for m in (1, 2, 2, 2)[:levels])
     down = ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",)
     up = ("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1)
-    return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+    unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=1,
                        block_out_channels=widths, down_block_types=down, up_block_types=up,
                        norm_num_groups=min(8, base_channels))
+    return cast(nn.Module, unet)
 
 
 def ddpm_meta(unet: nn.Module, num_train_timesteps: int, beta_schedule: str, sample_steps: int) -> dict[str, Any]:
