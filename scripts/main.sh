@@ -11,7 +11,7 @@ bash scripts/setup.sh
 export MEDPRETRAIN_DATA=${MEDPRETRAIN_DATA:-$(cd .. && pwd)/shared/data}
 start=$(date +%s)
 echo "[main] 1/2 SimCLR pretraining on PneumoniaMNIST (configs/simclr.yaml)"
-.venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   pretrain/simclr.py --config configs/simclr.yaml
 echo "[main] 2/2 fine-tune comparison grid (configs/compare.yaml)"
 .venv/bin/python scripts/compare.py --config configs/compare.yaml "$@"
