@@ -22,6 +22,7 @@ Usage::
 
     python scripts/bench_generative.py                        # default budgets (a CPU run)
     python scripts/bench_generative.py vae_steps=600 dcgan_steps=600 launch_args="--num_processes 1"
+    python scripts/bench_generative.py report_only=true observation="..."   # add what the grids show
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class BenchConfig:
     threads: int = 0
     """OMP_NUM_THREADS for the runs (0: leave as is)."""
     launch_args: str = "--cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    observation: str = ""
+    """What the sample grids show, written by a person after looking at them (the numbers cannot say it)."""
+    report_only: bool = False
+    """Re-render ``<name>.md`` from the existing ``<name>.json`` (e.g. after adding an ``observation``)."""
 
 
 def run(cmd: list[str], env: dict[str, str]) -> float:
@@ -93,6 +98,14 @@ def load_samples(out: Path) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(BenchConfig, argv)
+    out = PROJECT_ROOT / cfg.out_dir
+    if cfg.report_only:
+        results = json.loads((out / f"{cfg.name}.json").read_text())
+        if cfg.observation:
+            results["observation"] = cfg.observation
+            atomic_write_text(out / f"{cfg.name}.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(out / f"{cfg.name}.md", report(results))
+        return results
     env = dict(os.environ)
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
@@ -140,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["methods"][method] = entry
         print(json.dumps({method: entry}, indent=1), flush=True)
 
-    out = PROJECT_ROOT / cfg.out_dir
+    if cfg.observation:
+        results["observation"] = cfg.observation
     atomic_write_text(out / f"{cfg.name}.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
     atomic_write_text(out / f"{cfg.name}.md", report(results))
     print(f"wrote {out / (cfg.name + '.json')} and {out / (cfg.name + '.md')}")
@@ -189,6 +203,8 @@ def report(r: dict[str, Any]) -> str:
         x = e["samples"]
         lines.append(f"| {name} samples | {e['steps']} | {x['mean']:.3f} | {x['std']:.3f} | {x['diversity']:.3f} | "
                      f"{x['diversity_ratio']:.3f} | {x['histogram_l1']:.3f} | {e['train_wall_s']:.0f} |")
+    if r.get("observation"):
+        lines += ["", "## Observations (by eye, from the sample grids)", "", r["observation"]]
     lines += ["", "Runs (checkpoints, grids, loss curves): "
               + ", ".join(f"`{e['run_dir']}`" for e in (vae, gan)) + " (not committed).", ""]
     return "\n".join(lines)
