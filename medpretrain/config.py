@@ -44,7 +44,8 @@ class DataConfig:
 
     dataset: str = "medmnist:pneumoniamnist"
     """Dataset spec: ``medmnist:<name>[@size]``, ``folder:<path>``, ``dicom:<path>``, ``nifti:<path>``,
-    ``segpairs:<images>,<masks>[,<roi>]``. Relative paths resolve against ``root``."""
+    ``segpairs:<images>,<masks>[,<roi>]``, ``drive:[<path>]`` (DRIVE with its official split).
+    Relative paths resolve against ``root``."""
     root: str | None = None
     """Data root; ``None`` means ``$MEDPRETRAIN_DATA``, else ``../shared/data`` next to the project."""
     image_size: int | None = None

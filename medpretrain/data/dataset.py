@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from medpretrain.config import DataConfig
 from medpretrain.data.base import Source, Task
 from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.privacy import project_salt
 from medpretrain.data.spec import data_root, parse_spec
 from medpretrain.data.splits import make_splits, subsample_train
 from medpretrain.utils import hash_files, sha256_file
@@ -43,7 +44,7 @@ _HASH_CACHE: dict[tuple, str] = {}
 
 def _cache_key(cfg: DataConfig) -> tuple:
     return (cfg.dataset.strip(), str(data_root(cfg)), cfg.image_size, cfg.channels, cfg.window,
-            cfg.slice_axis, cfg.skip_bad)
+            cfg.slice_axis, cfg.skip_bad, project_salt())
 
 
 def clear_source_cache() -> None:

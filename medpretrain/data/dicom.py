@@ -59,7 +59,6 @@ frames of one file never end up in two splits.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -80,12 +79,11 @@ from medpretrain.config import ConfigError, DataConfig
 from medpretrain.data.base import Source, Task
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.folder import progress
+from medpretrain.data.privacy import DEFAULT_SALT, SALT_ENV, project_salt, salted_key  # noqa: F401
 from medpretrain.data.transforms import resize, to_channels
 
 logger = logging.getLogger(__name__)
 
-SALT_ENV = "MEDPRETRAIN_SALT"
-DEFAULT_SALT = "medpretrain-group"
 """Project default salt for patient keys (public: set ``$MEDPRETRAIN_SALT`` for real data)."""
 DEFAULT_IMAGE_SIZE = 224
 
@@ -145,17 +143,6 @@ def parse_window(text: str) -> Window:
     if not (np.isfinite(centre) and np.isfinite(width)) or width <= 0:
         raise ConfigError(f"config key 'data.window': width must be a positive number, got {text!r}")
     return (centre, width)
-
-
-def project_salt() -> str:
-    """The salt for patient keys: ``$MEDPRETRAIN_SALT`` if set and non-empty, else :data:`DEFAULT_SALT`."""
-    return os.environ.get(SALT_ENV) or DEFAULT_SALT
-
-
-def salted_key(text: str, salt: str | None = None) -> str:
-    """``sha256("<salt>:<text>")`` as 16 hex digits; ``salt=None`` uses :func:`project_salt`."""
-    salt = project_salt() if salt is None else salt
-    return hashlib.sha256(f"{salt}:{text}".encode()).hexdigest()[:16]
 
 
 def dicom_patient_key(ds: Dataset, salt: str | None = None) -> str | None:

@@ -23,7 +23,6 @@ Size: resized to ``image_size`` (default 224), bilinear with antialiasing; aspec
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import sys
 import warnings
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from medpretrain.config import DataConfig
 from medpretrain.data.base import Source
 from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.privacy import salted_key
 from medpretrain.data.transforms import resize, to_channels
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ def load_mask(path: Path) -> np.ndarray:
 
 
 def salted_group(patient: str) -> str:
-    """A stable, non-identifying key for a patient id (salted sha256; raw ids are never kept)."""
-    return hashlib.sha256(f"medpretrain-group:{patient}".encode()).hexdigest()[:16]
+    """A stable, non-identifying key for a patient id (see :mod:`medpretrain.data.privacy`)."""
+    return salted_key(patient)
 
 
 def stack_if_same(images: list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
