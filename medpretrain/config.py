@@ -92,6 +92,8 @@ class BackboneConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) is not None:  # list[int], Literal['a', 'b'], int | None
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
