@@ -230,3 +230,18 @@ def test_sample_script_is_seeded_and_reproducible(tmp_path):
     assert (d / "samples.npz").read_bytes() == a
     with pytest.raises(FileNotFoundError, match="generator.safetensors or decoder.safetensors"):
         sample.main(["--model", str(tmp_path / "a"), "--out", str(tmp_path / "e")])
+
+
+def test_perceptual_loss_is_zero_on_identical_images_and_keeps_extractor_frozen():
+    from medpretrain.generative import PerceptualLoss
+
+    torch.manual_seed(0)
+    loss = PerceptualLoss(build_backbone("cbr_tiny", 1, "small")).train()
+    assert not loss.features.training  # the extractor stays in eval mode (frozen BN statistics)
+    x = torch.rand(2, 1, 28, 28)
+    assert loss(x, x).item() == 0.0
+    recon = (x + 0.1 * torch.randn_like(x)).requires_grad_(True)
+    value = loss(recon, x)
+    value.backward()
+    assert value.item() > 0 and recon.grad is not None
+    assert all(p.grad is None for p in loss.features.parameters())
