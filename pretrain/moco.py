@@ -134,12 +134,18 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"split must be 'train' or 'all' (never test), got {cfg.split!r}")
     t = cfg.train
     run_dir, existing = resolve_run_dir(cfg.out_dir, cfg.run_name, t.resume)
+    # Under torchrun on a machine without a GPU, accelerate only forms a process group (MULTI_CPU, gloo)
+    # when told cpu=True; otherwise every process silently trains alone on its own copy.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
+        cpu=world > 1 and not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
         log_with="tensorboard",
         project_config=project_configuration(run_dir, t.checkpoint_total_limit),
     )
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launched {world} processes but accelerate formed a group of {accelerator.num_processes}")
     set_seed(t.seed)
 
     # ---- data: unlabeled pretraining images in [0, 1]; views are normalised on the device ----

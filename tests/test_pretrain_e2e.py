@@ -176,3 +176,23 @@ def test_selfsup_init_finds_the_newest_export(simclr_run, moco_run, tmp_path):
     explicit = runs / "pretrain" / other / "r1" / "backbone.safetensors"
     backbone, info = init_backbone(str(explicit), "cbr_tiny", 1, "small", image_size=28, runs_dir=runs)
     assert info.name == other and info.source.endswith(f"pretrain/{other}/r1/backbone.safetensors")
+
+
+def test_two_processes_with_torchrun(data_root, tmp_path):
+    """Real 2-process SimCLR (gloo): one process group, negatives from the global batch, one CSV writer."""
+    torchrun = ROOT / ".venv" / "bin" / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "pretrain" / "simclr.py"),
+           "backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=2", "train.log_every=1",
+           "train.checkpoint_every=1", "train.knn_every=-1", f"out_dir={tmp_path}", "run_name=ddp"]
+    env = {**os.environ, "MEDPRETRAIN_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "global batch 32, 2 steps, 2 process(es)" in proc.stdout
+    losses = loss_rows(tmp_path / "ddp" / "metrics.csv")
+    assert sorted(losses) == [1, 2]
+    # NT-Xent at initialisation is about log(2N - 1) with N the batch the negatives come from:
+    # gathered over both processes (N = 32, log 63 = 4.14), not per process (N = 16, log 31 = 3.43).
+    assert abs(losses[1] - math.log(63)) < 0.3
+    assert (tmp_path / "ddp" / "backbone.safetensors").is_file()
+    ckpt = tmp_path / "ddp" / "checkpoints" / "checkpoint_0"
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
