@@ -276,6 +276,8 @@ class MemorisationSpace:
 @dataclass
 class MemorisationResult:
     quantile: float
+    rule: str
+    """``both``: flagged when below the threshold in every space; ``any``: in at least one."""
     heldout_duplicates: Tensor
     """``[H]`` bool: held-out images that are exact pixel copies of a training image (a property of the
     dataset, not of the generator); they are left out of the calibration."""
@@ -283,8 +285,9 @@ class MemorisationResult:
 
     @property
     def flagged(self) -> Tensor:
-        """``[M]`` bool: flagged in any space."""
-        return torch.stack([s.flagged for s in self.spaces.values()]).any(dim=0)
+        """``[M]`` bool: flagged under :attr:`rule`."""
+        stacked = torch.stack([s.flagged for s in self.spaces.values()])
+        return stacked.all(dim=0) if self.rule == "both" else stacked.any(dim=0)
 
 
 DUPLICATE_TOL = 1e-6
@@ -301,7 +304,8 @@ def _space(fake: Tensor, train: Tensor, heldout: Tensor, quantile: float, keep: 
 
 def memorisation(fake_pixels: Tensor, train_pixels: Tensor, heldout_pixels: Tensor,
                  fake_features: Tensor | None = None, train_features: Tensor | None = None,
-                 heldout_features: Tensor | None = None, *, quantile: float = 0.01) -> MemorisationResult:
+                 heldout_features: Tensor | None = None, *, quantile: float = 0.01,
+                 rule: str = "both") -> MemorisationResult:
     """Flag fakes closer to a training image than real held-out images usually are.
 
     Pixel space: images in [0, 1], distance divided by ``sqrt(pixels)`` (RMS difference). Feature space
@@ -309,10 +313,15 @@ def memorisation(fake_pixels: Tensor, train_pixels: Tensor, heldout_pixels: Tens
     space: the ``quantile`` of the held-out images' nearest-training distances, leaving out held-out images
     that are exact copies of a training image (datasets contain such duplicates: 8 of PneumoniaMNIST's 524
     validation images are in this copy's training split, enough to pull a 1% threshold to 0). ``<=`` so
-    exact copies are always flagged. Raises ``ValueError`` for a bad quantile or too few calibration images.
+    exact copies are always flagged. ``rule``: ``both`` (default) flags a fake only when it is that close
+    in pixel and in feature space; ``any`` in either. Pixel distance alone over-flags smooth images (heavily
+    blurred real images sit closer to some training image than 1% of held-out images do), a near-copy is
+    close in both. Raises ``ValueError`` for a bad quantile or rule, or too few calibration images.
     """
     if not 0.0 <= quantile < 1.0:
         raise ValueError(f"memorisation quantile must be in [0, 1), got {quantile}")
+    if rule not in ("both", "any"):
+        raise ValueError(f"memorisation rule must be 'both' or 'any', got {rule!r}")
     scale = math.sqrt(fake_pixels[0].numel())
     fp, tp, hp = (x.flatten(1).float() / scale for x in (fake_pixels, train_pixels, heldout_pixels))
     held_pixel, _ = nearest_neighbours(hp, tp)
@@ -321,7 +330,7 @@ def memorisation(fake_pixels: Tensor, train_pixels: Tensor, heldout_pixels: Tens
     if int(keep.sum()) < 2:
         raise ValueError(f"memorisation needs at least 2 held-out images that are not copies of training images, "
                          f"got {int(keep.sum())} of {len(hp)}")
-    result = MemorisationResult(quantile, duplicates)
+    result = MemorisationResult(quantile, rule, duplicates)
     result.spaces["pixel"] = _space(fp, tp, hp, quantile, keep)
     feats = (fake_features, train_features, heldout_features)
     if all(f is not None for f in feats):
@@ -346,12 +355,48 @@ class DiscriminatorResult:
     real_fold: Tensor
     fake_fold: Tensor
     fold_auc: list[float]
-    auc: float
-    """AUC of the pooled out-of-fold scores."""
+    """AUC of each fold's discriminator on its own held-out part."""
+    pooled_auc: float
+    """AUC of all out-of-fold scores pooled. Lower than ``auc`` when the folds' discriminators are
+    calibrated differently (their scores are not on one scale), so not the headline number."""
     null_sd: float
-    """Standard deviation of the AUC of an uninformative score with these class sizes (Hanley-McNeil
-    under H0: ``sqrt((n1 + n2 + 1) / (12 n1 n2))``): how far from 0.5 chance alone moves it."""
+    """Standard deviation of an uninformative score's AUC with these class sizes (Hanley-McNeil under H0:
+    ``sqrt((n1 + n2 + 1) / (12 n1 n2))``): how far from 0.5 chance alone moves it."""
     final_loss: list[float]
+
+    @property
+    def auc(self) -> float:
+        """The headline: mean of the per-fold held-out AUCs."""
+        return float(np.mean(self.fold_auc))
+
+    def fake_realism_rank(self) -> Tensor:
+        """``[M]`` per fake: fraction of real images of its fold that its own discriminator scored lower
+        (ties count half). Comparable across folds, unlike ``P(real)``; ~0.5 for a fake that looks as real
+        as a typical real image, 0 for one scored below every real image."""
+        out = torch.empty(len(self.fake_scores))
+        for i in self.fake_fold.unique().tolist():
+            reals = self.real_scores[self.real_fold == i]
+            fakes = self.fake_scores[self.fake_fold == i]
+            below = (reals[None, :] < fakes[:, None]).float().mean(1)
+            ties = (reals[None, :] == fakes[:, None]).float().mean(1)
+            out[self.fake_fold == i] = below + 0.5 * ties
+        return out
+
+    def auc_ci(self, n_boot: int = 200, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+        """Percentile bootstrap interval of :attr:`auc`, resampling reals and fakes within each fold."""
+        gen = torch.Generator().manual_seed(seed)
+        folds = self.fake_fold.unique().tolist()
+        parts = [(self.real_scores[self.real_fold == i], self.fake_scores[self.fake_fold == i]) for i in folds]
+        means = []
+        for _ in range(n_boot):
+            aucs = []
+            for r, f in parts:
+                rb = r[torch.randint(0, len(r), (len(r),), generator=gen)]
+                fb = f[torch.randint(0, len(f), (len(f),), generator=gen)]
+                aucs.append(binary_auc(rb, fb))
+            means.append(float(np.mean(aucs)))
+        lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        return float(lo), float(hi)
 
 
 def binary_auc(pos_scores: Tensor, neg_scores: Tensor) -> float:

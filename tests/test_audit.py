@@ -88,7 +88,9 @@ def test_memorisation_flags_copies_and_ignores_dataset_duplicates():
         assert s.flagged[:3].all() and s.index[:3].tolist() == [5, 17, 42]
         assert float(s.distance[:3].max()) < 1e-6
         assert int(s.flagged[3:].sum()) <= 12  # about 5 expected: the quantile, for unseen images
-    assert res.flagged[:3].all()
+    assert res.flagged[:3].all() and res.rule == "both"
+    assert int(res.flagged.sum()) <= int(audit.memorisation(fake, train, heldout, feat(fake), feat(train), feat(heldout),
+                                                            quantile=0.05, rule="any").flagged.sum())
     with pytest.raises(ValueError, match="quantile"):
         audit.memorisation(fake, train, heldout, quantile=1.0)
 
