@@ -418,8 +418,8 @@ def train_discriminator(backbone: nn.Module, real: Tensor, fake: Tensor, *, epoc
                         lr: float, regime: str = "full", backbone_lr_mult: float = 1.0,
                         weight_decay: float = 0.0, pretrained: bool = True, seed: int = 0,
                         device: torch.device | str = "cpu") -> tuple[nn.Module, float]:
-    """Fine-tune ``backbone`` + a linear head (one logit, real = 1) with BCE; returns the model (eval
-    mode) and the mean loss of the last epoch. ``regime`` / ``backbone_lr_mult`` as in
+    """Fine-tune ``backbone`` + a linear head (one logit, real = 1) with BCE, then re-estimate BatchNorm
+    statistics (:func:`recalibrate_batchnorm`); returns the model (eval mode) and the last epoch's mean loss. ``regime`` / ``backbone_lr_mult`` as in
     :func:`medpretrain.regimes.apply_regime`; AdamW."""
     from medpretrain.regimes import Classifier, apply_regime
 
@@ -446,7 +446,27 @@ def train_discriminator(backbone: nn.Module, real: Tensor, fake: Tensor, *, epoc
             opt.step()
             losses.append(float(loss.detach()))
         last = float(np.mean(losses)) if losses else math.nan
+    recalibrate_batchnorm(model, x, batch_size, device)
     return model.eval(), last
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: Tensor, batch_size: int, device: torch.device | str = "cpu") -> None:
+    """Re-estimate the running statistics of the BatchNorm layers that train, as exact averages over
+    ``images`` with the final weights (SWA's ``update_bn``). A short fine-tuning leaves the exponential
+    running averages lagging behind the weights, which made eval-mode scores of whole folds unreliable."""
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    for i in range(0, len(images), batch_size):
+        if len(images[i : i + batch_size]) > 1:
+            model(images[i : i + batch_size].to(device))
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
 
 
 @torch.no_grad()

@@ -119,6 +119,8 @@ class AuditConfig:
     """Batch size for feature extraction and scoring."""
     threads: int = 0
     """torch threads (0: leave as is)."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda`` (feature extraction and the discriminator)."""
     out: str = ""
     """Output folder (empty: runs/audit/<time>)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "Pretrain one, pass a checkpoint path, or run with backbone=scratch to audit in an "
                          "UNTRAINED feature space (audit.md will say so).") from None
     untrained = info.name == "scratch"
+    backbone = backbone.to(cfg.device)
     mean, std = normaliser(info, data, channels)
     norm = lambda x: (x - mean) / std  # noqa: E731
     if untrained:
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({channels}x{height}x{width}); fake {cfg.fake}: {len(fake)} of {len(fake_all)} images")
 
     # ---- features ---------------------------------------------------------------------------------------
-    feats = {name: audit.extract_features(backbone, norm(x), batch_size=cfg.batch_size)
+    feats = {name: audit.extract_features(backbone, norm(x), batch_size=cfg.batch_size, device=cfg.device)
              for name, x in (("train", train), ("heldout", heldout), ("fake", fake))}
 
     # ---- distribution metrics: A (real) vs fakes, beside A vs B (real) at the same n ----------------------
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     disc = audit.cross_fit_discriminator(
         audit.copy_factory(backbone), norm(train[r_idx]), norm(fake), folds=d.folds, epochs=d.epochs,
         batch_size=d.batch_size, lr=d.lr, regime=d.regime, backbone_lr_mult=d.backbone_lr_mult,
-        weight_decay=d.weight_decay, pretrained=not untrained, seed=cfg.seed,
+        weight_decay=d.weight_decay, pretrained=not untrained, seed=cfg.seed, device=cfg.device,
         on_fold=lambda i, r: log(f"  discriminator fold {i + 1}/{d.folds}: AUC {r['auc']:.3f}, "
                                  f"train loss {r['train_loss']:.3f}"))
     lo, hi = disc.auc_ci(seed=cfg.seed)

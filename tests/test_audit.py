@@ -147,3 +147,17 @@ def test_cross_fit_scores_every_image_out_of_fold():
     assert sorted(res.fake_fold.bincount().tolist()) == [6, 6, 6]
     assert res.auc > 0.95 and len(res.fold_auc) == 3
     assert res.null_sd == pytest.approx(((24 + 18 + 1) / (12 * 24 * 18)) ** 0.5)
+
+
+def test_recalibrate_batchnorm_is_the_exact_average_over_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.BatchNorm2d(3))
+    x = torch.randn(10, 1, 4, 4) * 2 + 3
+    audit.recalibrate_batchnorm(model, x, batch_size=5)
+    with torch.no_grad():
+        h = model[0](x)
+    batches = [h[:5], h[5:]]
+    assert torch.allclose(model[1].running_mean, torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0), atol=1e-5)
+    var = torch.stack([b.transpose(0, 1).flatten(1).var(1, unbiased=True) for b in batches]).mean(0)
+    assert torch.allclose(model[1].running_var, var, atol=1e-4)
+    assert model[1].momentum == 0.1 and not model.training
