@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     lines = ["# Synthetic-sample audit of the generative benchmark", "",
              f"Written by `scripts/bench_audit.py` ({r['code_version']}); {r['machine']['logical_cpus']} logical CPUs "
-             f"(shared), CUDA {r['machine']['cuda']}. Settings: {json.dumps(r['settings'])}.", ""]
+             f"(shared), CUDA {r['machine']['cuda']}. Settings: "
+             f"{json.dumps({k: v for k, v in r['settings'].items() if k != 'note'})}.", ""]
     if r.get("note"):
         lines += [f"**{r['note']}**", ""]
     if r["settings"].get("note"):
