@@ -26,7 +26,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from accelerate import Accelerator
@@ -88,6 +88,8 @@ FIELDS = ["step", "epoch", "d_loss", "g_loss", "d_real", "d_fake", "diversity_ra
 
 @dataclasses.dataclass
 class DCGANConfig:
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
+
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
     """Discriminator trunk (exported as the ``dcgan`` backbone)."""

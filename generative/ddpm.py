@@ -19,7 +19,7 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,8 @@ FIELDS = ["step", "epoch", "loss", "elapsed_s"]
 
 @dataclasses.dataclass
 class DDPMConfig:
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
+
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: GenTrainConfig = dataclasses.field(
         default_factory=lambda: GenTrainConfig(lr=2e-4, max_steps=100, batch_size=64, checkpoint_every=50))

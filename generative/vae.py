@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from accelerate import Accelerator
@@ -86,6 +86,8 @@ FIELDS = ["step", "epoch", "loss", "recon", "kl", "beta", "perceptual", "val_mse
 
 @dataclasses.dataclass
 class VAEConfig:
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
+
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
     train: GenTrainConfig = dataclasses.field(default_factory=lambda: GenTrainConfig(lr=1e-3))

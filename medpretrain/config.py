@@ -128,7 +128,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
         return dict(value)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, prefix=f"{key}.")
@@ -303,6 +303,13 @@ def load_config(cls: type[T], argv: list[str] | None = None, defaults_file: str 
         sys.stdout.write(config_help(cls) + "\n")
         raise SystemExit(0)
     files, overrides = parse_args(argv)
+    # Short aliases a script declares, e.g. ``ALIASES = {"resume": "train.resume"}`` so that the
+    # documented ``--resume auto`` works wherever the key lives in the schema.
+    for short, full in getattr(cls, "ALIASES", {}).items():
+        if short in overrides and short not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
+            overrides = _merge(
+                {k: v for k, v in overrides.items() if k != short}, _dotted_to_nested(full, overrides[short])
+            )
     merged: dict[str, Any] = {}
     for f in ([defaults_file] if defaults_file else []) + files:
         merged = _merge(merged, read_yaml(f))

@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 # Idle OpenMP threads sleep instead of spinning. On a CPU shared with other jobs, spinning threads wait
 # on descheduled peers and small batched ops slow down many-fold (measured: the cbr_tiny SimCLR step went
@@ -87,6 +88,8 @@ class SimCLRMethodConfig:
 
 @dataclasses.dataclass
 class SimCLRConfig:
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
+
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
     aug: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)

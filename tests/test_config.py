@@ -115,3 +115,21 @@ def test_parse_args_splits_files_and_overrides():
     files, over = parse_args(["a.yaml", "--config", "b.yml", "x.y=1", "--flag"])
     assert files == ["a.yaml", "b.yml"]
     assert over == {"x": {"y": 1}, "flag": True}
+
+
+@dataclass
+class Train:
+    resume: str = ""
+
+
+@dataclass
+class AliasedConfig:
+    ALIASES = {"resume": "train.resume"}  # not annotated: a class attribute, not a config key
+    train: Train = field(default_factory=Train)
+
+
+def test_alias_maps_documented_short_flag_to_nested_key():
+    assert load_config(AliasedConfig, ["--resume", "auto"]).train.resume == "auto"
+    assert load_config(AliasedConfig, ["train.resume=auto"]).train.resume == "auto"
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(AliasedConfig, ["resum=auto"])
