@@ -15,8 +15,9 @@ What it reports (``benchmarks/results/generative.{json,md}``):
   mean pairwise distance ("diversity", RMS per pixel) and its ratio to the real images', and the L1
   distance between 32-bin intensity histograms (0 = identical, 2 = disjoint).
 
-Audit scores (the synthetic-sample audit: memorisation, fidelity / diversity metrics) are pending that
-issue; this script reports none and says so.
+Audit scores (discriminator AUC, FID/KID, precision/recall, memorisation) of these samples come from
+``scripts/bench_audit.py``, which audits the samples this script leaves under ``runs/bench_generative``
+and writes ``benchmarks/results/audit.md``.
 
 Usage::
 
@@ -49,8 +50,8 @@ from medpretrain.data import build_dataset  # noqa: E402
 from medpretrain.generative import sample_statistics  # noqa: E402
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version  # noqa: E402
 
-AUDIT_NOTE = ("Audit scores (synthetic-sample audit issue) are pending: that audit is not built yet, so no "
-              "audit metric is reported here.")
+AUDIT_NOTE = ("Audit scores of these samples are measured separately by scripts/bench_audit.py "
+              "(benchmarks/results/audit.md).")
 
 
 @dataclass
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
                     "omp_threads": env.get("OMP_NUM_THREADS"), "cuda": torch.cuda.is_available(),
                     "torch": torch.__version__, "python": platform.python_version()},
-        "audit": {"status": "pending", "note": AUDIT_NOTE},
+        "audit": {"status": "see benchmarks/results/audit.md", "note": AUDIT_NOTE},
         "baseline": {"mean_image_val_mse": floor_mse, "mean_image_val_psnr": 10 * math.log10(1 / floor_mse)},
         "methods": {},
     }
