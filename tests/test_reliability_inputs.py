@@ -1,0 +1,280 @@
+"""Reliability: a table of broken inputs through the public entries (``read_source`` / ``build_dataset`` /
+``load_config`` / ``finetune/run.py``).
+
+Each case must give one line naming the file and the reason, a counted skip under ``data.skip_bad`` where
+the bad item is one file among good ones, and leave an earlier output in the run folder byte-identical.
+Outcomes are recorded for ``benchmarks/results/reliability.md`` (see ``tests/reliability_record.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML, SecondaryCaptureImageStorage, generate_uid
+from reliability_record import record
+
+from medpretrain.config import BackboneConfig, ConfigError, DataConfig, load_config
+from medpretrain.data import DataError, clear_source_cache, read_source
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------
+# Builders: each writes good files plus one bad one under ``root`` and returns (spec, bad file name)
+# --------------------------------------------------------------------------------------------
+
+
+def _png(path: Path, seed: int, size: tuple[int, int] = (12, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)).save(path)
+    return path
+
+
+def _dcm(path: Path, pixels: np.ndarray | None = None) -> Path:
+    px = np.arange(64, dtype=np.uint16).reshape(8, 8) if pixels is None else pixels
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientID = "RELIABILITY-1"
+    ds.set_pixel_data(px, "MONOCHROME2", 12 if px.dtype == np.uint16 else 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _good_dicoms(root: Path) -> None:
+    for i in range(3):
+        _dcm(root / "a" / f"good{i}.dcm")
+        _dcm(root / "b" / f"fine{i}.dcm")
+
+
+def dicom_truncated(root: Path) -> tuple[str, str]:
+    _good_dicoms(root)
+    big = _dcm(root / "tmp_big.dcm", np.ones((64, 64), np.uint16)).read_bytes()
+    (root / "tmp_big.dcm").unlink()
+    (root / "a" / "cut.dcm").write_bytes(big[:-3000])
+    return f"dicom:{root}", "cut.dcm"
+
+
+def dicom_corrupt(root: Path) -> tuple[str, str]:
+    _good_dicoms(root)
+    good = (root / "a" / "good0.dcm").read_bytes()
+    # a real preamble and 'DICM' marker followed by garbage where the elements should be
+    (root / "a" / "corrupt.dcm").write_bytes(good[:132] + b"\xff\xfe\x00\x01" * 64)
+    return f"dicom:{root}", "corrupt.dcm"
+
+
+def dicom_no_pixels(root: Path) -> tuple[str, str]:
+    _good_dicoms(root)
+    ds = pydicom.dcmread(root / "a" / "good0.dcm")
+    del ds.PixelData
+    ds.save_as(root / "a" / "nopix.dcm")
+    return f"dicom:{root}", "nopix.dcm"
+
+
+def dicom_unsupported_syntax(root: Path) -> tuple[str, str]:
+    _good_dicoms(root)
+    ds = pydicom.dcmread(root / "a" / "good0.dcm")
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 12])
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.save_as(root / "a" / "mpeg.dcm")
+    return f"dicom:{root}", "mpeg.dcm"
+
+
+def _good_pngs(root: Path) -> None:
+    for i in range(3):
+        _png(root / "a" / f"good{i}.png", i)
+        _png(root / "b" / f"fine{i}.png", 10 + i)
+
+
+def png_zero_bytes(root: Path) -> tuple[str, str]:
+    _good_pngs(root)
+    (root / "a" / "zero.png").write_bytes(b"")
+    return f"folder:{root}", "zero.png"
+
+
+def png_text_file(root: Path) -> tuple[str, str]:
+    _good_pngs(root)
+    (root / "a" / "notes.png").write_text("this is a text file, not an image\n")
+    return f"folder:{root}", "notes.png"
+
+
+def tiff_nan(root: Path) -> tuple[str, str]:
+    _good_pngs(root)
+    arr = np.ones((10, 12), np.float32)
+    arr[3, 4] = np.nan
+    Image.fromarray(arr).save(root / "b" / "nan.tif")
+    return f"folder:{root}", "nan.tif"
+
+
+def manifest_label_out_of_range(root: Path) -> tuple[str, str]:
+    rows = []
+    for i in range(6):
+        _png(root / f"{i}.png", i)
+        rows.append(f"{i}.png,{i % 2}")
+    rows.append("5.png,7")
+    (root / "labels.csv").write_text("image_path,label\n" + "\n".join(rows) + "\n")
+    return f"folder:{root / 'labels.csv'}", "labels.csv"
+
+
+def mask_size_mismatch(root: Path) -> tuple[str, str]:
+    for i in range(3):
+        _png(root / "img" / f"{i}_a.png", i)
+        _png(root / "msk" / f"{i}_m.png", 20 + i)
+    _png(root / "img" / "9_a.png", 9)
+    _png(root / "msk" / "9_m.png", 9, size=(5, 5))
+    return f"segpairs:{root / 'img'},{root / 'msk'}", "9_m.png"
+
+
+def npz_wrong_shape(root: Path) -> tuple[str, str]:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1), dtype=np.uint8)
+    arrays["train_images"] = np.zeros((6, 28), np.uint8)
+    np.savez(root / "breastmnist_28.npz", **arrays)
+    return "medmnist:breastmnist", "breastmnist_28.npz"
+
+
+def nifti_constant_volume(root: Path) -> tuple[str, str]:
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        nib.save(nib.Nifti1Image(rng.random((8, 8, 4)).astype(np.float32), np.eye(4)), root / f"ok{i}.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), 3.0, np.float32), np.eye(4)), root / "flat.nii.gz")
+    return f"nifti:{root}", "flat.nii.gz"
+
+
+def empty_folder(root: Path) -> tuple[str, str]:
+    (root / "empty" / "sub").mkdir(parents=True)
+    return f"folder:{root / 'empty'}", "empty"
+
+
+@dataclass
+class Case:
+    build: Callable[[Path], tuple[str, str]]
+    reason: str
+    skippable: bool  # one bad file among good ones: skip_bad turns it into a counted skip
+    kw: dict = field(default_factory=dict)
+
+
+CASES = {
+    "truncated DICOM": Case(dicom_truncated, "truncated pixel data", True),
+    "corrupt DICOM (garbage after the DICM marker)": Case(dicom_corrupt, "no pixel data", True),
+    "DICOM without pixel data": Case(dicom_no_pixels, "no pixel data", True),
+    "unsupported transfer syntax": Case(dicom_unsupported_syntax, "unsupported transfer syntax", True),
+    "zero-byte PNG": Case(png_zero_bytes, "empty file (0 bytes)", True),
+    "text file named .png": Case(png_text_file, "not a readable image", True),
+    "NaN image": Case(tiff_nan, "NaN or infinite", True),
+    "constant NIfTI volume": Case(nifti_constant_volume, "constant", True),
+    "label out of range": Case(manifest_label_out_of_range, "label 7 out of range", True),
+    "mask size differs from image": Case(mask_size_mismatch, "differs from image", True),
+    "wrong-shaped .npz": Case(npz_wrong_shape, "train_images has shape", False),
+    "empty folder": Case(empty_folder, "no images found", False),
+}
+
+
+def _earlier_output(tmp_path: Path) -> tuple[Path, bytes]:
+    run = tmp_path / "run"
+    run.mkdir()
+    old = run / "metrics.csv"
+    old.write_bytes(b"step,loss\n1,0.5\n2,0.4\n")
+    return old, old.read_bytes()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_broken_input_one_line_named_and_skippable(tmp_path, name):
+    case = CASES[name]
+    root = tmp_path / "data"
+    root.mkdir()
+    spec, bad = case.build(root)
+    old, before = _earlier_output(tmp_path)
+    clear_source_cache()
+    cfg = DataConfig(dataset=spec, root=str(root), image_size=8, val_fraction=0.2, test_fraction=0.2, **case.kw)
+    with pytest.raises(DataError) as e:
+        read_source(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and bad in msg and case.reason in msg, msg
+    outcome = "error naming file and reason"
+    if case.skippable:
+        clear_source_cache()
+        src = read_source(DataConfig(dataset=spec, root=str(root), image_size=8, skip_bad=True, **case.kw))
+        assert [Path(p).name for p, _ in src.skipped] == [bad], src.skipped
+        assert len(src) > 0
+        outcome += "; skip_bad: 1 counted skip"
+    assert old.read_bytes() == before
+    record("bad input", name, outcome, message=msg[-160:])
+
+
+@pytest.mark.parametrize("name, text, fragments", [
+    ("unknown config key", "data:\n  imagesize: 32\n", ["data.imagesize", "unknown"]),
+    ("wrong config type", "data:\n  image_size: large\n", ["data.image_size", "is not int"]),
+    ("YAML python object", "seed: !!python/object/apply:os.system ['echo pwned']\n", ["not valid YAML"]),
+])
+def test_bad_config_file_named(tmp_path, name, text, fragments):
+    @dataclass
+    class Cfg:
+        data: DataConfig = field(default_factory=DataConfig)
+        backbone: BackboneConfig = field(default_factory=BackboneConfig)
+        seed: int = 0
+
+    path = tmp_path / "bad_config.yaml"
+    path.write_text(text)
+    old, before = _earlier_output(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, ["--config", str(path)])
+    msg = str(e.value)
+    assert "\n" not in msg and all(f in msg for f in fragments), msg
+    if name != "YAML python object":  # a key error names the key; a parse error names the file
+        assert "bad_config.yaml" in msg or fragments[0] in msg
+    else:
+        assert "bad_config.yaml" in msg
+    assert old.read_bytes() == before
+    record("bad input", name, "ConfigError naming key/file", message=msg[-160:])
+
+
+def _finetune(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(ROOT / "finetune/run.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120, env=env)
+
+
+def test_script_fails_with_one_line_and_keeps_earlier_outputs(tmp_path):
+    """Through the entry script: a text file named .png stops fine-tuning before any output is touched."""
+    root = tmp_path / "data"
+    root.mkdir()
+    spec, bad = png_text_file(root)
+    out = tmp_path / "run"
+    out.mkdir()
+    # config.yaml is not among them: the script saves the config of the attempt before reading data
+    keep = {n: f"earlier {n}\n".encode() for n in ("results.json", "metrics.csv", "model.safetensors")}
+    for n, b in keep.items():
+        (out / n).write_bytes(b)
+    proc = _finetune([f"data.dataset={spec}", "data.image_size=8", "backbone.arch=cbr_tiny",
+                      f"output_dir={out}", "optim.epochs=1"], tmp_path)
+    assert proc.returncode != 0
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert bad in last and "not a readable image" in last, proc.stderr[-2000:]
+    assert {n: (out / n).read_bytes() for n in keep} == keep
+    assert sorted(p.name for p in out.iterdir()) == sorted([*keep, "config.yaml"])
+    record("bad input", "text .png through finetune/run.py", "exit != 0, last line names file and reason, "
+           "earlier outputs unchanged", message=last[-160:])
+
+    proc = _finetune(["data.imagesize=8", f"output_dir={out}"], tmp_path)
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert proc.returncode != 0 and "data.imagesize" in last, proc.stderr[-2000:]
+    assert {n: (out / n).read_bytes() for n in keep} == keep
+    record("bad input", "unknown key through finetune/run.py", "exit != 0, key named, outputs unchanged",
+           message=last[-160:])
