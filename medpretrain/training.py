@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from medpretrain.checkpoint import BackboneMeta, save_backbone
 from medpretrain.config import config_to_dict
-from medpretrain.utils import PROJECT_ROOT, atomic_write_text
+from medpretrain.utils import PROJECT_ROOT, atomic_write_text, resolve_inside
 
 COMPLETE_MARKER = "COMPLETE"
 _CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
@@ -365,6 +365,7 @@ def resolve_run_dir(out_dir: str, run_name: str, resume: str) -> tuple[Path, boo
         # An explicit checkpoint path: the run folder is its grandparent (<run>/checkpoints/checkpoint_i).
         return Path(resume).expanduser().resolve().parent.parent, True
     name = run_name or time.strftime("%Y%m%d-%H%M%S")
+    resolve_inside(base, name)  # refuses a run_name with '..' or an absolute path: it cannot leave out_dir
     run_dir = base / name
     return run_dir, run_dir.exists()
 
