@@ -446,8 +446,11 @@ def flat_config(cfg: Any) -> dict[str, Any]:
 
 def fault_hook(step: int) -> None:
     """Test-only fault injection: ``MEDPRETRAIN_FAULT_EXIT_AT_STEP=k`` hard-exits (like SIGKILL, no
-    cleanup) right after optimizer step ``k``."""
+    cleanup) right after optimizer step ``k``; with ``MEDPRETRAIN_FAULT_RANK=r`` only process ``r`` does."""
     at = os.environ.get("MEDPRETRAIN_FAULT_EXIT_AT_STEP")
+    rank = os.environ.get("MEDPRETRAIN_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
     if at and int(at) == step:
         os._exit(137)
 
