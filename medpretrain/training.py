@@ -276,6 +276,9 @@ def save_checkpoint(accelerator: Any, step: int) -> Path:
         raise ValueError("save_checkpoint needs ProjectConfiguration(automatic_checkpoint_naming=True)")
     out = Path(accelerator.project_dir) / "checkpoints" / f"checkpoint_{accelerator.save_iteration}"
     accelerator.save_state()
+    at = os.environ.get("MEDPRETRAIN_FAULT_EXIT_IN_CHECKPOINT")  # test-only: killed before the marker
+    if at and int(at) == step:
+        os._exit(137)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(out / COMPLETE_MARKER, json.dumps({"step": int(step)}) + "\n")

@@ -1,0 +1,66 @@
+"""Reliability: a process killed while writing a checkpoint resumes from the previous complete one.
+
+``MEDPRETRAIN_FAULT_EXIT_IN_CHECKPOINT=k`` hard-exits (``os._exit(137)``, no cleanup, like SIGKILL) after
+accelerate wrote the state files of the step-``k`` checkpoint but before its ``COMPLETE`` marker. The
+resumed run must ignore that folder, continue from step ``k - checkpoint_every``, finish with the same
+number of steps and, on the CPU where SimCLR is deterministic, end with the uninterrupted run's weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reliability_record import record
+
+from medpretrain.checkpoint import load_backbone, read_meta
+from medpretrain.training import COMPLETE_MARKER
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=6", "train.log_every=1",
+        "train.checkpoint_every=2", "train.knn_every=-1", "data.image_size=28"]
+
+
+def simclr(args: list[str], data_root: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDPRETRAIN_DATA": str(data_root), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "pretrain" / "simclr.py"), *ARGS, *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def steps(path: Path) -> list[int]:
+    with open(path, newline="") as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh) if r["loss"] != ""]
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_resumes_from_previous(data_root, tmp_path):
+    ref = simclr([f"out_dir={tmp_path}", "run_name=ref"], data_root)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    killed = simclr([f"out_dir={tmp_path}", "run_name=r"], data_root, {"MEDPRETRAIN_FAULT_EXIT_IN_CHECKPOINT": "4"})
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    run = tmp_path / "r"
+    ckpts = {p.name: (p / COMPLETE_MARKER).exists() for p in (run / "checkpoints").iterdir()}
+    assert ckpts == {"checkpoint_0": True, "checkpoint_1": False}  # step 2 complete, step 4 cut before its marker
+    assert any((run / "checkpoints" / "checkpoint_1").iterdir())  # the state files were written
+    assert not (run / "backbone.safetensors").exists()
+
+    resumed = simclr([f"out_dir={tmp_path}", "train.resume=auto"], data_root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2/6" in resumed.stdout, resumed.stdout[-2000:]
+    assert steps(run / "metrics.csv") == [1, 2, 3, 4, 5, 6]
+    assert read_meta(run / "backbone.safetensors").steps == 6
+    a, _ = load_backbone(run / "backbone.safetensors")
+    b, _ = load_backbone(tmp_path / "ref" / "backbone.safetensors")
+    diff = max((va - vb).abs().max().item() for va, vb in zip(a.state_dict().values(), b.state_dict().values(),
+                                                                 strict=True) if va.is_floating_point())
+    assert diff < 1e-5, diff
+    assert all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+               if not va.is_floating_point())
+    record("fault injected", "SIGKILL-like exit inside the step-4 checkpoint write (SimCLR)",
+           f"resumed from step 2, 6/6 steps, max weight difference to the uninterrupted run {diff:.1e}")
