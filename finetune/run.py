@@ -18,7 +18,12 @@ test split is evaluated exactly once, at the end, with the selected weights. Out
 * ``model.safetensors`` (backbone + head, selected weights), ``config.yaml``, ``metrics.csv``.
 
 ``resume=auto`` continues from the newest complete epoch checkpoint in ``<output>/checkpoints``.
-Segmentation (``task=segmentation``) comes with a later issue and is refused here for now.
+
+``task=segmentation`` (binary masks, e.g. ``data.dataset=drive:``) trains a :class:`medpretrain.segmentation.UNet`
+whose encoder is the same backbone, on random paired patches (``seg.patch_size``) of ``seg.n_train_images``
+annotated images; validation and test use MONAI's sliding-window inference over whole images and score
+inside the roi (DRIVE's field of view). Model selection: best mean validation Dice. Outputs as above,
+with per-image test metrics in ``results.json`` and ``overlays.png`` instead of ``predictions.npz``.
 """
 
 from __future__ import annotations
@@ -104,6 +109,25 @@ class OptimConfig:
 
 
 @dataclass
+class SegConfig:
+    """``task=segmentation`` only (binary masks, e.g. ``drive:``)."""
+
+    n_train_images: int = 0
+    """Label budget: this many annotated training images, drawn seeded (``seed``) from train (0 = all)."""
+    patch_size: int = 96
+    """Training patches (PairedRandomCrop + PairedRandomFlip) and the sliding-window size at inference."""
+    patches_per_image: int = 16
+    """Patches drawn per training image per epoch."""
+    sw_batch_size: int = 16
+    sw_overlap: float = 0.25
+    threshold: float = 0.5
+    dice_loss_weight: float = 1.0
+    """Loss = BCE + this * soft Dice (vessels are ~12 % of the field of view; BCE alone predicts background)."""
+    n_overlays: int = 3
+    """Test images drawn in ``overlays.png`` (prediction against ground truth)."""
+
+
+@dataclass
 class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -116,6 +140,7 @@ class FinetuneConfig:
     regime: str = "full"
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
     output_dir: str | None = None
     """Default: ``<runs_dir>/finetune/<task>/<init>/<regime>/<fraction>/seed<seed>``."""
     n_bootstrap: int = 1000
@@ -145,8 +170,9 @@ def output_dir(cfg: FinetuneConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
     frac = cfg.data.label_fraction if cfg.data.label_fraction is not None else 1.0
+    budget = f"n{cfg.seg.n_train_images or 'all'}" if cfg.task == "segmentation" else f"{frac:g}"
     return (Path(cfg.runs_dir) / "finetune" / cfg.task / init_label(cfg.init) / cfg.regime.replace(":", "-")
-            / f"{frac:g}" / f"seed{cfg.seed}")
+            / budget / f"seed{cfg.seed}")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -459,15 +485,309 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
     return results
 
 
-TASKS = {"classification": run_classification}
+# ------------------------------------------------------------------------------------------------
+# Segmentation
+# ------------------------------------------------------------------------------------------------
+
+
+def build_seg_dataloaders(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Patch loader over ``seg.n_train_images`` seeded training images; whole-image val / test loaders."""
+    from torch.utils.data import Subset
+
+    from medpretrain.data.transforms import Compose, PairedRandomCrop, PairedRandomFlip
+
+    patches = Compose([PairedRandomCrop(cfg.seg.patch_size), PairedRandomFlip()])
+    full_train = build_dataset(cfg.data, "train", transform=patches)
+    n_all = len(full_train)
+    n = cfg.seg.n_train_images or n_all
+    if not 1 <= n <= n_all:
+        raise ConfigError(f"seg.n_train_images={cfg.seg.n_train_images} but the training split has {n_all} images")
+    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(n_all)[:n])
+    # Each chosen image appears patches_per_image times per epoch, each time with a fresh random crop.
+    train = Subset(full_train, np.repeat(chosen, cfg.seg.patches_per_image).tolist())
+    ds = {"train": full_train, "val": build_dataset(cfg.data, "val"), "test": build_dataset(cfg.data, "test")}
+    g = torch.Generator().manual_seed(cfg.seed)
+    loaders = {
+        "train": DataLoader(train, batch_size=cfg.optim.batch_size, shuffle=True, generator=g,
+                            num_workers=cfg.data.num_workers, drop_last=len(train) > cfg.optim.batch_size),
+        "val": DataLoader(ds["val"], batch_size=1, num_workers=cfg.data.num_workers),
+        "test": DataLoader(ds["test"], batch_size=1, num_workers=cfg.data.num_workers),
+    }
+    return {"datasets": ds, "loaders": loaders, "chosen": chosen,
+            "chosen_names": [full_train.names[int(i)] for i in chosen] if full_train.names is not None else None}
+
+
+def seg_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float) -> torch.Tensor:
+    """BCE + ``dice_weight`` * soft Dice (batch-pooled, smoothed by 1)."""
+    bce = F.binary_cross_entropy_with_logits(logits, mask)
+    if dice_weight <= 0:
+        return bce
+    p = torch.sigmoid(logits)
+    dice = (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
+    return bce + dice_weight * (1 - dice)
+
+
+@torch.no_grad()
+def predict_images(model: torch.nn.Module, loader: DataLoader, cfg: FinetuneConfig,
+                   accelerator: Accelerator) -> dict[str, np.ndarray]:
+    """Foreground probabilities of whole images by MONAI sliding-window inference, gathered across processes.
+
+    Returns ``probs``, ``masks``, ``rois`` ``[N, H, W]`` and ``index`` ``[N]`` (images of one split share a size).
+    """
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    probs, masks, rois, index = [], [], [], []
+    size = (cfg.seg.patch_size, cfg.seg.patch_size)
+    for batch in loader:
+        logits = sliding_window_inference(batch["image"], size, cfg.seg.sw_batch_size, model,
+                                          overlap=cfg.seg.sw_overlap, mode="gaussian")
+        p = torch.sigmoid(torch.as_tensor(logits))[:, 0]
+        p, m, r, i = accelerator.gather_for_metrics((p, batch["mask"][:, 0], batch["roi"][:, 0], batch["index"]))
+        probs.append(p.float().cpu())
+        masks.append(m.cpu())
+        rois.append(r.cpu())
+        index.append(i.cpu())
+    return {"probs": torch.cat(probs).numpy(), "masks": torch.cat(masks).numpy(), "rois": torch.cat(rois).numpy(),
+            "index": torch.cat(index).numpy()}
+
+
+def save_overlays(path: Path, pred: dict[str, np.ndarray], dataset: Any, n: int, threshold: float) -> None:
+    """PNG: for ``n`` test images, the image and the prediction against ground truth inside the roi
+    (green true positive, red false positive, blue false negative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n, len(pred["probs"]))
+    fig, axes = plt.subplots(n, 2, figsize=(8, 4 * n), squeeze=False)
+    for row in range(n):
+        image = dataset[row]["image"].numpy()
+        grey = image.mean(0)
+        grey = (grey - grey.min()) / max(1e-8, float(grey.max() - grey.min()))
+        roi = pred["rois"][row] > 0.5
+        yhat = (pred["probs"][row] >= threshold) & roi
+        gt = (pred["masks"][row] > 0.5) & roi
+        rgb = np.zeros((*gt.shape, 3), dtype=np.float32)
+        rgb[yhat & gt] = (0.0, 0.8, 0.0)
+        rgb[yhat & ~gt] = (0.9, 0.1, 0.1)
+        rgb[~yhat & gt] = (0.2, 0.4, 1.0)
+        name = dataset.names[row] if dataset.names is not None else str(row)
+        axes[row, 0].imshow(grey, cmap="gray")
+        axes[row, 0].set_title(name)
+        axes[row, 1].imshow(rgb)
+        axes[row, 1].set_title("TP green, FP red, FN blue")
+        for ax in axes[row]:
+            ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_hash: str) -> dict[str, Any]:
+    from medpretrain.segmentation import UNet, bootstrap_images, mean_metrics, per_image_metrics
+
+    t_run = time.perf_counter()
+    regime = parse_regime(cfg.regime)
+    seed_everything(cfg.seed)
+    source = read_source(cfg.data)
+    image_size = cfg.data.image_size or int(np.asarray(source.images[0]).shape[-1])
+    # The encoder sees patches: an ``auto`` stem follows the patch size, not the whole-image size; a loaded
+    # checkpoint keeps its own stem.
+    backbone, info = build_init(cfg, cfg.data.channels, cfg.backbone.stem, cfg.seg.patch_size)
+    stem = str(backbone.stem)
+    meta = getattr(info, "meta", None)
+    init_warnings = []
+    for ours, theirs in (("mean", "mean"), ("std", "std"), ("channels", "in_channels")):
+        value = getattr(meta, theirs, None) if meta is not None else None
+        if isinstance(value, list):
+            value = value[0] if len(set(value)) == 1 else None
+        if value is not None and getattr(cfg.data, ours) != value:
+            init_warnings.append(f"data.{ours}={getattr(cfg.data, ours)!r} differs from the init checkpoint's "
+                                 f"{theirs}={value!r}; using the checkpoint's")
+            setattr(cfg.data, ours, value)
+    for w in init_warnings:
+        accelerator.print(f"warning: {w}")
+    if init_warnings and accelerator.is_main_process:
+        save_config(cfg, out)
+
+    parts = build_seg_dataloaders(cfg)
+    train_ds, val_ds, test_ds = (parts["datasets"][s] for s in ("train", "val", "test"))
+    if train_ds.task != "segmentation":
+        raise ConfigError(f"task=segmentation needs a mask dataset (e.g. drive:), got task {train_ds.task!r}")
+
+    model = UNet(backbone, num_classes=1)
+    torch.manual_seed(cfg.seed + 1)
+    fresh = build_backbone(cfg.backbone.arch, cfg.data.channels, stem) if regime.kind == "reinit" else None
+    # The regimes act on model.backbone (= the U-Net encoder); the decoder always trains at optim.lr.
+    groups, regime_info = apply_regime(
+        model, regime, lr=cfg.optim.lr, backbone_lr_mult=cfg.optim.backbone_lr_mult,  # type: ignore[arg-type]
+        weight_decay=cfg.optim.weight_decay, pretrained=cfg.init != "scratch", fresh_backbone=fresh,
+    )
+    if cfg.optim.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    elif cfg.optim.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
+    milestones = sorted({max(1, int(m * cfg.optim.epochs)) for m in cfg.optim.milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.optim.gamma)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, parts["loaders"]["train"], parts["loaders"]["val"], parts["loaders"]["test"]
+    )
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    ckpt_dir = out / "checkpoints"
+    resume_from = resolve_resume(cfg.resume, ckpt_dir)
+    if resume_from is None and accelerator.is_main_process:
+        (out / "metrics.csv").unlink(missing_ok=True)
+    csv_log = CSVLogger(out / "metrics.csv", ["epoch", "train_loss", "val_dice", "val_auc", "lr", "epoch_s"])
+    prepare_resume(accelerator, ckpt_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        csv_log.truncate_after(progress.epoch, key="epoch")
+        accelerator.print(f"resumed from {resume_from} after epoch {progress.epoch}")
+    guard = FiniteGuard(accelerator.device)
+    best_path = out / "best_model.safetensors"
+    unwrapped = accelerator.unwrap_model(model)
+    n_images = len(parts["chosen"])
+    accelerator.print(f"{cfg.init} / {regime} / {n_images} annotated images / seed {cfg.seed}: segmentation, "
+                      f"{cfg.seg.patch_size}px patches, {regime_info.trainable_params} trainable params")
+
+    def scores(pred: dict[str, np.ndarray]) -> list[dict[str, float]]:
+        return per_image_metrics(pred["probs"], pred["masks"], pred["rois"], threshold=cfg.seg.threshold,
+                                 seed=cfg.seed)
+
+    step = 0
+    for epoch in range(progress.epoch + 1, cfg.optim.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        total, count = torch.zeros((), device=accelerator.device), 0
+        lr = optimizer.param_groups[0]["lr"]
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not accelerator.is_local_main_process)
+        for i, batch in enumerate(bar):
+            if cfg.optim.max_steps_per_epoch and i >= cfg.optim.max_steps_per_epoch:
+                break
+            with accelerator.accumulate(model):
+                loss = seg_loss(model(batch["image"]), batch["mask"], cfg.seg.dice_loss_weight)
+                guard.update(loss, step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad()
+            step += 1
+            total += loss.detach() * len(batch["mask"])
+            count += len(batch["mask"])
+        scheduler.step()
+        guard.check(resume_from, reduce=lambda t: accelerator.gather(t).max())
+        train_loss = float(accelerator.gather(total.reshape(1)).sum()) / max(1, count * accelerator.num_processes)
+
+        val_m = mean_metrics(scores(predict_images(model, val_loader, cfg, accelerator)))
+        epoch_s = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_m["dice"], "val_auc": val_m["auc"],
+               "lr": lr, "epoch_s": epoch_s}
+        progress.history.append({**row, "val": val_m})
+        progress.epoch = epoch
+        # Progress.best_auc holds the selection score, here the mean validation Dice.
+        improved = math.isfinite(val_m["dice"]) and val_m["dice"] > progress.best_auc
+        if improved:
+            progress.best_auc, progress.best_epoch, progress.bad_epochs = val_m["dice"], epoch, 0
+            if accelerator.is_main_process:
+                save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, "val_dice": val_m["dice"]})
+        else:
+            progress.bad_epochs += 1
+        if accelerator.is_main_process:
+            csv_log.log(row)
+        accelerator.print(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} val Dice {val_m['dice']:.4f} "
+                          f"AUC {val_m['auc']:.4f} lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
+        accelerator.wait_for_everyone()
+        resume_from = save_checkpoint(accelerator, step=epoch)
+        if cfg.optim.patience and progress.bad_epochs >= cfg.optim.patience:
+            accelerator.print(f"early stopping: no better validation Dice for {cfg.optim.patience} epochs")
+            break
+
+    if not best_path.exists():
+        raise RuntimeError(f"{best_path} is missing: no epoch produced a finite validation Dice (or the file was "
+                           "removed after a finished run; resume needs keep_checkpoints=true)")
+    state, _ = load_state_dict(best_path)
+    load_exact(unwrapped, state, source=best_path)
+    test = predict_images(model, test_loader, cfg, accelerator)
+    rows = scores(test)
+    test_m = mean_metrics(rows)
+    ci = bootstrap_images(rows, n_boot=cfg.n_bootstrap, seed=cfg.seed)
+    dices = [h["val_dice"] for h in progress.history]
+    names = test_ds.names
+    results: dict[str, Any] = {
+        "status": "complete",
+        "task": cfg.task,
+        "label_task": "segmentation",
+        "init": cfg.init,
+        "init_label": init_label(cfg.init),
+        "init_info": info,
+        "init_warnings": init_warnings,
+        "regime": str(regime),
+        "regime_info": regime_info,
+        "label_fraction": n_images / len(train_ds),
+        "n_train_images": n_images,
+        "seed": cfg.seed,
+        "metrics": {"test": test_m, "val_best": progress.history[progress.best_epoch - 1]["val"]},
+        "per_image": [{"name": names[int(i)] if names is not None else int(i), **r}
+                      for i, r in zip(test["index"], rows, strict=True)],
+        "ci": ci,
+        "ci_method": f"percentile bootstrap over test images, n={cfg.n_bootstrap}, seed={cfg.seed}, 95%",
+        "metric_protocol": f"per-image pixel metrics inside the roi (threshold {cfg.seg.threshold}), mean over "
+                           "test images; pixel AUC on at most 200000 roi pixels per image",
+        "best_epoch": progress.best_epoch,
+        "epochs_run": progress.epoch,
+        "epochs_to_95": epochs_to_fraction_of_best(dices, 0.95),
+        "history": [{k: v for k, v in h.items() if k != "val"} for h in progress.history],
+        "timing": {"mean_epoch_s": float(np.mean([h["epoch_s"] for h in progress.history])),
+                   "total_s": time.perf_counter() - t_run, "processes": accelerator.num_processes,
+                   "device": str(accelerator.device)},
+        "data": {"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": n_images,
+                 "train_pool_size": len(train_ds), "train_images": parts["chosen_names"],
+                 "val_size": len(val_ds), "test_size": len(test_ds), "image_size": image_size,
+                 "patch_size": cfg.seg.patch_size},
+        "config": config_to_dict(cfg),
+        "config_hash": requested_hash,
+        "resolved_config_hash": run_hash(cfg),
+        "code_version": code_version(),
+        "torch": torch.__version__,
+        "run_dir": str(out),
+    }
+    if accelerator.is_main_process:
+        save_state_dict(out / "model.safetensors", unwrapped.state_dict(),
+                        {"config": config_to_dict(cfg), "task": "segmentation", "arch": cfg.backbone.arch,
+                         "stem": stem, "in_channels": cfg.data.channels, "mean": cfg.data.mean, "std": cfg.data.std,
+                         "patch_size": cfg.seg.patch_size, "best_epoch": progress.best_epoch, "init": cfg.init})
+        save_overlays(out / "overlays.png", test, test_ds, cfg.seg.n_overlays, cfg.seg.threshold)
+        write_results(out, results)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            best_path.unlink(missing_ok=True)
+    accelerator.print(
+        f"test ({len(test_ds)} images): " + " ".join(f"{k} {v:.4f}" for k, v in test_m.items())
+        + f" | Dice 95% CI [{ci['dice']['low']:.4f}, {ci['dice']['high']:.4f}] | best epoch {progress.best_epoch}"
+    )
+    return results
+
+
+TASKS = {"classification": run_classification, "segmentation": run_segmentation}
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(FinetuneConfig, argv)
     if cfg.task not in TASKS:
-        raise ConfigError(f"task={cfg.task!r} is not implemented yet (planned with the segmentation issue); "
-                          f"available: {sorted(TASKS)}")
+        raise ConfigError(f"task={cfg.task!r} is not implemented; available: {sorted(TASKS)}")
     parse_regime(cfg.regime)  # fail on a bad regime before any work
+    if cfg.task == "segmentation" and read_source(cfg.data).task != "segmentation":
+        raise ConfigError(f"task=segmentation needs a mask dataset (e.g. data.dataset=drive:drive), "
+                          f"{cfg.data.dataset!r} is not one")
     out = output_dir(cfg)
     requested_hash = run_hash(cfg)  # before the init checkpoint may adjust data options
     accelerator = Accelerator(
@@ -487,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                 "status": "unavailable", "reason": str(e), "task": cfg.task, "init": cfg.init,
                 "init_label": init_label(cfg.init), "regime": cfg.regime, "seed": cfg.seed,
                 "label_fraction": cfg.data.label_fraction if cfg.data.label_fraction is not None else 1.0,
+                "n_train_images": cfg.seg.n_train_images if cfg.task == "segmentation" else None,
                 "config": config_to_dict(cfg), "config_hash": requested_hash, "code_version": code_version(),
             })
         accelerator.print(f"init '{cfg.init}' is unavailable: {e}\nwrote {out / 'results.json'} with status "

@@ -152,12 +152,12 @@ def test_imagenet_missing_is_unavailable_never_random(tmp_path, monkeypatch):
     assert not (out / "model.safetensors").exists() and not (out / "predictions.npz").exists()
 
 
-def test_bad_regime_and_segmentation_fail_before_work(tmp_path):
+def test_bad_regime_and_segmentation_on_labels_fail_before_work(tmp_path):
     from medpretrain.config import ConfigError
 
     with pytest.raises(ValueError, match="unknown regime"):
         finetune_run.main(["regime=partial", f"output_dir={tmp_path / 'x'}"])
-    with pytest.raises(ConfigError, match="segmentation"):
+    with pytest.raises(ConfigError, match="task=segmentation needs a mask dataset"):
         finetune_run.main(["task=segmentation", f"output_dir={tmp_path / 'y'}"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
