@@ -35,7 +35,7 @@ def test_rank_death_ends_the_launch_with_an_error():
     assert proc.returncode != 0
     assert "ChildFailedError" in proc.stderr and "rank      : 1" in proc.stderr
     assert "exitcode  : 1" in proc.stderr, proc.stderr[-3000:]
-    record("distributed fault", "gloo worker, rank 1 os._exit(1) at step 3 of 2",
+    record("distributed fault", "torchrun 2 x gloo worker, rank 1 os._exit(1) at step 3",
            f"launcher exit {proc.returncode} after {seconds:.1f} s, ChildFailedError names rank 1")
 
 

@@ -64,3 +64,36 @@ def test_kill_during_checkpoint_write_resumes_from_previous(data_root, tmp_path)
                if not va.is_floating_point())
     record("fault injected", "SIGKILL-like exit inside the step-4 checkpoint write (SimCLR)",
            f"resumed from step 2, 6/6 steps, max weight difference to the uninterrupted run {diff:.1e}")
+
+
+FT = [str(ROOT / "finetune" / "run.py"), "--config", str(ROOT / "configs" / "finetune.yaml"),
+      "backbone.arch=cbr_tiny", "optim.epochs=3", "optim.max_steps_per_epoch=2", "optim.batch_size=32",
+      "optim.eval_batch_size=512", "n_bootstrap=20", "data.label_fraction=0.05", "init=scratch", "regime=full"]
+
+
+def finetune(out: Path, data_root: Path, env_extra: dict[str, str] | None = None,
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDPRETRAIN_DATA": str(data_root), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, *FT, f"output_dir={out}", *extra], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=out.parent)
+
+
+@pytest.mark.slow
+def test_finetune_killed_between_epochs_in_checkpoint_write_resumes_exactly(data_root, tmp_path):
+    from medpretrain.checkpoint import load_state_dict
+
+    ref = finetune(tmp_path / "ref", data_root)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "r"
+    killed = finetune(out, data_root, {"MEDPRETRAIN_FAULT_EXIT_IN_CHECKPOINT": "2"})
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert not (out / "results.json").exists()
+    resumed = finetune(out, data_root, extra=("resume=auto",))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 1" in resumed.stdout + resumed.stderr
+    (a, _), (b, _) = load_state_dict(out / "model.safetensors"), load_state_dict(tmp_path / "ref" / "model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff < 1e-5, diff
+    record("fault injected", "exit inside the epoch-2 checkpoint write of fine-tuning (between epochs)",
+           f"resumed after epoch 1, 3/3 epochs, max weight difference to the uninterrupted run {diff:.1e}")
