@@ -11,6 +11,11 @@ computed by ``scripts/compare.py``). Output under ``out_dir``:
 * ``runs.csv`` (one row per run) and ``summary.csv`` (one row per init x regime x fraction, and the
   ensemble rows);
 * ``label_efficiency.png``, ``roc.png``, ``radar.png``, ``learning_curves.png``.
+
+Segmentation results (``task == "segmentation"``, from ``finetune/run.py task=segmentation``) are
+reported the same way with the segmentation metrics (:data:`medpretrain.segmentation.SEG_METRICS`, Dice
+as the headline), the label budget as the number of annotated training images instead of a fraction,
+no ROC / radar, and the prediction overlays of the headline runs copied next to the report.
 """
 
 from __future__ import annotations
@@ -28,16 +33,32 @@ from typing import Any
 import numpy as np
 
 from medpretrain.metrics import METRICS, aggregate
+from medpretrain.segmentation import SEG_METRICS
 from medpretrain.utils import atomic_path, atomic_write_text
 
 Result = Mapping[str, Any]
 PLOTS = ("label_efficiency.png", "roc.png", "radar.png", "learning_curves.png")
 _LABELS = {"auc": "AUC", "accuracy": "ACC", "sensitivity": "Sens", "specificity": "Spec", "precision": "Prec",
-           "f1": "F1"}
+           "f1": "F1", "dice": "Dice", "jaccard": "Jaccard"}
+
+
+def is_segmentation(r: Result) -> bool:
+    return r.get("task") == "segmentation"
+
+
+def budget(r: Result) -> float:
+    """The label budget of a run: annotated training images (segmentation) or the label fraction."""
+    if is_segmentation(r) and r.get("n_train_images") is not None:
+        return float(r["n_train_images"])
+    return float(r["label_fraction"])
+
+
+def _metrics_of(results: Sequence[Result]) -> tuple[str, ...]:
+    return SEG_METRICS if any(is_segmentation(r) for r in results) else METRICS
 
 
 def _key(r: Result) -> tuple[str, str, float]:
-    return (str(r["init_label"]), str(r["regime"]), float(r["label_fraction"]))
+    return (str(r["init_label"]), str(r["regime"]), budget(r))
 
 
 def _fmt(x: Any, nd: int = 3) -> str:
@@ -58,9 +79,11 @@ def _frac(f: float) -> str:
     return f"{f:g}"
 
 
-def summarize(results: Sequence[Result]) -> list[dict[str, Any]]:
-    """One row per (init, regime, label fraction) over the completed runs: mean/sd of every test metric,
-    epochs to 95% of the best validation AUC, seconds per epoch, and the per-seed bootstrap CIs of AUC."""
+def summarize(results: Sequence[Result], headline: str = "auc") -> list[dict[str, Any]]:
+    """One row per (init, regime, label budget) over the completed runs: mean/sd of every test metric,
+    epochs to 95% of the best validation score, seconds per epoch, and the per-seed bootstrap CIs of the
+    ``headline`` metric (key ``auc_ci`` whatever the metric, for the table code)."""
+    metrics = _metrics_of(results)
     groups: dict[tuple[str, str, float], list[Result]] = defaultdict(list)
     for r in results:
         if r.get("status") == "complete":
@@ -68,13 +91,13 @@ def summarize(results: Sequence[Result]) -> list[dict[str, Any]]:
     rows = []
     for (init, regime, frac), runs in sorted(groups.items()):
         runs = sorted(runs, key=lambda r: r["seed"])
-        agg = aggregate([r["metrics"]["test"] for r in runs], METRICS)
+        agg = aggregate([r["metrics"]["test"] for r in runs], metrics)
         conv = aggregate([{"e95": r.get("epochs_to_95") or math.nan, "s": r["timing"]["mean_epoch_s"],
                            "best": r.get("best_epoch") or math.nan} for r in runs])
         rows.append({
             "kind": "single", "init": init, "regime": regime, "label_fraction": frac,
             "seeds": [r["seed"] for r in runs], "n": len(runs), "metrics": agg,
-            "auc_ci": [(r["ci"]["auc"]["low"], r["ci"]["auc"]["high"]) for r in runs if r.get("ci")],
+            "auc_ci": [(r["ci"][headline]["low"], r["ci"][headline]["high"]) for r in runs if r.get("ci")],
             "epochs_to_95": conv["e95"], "epoch_s": conv["s"], "best_epoch": conv["best"],
             "train_size": runs[0]["data"].get("train_size"),
         })
@@ -92,31 +115,35 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _runs_csv(results: Sequence[Result]) -> str:
+def _runs_csv(results: Sequence[Result], headline: str = "auc") -> str:
     rows = []
+    metrics = _metrics_of(results)
     for r in results:
         row: dict[str, Any] = {"init": r.get("init_label"), "regime": r.get("regime"),
                                "label_fraction": r.get("label_fraction"), "seed": r.get("seed"),
                                "status": r.get("status"), "reason": r.get("reason", "")}
+        if is_segmentation(r):
+            row["n_train_images"] = r.get("n_train_images")
         if r.get("status") == "complete":
-            for m in METRICS:
+            for m in metrics:
                 row[f"test_{m}"] = r["metrics"]["test"][m]
                 row[f"test_{m}_ci_low"] = r["ci"][m]["low"]
                 row[f"test_{m}_ci_high"] = r["ci"][m]["high"]
             row.update(best_epoch=r.get("best_epoch"), epochs_run=r.get("epochs_run"),
-                       best_val_auc=r["metrics"]["val_best"]["auc"], epochs_to_95=r.get("epochs_to_95"),
+                       **{f"best_val_{headline}": r["metrics"]["val_best"][headline]}, epochs_to_95=r.get("epochs_to_95"),
                        mean_epoch_s=r["timing"]["mean_epoch_s"], train_size=r["data"].get("train_size"),
                        config_hash=r.get("config_hash"), run_dir=r.get("run_dir", ""))
         rows.append(row)
     return _csv_text(rows)
 
 
-def _summary_csv(rows: list[dict[str, Any]], ensembles: Sequence[Mapping[str, Any]]) -> str:
+def _summary_csv(rows: list[dict[str, Any]], ensembles: Sequence[Mapping[str, Any]],
+                 metrics: Sequence[str] = METRICS, budget_name: str = "label_fraction") -> str:
     out = []
     for s in rows:
         row: dict[str, Any] = {"kind": "single", "init": s["init"], "regime": s["regime"],
-                               "label_fraction": s["label_fraction"], "n_seeds": s["n"]}
-        for m in METRICS:
+                               budget_name: s["label_fraction"], "n_seeds": s["n"]}
+        for m in metrics:
             row[f"{m}_mean"] = s["metrics"][m]["mean"]
             row[f"{m}_std"] = s["metrics"][m]["std"]
         row.update(epochs_to_95_mean=s["epochs_to_95"]["mean"], epoch_s_mean=s["epoch_s"]["mean"])
@@ -160,7 +187,8 @@ def _colors(inits: Sequence[str]) -> dict[str, Any]:
     return {init: cmap(i % 10) for i, init in enumerate(inits)}
 
 
-def plot_label_efficiency(rows: list[dict[str, Any]], path: Path, metric: str = "auc") -> Path:
+def plot_label_efficiency(rows: list[dict[str, Any]], path: Path, metric: str = "auc",
+                          xlabel: str = "label fraction") -> Path:
     """Test metric (mean +- sd over seeds) against label fraction: one panel per regime, one line per init."""
     plt = _plt()
     regimes = sorted({r["regime"] for r in rows})
@@ -182,7 +210,7 @@ def plot_label_efficiency(rows: list[dict[str, Any]], path: Path, metric: str = 
             ax.set_xscale("log")
         ax.set_xticks(fracs, [_frac(f) for f in fracs])
         ax.set_title(f"regime: {regime}")
-        ax.set_xlabel("label fraction")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test {_LABELS.get(metric, metric)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -242,8 +270,8 @@ def plot_radar(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_learning_curves(results: Sequence[Result], path: Path) -> Path:
-    """Validation AUC (top) and training loss (bottom) per epoch, mean over seeds; a column per regime."""
+def plot_learning_curves(results: Sequence[Result], path: Path, val_key: str = "val_auc") -> Path:
+    """Validation score ``val_key`` (top) and training loss (bottom) per epoch, mean over seeds; a column per regime."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
@@ -257,13 +285,13 @@ def plot_learning_curves(results: Sequence[Result], path: Path) -> Path:
             runs = [r for r in done if r["regime"] == regime and r["init_label"] == init]
             if not runs:
                 continue
-            for i, key in enumerate(("val_auc", "train_loss")):
+            for i, key in enumerate((val_key, "train_loss")):
                 curves = [[h[key] for h in r["history"]] for r in runs]
                 length = min(len(c) for c in curves)
                 mean = np.nanmean(np.asarray([c[:length] for c in curves], dtype=float), axis=0)
                 axes[i][j].plot(range(1, length + 1), mean, color=colors[init], label=init)
         axes[0][j].set_title(f"regime: {regime}")
-        axes[0][j].set_ylabel("val AUC")
+        axes[0][j].set_ylabel(val_key.replace("_", " "))
         axes[1][j].set_ylabel("train loss")
         axes[1][j].set_xlabel("epoch")
         for i in range(2):
@@ -272,6 +300,25 @@ def plot_learning_curves(results: Sequence[Result], path: Path) -> Path:
             axes[i][j].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _overlay_section(done: Sequence[Result], out: Path, regime: str, n_images: float) -> list[str]:
+    """Copy the ``overlays.png`` of the lowest-seed run of each init (headline regime / budget) into ``out``."""
+    import shutil
+
+    md = ["## Prediction overlays", "",
+          f"Regime `{regime}`, {n_images:g} annotated images, first test images: green true positive, red false "
+          "positive, blue false negative, inside the field of view.", ""]
+    for init in sorted({str(r["init_label"]) for r in done}):
+        runs = sorted((r for r in done if _key(r) == (init, regime, n_images)), key=lambda r: r["seed"])
+        src = Path(str(runs[0].get("run_dir", ""))) / "overlays.png" if runs else None
+        if src is None or not src.is_file():
+            continue
+        name = f"overlays_{init}.png".replace("/", "_")
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src, tmp)
+        md += [f"**{init}** (seed {runs[0]['seed']}):", "", f"![{init} overlays]({name})", ""]
+    return md
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,8 +330,8 @@ def _headline(results: Sequence[Result]) -> tuple[float | None, str | None]:
     done = [r for r in results if r.get("status") == "complete"]
     if not done:
         return None, None
-    frac = max(float(r["label_fraction"]) for r in done)
-    regimes = sorted({r["regime"] for r in done if float(r["label_fraction"]) == frac})
+    frac = max(budget(r) for r in done)
+    regimes = sorted({r["regime"] for r in done if budget(r) == frac})
     return frac, ("full" if "full" in regimes else regimes[0])
 
 
@@ -295,25 +342,33 @@ def build_report(
     title: str = "Initialisation comparison",
     ensembles: Sequence[Mapping[str, Any]] = (),
     notes: Sequence[str] = (),
-    metric: str = "auc",
+    metric: str | None = None,
 ) -> Path:
     """Write ``report.md``, ``runs.csv``, ``summary.csv`` and the plots to ``out_dir``; return the report path.
 
     ``results``: run results (``status`` complete / unavailable / failed). ``ensembles``: rows with
     ``init, regime, label_fraction, n, metrics{m: value}, ci{m: {low, high}}, roc`` (optional).
-    ``notes``: free text lines (protocol remarks such as a smaller local train split).
+    ``notes``: free text lines (protocol remarks such as a smaller local train split). ``metric``: the
+    headline metric (default AUC, Dice for segmentation results).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    seg = any(is_segmentation(r) for r in results)
+    metrics = _metrics_of(results)
+    metric = metric or ("dice" if seg else "auc")
+    if metric not in metrics:
+        raise ValueError(f"metric must be one of {metrics}, got {metric!r}")
+    if seg and any(not is_segmentation(r) for r in results):
+        raise ValueError("build_report: segmentation and classification results cannot share one report")
+    val_key = "val_dice" if seg else "val_auc"
+    budget_name = "n_train_images" if seg else "label_fraction"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(results)
+    rows = summarize(results, headline=metric)
     done = [r for r in results if r.get("status") == "complete"]
     unavailable = [r for r in results if r.get("status") == "unavailable"]
     failed = [r for r in results if r.get("status") not in ("complete", "unavailable")]
 
-    atomic_write_text(out / "runs.csv", _runs_csv(results))
-    atomic_write_text(out / "summary.csv", _summary_csv(rows, ensembles))
+    atomic_write_text(out / "runs.csv", _runs_csv(results, headline=metric))
+    atomic_write_text(out / "summary.csv", _summary_csv(rows, ensembles, metrics, budget_name))
 
     md: list[str] = [f"# {title}", ""]
     md.append(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {len(results)} run(s): "
@@ -322,35 +377,41 @@ def build_report(
     if datasets:
         md.append(f"Data: {', '.join(f'`{d}`' for d in datasets)}; task: "
                   f"{', '.join(sorted({str(r.get('label_task')) for r in done}))}. "
-                  "Model selection on the validation split only (best validation AUC); each run evaluates "
-                  "its test split once.")
+                  f"Model selection on the validation split only (best validation {_LABELS[metric]}); each run "
+                  "evaluates its test split once.")
+    if seg:
+        md.append("Segmentation: per-image pixel metrics inside the region of interest (DRIVE: the field of "
+                  "view), averaged over test images; whole images by sliding-window inference; the label "
+                  "budget is the number of annotated training images (seeded draw).")
     md += [f"- {n}" for n in notes]
     md.append("")
 
     md += ["## Comparison (test set)", "",
-           "Mean ± sample sd over seeds; per-seed 95% percentile-bootstrap CIs of the test AUC; ensemble rows "
-           "average the test probabilities of the seeds of one init (CI from the bootstrap of that ensemble).",
-           "", "| init | regime | labels | model | " + " | ".join(_LABELS[m] for m in METRICS)
-           + " | AUC 95% CI | epochs to 95% | s/epoch |",
-           "|" + "---|" * (len(METRICS) + 7)]
+           f"Mean ± sample sd over seeds; per-seed 95% percentile-bootstrap CIs of the test {_LABELS[metric]}"
+           + ("" if seg else "; ensemble rows average the test probabilities of the seeds of one init (CI from "
+              "the bootstrap of that ensemble)") + ".",
+           "", f"| init | regime | {'images' if seg else 'labels'} | model | "
+           + " | ".join(_LABELS[m] for m in metrics) + f" | {_LABELS[metric]} 95% CI | epochs to 95% | s/epoch |",
+           "|" + "---|" * (len(metrics) + 7)]
     ens_by_key = {(e["init"], e["regime"], float(e["label_fraction"])): e for e in ensembles}
     for s in rows:
         cis = "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s["auc_ci"])
         md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} ({s['train_size']}) | "
-                  f"single (n={s['n']}) | " + " | ".join(_pm(s["metrics"][m]) for m in METRICS)
+                  f"single (n={s['n']}) | " + " | ".join(_pm(s["metrics"][m]) for m in metrics)
                   + f" | {cis} | {_pm(s['epochs_to_95'], 1)} | {_fmt(s['epoch_s']['mean'], 1)} |")
         e = ens_by_key.get((s["init"], s["regime"], s["label_fraction"]))
         if e:
             md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | ensemble of {e['n']} | "
-                      + " | ".join(_fmt(e["metrics"][m]) for m in METRICS)
+                      + " | ".join(_fmt(e["metrics"][m]) for m in metrics)
                       + f" | [{e['ci']['auc']['low']:.3f}, {e['ci']['auc']['high']:.3f}] | | |")
     md.append("")
 
     if rows:
         fracs = sorted({s["label_fraction"] for s in rows})
         md += ["## Label efficiency", "",
-               f"Test {_LABELS[metric]} (mean ± sd over seeds) against the fraction of training labels "
-               "(stratified, seeded subsets).", "",
+               f"Test {_LABELS[metric]} (mean ± sd over seeds) against "
+               + ("the number of annotated training images (seeded draws)." if seg
+                  else "the fraction of training labels (stratified, seeded subsets)."), "",
                "| init | regime | " + " | ".join(_frac(f) for f in fracs) + " |",
                "|---|---|" + "---|" * len(fracs)]
         for init, regime in sorted({(s["init"], s["regime"]) for s in rows}):
@@ -360,41 +421,48 @@ def build_report(
                 cells.append(_pm(match[0]["metrics"][metric]) if match else "-")
             md.append(f"| {init} | {regime} | " + " | ".join(cells) + " |")
         md += ["", f"![label efficiency]({PLOTS[0]})", ""]
-        plot_label_efficiency(rows, out / PLOTS[0], metric)
+        plot_label_efficiency(rows, out / PLOTS[0], metric,
+                              xlabel="annotated training images" if seg else "label fraction")
 
         head_frac, head_regime = _headline(results)
         frac, regime = float(head_frac or 1.0), str(head_regime)
-        curves: dict[str, Any] = {}
-        for init in sorted({s["init"] for s in rows}):
-            e = ens_by_key.get((init, regime, frac))
-            if e and e.get("roc"):
-                curves[f"{init} (ensemble)"] = e["roc"]
-                continue
-            runs = sorted((r for r in done if _key(r) == (init, regime, frac)), key=lambda r: r["seed"])
-            if runs and runs[0].get("roc"):
-                curves[f"{init} (seed {runs[0]['seed']})"] = runs[0]["roc"]
-        md += ["## ROC curves", "", f"Regime `{regime}`, label fraction {_frac(frac)}, test set.", "",
-               f"![ROC curves]({PLOTS[1]})", ""]
-        plot_roc(curves, out / PLOTS[1], title=f"regime {regime}, labels {_frac(frac)}")
+        budget_text = f"{frac:g} annotated images" if seg else f"label fraction {_frac(frac)}"
+        if seg:
+            md += _overlay_section(done, out, regime, frac)
+        else:
+            curves: dict[str, Any] = {}
+            for init in sorted({s["init"] for s in rows}):
+                e = ens_by_key.get((init, regime, frac))
+                if e and e.get("roc"):
+                    curves[f"{init} (ensemble)"] = e["roc"]
+                    continue
+                runs = sorted((r for r in done if _key(r) == (init, regime, frac)), key=lambda r: r["seed"])
+                if runs and runs[0].get("roc"):
+                    curves[f"{init} (seed {runs[0]['seed']})"] = runs[0]["roc"]
+            md += ["## ROC curves", "", f"Regime `{regime}`, label fraction {_frac(frac)}, test set.", "",
+                   f"![ROC curves]({PLOTS[1]})", ""]
+            plot_roc(curves, out / PLOTS[1], title=f"regime {regime}, labels {_frac(frac)}")
 
-        head_rows = [s for s in rows if s["label_fraction"] == frac]
-        md += ["## Six-metric radar", "",
-               f"Per init, label fraction {_frac(frac)}, one polygon per regime (mean over seeds).", "",
-               f"![radar]({PLOTS[2]})", ""]
-        plot_radar(head_rows, out / PLOTS[2])
+            head_rows = [s for s in rows if s["label_fraction"] == frac]
+            md += ["## Six-metric radar", "",
+                   f"Per init, label fraction {_frac(frac)}, one polygon per regime (mean over seeds).", "",
+                   f"![radar]({PLOTS[2]})", ""]
+            plot_radar(head_rows, out / PLOTS[2])
 
-        head_runs = [r for r in done if float(r["label_fraction"]) == frac]
+        head_runs = [r for r in done if budget(r) == frac]
+        vname = f"validation {_LABELS[metric]}"
         md += ["## Learning curves and convergence", "",
-               f"Validation AUC and training loss per epoch (mean over seeds), label fraction {_frac(frac)}. "
-               "Convergence speed = epochs until the validation AUC first reaches 95% of its best value.", "",
+               f"{vname[0].upper() + vname[1:]} and training loss per epoch (mean over seeds), {budget_text}. "
+               f"Convergence speed = epochs until the {vname} first reaches 95% of its best value.", "",
                f"![learning curves]({PLOTS[3]})", "",
-               "| init | regime | labels | epochs to 95% of best val AUC | best epoch | s/epoch (wall-clock) |",
+               f"| init | regime | {'images' if seg else 'labels'} | epochs to 95% of best val {_LABELS[metric]} "
+               "| best epoch | s/epoch (wall-clock) |",
                "|---|---|---|---|---|---|"]
         for s in rows:
             md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | {_pm(s['epochs_to_95'], 1)} | "
                       f"{_pm(s['best_epoch'], 1)} | {_fmt(s['epoch_s']['mean'], 2)} |")
         md.append("")
-        plot_learning_curves(head_runs, out / PLOTS[3])
+        plot_learning_curves(head_runs, out / PLOTS[3], val_key=val_key)
 
     md += ["## Unavailable arms", ""]
     if unavailable:

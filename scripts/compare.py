@@ -4,7 +4,9 @@
     python scripts/compare.py --config configs/compare.yaml collect_only=true     # report from what exists
     python scripts/compare.py inits='[scratch, selfsup, imagenet]' seeds='[0, 1, 2]' name=pneumonia
 
-The grid is ``inits x regimes x label_fractions x seeds``. Each cell is one ``finetune/run.py`` run
+The grid is ``inits x regimes x label_fractions x seeds``; for a segmentation base config
+(``task: segmentation``, e.g. ``configs/compare_drive.yaml``) it is ``inits x regimes x n_train_images x seeds``
+with Dice as the headline metric and no ensemble rows. Each cell is one ``finetune/run.py`` run
 (launched as ``accelerate launch finetune/run.py ...``, or in this process with ``launcher=inprocess``)
 writing to ``<runs_dir>/finetune/<task>/<init>/<regime>/<fraction>/seed<k>``. A cell whose
 ``results.json`` is complete and carries the same config hash is skipped, so an interrupted grid
@@ -55,6 +57,8 @@ class CompareConfig:
     inits: list[str] = field(default_factory=lambda: ["scratch", "selfsup", "imagenet"])
     regimes: list[str] = field(default_factory=lambda: ["linear", "full"])
     label_fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    n_train_images: list[int] = field(default_factory=lambda: [2, 5, 0])
+    """Segmentation only: label budgets as numbers of annotated training images (0 = all)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     overrides: list[str] = field(default_factory=list)
     """Extra ``key=value`` overrides passed to every run (e.g. ``optim.epochs=5``)."""
@@ -72,13 +76,22 @@ class CompareConfig:
     notes: list[str] = field(default_factory=list)
 
 
-def cell_argv(cfg: CompareConfig, init: str, regime: str, fraction: float, seed: int) -> list[str]:
-    return ["--config", cfg.base_config, f"init={init}", f"regime={regime}", f"data.label_fraction={fraction}",
+def base_task(cfg: CompareConfig) -> str:
+    """``classification`` or ``segmentation``: the task of the base config with the overrides."""
+    return load_config(finetune_run.FinetuneConfig, ["--config", cfg.base_config, *cfg.overrides]).task
+
+
+def cell_argv(cfg: CompareConfig, init: str, regime: str, fraction: float, seed: int,
+              task: str = "classification") -> list[str]:
+    budget = f"seg.n_train_images={int(fraction)}" if task == "segmentation" else f"data.label_fraction={fraction}"
+    return ["--config", cfg.base_config, f"init={init}", f"regime={regime}", budget,
             f"seed={seed}", f"runs_dir={cfg.runs_dir}", *cfg.overrides]
 
 
 def grid(cfg: CompareConfig) -> list[list[str]]:
-    return [cell_argv(cfg, i, r, f, s) for i in cfg.inits for r in cfg.regimes for f in cfg.label_fractions
+    task = base_task(cfg)
+    budgets: list[float] = [float(n) for n in cfg.n_train_images] if task == "segmentation" else cfg.label_fractions
+    return [cell_argv(cfg, i, r, f, s, task) for i in cfg.inits for r in cfg.regimes for f in budgets
             for s in cfg.seeds]
 
 
@@ -109,7 +122,7 @@ def ensembles(results: list[dict[str, Any]], n_boot: int) -> list[dict[str, Any]
     """Average test probabilities over the seeds of each (init, regime, fraction) with >= 2 complete runs."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in results:
-        if r.get("status") == "complete":
+        if r.get("status") == "complete" and r.get("task") != "segmentation":  # no saved probabilities
             groups.setdefault((r["init_label"], r["regime"], float(r["label_fraction"])), []).append(r)
     rows = []
     for (init, regime, frac), runs in sorted(groups.items()):
@@ -144,8 +157,9 @@ def main(argv: list[str] | None = None) -> Path:
         out = finetune_run.output_dir(run_cfg)
         want = finetune_run.run_hash(run_cfg)
         existing = read_results(out / "results.json")
-        label = (f"[{n}/{len(cells)}] {run_cfg.init} / {run_cfg.regime} / {run_cfg.data.label_fraction:g} / "
-                 f"seed {run_cfg.seed}")
+        budget = (f"{run_cfg.seg.n_train_images or 'all'} images" if run_cfg.task == "segmentation"
+                  else f"{run_cfg.data.label_fraction:g}")
+        label = f"[{n}/{len(cells)}] {run_cfg.init} / {run_cfg.regime} / {budget} / seed {run_cfg.seed}"
         if existing and existing.get("config_hash") == want and existing.get("status") == "complete":
             state.print(f"{label}: done ({out})")
         elif cfg.collect_only:
@@ -161,7 +175,8 @@ def main(argv: list[str] | None = None) -> Path:
                 tail = (out / "run.log").read_text()[-2000:] if (out / "run.log").exists() else ""
                 existing = {"status": "failed", "reason": f"exit code {code}; log {out / 'run.log'}",
                             "init_label": finetune_run.init_label(run_cfg.init), "regime": run_cfg.regime,
-                            "label_fraction": run_cfg.data.label_fraction, "seed": run_cfg.seed, "log_tail": tail}
+                            "label_fraction": run_cfg.data.label_fraction, "seed": run_cfg.seed, "log_tail": tail,
+                            "task": run_cfg.task, "n_train_images": run_cfg.seg.n_train_images}
             state.print(f"{label}: {existing.get('status') if existing else 'no results'} "
                         f"in {time.perf_counter() - t:.0f}s")
         if existing:
@@ -172,7 +187,9 @@ def main(argv: list[str] | None = None) -> Path:
     for key, note in LOCAL_SPLIT_NOTES.items():
         if any(key in str(r.get("config", {}).get("data", {}).get("dataset", "")).lower() for r in results):
             notes.append(note)
-    notes.append(f"Grid: inits {cfg.inits}, regimes {cfg.regimes}, label fractions {cfg.label_fractions}, "
+    budgets = (f"annotated images {cfg.n_train_images} (0 = all)" if base_task(cfg) == "segmentation"
+               else f"label fractions {cfg.label_fractions}")
+    notes.append(f"Grid: inits {cfg.inits}, regimes {cfg.regimes}, {budgets}, "
                  f"seeds {cfg.seeds}; base config `{cfg.base_config}`"
                  + (f", overrides {cfg.overrides}" if cfg.overrides else "") + ".")
     report = build_report(results, Path(cfg.runs_dir) / "reports" / cfg.name, title=cfg.title,

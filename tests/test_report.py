@@ -126,3 +126,56 @@ def test_compare_grid_real_data_with_unavailable_arm_and_skip(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert out.count(": done (") == 8
     assert (d / "seed0" / "results.json").stat().st_mtime_ns == mtime
+
+
+def _fake_seg(init: str, n: int, seed: int, dice: float, run_dir: Path) -> dict:
+    from medpretrain.segmentation import SEG_METRICS
+
+    test = {m: dice for m in SEG_METRICS} | {"jaccard": dice / (2 - dice)}
+    return {
+        "status": "complete", "task": "segmentation", "label_task": "segmentation", "init_label": init,
+        "regime": "full", "label_fraction": n / 18, "n_train_images": n, "seed": seed,
+        "metrics": {"test": test, "val_best": {"dice": dice}},
+        "ci": {m: {"low": test[m] - 0.02, "high": test[m] + 0.02} for m in SEG_METRICS},
+        "history": [{"epoch": e, "train_loss": 1 / e, "val_dice": dice * e / 3, "epoch_s": 1.0} for e in (1, 2, 3)],
+        "best_epoch": 3, "epochs_run": 3, "epochs_to_95": 3, "timing": {"mean_epoch_s": 1.0},
+        "data": {"train_size": n}, "config": {"data": {"dataset": "drive:drive"}}, "run_dir": str(run_dir),
+    }
+
+
+def test_segmentation_report_dice_budget_in_images_and_overlays(tmp_path):
+    run_dir = tmp_path / "run0"
+    run_dir.mkdir()
+    (run_dir / "overlays.png").write_bytes(PNG_MAGIC + b"fake")
+    results = [_fake_seg("scratch", 2, 0, 0.50, run_dir), _fake_seg("scratch", 2, 1, 0.60, tmp_path / "none"),
+               _fake_seg("scratch", 18, 0, 0.70, run_dir), _fake_seg("selfsup", 18, 0, 0.75, tmp_path / "none"),
+               {"status": "unavailable", "task": "segmentation", "init_label": "imagenet", "regime": "full",
+                "label_fraction": 1.0, "n_train_images": 2, "seed": 0, "reason": "ImageNet weights missing"}]
+    rows = summarize(results, headline="dice")
+    s = next(r for r in rows if (r["init"], r["label_fraction"]) == ("scratch", 2.0))
+    assert s["metrics"]["dice"]["mean"] == pytest.approx(0.55) and "accuracy" not in s["metrics"]
+    report = build_report(results, tmp_path / "rep")
+    text = report.read_text()
+    assert "| Dice | Jaccard | Sens | Spec | AUC | Dice 95% CI |" in text
+    assert "0.550 ± 0.071" in text  # scratch, 2 images: mean ± sample sd of 0.50 and 0.60
+    assert "number of annotated training images" in text
+    assert "## ROC curves" not in text and "## Prediction overlays" in text
+    assert (tmp_path / "rep" / "overlays_scratch.png").read_bytes().startswith(PNG_MAGIC)
+    assert "overlays_selfsup.png" not in text  # its run has no overlays file
+    assert "**imagenet** (1 run(s))" in text
+    summary = list(csv.DictReader(open(tmp_path / "rep" / "summary.csv")))
+    assert {r["n_train_images"] for r in summary} == {"2.0", "18.0"}
+    with pytest.raises(ValueError, match="cannot share"):
+        build_report(results + [_fake("scratch", 0.1, 0, 0.8)], tmp_path / "mixed")
+
+
+def test_compare_grid_for_segmentation_uses_image_budgets():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    cfg = compare.load_config(compare.CompareConfig, ["--config", str(ROOT / "configs/compare_drive.yaml"),
+                                                      f"base_config={ROOT / 'configs/finetune_drive.yaml'}"])
+    cells = compare.grid(cfg)
+    assert len(cells) == 3 * 2 * 3 * 2
+    assert sum("seg.n_train_images=2" in c for c in cells) == 12
+    assert not any(a.startswith("data.label_fraction") for c in cells for a in c)
