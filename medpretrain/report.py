@@ -194,6 +194,8 @@ def plot_label_efficiency(rows: list[dict[str, Any]], path: Path, metric: str = 
     regimes = sorted({r["regime"] for r in rows})
     inits = sorted({r["init"] for r in rows})
     colors = _colors(inits)
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = plt.subplots(1, max(1, len(regimes)), figsize=(4.5 * max(1, len(regimes)), 3.6), squeeze=False)
     for ax, regime in zip(axes[0], regimes, strict=False):
         for init in inits:
@@ -209,6 +211,7 @@ def plot_label_efficiency(rows: list[dict[str, Any]], path: Path, metric: str = 
         if len(fracs) > 1 and fracs[-1] / max(fracs[0], 1e-9) >= 5:
             ax.set_xscale("log")
         ax.set_xticks(fracs, [_frac(f) for f in fracs])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # label only the measured fractions
         ax.set_title(f"regime: {regime}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test {_LABELS.get(metric, metric)}")

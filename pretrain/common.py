@@ -74,6 +74,16 @@ class TrainConfig:
     training labels are touched), ``train`` = train-split labels as the bank, validation as queries."""
 
 
+def knn_monitor(data: DataConfig, split: str, k: int, t: float, every: int) -> KNNMonitor | None:
+    """The kNN monitor, or ``None`` when it is switched off (``every < 0``) or the data has no image
+    labels to score (segmentation masks, unlabeled folders): pretraining itself needs no labels."""
+    if every < 0:
+        return None
+    if build_dataset(data, "val").task not in ("binary", "multiclass"):
+        return None
+    return KNNMonitor(data, split, k, t)
+
+
 class KNNMonitor:
     """kNN accuracy of the backbone on labelled data (see :mod:`medpretrain.knn`)."""
 

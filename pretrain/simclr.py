@@ -42,13 +42,13 @@ import torch  # noqa: E402
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from common import (
-    KNNMonitor,
     TrainConfig,
     export_backbone,
     fault_hook,
     flat_config,
     image_loader,
     inject_nan,
+    knn_monitor,
     resolve_run_dir,
 )
 from lightly.loss import NTXentLoss
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     loader, sampler_gen, to_images = image_loader(ds, t.batch_size, t.cache_on_device, accelerator.device,
                                                   cfg.data.num_workers)
     views = BatchViews(cfg.aug, size=image_size, mean=cfg.data.mean, std=cfg.data.std)
-    monitor = KNNMonitor(cfg.data, t.knn_split, t.knn_k, t.knn_t) if t.knn_every >= 0 else None
+    monitor = knn_monitor(cfg.data, t.knn_split, t.knn_k, t.knn_t, t.knn_every)
 
     # ---- model, loss, optimizer (lightly's SimCLR example) ----
     backbone = build_backbone(cfg.backbone.arch, cfg.data.channels, cfg.backbone.stem, image_size=image_size)
