@@ -218,10 +218,15 @@ def _dotted_to_nested(key: str, value: Any) -> dict[str, Any]:
 
 
 def _parse_scalar(text: str) -> Any:
+    """A command-line value as YAML (``1e-3``, ``true``, ``[1, 2]``, ``null``). Mappings only in
+    braces: ``drive:`` or ``folder:a: b`` stay strings (dataset specs end in or contain colons)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
+    if isinstance(value, dict) and not text.lstrip().startswith("{"):
+        return text
+    return value
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:

@@ -133,3 +133,10 @@ def test_alias_maps_documented_short_flag_to_nested_key():
     assert load_config(AliasedConfig, ["train.resume=auto"]).train.resume == "auto"
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(AliasedConfig, ["resum=auto"])
+
+
+def test_dataset_specs_with_colons_stay_strings():
+    assert load_config(RunConfig, ["data.dataset=drive:"]).data.dataset == "drive:"
+    assert load_config(RunConfig, ["--data.dataset", "folder:a: b"]).data.dataset == "folder:a: b"
+    with pytest.raises(ConfigError, match="expected a mapping of DataConfig fields"):
+        load_config(RunConfig, ["data={dataset: 3"])  # broken YAML stays a string, not a mapping
