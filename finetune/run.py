@@ -133,6 +133,8 @@ class FinetuneConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     init: str = "scratch"
     """scratch | imagenet | selfsup | simclr | moco | vae | dcgan | <path to a backbone checkpoint>."""
+    init_name: str = ""
+    """Label of the init in folders and reports (default: ``init``; ``<run>-<file>`` for a path)."""
     weights: str | None = None
     """ImageNet weights file (``init=imagenet``); default: looked up by :mod:`medpretrain.init`."""
     runs_dir: str = "runs"
@@ -150,8 +152,11 @@ class FinetuneConfig:
     """Keep the per-epoch resume checkpoints after a successful run (they are large)."""
 
 
-def init_label(init: str) -> str:
-    """Short name of an init for folders and reports (a checkpoint path becomes its parent folder name)."""
+def init_label(init: str, name: str = "") -> str:
+    """Short name of an init for folders and reports: ``name`` if given, else the init (a checkpoint path
+    becomes ``<parent folder>-<file stem>``)."""
+    if name:
+        return name
     p = Path(init)
     if p.suffix == ".safetensors" or "/" in init:
         return f"{p.parent.name}-{p.stem}" if p.parent.name else p.stem
@@ -171,8 +176,8 @@ def output_dir(cfg: FinetuneConfig) -> Path:
         return Path(cfg.output_dir)
     frac = cfg.data.label_fraction if cfg.data.label_fraction is not None else 1.0
     budget = f"n{cfg.seg.n_train_images or 'all'}" if cfg.task == "segmentation" else f"{frac:g}"
-    return (Path(cfg.runs_dir) / "finetune" / cfg.task / init_label(cfg.init) / cfg.regime.replace(":", "-")
-            / budget / f"seed{cfg.seed}")
+    return (Path(cfg.runs_dir) / "finetune" / cfg.task / init_label(cfg.init, cfg.init_name)
+            / cfg.regime.replace(":", "-") / budget / f"seed{cfg.seed}")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -436,7 +441,7 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
         "task": cfg.task,
         "label_task": task,
         "init": cfg.init,
-        "init_label": init_label(cfg.init),
+        "init_label": init_label(cfg.init, cfg.init_name),
         "init_info": info,
         "init_warnings": init_warnings,
         "regime": str(regime),
@@ -727,7 +732,7 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
         "task": cfg.task,
         "label_task": "segmentation",
         "init": cfg.init,
-        "init_label": init_label(cfg.init),
+        "init_label": init_label(cfg.init, cfg.init_name),
         "init_info": info,
         "init_warnings": init_warnings,
         "regime": str(regime),
@@ -805,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             write_results(out, {
                 "status": "unavailable", "reason": str(e), "task": cfg.task, "init": cfg.init,
-                "init_label": init_label(cfg.init), "regime": cfg.regime, "seed": cfg.seed,
+                "init_label": init_label(cfg.init, cfg.init_name), "regime": cfg.regime, "seed": cfg.seed,
                 "label_fraction": cfg.data.label_fraction if cfg.data.label_fraction is not None else 1.0,
                 "n_train_images": cfg.seg.n_train_images if cfg.task == "segmentation" else None,
                 "config": config_to_dict(cfg), "config_hash": requested_hash, "code_version": code_version(),

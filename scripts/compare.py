@@ -55,6 +55,7 @@ class CompareConfig:
     base_config: str = "configs/finetune.yaml"
     """The fine-tuning config every cell starts from (``finetune/run.py --config``)."""
     inits: list[str] = field(default_factory=lambda: ["scratch", "selfsup", "imagenet"])
+    """Init names (``finetune/run.py init=``), or ``<label>=<checkpoint path>`` to name a checkpoint in the report."""
     regimes: list[str] = field(default_factory=lambda: ["linear", "full"])
     label_fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
     n_train_images: list[int] = field(default_factory=lambda: [2, 5, 0])
@@ -84,7 +85,9 @@ def base_task(cfg: CompareConfig) -> str:
 def cell_argv(cfg: CompareConfig, init: str, regime: str, fraction: float, seed: int,
               task: str = "classification") -> list[str]:
     budget = f"seg.n_train_images={int(fraction)}" if task == "segmentation" else f"data.label_fraction={fraction}"
-    return ["--config", cfg.base_config, f"init={init}", f"regime={regime}", budget,
+    label, sep, path = init.partition("=")
+    named = [f"init={path}", f"init_name={label}"] if sep else [f"init={init}"]
+    return ["--config", cfg.base_config, *named, f"regime={regime}", budget,
             f"seed={seed}", f"runs_dir={cfg.runs_dir}", *cfg.overrides]
 
 
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> Path:
                                   and existing.get("config_hash") == want):
                 tail = (out / "run.log").read_text()[-2000:] if (out / "run.log").exists() else ""
                 existing = {"status": "failed", "reason": f"exit code {code}; log {out / 'run.log'}",
-                            "init_label": finetune_run.init_label(run_cfg.init), "regime": run_cfg.regime,
+                            "init_label": finetune_run.init_label(run_cfg.init, run_cfg.init_name), "regime": run_cfg.regime,
                             "label_fraction": run_cfg.data.label_fraction, "seed": run_cfg.seed, "log_tail": tail,
                             "task": run_cfg.task, "n_train_images": run_cfg.seg.n_train_images}
             state.print(f"{label}: {existing.get('status') if existing else 'no results'} "
