@@ -61,6 +61,7 @@ from medpretrain.config import (  # noqa: E402
     save_config,
 )
 from medpretrain.data import build_dataset, read_source  # noqa: E402
+from medpretrain.distributed import check_world, cpu_group_needed  # noqa: E402
 from medpretrain.metrics import (  # noqa: E402
     bootstrap_ci,
     classification_metrics,
@@ -796,9 +797,11 @@ def main(argv: list[str] | None = None) -> int:
     out = output_dir(cfg)
     requested_hash = run_hash(cfg)  # before the init checkpoint may adjust data options
     accelerator = Accelerator(
+        cpu=cpu_group_needed(),
         project_config=project_configuration(out, total_limit=2),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_world(accelerator)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from medpretrain.checkpoint import save_state_dict
 from medpretrain.config import ConfigError, DataConfig, config_to_dict, load_config, save_config
+from medpretrain.distributed import check_world, cpu_group_needed
 from medpretrain.generative import build_ddpm_unet, ddpm_meta, ddpm_sample, sample_statistics, save_grid
 from medpretrain.training import (
     Counter,
@@ -84,10 +85,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if existing and not tc.resume:
         raise ConfigError(f"{run_dir} already exists: pass train.resume=auto to continue it, or a new run_name")
     accelerator = Accelerator(
+        cpu=cpu_group_needed(),
         mixed_precision=tc.mixed_precision,
         log_with=None if tc.log_with == "none" else tc.log_with,
         project_config=project_configuration(run_dir, tc.checkpoint_total_limit),
     )
+    check_world(accelerator)
     set_seed(tc.seed)
 
     train_ds, image_size = load_split(cfg.data, cfg.split)
