@@ -493,3 +493,89 @@ def build_report(
     path = out / "report.md"
     atomic_write_text(path, "\n".join(md) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# The answer: which init at which label budget, and how sure
+# --------------------------------------------------------------------------------------------
+
+
+def _arm_se(row: Mapping[str, Any], metric: str) -> float:
+    """Standard error of an arm's mean test metric: seed spread (sd / sqrt(n)) combined with test-set
+    sampling (the mean per-seed 95% bootstrap half-width / 1.96, averaged over seeds, so / sqrt(n))."""
+    agg = row["metrics"][metric]
+    seed_var = agg["std"] ** 2 / agg["n"] if agg["n"] > 1 and math.isfinite(agg["std"]) else 0.0
+    halves = [(hi - lo) / 2 / 1.96 for lo, hi in row["auc_ci"] if math.isfinite(lo) and math.isfinite(hi)]
+    test_var = (float(np.mean(halves)) ** 2 / len(halves)) if halves else 0.0
+    return math.sqrt(seed_var + test_var)
+
+
+def recommend(results: Sequence[Result], metric: str | None = None) -> list[dict[str, Any]]:
+    """Per label budget, the inits ranked by their best regime's mean test ``metric`` (AUC, or Dice for
+    segmentation), and a verdict on the gap between the best and the runner-up init.
+
+    Each row: ``budget``, ``metric``, ``ranking`` (``init, regime, mean, std, n, se`` best first),
+    ``winner``, ``runner_up``, ``margin`` (winner mean - runner-up mean), ``uncertainty``
+    (sqrt(se_w^2 + se_r^2)), ``verdict``: ``clear`` (margin > 2 x uncertainty), ``likely`` (> 1 x),
+    ``not distinguishable``, or ``only one init`` ; ``single_seed`` when an arm of the two has one seed
+    (its seed-to-seed spread is then not measured and the uncertainty counts test-set sampling only),
+    ``unavailable``: inits that could not be measured (e.g. ImageNet weights missing).
+    """
+    seg = any(is_segmentation(r) for r in results)
+    metric = metric or ("dice" if seg else "auc")
+    rows = summarize(results, headline=metric)
+    unavailable = sorted({str(r.get("init_label")) for r in results if r.get("status") == "unavailable"})
+    out = []
+    for b in sorted({s["label_fraction"] for s in rows}):
+        best: dict[str, dict[str, Any]] = {}
+        for s in rows:
+            if s["label_fraction"] != b or not math.isfinite(s["metrics"][metric]["mean"]):
+                continue
+            arm = {"init": s["init"], "regime": s["regime"], "mean": s["metrics"][metric]["mean"],
+                   "std": s["metrics"][metric]["std"], "n": s["metrics"][metric]["n"], "se": _arm_se(s, metric)}
+            if s["init"] not in best or arm["mean"] > best[s["init"]]["mean"]:
+                best[s["init"]] = arm
+        ranking = sorted(best.values(), key=lambda a: -a["mean"])
+        if not ranking:
+            continue
+        row: dict[str, Any] = {"budget": b, "metric": metric, "ranking": ranking, "winner": ranking[0],
+                               "runner_up": None, "margin": math.nan, "uncertainty": math.nan,
+                               "verdict": "only one init", "single_seed": ranking[0]["n"] < 2,
+                               "unavailable": [u for u in unavailable if u not in best]}
+        if len(ranking) > 1:
+            w, r = ranking[0], ranking[1]
+            margin, unc = w["mean"] - r["mean"], math.sqrt(w["se"] ** 2 + r["se"] ** 2)
+            verdict = ("clear" if margin > 2 * unc else "likely" if margin > unc else "not distinguishable")
+            row.update(runner_up=r, margin=margin, uncertainty=unc, verdict=verdict,
+                       single_seed=w["n"] < 2 or r["n"] < 2)
+        out.append(row)
+    return out
+
+
+def recommendation_markdown(rows: Sequence[Mapping[str, Any]], results: Sequence[Result]) -> list[str]:
+    """The recommendation table of :func:`recommend` with a line on how to read it."""
+    if not rows:
+        return ["No complete runs: nothing to recommend yet."]
+    seg = any(is_segmentation(r) for r in results)
+    name = _LABELS[rows[0]["metric"]]
+    md = [f"For each label budget: the init whose best regime has the highest mean test {name} over seeds, the "
+          f"runner-up init, and the gap with its uncertainty (seed spread and test-set bootstrap combined; "
+          f"*clear*: gap > 2x uncertainty, *likely*: > 1x, else *not distinguishable*).", "",
+          f"| {'annotated images' if seg else 'label fraction'} | use | test {name} | runner-up | gap ± uncertainty "
+          "| verdict |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        w, ru = r["winner"], r["runner_up"]
+        budget_text = ("all" if r["budget"] == 0 else f"{r['budget']:g}") if seg else f"{r['budget']:g}"
+        win = f"**{w['init']}** ({w['regime']})"
+        score = _pm({"mean": w["mean"], "std": w["std"], "n": w["n"]}) + f" (n={w['n']})"
+        if ru is None:
+            md.append(f"| {budget_text} | {win} | {score} | - | - | {r['verdict']} |")
+            continue
+        verdict = r["verdict"] + (" (single seed)" if r["single_seed"] else "")
+        md.append(f"| {budget_text} | {win} | {score} | {ru['init']} ({ru['regime']}) {ru['mean']:.3f} | "
+                  f"{r['margin']:+.3f} ± {r['uncertainty']:.3f} | {verdict} |")
+    missing = sorted({u for r in rows for u in r["unavailable"]})
+    if missing:
+        md += ["", f"Not measured (unavailable, never replaced by random weights): {', '.join(missing)}; "
+                   "see the unavailable arms in the full report."]
+    return md

@@ -10,6 +10,7 @@ from medpretrain.data.dataset import (
     MedicalDataset,
     build_dataset,
     clear_source_cache,
+    data_stamp,
     fingerprint,
     read_source,
     split_indices,
@@ -21,6 +22,6 @@ from medpretrain.data.transforms import Compose, MapImage, PairedRandomCrop, Pai
 
 __all__ = [
     "Compose", "DataError", "DatasetSpec", "MapImage", "MedicalDataset", "PairedRandomCrop",
-    "PairedRandomFlip", "SkipLog", "Source", "Task", "build_dataset", "clear_source_cache", "data_root",
+    "PairedRandomFlip", "SkipLog", "Source", "Task", "build_dataset", "clear_source_cache", "data_root", "data_stamp",
     "fingerprint", "make_splits", "parse_spec", "read_source", "split_indices", "subsample_train",
 ]

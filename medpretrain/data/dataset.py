@@ -118,6 +118,41 @@ def fingerprint(files: list[Path]) -> str:
     return _HASH_CACHE[key]
 
 
+def data_stamp(cfg: DataConfig) -> str:
+    """Cheap identity of the files behind ``cfg.dataset``: sha256 of (path relative to the data root, size,
+    mtime) of every file, without decoding anything (content hashes are :func:`fingerprint`'s job).
+
+    Used to decide whether a finished stage can be reused. Raises :class:`DataError` naming the spec when
+    its files do not exist.
+    """
+    import hashlib
+
+    from medpretrain.data.medmnist import find_file
+
+    root = data_root(cfg)
+    spec = parse_spec(cfg.dataset, root)
+    if spec.scheme == "medmnist":
+        found = find_file(root, spec.name or "", spec.size, cfg.image_size)
+        if found is None:
+            raise DataError(cfg.dataset, f"no MedMNIST file for it under {root}")
+        files = [found]
+    else:
+        files = []
+        for p in spec.paths:
+            if p.is_file():
+                files.append(p)
+            elif p.is_dir():
+                files += [f for f in p.rglob("*") if f.is_file()]
+            else:
+                raise DataError(str(p), f"does not exist (dataset {cfg.dataset})")
+    h = hashlib.sha256(cfg.dataset.encode())
+    for f in sorted(files):
+        st = f.stat()
+        rel = f.relative_to(root) if f.is_relative_to(root) else f
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def split_indices(source: Source, cfg: DataConfig) -> dict[str, np.ndarray]:
     """``train`` / ``val`` / ``test`` indices of ``source`` under ``cfg`` (see :mod:`.splits`)."""
     return make_splits(
