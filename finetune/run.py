@@ -73,6 +73,7 @@ from medpretrain.regimes import Classifier, apply_regime, parse_regime  # noqa: 
 from medpretrain.training import (  # noqa: E402
     CSVLogger,
     FiniteGuard,
+    load_checkpoint,
     prepare_resume,
     project_configuration,
     resolve_resume,
@@ -346,13 +347,13 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
         optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
     milestones = sorted({max(1, int(m * cfg.optim.epochs)) for m in cfg.optim.milestones})
     # Stepped once per epoch and not passed to prepare() (accelerate steps prepared schedulers once per
-    # process per call, which suits per-batch schedules only); checkpointed through register_for_checkpointing.
+    # process per call, which suits per-batch schedules only); checkpointed by save_checkpoint(state=...).
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.optim.gamma)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, parts["loaders"]["train"], parts["loaders"]["val"], parts["loaders"]["test"]
     )
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
+    ckpt_state = {"scheduler": scheduler, "progress": progress}  # saved without pickle (save_checkpoint)
 
     ckpt_dir = out / "checkpoints"
     resume_from = resolve_resume(cfg.resume, ckpt_dir)
@@ -361,7 +362,7 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
     csv_log = CSVLogger(out / "metrics.csv", ["epoch", "train_loss", "val_auc", "val_accuracy", "lr", "epoch_s"])
     prepare_resume(accelerator, ckpt_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, ckpt_state)
         csv_log.truncate_after(progress.epoch, key="epoch")
         accelerator.print(f"resumed from {resume_from} after epoch {progress.epoch}")
     guard = FiniteGuard(accelerator.device)
@@ -418,7 +419,7 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
         accelerator.print(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} val AUC {val_m['auc']:.4f} "
                           f"ACC {val_m['accuracy']:.4f} lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
         accelerator.wait_for_everyone()
-        resume_from = save_checkpoint(accelerator, step=epoch)
+        resume_from = save_checkpoint(accelerator, step=epoch, state=ckpt_state)
         if cfg.optim.patience and progress.bad_epochs >= cfg.optim.patience:
             accelerator.print(f"early stopping: no better validation AUC for {cfg.optim.patience} epochs")
             break
@@ -644,7 +645,7 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
         model, optimizer, parts["loaders"]["train"], parts["loaders"]["val"], parts["loaders"]["test"]
     )
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
+    ckpt_state = {"scheduler": scheduler, "progress": progress}  # saved without pickle (save_checkpoint)
     ckpt_dir = out / "checkpoints"
     resume_from = resolve_resume(cfg.resume, ckpt_dir)
     if resume_from is None and accelerator.is_main_process:
@@ -652,7 +653,7 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
     csv_log = CSVLogger(out / "metrics.csv", ["epoch", "train_loss", "val_dice", "val_auc", "lr", "epoch_s"])
     prepare_resume(accelerator, ckpt_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, ckpt_state)
         csv_log.truncate_after(progress.epoch, key="epoch")
         accelerator.print(f"resumed from {resume_from} after epoch {progress.epoch}")
     guard = FiniteGuard(accelerator.device)
@@ -712,7 +713,7 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
         accelerator.print(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} val Dice {val_m['dice']:.4f} "
                           f"AUC {val_m['auc']:.4f} lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
         accelerator.wait_for_everyone()
-        resume_from = save_checkpoint(accelerator, step=epoch)
+        resume_from = save_checkpoint(accelerator, step=epoch, state=ckpt_state)
         if cfg.optim.patience and progress.bad_epochs >= cfg.optim.patience:
             accelerator.print(f"early stopping: no better validation Dice for {cfg.optim.patience} epochs")
             break

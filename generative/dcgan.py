@@ -75,6 +75,7 @@ from medpretrain.training import (
     FiniteGuard,
     NonFiniteLossError,
     checkpoint_step,
+    load_checkpoint,
     plot_curves,
     prepare_resume,
     project_configuration,
@@ -156,8 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     step = Counter()
     monitor = CollapseMonitor(cfg.collapse_threshold, cfg.collapse_patience)
-    accelerator.register_for_checkpointing(step)
-    accelerator.register_for_checkpointing(monitor)
+    ckpt_state = {"step": step, "collapse_monitor": monitor}  # saved without pickle (save_checkpoint)
 
     ckpt_dir = run_dir / "checkpoints"
     metrics = CSVLogger(run_dir / "metrics.csv", FIELDS)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prepare_resume(accelerator, ckpt_dir)
     last_ckpt = resolve_resume(tc.resume, ckpt_dir) if existing else None
     if last_ckpt is not None:
-        accelerator.load_state(str(last_ckpt))
+        load_checkpoint(accelerator, last_ckpt, ckpt_state)
         if accelerator.is_main_process:
             metrics.truncate_after(step.value)
         accelerator.print(f"resumed from {last_ckpt} at step {step.value}")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     metrics.log({"step": step.value, "epoch": epoch, **row, "elapsed_s": time.time() - start})
             if tc.checkpoint_every and step.value % tc.checkpoint_every == 0:
                 check_guard()
-                last_ckpt = save_checkpoint(accelerator, step.value)
+                last_ckpt = save_checkpoint(accelerator, step.value, ckpt_state)
             fault_hook(step.value)
             if step.value >= total_steps:
                 break
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     check_guard()
     if last_ckpt is None or checkpoint_step(last_ckpt) != step.value:
-        last_ckpt = save_checkpoint(accelerator, step.value)
+        last_ckpt = save_checkpoint(accelerator, step.value, ckpt_state)
     results: dict[str, Any] = {}
     if accelerator.is_main_process:
         disc = accelerator.unwrap_model(discriminator)

@@ -73,6 +73,7 @@ from medpretrain.training import (
     FiniteGuard,
     NonFiniteLossError,
     checkpoint_step,
+    load_checkpoint,
     plot_curves,
     prepare_resume,
     project_configuration,
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     step = Counter()
-    accelerator.register_for_checkpointing(step)
+    ckpt_state = {"step": step}  # saved without pickle (medpretrain.training.save_checkpoint)
 
     # Resume: the newest complete checkpoint (resume=auto), or start fresh.
     ckpt_dir = run_dir / "checkpoints"
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prepare_resume(accelerator, ckpt_dir)
     last_ckpt = resolve_resume(tc.resume, ckpt_dir) if existing else None
     if last_ckpt is not None:
-        accelerator.load_state(str(last_ckpt))
+        load_checkpoint(accelerator, last_ckpt, ckpt_state)
         if accelerator.is_main_process:
             metrics.truncate_after(step.value)
         accelerator.print(f"resumed from {last_ckpt} at step {step.value}")
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     metrics.log({"step": step.value, "epoch": epoch, **row, "elapsed_s": time.time() - start})
             if tc.checkpoint_every and step.value % tc.checkpoint_every == 0:
                 check_guard()
-                last_ckpt = save_checkpoint(accelerator, step.value)
+                last_ckpt = save_checkpoint(accelerator, step.value, ckpt_state)
             fault_hook(step.value)
             if step.value >= total_steps:
                 break
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Finish: a last NaN check and checkpoint, then the exports.
     check_guard()
     if last_ckpt is None or checkpoint_step(last_ckpt) != step.value:
-        last_ckpt = save_checkpoint(accelerator, step.value)
+        last_ckpt = save_checkpoint(accelerator, step.value, ckpt_state)
     val = evaluate(model, val_loader, accelerator)
     results: dict[str, Any] = {}
     if accelerator.is_main_process:

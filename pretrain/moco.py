@@ -11,7 +11,7 @@ MoCo example: query encoder (backbone + ``MoCoProjectionHead``), a momentum copy
 With several processes keys are gathered into the queue on every process (``gather_distributed``) and
 the key batch is shuffled across processes for the key encoder's BatchNorm (MoCo's "shuffling BN",
 lightly's ``batch_shuffle(distributed=True)``). The momentum encoder, the queue and the step counter are
-registered for checkpointing. Views are made on the training device by
+checkpointed (without pickle). Views are made on the training device by
 :class:`medpretrain.augment.BatchViews`.
 
 Outputs in ``runs/pretrain/moco/<run_name>/``: ``backbone.safetensors`` (the contract checkpoint that
@@ -74,6 +74,7 @@ from medpretrain.training import (
     FiniteGuard,
     NonFiniteLossError,
     checkpoint_step,
+    load_checkpoint,
     plot_curves,
     prepare_resume,
     project_configuration,
@@ -182,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     step = Counter()  # optimizer steps done; checkpointed with the rest of the state
     # The queue lives in non-persistent buffers of lightly's memory bank: checkpoint them explicitly.
-    accelerator.register_for_checkpointing(step, momentum_model, BufferState(criterion.memory_bank, ["bank", "bank_ptr"]))
+    # Saved without pickle (medpretrain.training.save_checkpoint), not through register_for_checkpointing.
+    ckpt_state = {"step": step, "momentum_model": momentum_model,
+                  "memory_bank": BufferState(criterion.memory_bank, ["bank", "bank_ptr"])}
     distributed = accelerator.num_processes > 1
 
     steps_per_epoch = len(loader) // t.grad_accum
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare_resume(accelerator, ckpt_dir)
     last_ckpt: Path | None = None
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, ckpt_state)
         if step.value != checkpoint_step(resume_from):
             raise RuntimeError(f"{resume_from}: step counter {step.value} != marker {checkpoint_step(resume_from)}")
         last_ckpt = resume_from
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
             if t.checkpoint_every > 0 and step.value % t.checkpoint_every == 0 and step.value < total_steps:
                 check_guard()  # never checkpoint garbage
-                last_ckpt = save_checkpoint(accelerator, step.value)
+                last_ckpt = save_checkpoint(accelerator, step.value, ckpt_state)
             fault_hook(step.value)
         if t.knn_every > 0 and (epoch + 1) % t.knn_every == 0 and step.value < total_steps:
             run_knn(epoch + 1)

@@ -66,6 +66,7 @@ from medpretrain.training import (
     FiniteGuard,
     NonFiniteLossError,
     checkpoint_step,
+    load_checkpoint,
     plot_curves,
     prepare_resume,
     project_configuration,
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         model = torch.compile(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     step = Counter()  # optimizer steps done; checkpointed with the rest of the state
-    accelerator.register_for_checkpointing(step)
+    ckpt_state = {"step": step}  # saved without pickle (medpretrain.training.save_checkpoint)
 
     steps_per_epoch = len(loader) // t.grad_accum
     if steps_per_epoch == 0:
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare_resume(accelerator, ckpt_dir)
     last_ckpt: Path | None = None
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, ckpt_state)
         if step.value != checkpoint_step(resume_from):
             raise RuntimeError(f"{resume_from}: step counter {step.value} != marker {checkpoint_step(resume_from)}")
         last_ckpt = resume_from
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
             if t.checkpoint_every > 0 and step.value % t.checkpoint_every == 0 and step.value < total_steps:
                 check_guard()  # never checkpoint garbage
-                last_ckpt = save_checkpoint(accelerator, step.value)
+                last_ckpt = save_checkpoint(accelerator, step.value, ckpt_state)
             fault_hook(step.value)
         if t.knn_every > 0 and (epoch + 1) % t.knn_every == 0 and step.value < total_steps:
             run_knn(epoch + 1)

@@ -93,6 +93,9 @@ def test_no_unsafe_deserialisation_in_the_repository():
     files = python_files()
     assert len(files) > 40 and ROOT / "medpretrain" / "init.py" in files
     found = {str(p.relative_to(ROOT)): unsafe_calls(p.read_text(encoding="utf-8")) for p in files}
+    # The guard imports pickle only to replace its loaders with refusing ones; anything else there counts.
+    guard = found.pop("tests/unsafe_load_guard.py")
+    assert guard and all(g.endswith("imports a pickle module") for g in guard), guard
     found = {k: v for k, v in found.items() if v}
     assert found == {}
     record("untrusted files", f"static scan of {len(files)} Python files", "no torch.load without "
@@ -150,3 +153,161 @@ def test_script_refuses_escaping_run_name_before_writing(tmp_path):
     assert "escapes the output directory" in last, proc.stderr[-2000:]
     assert not (tmp_path.parent / "escaped").exists() and not out.exists()
     record("untrusted files", "pretrain/simclr.py run_name=../../escaped", "exit != 0 before writing anything")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: resuming never unpickles (accelerate's custom_checkpoint_*.pkl are neither written nor read)
+# --------------------------------------------------------------------------------------------
+
+
+def test_training_state_round_trips_without_pickle(tmp_path):
+    import collections
+    import math
+
+    from lightly.loss import NTXentLoss
+
+    from medpretrain.generative import CollapseMonitor
+    from medpretrain.training import BufferState, Counter, load_training_state, save_training_state
+
+    def objects(seed: int):
+        torch.manual_seed(seed)
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 3], gamma=0.5)
+        bank = NTXentLoss(memory_bank_size=(8, 4)).memory_bank
+        bank.bank = torch.randn_like(bank.bank)  # the queue lives in non-persistent buffers
+        return {"step": Counter(seed), "momentum_model": net, "scheduler": sched,
+                "memory_bank": BufferState(bank, ["bank", "bank_ptr"]), "monitor": CollapseMonitor(0.3, 2)}
+
+    saved = objects(7)
+    for _ in range(2):
+        saved["scheduler"].optimizer.step()
+        saved["scheduler"].step()
+    saved["memory_bank"].module.bank_ptr.fill_(5)
+    saved["monitor"].update(float("nan"), 1.0)  # a NaN ratio must survive JSON
+    path = save_training_state(tmp_path / "training_state.safetensors", saved, step=7)
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors JSON header, no pickle protocol byte
+
+    loaded = objects(0)
+    load_training_state(path, loaded)
+    assert loaded["step"].value == 7
+    for k, v in saved["momentum_model"].state_dict().items():
+        assert torch.equal(loaded["momentum_model"].state_dict()[k], v)
+    assert loaded["scheduler"].state_dict() == saved["scheduler"].state_dict()
+    assert isinstance(loaded["scheduler"].milestones, collections.Counter)
+    assert loaded["scheduler"].get_last_lr() == saved["scheduler"].get_last_lr() == [0.05]
+    for n in ("bank", "bank_ptr"):
+        assert torch.equal(getattr(loaded["memory_bank"].module, n), getattr(saved["memory_bank"].module, n))
+    assert loaded["monitor"].strikes == 1 and math.isnan(loaded["monitor"].last_ratio)
+
+    with pytest.raises(ValueError, match=r"training_state\.safetensors: training state holds .*missing \[\], "
+                                         r"unexpected \['monitor'\]"):
+        load_training_state(path, {k: v for k, v in objects(0).items() if k != "monitor"})
+
+    class Opaque:
+        def state_dict(self):
+            return {"fn": print}
+
+    with pytest.raises(TypeError, match=r"training state opaque\.fn: a builtin_function_or_method cannot be saved"):
+        save_training_state(tmp_path / "x.safetensors", {"opaque": Opaque()}, step=0)
+
+
+def test_resume_refuses_pickled_accelerate_state(tmp_path):
+    """A checkpoint folder holding accelerate's ``custom_checkpoint_*.pkl`` (older format, or planted) is
+    refused before accelerate is asked to load anything, and its payload never runs."""
+    from medpretrain.training import COMPLETE_MARKER, load_checkpoint
+
+    ckpt = tmp_path / "checkpoints" / "checkpoint_0"
+    ckpt.mkdir(parents=True)
+    (ckpt / COMPLETE_MARKER).write_text('{"step": 2}\n')
+    marker = tmp_path / "PWNED"
+    torch.save({"value": Payload(marker)}, ckpt / "custom_checkpoint_0.pkl")
+
+    class NoAccelerator:
+        def load_state(self, path):
+            raise AssertionError("accelerate was asked to load a folder with pickled state")
+
+    with pytest.raises(ValueError, match=r"checkpoint_0: holds pickled state \['custom_checkpoint_0\.pkl'\].*never "
+                                         r"unpickled"):
+        load_checkpoint(NoAccelerator(), ckpt, {})
+    assert not marker.exists()
+    record("untrusted files", "checkpoint folder with a custom_checkpoint_0.pkl whose pickle runs os.mkdir",
+           "resume refused before loading, code not run")
+
+
+GUARD = ROOT / "tests" / "unsafe_load_guard.py"
+
+
+def guarded(log: Path, script: str | Path, args: list[str], cwd: Path,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(GUARD), str(log), str(script), *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=cwd)
+
+
+def guard_log(log: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_guard_catches_accelerates_pickled_custom_state(tmp_path):
+    """The control for the resume tests below: with an object registered for checkpointing, accelerate's
+    own ``load_state`` unpickles ``custom_checkpoint_0.pkl`` (``weights_only=False``) and the guard stops it."""
+    script = tmp_path / "old_style.py"
+    script.write_text(
+        "import sys\nfrom accelerate import Accelerator\n\n"
+        "class Step:\n    value = 3\n\n    def state_dict(self):\n        return {'value': self.value}\n\n"
+        "    def load_state_dict(self, state):\n        self.value = state['value']\n\n"
+        "acc = Accelerator(cpu=True)\nacc.register_for_checkpointing(Step())\n"
+        "acc.save_state(sys.argv[1])\nacc.load_state(sys.argv[1])\n")
+    log = tmp_path / "loads.jsonl"
+    proc = guarded(log, script, [str(tmp_path / "ckpt")], tmp_path)
+    assert proc.returncode != 0 and "UnsafeLoad" in proc.stderr, proc.stderr[-2000:]
+    refused = [e for e in guard_log(log) if e["refused"]]
+    assert [Path(e["file"]).name for e in refused] == ["custom_checkpoint_0.pkl"], guard_log(log)
+    assert refused[0]["weights_only"] is False
+
+
+PRETRAIN = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=4", "train.log_every=1",
+            "train.checkpoint_every=2", "train.knn_every=-1", "data.image_size=28", "moco.queue_size=64"]
+FINETUNE = ["--config", str(ROOT / "configs" / "finetune.yaml"), "backbone.arch=cbr_tiny", "optim.epochs=3",
+            "optim.max_steps_per_epoch=2", "optim.batch_size=32", "optim.eval_batch_size=512", "n_bootstrap=20",
+            "data.label_fraction=0.05", "init=scratch", "regime=full"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["pretrain/moco.py", "finetune/run.py"])
+def test_resume_never_unpickles(script, data_root, tmp_path):
+    """A killed run resumes under the guard: every ``torch.load`` has ``weights_only=True``, nothing reaches
+    pickle, and the checkpoints hold ``training_state.safetensors`` instead of ``custom_checkpoint_*.pkl``.
+    MoCo carries a momentum encoder, its memory bank and the step counter; fine-tuning an LR scheduler
+    (MultiStepLR) and its epoch / best-AUC progress."""
+    from medpretrain.training import COMPLETE_MARKER, TRAINING_STATE
+
+    log = tmp_path / "loads.jsonl"
+    env = {"MEDPRETRAIN_DATA": str(data_root)}
+    if script == "pretrain/moco.py":
+        run = tmp_path / "r"
+        args = [*PRETRAIN, f"out_dir={tmp_path}", "run_name=r"]
+        first = guarded(log, ROOT / script, args, ROOT, {**env, "MEDPRETRAIN_FAULT_EXIT_AT_STEP": "3"})
+        resumed_args, resumed_says = [*args, "train.resume=auto"], "at step 2/4"
+    else:
+        run = tmp_path / "ft"
+        args = [*FINETUNE, f"output_dir={run}"]
+        first = guarded(log, ROOT / script, args, tmp_path, {**env, "MEDPRETRAIN_FAULT_EXIT_IN_CHECKPOINT": "2"})
+        resumed_args, resumed_says = [*args, "resume=auto"], "after epoch 1"
+    assert first.returncode == 137, first.stderr[-3000:]
+    ckpts = sorted(p for p in (run / "checkpoints").iterdir() if (p / COMPLETE_MARKER).exists())
+    assert ckpts and all((p / TRAINING_STATE).is_file() and not list(p.glob("custom_checkpoint_*"))
+                         for p in ckpts), [sorted(q.name for q in p.iterdir()) for p in ckpts]
+
+    resumed = guarded(log, ROOT / script, resumed_args, ROOT if script.startswith("pretrain") else tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed_says in resumed.stdout + resumed.stderr, resumed.stdout[-2000:]
+    loads = guard_log(log)
+    assert [e for e in loads if e["refused"]] == []
+    read = {Path(e["file"]).name for e in loads if Path(e["file"]).parent == ckpts[0]}
+    assert {"optimizer.bin", "random_states_0.pkl"} <= read, loads  # the guard saw accelerate's loads
+    record("untrusted files", f"resume of {script} under a guard that refuses every unpickling load",
+           f"resumed ({resumed_says}); {len(loads)} torch.load calls, all weights_only=True; pickle never called")
