@@ -792,7 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is not implemented; available: {sorted(TASKS)}")
     parse_regime(cfg.regime)  # fail on a bad regime before any work
-    if cfg.task == "segmentation" and read_source(cfg.data).task != "segmentation":
+    # Bad data fails here, before the run folder is touched (config.yaml of an earlier run stays); decoded
+    # once per process: the task functions below get it from the cache.
+    source = read_source(cfg.data)
+    if cfg.task == "segmentation" and source.task != "segmentation":
         raise ConfigError(f"task=segmentation needs a mask dataset (e.g. data.dataset=drive:drive), "
                           f"{cfg.data.dataset!r} is not one")
     out = output_dir(cfg)

@@ -258,8 +258,8 @@ def test_script_fails_with_one_line_and_keeps_earlier_outputs(tmp_path):
     spec, bad = png_text_file(root)
     out = tmp_path / "run"
     out.mkdir()
-    # config.yaml is not among them: the script saves the config of the attempt before reading data
-    keep = {n: f"earlier {n}\n".encode() for n in ("results.json", "metrics.csv", "model.safetensors")}
+    # config.yaml too: the script reads the data before it saves the config of the attempt
+    keep = {n: f"earlier {n}\n".encode() for n in ("results.json", "metrics.csv", "model.safetensors", "config.yaml")}
     for n, b in keep.items():
         (out / n).write_bytes(b)
     proc = _finetune([f"data.dataset={spec}", "data.image_size=8", "backbone.arch=cbr_tiny",
@@ -268,7 +268,7 @@ def test_script_fails_with_one_line_and_keeps_earlier_outputs(tmp_path):
     last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
     assert bad in last and "not a readable image" in last, proc.stderr[-2000:]
     assert {n: (out / n).read_bytes() for n in keep} == keep
-    assert sorted(p.name for p in out.iterdir()) == sorted([*keep, "config.yaml"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(keep)
     record("bad input", "text .png through finetune/run.py", "exit != 0, last line names file and reason, "
            "earlier outputs unchanged", message=last[-160:])
 
