@@ -552,11 +552,11 @@ def recommend(results: Sequence[Result], metric: str | None = None) -> list[dict
     return out
 
 
-def recommendation_markdown(rows: Sequence[Mapping[str, Any]], results: Sequence[Result]) -> list[str]:
-    """The recommendation table of :func:`recommend` with a line on how to read it."""
+def recommendation_markdown(rows: Sequence[Mapping[str, Any]], seg: bool = False) -> list[str]:
+    """The recommendation table of :func:`recommend` with a line on how to read it (``seg``: budgets are
+    numbers of annotated images, 0 = all)."""
     if not rows:
         return ["No complete runs: nothing to recommend yet."]
-    seg = any(is_segmentation(r) for r in results)
     name = _LABELS[rows[0]["metric"]]
     md = [f"For each label budget: the init whose best regime has the highest mean test {name} over seeds, the "
           f"runner-up init, and the gap with its uncertainty (seed spread and test-set bootstrap combined; "
@@ -578,4 +578,20 @@ def recommendation_markdown(rows: Sequence[Mapping[str, Any]], results: Sequence
     if missing:
         md += ["", f"Not measured (unavailable, never replaced by random weights): {', '.join(missing)}; "
                    "see the unavailable arms in the full report."]
+    return md
+
+
+def efficiency_markdown(rows: Sequence[Mapping[str, Any]], metric: str, seg: bool = False) -> list[str]:
+    """Label-efficiency table from :func:`summarize` rows: one line per (init, regime), test ``metric``
+    mean ± sd over seeds at each budget."""
+    budgets = sorted({float(s["label_fraction"]) for s in rows})
+    head = [("all" if b == 0 else f"{b:g}") if seg else _frac(b) for b in budgets]
+    md = [f"| init | regime | {' | '.join(head)} |", "|---|---|" + "---|" * len(budgets)]
+    for init, regime in sorted({(s["init"], s["regime"]) for s in rows}):
+        cells = []
+        for b in budgets:
+            match = [s for s in rows if (s["init"], s["regime"], float(s["label_fraction"])) == (init, regime, b)]
+            cells.append(_pm(match[0]["metrics"][metric]) + f" (n={match[0]['metrics'][metric]['n']})"
+                         if match else "-")
+        md.append(f"| {init} | {regime} | " + " | ".join(cells) + " |")
     return md

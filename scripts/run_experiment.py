@@ -66,7 +66,12 @@ from medpretrain.config import (  # noqa: E402
     save_config,
 )
 from medpretrain.data import data_stamp  # noqa: E402
-from medpretrain.report import recommend, recommendation_markdown  # noqa: E402
+from medpretrain.report import (  # noqa: E402
+    efficiency_markdown,
+    recommend,
+    recommendation_markdown,
+    summarize,
+)
 from medpretrain.training import list_checkpoints  # noqa: E402
 from medpretrain.utils import atomic_write_text, code_version  # noqa: E402
 
@@ -327,9 +332,9 @@ def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[st
                    (["--config_file", str(ROOT / cfg.launch.config_file)]
                     if cfg.launch.launcher == "accelerate" and cfg.launch.config_file else []) + cfg.launch.args)])
     base = load_config(compare.CompareConfig, ["--config", str(ROOT / spec.config)])
-    argv = ["--config", str(ROOT / spec.config), *spec.grid, "inits=" + json.dumps(inits),
+    argv = ["--config", str(ROOT / spec.config), *launch, *spec.grid, "inits=" + json.dumps(inits),
             "overrides=" + json.dumps([*base.overrides, *cfg.common, *spec.overrides, "resume=auto"]),
-            f"runs_dir={exp_dir}", f"name={task}", *launch]
+            f"runs_dir={exp_dir}", f"name={task}"]  # a launcher in spec.grid wins over the experiment's
     ccfg = load_config(compare.CompareConfig, argv)
     if not ccfg.title or ccfg.title == base.title:
         ccfg = dataclasses.replace(ccfg, title=f"{cfg.title or cfg.name}: {task}")
@@ -391,7 +396,11 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
             continue
         rows = recommend(results)
         md += [f"## Which initialisation? ({task})", ""]
-        md += recommendation_markdown(rows, results)
+        md += recommendation_markdown(rows, seg=task == "segmentation")
+        metric = "dice" if task == "segmentation" else "auc"
+        md += ["", f"Test {metric.upper() if metric == 'auc' else 'Dice'} by init, regime and label budget "
+               "(mean ± sd over seeds, n = seeds):", ""]
+        md += efficiency_markdown(summarize(results, headline=metric), metric, seg=task == "segmentation")
         md += ["", f"Full comparison, label-efficiency curves and plots: [reports/{task}/report.md]"
                    f"(reports/{task}/report.md).", "",
                f"![label efficiency](reports/{task}/label_efficiency.png)", ""]
@@ -420,7 +429,10 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
     summary = {"name": cfg.name, "title": cfg.title, "machine": info, "compute_s": computed,
                "invocation_s": time.time() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "stages": [dataclasses.asdict(s) for s in stages],
-               "recommendations": {t: recommend(r) for t, r in grids.items() if r}}
+               "recommendations": {t: recommend(r) for t, r in grids.items() if r},
+               "summary": {t: {"metric": "dice" if t == "segmentation" else "auc",
+                               "rows": summarize(r, headline="dice" if t == "segmentation" else "auc")}
+                           for t, r in grids.items() if r}}
     atomic_write_text(exp_dir / "experiment.json", json.dumps(summary, indent=2, default=str) + "\n")
     return path
 

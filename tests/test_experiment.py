@@ -1,0 +1,197 @@
+"""scripts/run_experiment.py: stage reuse, resume after a kill, two CPU processes, configs, the answer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medpretrain.checkpoint import read_meta
+from medpretrain.config import DataConfig, load_config
+from medpretrain.data import data_stamp
+from medpretrain.report import recommend, recommendation_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import run_experiment  # noqa: E402
+
+TINY_PRETRAIN = ["train.max_steps=4", "train.batch_size=32", "train.knn_every=-1", "train.log_every=1",
+                 "train.checkpoint_every=2"]
+
+
+def tiny_experiment(tmp_path: Path, launch: dict, name: str = "tiny") -> Path:
+    """SimCLR (cbr_tiny, 4 steps) + a 2-cell linear-probe grid (scratch, simclr) on PneumoniaMNIST."""
+    exp = {
+        "name": name, "title": "tiny", "out_dir": str(tmp_path / "exp"),
+        "common": ["data.dataset=medmnist:pneumoniamnist", "backbone.arch=cbr_tiny", "backbone.stem=standard"],
+        "launch": launch,
+        "simclr": {"overrides": TINY_PRETRAIN},
+        "moco": {"enabled": False}, "vae": {"enabled": False}, "dcgan": {"enabled": False},
+        "classification": {"enabled": True, "inits": ["scratch", "simclr"],
+                           "grid": ["label_fractions=[0.05]", "seeds=[0]", "regimes=[linear]"],
+                           "overrides": ["optim.epochs=1", "optim.batch_size=32", "optim.max_steps_per_epoch=2",
+                                         "n_bootstrap=20"]},
+        "audit": {"enabled": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def run(config: Path, env_extra: dict[str, str] | None = None, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run_experiment.py"), str(config), *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def stages(exp_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (exp_dir / "stages").glob("*.json")}
+
+
+def test_killed_experiment_resumes_then_everything_is_reused(tmp_path: Path) -> None:
+    config = tiny_experiment(tmp_path, {"launcher": "python"})
+    exp_dir = tmp_path / "exp" / "tiny"
+
+    # 1. SimCLR is killed right after step 3 (its checkpoint at step 2 is complete): the experiment stops
+    #    with an error naming the stage and its log, and writes no report.
+    first = run(config, {"MEDPRETRAIN_FAULT_EXIT_AT_STEP": "3"})
+    assert first.returncode != 0
+    assert "stage simclr failed" in first.stderr and "simclr.log" in first.stderr
+    assert not (exp_dir / "report.md").exists()
+    [run_dir] = [p for p in (exp_dir / "simclr").iterdir() if p.is_dir()]
+    assert not (run_dir / "backbone.safetensors").exists()
+
+    # 2. The same command continues from that checkpoint and ends with the planned number of steps.
+    second = run(config)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    st = stages(exp_dir)
+    assert st["simclr"]["status"] == "resumed"
+    assert st["classification"]["status"] == "run"
+    meta = read_meta(run_dir / "backbone.safetensors")
+    assert meta.steps == 4 and meta.method == "simclr"
+    assert "resumed from" in (exp_dir / "logs" / "simclr.log").read_text()
+    results = [json.loads(p.read_text()) for p in (exp_dir / "finetune").rglob("results.json")]
+    assert sorted(r["init_label"] for r in results) == ["scratch", "simclr"]
+    assert all(r["status"] == "complete" for r in results)
+    simclr_run = next(r for r in results if r["init_label"] == "simclr")
+    assert simclr_run["init"] == str(run_dir / "backbone.safetensors")  # the experiment's own export
+    report = (exp_dir / "report.md").read_text()
+    assert "## Which initialisation? (classification)" in report and "| 0.05 | **" in report
+    mtimes = {p: p.stat().st_mtime_ns for p in (exp_dir / "finetune").rglob("results.json")}
+
+    # 3. Nothing changed: every stage is reused, no fine-tune cell recomputed.
+    third = run(config)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert {s["status"] for s in stages(exp_dir).values()} == {"reused"}
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (exp_dir / "finetune").rglob("results.json")}
+
+    # 4. A changed pretraining setting is a new stage (new hash), and its fine-tune cells are recomputed.
+    exp = yaml.safe_load(config.read_text())
+    exp["simclr"]["overrides"] = [o.replace("max_steps=4", "max_steps=2") for o in TINY_PRETRAIN]
+    config.write_text(yaml.safe_dump(exp))
+    plan = run(config, None, "dry_run=true")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "simclr: run - would run" in plan.stdout
+    assert "classification: planned - 1 of 2 runs to do" in plan.stdout  # scratch is unchanged
+
+
+def test_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
+    """The same tiny experiment with every stage and every fine-tune cell on 2 processes (torchrun, gloo)."""
+    config = tiny_experiment(tmp_path, {"launcher": "torchrun", "args": ["--nproc_per_node", "2"]}, name="two")
+    done = run(config, {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exp_dir = tmp_path / "exp" / "two"
+    [export] = (exp_dir / "simclr").glob("*/backbone.safetensors")
+    meta = read_meta(export)
+    assert meta.extra["processes"] == 2 and meta.steps == 4
+    results = [json.loads(p.read_text()) for p in (exp_dir / "finetune").rglob("results.json")]
+    assert len(results) == 2 and all(r["status"] == "complete" for r in results)
+    assert all(r["timing"]["processes"] == 2 for r in results)
+    for p in (exp_dir / "finetune").rglob("predictions.npz"):  # every test image scored once, none twice
+        with np.load(p) as npz:
+            assert len(npz["test_probs"]) == 624 and len(np.unique(npz["test_index"])) == 624
+    summary = json.loads((exp_dir / "experiment.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["simclr", "classification"]
+
+
+def test_refuses_to_run_as_several_orchestrators() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_experiment.py"), "x.yaml"],
+                          capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"}, cwd=ROOT)
+    assert done.returncode != 0 and "start it with python" in done.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_ready_made_experiments_load_and_plan(path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every shipped experiment parses into the schema and plans its stages against the real data."""
+    cfg = load_config(run_experiment.ExperimentConfig, ["--config", str(path)])
+    assert cfg.name == path.stem
+    assert cfg.classification.enabled or cfg.segmentation.enabled
+    run_experiment.main([str(path), "dry_run=true", "out_dir=/nonexistent/never-written"])
+    out = capsys.readouterr().out
+    assert "runs to do" in out
+    assert not Path("/nonexistent/never-written").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_are_valid(path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    expected = {"single": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP", "multi_node": "MULTI_GPU"}[path.stem]
+    assert cfg.distributed_type.value == expected
+    if path.stem == "multi_node":
+        assert cfg.num_machines > 1 and cfg.main_process_ip
+
+
+def test_data_stamp_follows_the_files(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("L", (8, 8), 10).save(tmp_path / cls / "x.png")
+    cfg = DataConfig(dataset=f"folder:{tmp_path}")
+    first = data_stamp(cfg)
+    assert data_stamp(cfg) == first
+    Image.new("L", (8, 8), 200).save(tmp_path / "b" / "y.png")
+    assert data_stamp(cfg) != first
+
+
+def _result(init: str, regime: str, seed: int, auc: float, ci: float = 0.01) -> dict:
+    return {"status": "complete", "init_label": init, "regime": regime, "label_fraction": 0.1, "seed": seed,
+            "metrics": {"test": {"auc": auc, "accuracy": auc}}, "ci": {"auc": {"low": auc - ci, "high": auc + ci}},
+            "timing": {"mean_epoch_s": 1.0}, "data": {"train_size": 10}, "epochs_to_95": 1, "best_epoch": 1}
+
+
+def test_recommend_ranks_inits_and_judges_the_gap() -> None:
+    results = [
+        *[_result("selfsup", "full", s, v) for s, v in enumerate([0.90, 0.91, 0.92])],
+        *[_result("selfsup", "linear", s, v) for s, v in enumerate([0.70, 0.71, 0.72])],
+        *[_result("scratch", "full", s, v) for s, v in enumerate([0.80, 0.81, 0.82])],
+        {"status": "unavailable", "init_label": "imagenet", "regime": "full", "label_fraction": 0.1, "seed": 0},
+    ]
+    [row] = recommend(results)
+    assert row["winner"]["init"] == "selfsup" and row["winner"]["regime"] == "full"
+    assert row["runner_up"]["init"] == "scratch"
+    assert math.isclose(row["margin"], 0.10, abs_tol=1e-9)
+    # se per arm: seed sd 0.01 / sqrt(3) and test-set sd (0.01 / 1.96) / sqrt(3)
+    se = math.sqrt(0.01**2 / 3 + (0.01 / 1.96) ** 2 / 3)
+    assert math.isclose(row["uncertainty"], math.sqrt(2) * se, rel_tol=1e-6)
+    assert row["verdict"] == "clear" and not row["single_seed"]
+    assert row["unavailable"] == ["imagenet"]
+    md = "\n".join(recommendation_markdown([row]))
+    assert "**selfsup** (full)" in md and "+0.100" in md and "imagenet" in md
+
+    close = [_result("a", "full", s, v, ci=0.05) for s, v in enumerate([0.80, 0.86])]
+    close += [_result("b", "full", s, v, ci=0.05) for s, v in enumerate([0.82, 0.83])]
+    [row] = recommend(close)
+    assert row["winner"]["init"] == "a" and row["verdict"] == "not distinguishable"
+    [row] = recommend([_result("a", "full", 0, 0.9), _result("b", "full", 0, 0.5)])
+    assert row["single_seed"] and row["verdict"] == "clear"
