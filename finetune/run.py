@@ -23,7 +23,9 @@ test split is evaluated exactly once, at the end, with the selected weights. Out
 whose encoder is the same backbone, on random paired patches (``seg.patch_size``) of ``seg.n_train_images``
 annotated images; validation and test use MONAI's sliding-window inference over whole images and score
 inside the roi (DRIVE's field of view). Model selection: best mean validation Dice. Outputs as above,
-with per-image test metrics in ``results.json`` and ``overlays.png`` instead of ``predictions.npz``.
+with per-image test metrics in ``results.json``, ``overlays.png``, and ``predictions.npz`` holding the test
+probability maps as uint16 (0 outside the roi) with the masks, rois and image names
+(:func:`medpretrain.segmentation.save_predictions`).
 """
 
 from __future__ import annotations
@@ -594,7 +596,14 @@ def save_overlays(path: Path, pred: dict[str, np.ndarray], dataset: Any, n: int,
 
 
 def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_hash: str) -> dict[str, Any]:
-    from medpretrain.segmentation import UNet, bootstrap_images, mean_metrics, per_image_metrics
+    from medpretrain.segmentation import (
+        UNet,
+        bootstrap_images,
+        mean_metrics,
+        per_image_metrics,
+        save_predictions,
+    )
+    from medpretrain.training import fault_hook
 
     t_run = time.perf_counter()
     regime = parse_regime(cfg.regime)
@@ -667,7 +676,9 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
         return per_image_metrics(pred["probs"], pred["masks"], pred["rois"], threshold=cfg.seg.threshold,
                                  seed=cfg.seed)
 
-    step = 0
+    # Global step count (fault hook, results): a resumed run continues from the steps of its finished epochs.
+    steps_per_epoch = min(len(train_loader), cfg.optim.max_steps_per_epoch or len(train_loader))
+    step = progress.epoch * steps_per_epoch
     for epoch in range(progress.epoch + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -688,6 +699,7 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
                 optimizer.step()
                 optimizer.zero_grad()
             step += 1
+            fault_hook(step)  # test-only: MEDPRETRAIN_FAULT_EXIT_AT_STEP kills the run mid-epoch
             total += loss.detach() * len(batch["mask"])
             count += len(batch["mask"])
         scheduler.step()
@@ -751,6 +763,7 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
                            "test images; pixel AUC on at most 200000 roi pixels per image",
         "best_epoch": progress.best_epoch,
         "epochs_run": progress.epoch,
+        "optimizer_steps": step,
         "epochs_to_95": epochs_to_fraction_of_best(dices, 0.95),
         "history": [{k: v for k, v in h.items() if k != "val"} for h in progress.history],
         "timing": {"mean_epoch_s": float(np.mean([h["epoch_s"] for h in progress.history])),
@@ -773,6 +786,9 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
                          "stem": stem, "in_channels": cfg.data.channels, "mean": cfg.data.mean, "std": cfg.data.std,
                          "patch_size": cfg.seg.patch_size, "best_epoch": progress.best_epoch, "init": cfg.init})
         save_overlays(out / "overlays.png", test, test_ds, cfg.seg.n_overlays, cfg.seg.threshold)
+        # uint16 probabilities (0 outside the roi), masks, rois and image names: scripts/compare.py ensembles them.
+        save_predictions(out / "predictions.npz", test["probs"], test["masks"], test["rois"], test["index"],
+                         [names[int(i)] for i in test["index"]] if names is not None else None)
         write_results(out, results)
         if not cfg.keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)

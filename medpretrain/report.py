@@ -1,8 +1,8 @@
 """Comparison report: Markdown + CSV + matplotlib (Agg) plots from fine-tuning ``results.json`` files.
 
 Input: a list of result dictionaries as written by ``finetune/run.py`` (one per run: init, regime,
-label fraction, seed), plus optional ensemble rows (probabilities averaged over the seeds of one init,
-computed by ``scripts/compare.py``). Output under ``out_dir``:
+label fraction, seed), plus optional ensemble rows (probabilities, or segmentation probability maps,
+averaged over the seeds of one init, computed by ``scripts/compare.py``). Output under ``out_dir``:
 
 * ``report.md``: comparison table (mean +- sd over seeds, per-seed bootstrap CIs, ensemble rows),
   label-efficiency table and curves, ROC curves, a six-metric radar chart per init, learning curves,
@@ -149,9 +149,9 @@ def _summary_csv(rows: list[dict[str, Any]], ensembles: Sequence[Mapping[str, An
         row.update(epochs_to_95_mean=s["epochs_to_95"]["mean"], epoch_s_mean=s["epoch_s"]["mean"])
         out.append(row)
     for e in ensembles:
-        row = {"kind": "ensemble", "init": e["init"], "regime": e["regime"], "label_fraction": e["label_fraction"],
+        row = {"kind": "ensemble", "init": e["init"], "regime": e["regime"], budget_name: e["label_fraction"],
                "n_seeds": e["n"]}
-        for m in METRICS:
+        for m in metrics:
             row[f"{m}_mean"] = e["metrics"][m]
             row[f"{m}_ci_low"] = e["ci"][m]["low"]
             row[f"{m}_ci_high"] = e["ci"][m]["high"]
@@ -390,9 +390,11 @@ def build_report(
     md.append("")
 
     md += ["## Comparison (test set)", "",
-           f"Mean ± sample sd over seeds; per-seed 95% percentile-bootstrap CIs of the test {_LABELS[metric]}"
-           + ("" if seg else "; ensemble rows average the test probabilities of the seeds of one init (CI from "
-              "the bootstrap of that ensemble)") + ".",
+           f"Mean ± sample sd over seeds; per-seed 95% percentile-bootstrap CIs of the test {_LABELS[metric]}; "
+           + ("ensemble rows average the seeds' test probability maps per pixel (saved in 1/65535 steps) and "
+              "score them like one run (CI from the bootstrap over test images)" if seg
+              else "ensemble rows average the test probabilities of the seeds of one init (CI from the bootstrap "
+              "of that ensemble)") + ".",
            "", f"| init | regime | {'images' if seg else 'labels'} | model | "
            + " | ".join(_LABELS[m] for m in metrics) + f" | {_LABELS[metric]} 95% CI | epochs to 95% | s/epoch |",
            "|" + "---|" * (len(metrics) + 7)]
@@ -406,7 +408,7 @@ def build_report(
         if e:
             md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | ensemble of {e['n']} | "
                       + " | ".join(_fmt(e["metrics"][m]) for m in metrics)
-                      + f" | [{e['ci']['auc']['low']:.3f}, {e['ci']['auc']['high']:.3f}] | | |")
+                      + f" | [{e['ci'][metric]['low']:.3f}, {e['ci'][metric]['high']:.3f}] | | |")
     md.append("")
 
     if rows:

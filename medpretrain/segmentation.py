@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc
+
+from medpretrain.utils import atomic_path
 
 SEG_METRICS: tuple[str, ...] = ("dice", "jaccard", "sensitivity", "specificity", "auc")
 
@@ -170,3 +173,53 @@ def bootstrap_images(rows: Sequence[dict[str, float]], *, n_boot: int = 1000, se
         lo, hi = (np.quantile(means, [a, 1 - a]) if means.size else (np.nan, np.nan))
         out[k] = {"low": float(lo), "high": float(hi)}
     return out
+
+
+PROB_LEVELS = 65535
+"""Saved probability maps are uint16: ``value / PROB_LEVELS`` (:func:`save_predictions`)."""
+
+
+def quantize_probs(probs: np.ndarray, roi: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint16 ``rint(p * 65535)``, 0 outside ``roi``.
+
+    Rounding is done in float64, so ``q >= 32768`` exactly when ``p >= 0.5``: metrics at threshold 0.5
+    (Dice, Jaccard, sensitivity, specificity) of the dequantised map equal those of the float map; the
+    pixel AUC changes only through ties (steps of 1/65535). 16 bits rather than 8: an undertrained model's
+    probabilities can all lie within a few 1/255 steps, and 8 bits then moved its AUC by 0.02 (measured).
+    Raises ``ValueError`` for values outside [0, 1].
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.size and (not np.isfinite(p).all() or p.min() < 0 or p.max() > 1):
+        raise ValueError("quantize_probs: probabilities must be finite and in [0, 1]")
+    q = np.rint(p * PROB_LEVELS).astype(np.uint16)
+    if roi is not None:
+        q[np.asarray(roi) <= 0.5] = 0  # never scored; zeros compress well
+    return q
+
+
+def save_predictions(path: str | Path, probs: np.ndarray, masks: np.ndarray, rois: np.ndarray,
+                     index: np.ndarray, names: Sequence[str] | None = None) -> Path:
+    """Test predictions of one segmentation run as a compressed ``.npz`` (no pickles).
+
+    Keys: ``test_probs`` uint16 ``[N, H, W]`` (:func:`quantize_probs`, 0 outside the roi), ``test_masks`` and
+    ``test_rois`` uint8 {0, 1} ``[N, H, W]``, ``test_index`` int64 ``[N]`` (dataset order), ``test_names``
+    (unicode ``[N]``; the indices as text when the dataset has no names). Written atomically.
+    """
+    probs, masks, rois = np.asarray(probs), np.asarray(masks), np.asarray(rois)
+    if not probs.shape == masks.shape == rois.shape or probs.ndim != 3:
+        raise ValueError(f"probs {probs.shape}, masks {masks.shape}, rois {rois.shape}: need three equal [N, H, W]")
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    if len(index) != len(probs):
+        raise ValueError(f"{len(index)} indices for {len(probs)} images")
+    text = [str(n) for n in names] if names is not None else [str(i) for i in index]
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, test_probs=quantize_probs(probs, rois), test_masks=(masks > 0.5).astype(np.uint8),
+                            test_rois=(rois > 0.5).astype(np.uint8), test_index=index, test_names=np.array(text))
+    return Path(path)
+
+
+def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
+    """Read :func:`save_predictions` output: ``probs`` float32 in [0, 1], ``masks``, ``rois``, ``index``, ``names``."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        return {"probs": (z["test_probs"] / PROB_LEVELS).astype(np.float32), "masks": z["test_masks"],
+                "rois": z["test_rois"], "index": z["test_index"], "names": z["test_names"]}

@@ -6,7 +6,7 @@
 
 The grid is ``inits x regimes x label_fractions x seeds``; for a segmentation base config
 (``task: segmentation``, e.g. ``configs/compare_drive.yaml``) it is ``inits x regimes x n_train_images x seeds``
-with Dice as the headline metric and no ensemble rows. Each cell is one ``finetune/run.py`` run
+with Dice as the headline metric. Each cell is one ``finetune/run.py`` run
 (launched as ``accelerate launch finetune/run.py ...``, or in this process with ``launcher=inprocess``)
 writing to ``<runs_dir>/finetune/<task>/<init>/<regime>/<fraction>/seed<k>``. A cell whose
 ``results.json`` is complete and carries the same config hash is skipped, so an interrupted grid
@@ -14,7 +14,8 @@ continues where it stopped. Unavailable arms (ImageNet weights missing, no pretr
 shown as such in the report and are never replaced by random weights.
 
 Per (init, regime, fraction) an ensemble row averages the test probabilities of the seeds
-(``predictions.npz`` of each run) and scores them with the same metrics and bootstrap.
+(``predictions.npz`` of each run) and scores them with the same metrics and bootstrap; for segmentation the
+seeds' probability maps are averaged per pixel and scored per image inside the roi (:func:`seg_ensemble`).
 The report goes to ``<runs_dir>/reports/<name>/`` (:func:`medpretrain.report.build_report`).
 """
 
@@ -41,6 +42,7 @@ from accelerate import PartialState  # noqa: E402
 from medpretrain.config import load_config  # noqa: E402
 from medpretrain.metrics import bootstrap_ci, classification_metrics, roc_curves  # noqa: E402
 from medpretrain.report import build_report  # noqa: E402
+from medpretrain.segmentation import bootstrap_images, load_predictions, mean_metrics, per_image_metrics  # noqa: E402
 
 LOCAL_SPLIT_NOTES = {
     "pneumoniamnist": "PneumoniaMNIST: the local train split has 3882 images (388 normal / 3494 pneumonia), "
@@ -121,15 +123,50 @@ def launch(cfg: CompareConfig, argv: list[str], log_path: Path) -> int:
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
 
 
+def seg_ensemble(init: str, regime: str, n_images: float, runs: list[dict[str, Any]],
+                 n_boot: int) -> dict[str, Any] | None:
+    """Segmentation ensemble row: the seeds' test probability maps (``predictions.npz``, uint16) averaged per pixel,
+    scored like one run (per-image metrics inside the roi, mean over images, bootstrap over images).
+
+    Runs without saved maps (older runs) are left out; ``None`` when fewer than two remain. Raises ``ValueError``
+    when the runs disagree on the test images, their order, masks or rois.
+    """
+    runs = [r for r in runs if (Path(r["run_dir"]) / "predictions.npz").is_file()]
+    if len(runs) < 2:
+        return None
+    preds = [load_predictions(Path(r["run_dir"]) / "predictions.npz") for r in runs]
+    ref = preds[0]
+    for p in preds[1:]:
+        if not all(np.array_equal(p[k], ref[k]) for k in ("index", "names", "masks", "rois")):
+            raise ValueError(f"{init}/{regime}/{n_images:g} images: runs disagree on the test images; cannot ensemble")
+    probs = np.mean([p["probs"] for p in preds], axis=0)
+    rows = per_image_metrics(probs, ref["masks"], ref["rois"], threshold=runs[0]["config"]["seg"]["threshold"], seed=0)
+    return {
+        "init": init, "regime": regime, "label_fraction": n_images, "n_train_images": int(n_images), "n": len(runs),
+        "seeds": sorted(r["seed"] for r in runs), "metrics": mean_metrics(rows),
+        "ci": bootstrap_images(rows, n_boot=n_boot, seed=0),
+        "per_image": [{"name": str(name), **m} for name, m in zip(ref["names"], rows, strict=True)],
+    }
+
+
 def ensembles(results: list[dict[str, Any]], n_boot: int) -> list[dict[str, Any]]:
-    """Average test probabilities over the seeds of each (init, regime, fraction) with >= 2 complete runs."""
+    """Average test probabilities over the seeds of each (init, regime, label budget) with >= 2 complete runs.
+
+    The budget is the label fraction, or for segmentation the number of annotated images (:func:`seg_ensemble`).
+    """
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in results:
-        if r.get("status") == "complete" and r.get("task") != "segmentation":  # no saved probabilities
-            groups.setdefault((r["init_label"], r["regime"], float(r["label_fraction"])), []).append(r)
+        if r.get("status") == "complete":
+            budget = float(r["n_train_images"]) if r.get("task") == "segmentation" else float(r["label_fraction"])
+            groups.setdefault((r["init_label"], r["regime"], budget), []).append(r)
     rows = []
     for (init, regime, frac), runs in sorted(groups.items()):
         if len(runs) < 2:
+            continue
+        if runs[0].get("task") == "segmentation":
+            row = seg_ensemble(init, regime, frac, runs, n_boot)
+            if row is not None:
+                rows.append(row)
             continue
         preds = [np.load(Path(r["run_dir"]) / "predictions.npz") for r in runs]
         ref = preds[0]

@@ -8,6 +8,7 @@ checkpoint, which loads into the U-Net encoder with the classifier's keys), and 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,68 @@ def test_segmentation_imagenet_missing_is_unavailable(tmp_path, monkeypatch):
     res = _read(out)
     assert res["status"] == "unavailable" and res["task"] == "segmentation" and res["n_train_images"] == 2
     assert not (out / "model.safetensors").exists()
+
+
+def _seg_subprocess(out: Path, env_extra: dict[str, str] | None = None,
+                    extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    # One thread: CPU kernels then reduce in one order, so the resumed and uninterrupted runs can match bitwise.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "finetune/run.py"), *TINY, "optim.epochs=3",
+                           "seg.patches_per_image=4", "optim.batch_size=4", "optim.milestones=[0.5]",
+                           f"output_dir={out}", *extra], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=out.parent)
+
+
+@pytest.mark.slow
+def test_killed_mid_epoch_resumes_to_the_uninterrupted_results(tmp_path):
+    """2 images x 4 patches / batch 4 = 2 steps per epoch, 3 epochs; killed right after step 3 (inside epoch 2),
+    resumed with resume=auto from the epoch-1 checkpoint: same steps, weights, metrics and saved maps."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    from medpretrain.segmentation import load_predictions
+
+    ref_dir, out = tmp_path / "ref", tmp_path / "run"
+    ref = _seg_subprocess(ref_dir)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+    killed = _seg_subprocess(out, {"MEDPRETRAIN_FAULT_EXIT_AT_STEP": "3"})
+    assert killed.returncode == 137, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert not (out / "results.json").exists() and not (out / "predictions.npz").exists()
+    assert [r.split(",")[0] for r in (out / "metrics.csv").read_text().splitlines()[1:]] == ["1"]
+    resumed = _seg_subprocess(out, extra=("resume=auto",))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "after epoch 1" in resumed.stdout + resumed.stderr
+
+    a, b = _read(ref_dir), _read(out)
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 6 and a["epochs_run"] == b["epochs_run"] == 3
+    assert [h["train_loss"] for h in b["history"]] == [h["train_loss"] for h in a["history"]]
+    assert [h["val_dice"] for h in b["history"]] == [h["val_dice"] for h in a["history"]]
+    assert b["best_epoch"] == a["best_epoch"]
+    assert b["metrics"]["test"] == a["metrics"]["test"] and b["per_image"] == a["per_image"]
+    (wa, _), (wb, _) = load_state_dict(ref_dir / "model.safetensors"), load_state_dict(out / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (out / "metrics.csv").read_text().count("\n") == 4  # header + epochs 1-3, epoch 2 logged once
+
+    # The saved test maps: uint16, one per test image in results order, same decisions as the reported metrics.
+    pa, pb = load_predictions(ref_dir / "predictions.npz"), load_predictions(out / "predictions.npz")
+    assert np.array_equal(pa["probs"], pb["probs"]) and pa["probs"].shape[0] == 20
+    assert pa["names"].tolist() == [p["name"] for p in a["per_image"]]
+    assert ((pa["probs"] == 0) | (pa["rois"] == 1)).all()  # zero outside the field of view
+    # Ensemble of two identical runs = the single run (Dice etc. exactly; AUC up to the 1/65535 steps).
+    rows = compare.ensembles([{**a, "run_dir": str(ref_dir)}, {**b, "run_dir": str(out), "seed": 1}], n_boot=100)
+    assert len(rows) == 1 and rows[0]["n"] == 2 and rows[0]["n_train_images"] == 2
+    for k in ("dice", "jaccard", "sensitivity", "specificity"):
+        assert rows[0]["metrics"][k] == pytest.approx(a["metrics"]["test"][k], rel=1e-12, abs=1e-12), k
+    assert rows[0]["metrics"]["auc"] == pytest.approx(a["metrics"]["test"]["auc"], abs=1e-4)
+
+    # The report shows the ensemble row next to the single-run row.
+    from medpretrain.report import build_report
+
+    report = build_report([{**a, "run_dir": str(ref_dir)}, {**b, "run_dir": str(out), "seed": 1}],
+                          tmp_path / "rep", ensembles=rows)
+    text = report.read_text()
+    ens_line = next(line for line in text.splitlines() if "ensemble of 2" in line)
+    assert f"| {a['metrics']['test']['dice']:.3f} |" in ens_line
+    summary = (tmp_path / "rep" / "summary.csv").read_text().splitlines()
+    assert "n_train_images" in summary[0] and "dice_ci_low" in summary[0]
+    assert summary[-1].startswith("ensemble,")
