@@ -69,9 +69,10 @@ class CompareConfig:
     name: str = "default"
     """Report folder: ``<runs_dir>/reports/<name>``."""
     title: str = "Initialisation comparison"
-    launcher: Literal["accelerate", "inprocess"] = "accelerate"
+    launcher: Literal["accelerate", "torchrun", "inprocess"] = "accelerate"
     launch_args: list[str] = field(default_factory=lambda: ["--num_processes", "1"])
-    """Arguments for ``accelerate launch`` (e.g. ``[--multi_gpu, --num_processes, 2]``)."""
+    """Arguments for ``accelerate launch`` (e.g. ``[--config_file, configs/accelerate/multi_gpu.yaml]``) or
+    ``torchrun`` (e.g. ``[--nproc_per_node, 2]``: several CPU processes)."""
     collect_only: bool = False
     """Do not run anything: report on the results that exist."""
     n_bootstrap: int = 1000
@@ -116,8 +117,8 @@ def launch(cfg: CompareConfig, argv: list[str], log_path: Path) -> int:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_path.write_text(f"{type(e).__name__}: {e}\n")
             return 1
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *cfg.launch_args, str(ROOT / "finetune" / "run.py"),
-           *argv]
+    module = "torch.distributed.run" if cfg.launcher == "torchrun" else "accelerate.commands.launch"
+    cmd = [sys.executable, "-m", module, *cfg.launch_args, str(ROOT / "finetune" / "run.py"), *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as fh:
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
@@ -186,8 +187,26 @@ def ensembles(results: list[dict[str, Any]], n_boot: int) -> list[dict[str, Any]
     return rows
 
 
+def previous(run_cfg: Any, status: tuple[str, ...] = ("complete",)) -> dict[str, Any] | None:
+    """The results a cell left with the same config hash and one of ``status``, else None."""
+    existing = read_results(finetune_run.output_dir(run_cfg) / "results.json")
+    if existing and existing.get("config_hash") == finetune_run.run_hash(run_cfg) and existing.get("status") in status:
+        return existing
+    return None
+
+
+def pending(cfg: CompareConfig, status: tuple[str, ...] = ("complete",)) -> list[list[str]]:
+    """The cells of the grid without results of ``status`` (unavailable arms are retried on every run: the
+    weights may have appeared; ``status=("complete", "unavailable")`` leaves them out)."""
+    return [a for a in grid(cfg) if previous(load_config(finetune_run.FinetuneConfig, a), status) is None]
+
+
 def main(argv: list[str] | None = None) -> Path:
-    cfg = load_config(CompareConfig, argv)
+    return run(load_config(CompareConfig, argv))[0]
+
+
+def run(cfg: CompareConfig) -> tuple[Path, list[dict[str, Any]]]:
+    """Run the missing cells of ``cfg``'s grid, write the report; return its path and every cell's results."""
     state = PartialState()
     cells = grid(cfg)
     results: list[dict[str, Any]] = []
@@ -196,11 +215,12 @@ def main(argv: list[str] | None = None) -> Path:
         run_cfg = load_config(finetune_run.FinetuneConfig, argv_cell)  # validates the cell before launching
         out = finetune_run.output_dir(run_cfg)
         want = finetune_run.run_hash(run_cfg)
-        existing = read_results(out / "results.json")
+        existing = previous(run_cfg, ("complete", "unavailable", "failed"))
         budget = (f"{run_cfg.seg.n_train_images or 'all'} images" if run_cfg.task == "segmentation"
                   else f"{run_cfg.data.label_fraction:g}")
-        label = f"[{n}/{len(cells)}] {run_cfg.init} / {run_cfg.regime} / {budget} / seed {run_cfg.seed}"
-        if existing and existing.get("config_hash") == want and existing.get("status") == "complete":
+        init = finetune_run.init_label(run_cfg.init, run_cfg.init_name)
+        label = f"[{n}/{len(cells)}] {init} / {run_cfg.regime} / {budget} / seed {run_cfg.seed}"
+        if existing and existing.get("status") == "complete":
             state.print(f"{label}: done ({out})")
         elif cfg.collect_only:
             state.print(f"{label}: missing (collect_only)")
@@ -214,7 +234,8 @@ def main(argv: list[str] | None = None) -> Path:
                                   and existing.get("config_hash") == want):
                 tail = (out / "run.log").read_text()[-2000:] if (out / "run.log").exists() else ""
                 existing = {"status": "failed", "reason": f"exit code {code}; log {out / 'run.log'}",
-                            "init_label": finetune_run.init_label(run_cfg.init, run_cfg.init_name), "regime": run_cfg.regime,
+                            "init_label": finetune_run.init_label(run_cfg.init, run_cfg.init_name),
+                            "regime": run_cfg.regime,
                             "label_fraction": run_cfg.data.label_fraction, "seed": run_cfg.seed, "log_tail": tail,
                             "task": run_cfg.task, "n_train_images": run_cfg.seg.n_train_images}
             state.print(f"{label}: {existing.get('status') if existing else 'no results'} "
@@ -235,7 +256,7 @@ def main(argv: list[str] | None = None) -> Path:
     report = build_report(results, Path(cfg.runs_dir) / "reports" / cfg.name, title=cfg.title,
                           ensembles=ensembles(results, cfg.n_bootstrap), notes=notes)
     state.print(f"report: {report} ({time.perf_counter() - t0:.0f}s)")
-    return report
+    return report, results
 
 
 if __name__ == "__main__":
