@@ -270,6 +270,25 @@ def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str) -> Stage:
     return stage
 
 
+def script_stage(cfg: ExperimentConfig, exp_dir: Path, stage: Stage, product: Path, cmd: list[str]) -> Stage:
+    """A one-process stage: reused when ``product`` exists, else ``cmd`` runs (``StageFailed`` if it fails
+    or leaves no ``product``)."""
+    if product.is_file():
+        stage.status, stage.wall_s = "reused", previous_wall(exp_dir, stage.name, stage.hash)
+        return stage
+    if cfg.dry_run:
+        stage.detail = "would run"
+        return stage
+    t0 = time.perf_counter()
+    code = run_logged(cmd, Path(stage.log))
+    stage.status, stage.wall_s = "run", time.perf_counter() - t0
+    if code != 0 or not product.is_file():
+        stage.status, stage.detail = "failed", f"exit code {code}; log {stage.log}"
+        record(exp_dir, stage)
+        raise StageFailed(f"stage {stage.name} failed (exit code {code}); see {stage.log}")
+    return stage
+
+
 def sample_and_audit(cfg: ExperimentConfig, exp_dir: Path, gen: str, gen_stage: Stage,
                      feat: str) -> list[Stage]:
     """Draw ``n_samples`` from generator stage ``gen`` and audit them with backbone ``feat``."""
@@ -277,41 +296,21 @@ def sample_and_audit(cfg: ExperimentConfig, exp_dir: Path, gen: str, gen_stage: 
     model = Path(gen_stage.output).parent / GENERATOR_FILES[gen]
     sh = stage_hash(gen_stage.hash, a.n_samples, a.seed)
     sdir = exp_dir / "samples" / f"{gen}-{sh}"
-    s = Stage(f"samples_{gen}", sh, str(sdir / "samples.npz"), log=str(exp_dir / "logs" / f"samples_{gen}.log"))
-    if (sdir / "samples.npz").is_file():
-        s.status, s.wall_s = "reused", previous_wall(exp_dir, s.name, sh)
-    elif cfg.dry_run:
-        s.detail = "would run"
-    else:
-        t0 = time.perf_counter()
-        code = run_logged([sys.executable, str(ROOT / "generative" / "sample.py"), f"model={model}",
-                           f"n={a.n_samples}", f"seed={a.seed}", f"out={sdir}"], Path(s.log))
-        s.status, s.wall_s = "run", time.perf_counter() - t0
-        if code != 0:
-            s.status = "failed"
-            record(exp_dir, s)
-            raise StageFailed(f"sampling {gen} failed (exit code {code}); see {s.log}")
-    data_common = [o for o in cfg.common if o.startswith("data.")]
-    overrides = [*data_common, *a.overrides]
+    samples = script_stage(
+        cfg, exp_dir, Stage(f"samples_{gen}", sh, str(sdir / "samples.npz"), log=str(exp_dir / "logs" / f"samples_{gen}.log")),
+        sdir / "samples.npz",
+        [sys.executable, str(ROOT / "generative" / "sample.py"), f"model={model}", f"n={a.n_samples}",
+         f"seed={a.seed}", f"out={sdir}"])
+    overrides = [*(o for o in cfg.common if o.startswith("data.")), *a.overrides]
     conf = resolved(a.config, overrides)
     ah = stage_hash("audit", conf, sh, feat, data_stamp(data_of(conf)))
     adir = exp_dir / "audit" / f"{gen}-{ah}"
-    au = Stage(f"audit_{gen}", ah, str(adir / "audit.md"), log=str(exp_dir / "logs" / f"audit_{gen}.log"))
-    if (adir / "audit.json").is_file():
-        au.status, au.wall_s = "reused", previous_wall(exp_dir, au.name, ah)
-    elif cfg.dry_run:
-        au.detail = "would run"
-    else:
-        t0 = time.perf_counter()
-        code = run_logged([sys.executable, str(ROOT / "scripts" / "audit_synthetic.py"), "--config",
-                           str(ROOT / a.config), *overrides, f"fake={sdir / 'samples.npz'}", f"backbone={feat}",
-                           f"out={adir}"], Path(au.log))
-        au.status, au.wall_s = "run", time.perf_counter() - t0
-        if code != 0 or not (adir / "audit.json").is_file():
-            au.status = "failed"
-            record(exp_dir, au)
-            raise StageFailed(f"audit of {gen} failed (exit code {code}); see {au.log}")
-    return [s, au]
+    audit = script_stage(
+        cfg, exp_dir, Stage(f"audit_{gen}", ah, str(adir / "audit.md"), log=str(exp_dir / "logs" / f"audit_{gen}.log")),
+        adir / "audit.json",
+        [sys.executable, str(ROOT / "scripts" / "audit_synthetic.py"), "--config", str(ROOT / a.config), *overrides,
+         f"fake={sdir / 'samples.npz'}", f"backbone={feat}", f"out={adir}"])
+    return [samples, audit]
 
 
 def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, Stage]) -> tuple[Stage, list]:

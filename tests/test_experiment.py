@@ -195,3 +195,33 @@ def test_recommend_ranks_inits_and_judges_the_gap() -> None:
     assert row["winner"]["init"] == "a" and row["verdict"] == "not distinguishable"
     [row] = recommend([_result("a", "full", 0, 0.9), _result("b", "full", 0, 0.5)])
     assert row["single_seed"] and row["verdict"] == "clear"
+
+
+def test_generator_samples_and_audit_stages(tmp_path: Path) -> None:
+    """DCGAN (3 steps) -> 64 samples -> audit with its own discriminator trunk's features; then reused."""
+    exp = {
+        "name": "gen", "out_dir": str(tmp_path / "exp"),
+        "common": ["data.dataset=medmnist:pneumoniamnist", "backbone.arch=cbr_tiny", "backbone.stem=standard"],
+        "launch": {"launcher": "python"},
+        "simclr": {"enabled": False}, "moco": {"enabled": False}, "vae": {"enabled": False},
+        "dcgan": {"overrides": ["train.max_steps=3", "train.batch_size=32", "train.checkpoint_every=0"]},
+        "audit": {"generators": ["dcgan"], "features": "dcgan", "n_samples": 64,
+                  "overrides": ["n_real=64", "n_fake=64", "disc.epochs=1", "disc.folds=2", "kid_subsets=2",
+                                "kid_subset_size=32", "memo.n_heldout=64", "memo.n_train=256"]},
+    }
+    config = tmp_path / "gen.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    first = run(config)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    exp_dir = tmp_path / "exp" / "gen"
+    st = stages(exp_dir)
+    assert [st[k]["status"] for k in ("dcgan", "samples_dcgan", "audit_dcgan")] == ["run", "run", "run"]
+    with np.load(st["samples_dcgan"]["output"]) as npz:
+        assert npz["images"].shape == (64, 28, 28) and npz["images"].dtype == np.uint8
+    audit = json.loads(Path(st["audit_dcgan"]["output"]).with_name("audit.json").read_text())
+    assert audit["fake"]["n_used"] == 64 and 0.0 <= audit["discriminator"]["auc"] <= 1.0
+    report = (exp_dir / "report.md").read_text()
+    assert "## Synthetic images (audit)" in report and "| dcgan | " in report
+    again = run(config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {s["status"] for s in stages(exp_dir).values()} == {"reused"}
