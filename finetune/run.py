@@ -306,6 +306,18 @@ class Progress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(json.loads(state["json"]))
 
+    def record(self, row: dict[str, Any], val: dict[str, float], score: float, patience: int) -> tuple[bool, bool]:
+        """Add epoch ``row["epoch"]`` with its validation metrics; ``score`` is the selection score (validation
+        AUC, or Dice for segmentation; ``best_auc`` holds it). Returns (improved, stop early)."""
+        self.history.append({**row, "val": val})
+        self.epoch = row["epoch"]
+        improved = math.isfinite(score) and score > self.best_auc
+        if improved:
+            self.best_auc, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved, bool(patience) and self.bad_epochs >= patience
+
 
 # ------------------------------------------------------------------------------------------------
 # Classification
@@ -407,22 +419,16 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
         epoch_s = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": train_loss, "val_auc": val_m["auc"], "val_accuracy": val_m["accuracy"],
                "lr": lr, "epoch_s": epoch_s}
-        progress.history.append({**row, "val": val_m})
-        progress.epoch = epoch
-        improved = math.isfinite(val_m["auc"]) and val_m["auc"] > progress.best_auc
-        if improved:
-            progress.best_auc, progress.best_epoch, progress.bad_epochs = val_m["auc"], epoch, 0
-            if accelerator.is_main_process:
-                save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, "val_auc": val_m["auc"]})
-        else:
-            progress.bad_epochs += 1
+        improved, stop = progress.record(row, val_m, val_m["auc"], cfg.optim.patience)
+        if improved and accelerator.is_main_process:
+            save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, "val_auc": val_m["auc"]})
         if accelerator.is_main_process:
             csv_log.log(row)
         accelerator.print(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} val AUC {val_m['auc']:.4f} "
                           f"ACC {val_m['accuracy']:.4f} lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
         accelerator.wait_for_everyone()
         resume_from = save_checkpoint(accelerator, step=epoch, state=ckpt_state)
-        if cfg.optim.patience and progress.bad_epochs >= cfg.optim.patience:
+        if stop:
             accelerator.print(f"early stopping: no better validation AUC for {cfg.optim.patience} epochs")
             break
 
@@ -710,23 +716,16 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
         epoch_s = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_m["dice"], "val_auc": val_m["auc"],
                "lr": lr, "epoch_s": epoch_s}
-        progress.history.append({**row, "val": val_m})
-        progress.epoch = epoch
-        # Progress.best_auc holds the selection score, here the mean validation Dice.
-        improved = math.isfinite(val_m["dice"]) and val_m["dice"] > progress.best_auc
-        if improved:
-            progress.best_auc, progress.best_epoch, progress.bad_epochs = val_m["dice"], epoch, 0
-            if accelerator.is_main_process:
-                save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, "val_dice": val_m["dice"]})
-        else:
-            progress.bad_epochs += 1
+        improved, stop = progress.record(row, val_m, val_m["dice"], cfg.optim.patience)  # selection: val Dice
+        if improved and accelerator.is_main_process:
+            save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, "val_dice": val_m["dice"]})
         if accelerator.is_main_process:
             csv_log.log(row)
         accelerator.print(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} val Dice {val_m['dice']:.4f} "
                           f"AUC {val_m['auc']:.4f} lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
         accelerator.wait_for_everyone()
         resume_from = save_checkpoint(accelerator, step=epoch, state=ckpt_state)
-        if cfg.optim.patience and progress.bad_epochs >= cfg.optim.patience:
+        if stop:
             accelerator.print(f"early stopping: no better validation Dice for {cfg.optim.patience} epochs")
             break
 
