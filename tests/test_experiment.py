@@ -86,6 +86,11 @@ def test_killed_experiment_resumes_then_everything_is_reused(tmp_path: Path) -> 
     report = (exp_dir / "report.md").read_text()
     assert "## Which initialisation? (classification)" in report and "| 0.05 | **" in report
     mtimes = {p: p.stat().st_mtime_ns for p in (exp_dir / "finetune").rglob("results.json")}
+    import publish_results  # README's results section is generated from experiment.json
+
+    readme = "\n".join(publish_results.section(exp_dir, assets=tmp_path / "assets"))
+    assert "### tiny" in readme and "| 0.05 | **" in readme and "| scratch | linear | " in readme
+    assert (tmp_path / "assets" / "tiny" / "classification_label_efficiency.png").stat().st_size > 1000
 
     # 3. Nothing changed: every stage is reused, no fine-tune cell recomputed.
     third = run(config)
