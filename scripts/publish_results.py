@@ -36,7 +36,7 @@ def section(exp_dir: Path, assets: Path = ROOT / "docs" / "results") -> list[str
     m = exp["machine"]
     name = exp["name"]
     md = [f"### {exp['title'] or name}", ""]
-    md.append(f"`python scripts/run_experiment.py configs/experiments/{name}.yaml` - run {exp['created'][:16]} "
+    md.append(f"`python scripts/run_experiment.py configs/experiments/{name}.yaml` - report written {exp['created'][:16]} "
               f"UTC on {m['cpu_count']} CPU cores" + (f" + {m['gpu']}" if m.get("gpu") else ", no GPU")
               + f"; torch {m['torch']}, accelerate {m['accelerate']}, lightly {m['lightly']}, monai {m['monai']}; "
               f"code {m['code_version']}. Compute time of all stages: {exp['compute_s'] / 60:.0f} min.")
