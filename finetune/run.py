@@ -319,6 +319,33 @@ class Progress:
         return improved, bool(patience) and self.bad_epochs >= patience
 
 
+def build_optimizer(model: torch.nn.Module, regime: Any, cfg: FinetuneConfig,
+                    stem: str) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.MultiStepLR, Any]:
+    """``apply_regime`` on ``model.backbone`` (``reinit`` draws a scratch backbone seeded ``seed + 1``), the
+    ``optim.optimizer`` over its parameter groups, and the step decay at ``optim.milestones``.
+
+    The scheduler is stepped once per epoch and not passed to ``prepare()`` (accelerate steps prepared
+    schedulers once per process per call, which suits per-batch schedules only); it is checkpointed by
+    ``save_checkpoint(state=...)``. Returns ``(optimizer, scheduler, regime_info)``.
+    """
+    torch.manual_seed(cfg.seed + 1)  # the re-init weights: a scratch backbone of the same architecture
+    fresh = build_backbone(cfg.backbone.arch, cfg.data.channels, stem) if regime.kind == "reinit" else None
+    groups, regime_info = apply_regime(
+        model, regime, lr=cfg.optim.lr, backbone_lr_mult=cfg.optim.backbone_lr_mult,  # type: ignore[arg-type]
+        weight_decay=cfg.optim.weight_decay, pretrained=cfg.init != "scratch", fresh_backbone=fresh,
+    )
+    optimizer: torch.optim.Optimizer
+    if cfg.optim.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    elif cfg.optim.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
+    milestones = sorted({max(1, int(m * cfg.optim.epochs)) for m in cfg.optim.milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.optim.gamma)
+    return optimizer, scheduler, regime_info
+
+
 # ------------------------------------------------------------------------------------------------
 # Classification
 # ------------------------------------------------------------------------------------------------
@@ -347,22 +374,7 @@ def run_classification(cfg: FinetuneConfig, accelerator: Accelerator, out: Path,
     num_outputs = 2 if task == "binary" else train_ds.num_classes
 
     model = Classifier(backbone, num_outputs, dropout=cfg.optim.dropout)
-    torch.manual_seed(cfg.seed + 1)  # the re-init weights: a scratch backbone of the same architecture
-    fresh = build_backbone(cfg.backbone.arch, cfg.data.channels, stem) if regime.kind == "reinit" else None
-    groups, regime_info = apply_regime(
-        model, regime, lr=cfg.optim.lr, backbone_lr_mult=cfg.optim.backbone_lr_mult,
-        weight_decay=cfg.optim.weight_decay, pretrained=cfg.init != "scratch", fresh_backbone=fresh,
-    )
-    if cfg.optim.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    elif cfg.optim.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    else:
-        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
-    milestones = sorted({max(1, int(m * cfg.optim.epochs)) for m in cfg.optim.milestones})
-    # Stepped once per epoch and not passed to prepare() (accelerate steps prepared schedulers once per
-    # process per call, which suits per-batch schedules only); checkpointed by save_checkpoint(state=...).
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.optim.gamma)
+    optimizer, scheduler, regime_info = build_optimizer(model, regime, cfg, stem)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, parts["loaders"]["train"], parts["loaders"]["val"], parts["loaders"]["test"]
     )
@@ -641,21 +653,8 @@ def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, r
         raise ConfigError(f"task=segmentation needs a mask dataset (e.g. drive:), got task {train_ds.task!r}")
 
     model = UNet(backbone, num_classes=1)
-    torch.manual_seed(cfg.seed + 1)
-    fresh = build_backbone(cfg.backbone.arch, cfg.data.channels, stem) if regime.kind == "reinit" else None
     # The regimes act on model.backbone (= the U-Net encoder); the decoder always trains at optim.lr.
-    groups, regime_info = apply_regime(
-        model, regime, lr=cfg.optim.lr, backbone_lr_mult=cfg.optim.backbone_lr_mult,  # type: ignore[arg-type]
-        weight_decay=cfg.optim.weight_decay, pretrained=cfg.init != "scratch", fresh_backbone=fresh,
-    )
-    if cfg.optim.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    elif cfg.optim.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    else:
-        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
-    milestones = sorted({max(1, int(m * cfg.optim.epochs)) for m in cfg.optim.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.optim.gamma)
+    optimizer, scheduler, regime_info = build_optimizer(model, regime, cfg, stem)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, parts["loaders"]["train"], parts["loaders"]["val"], parts["loaders"]["test"]
     )

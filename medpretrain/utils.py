@@ -115,3 +115,17 @@ def resolve_inside(base: str | os.PathLike[str], relative: str | os.PathLike[str
     if out != base_p and base_p not in out.parents:
         raise ValueError(f"output path {relative!s} escapes the output directory {base_p}")
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :func:`platform.processor` says, for benchmark and
+    experiment reports."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

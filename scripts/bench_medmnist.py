@@ -43,7 +43,14 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from medpretrain.config import config_hash, config_to_dict, load_config  # noqa: E402
-from medpretrain.utils import atomic_write_text, code_version, default_data_root, seed_everything, sha256_file  # noqa: E402
+from medpretrain.utils import (  # noqa: E402
+    atomic_write_text,
+    code_version,
+    cpu_model,
+    default_data_root,
+    seed_everything,
+    sha256_file,
+)
 
 # MedMNIST v2 (Yang et al. 2023), benchmark table, PneumoniaMNIST column: test AUC / ACC of the row
 # this script reproduces. Other rows are left out on purpose: only numbers we have checked go in a report.
@@ -111,14 +118,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
 
 
 def machine_info() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),

@@ -51,6 +51,7 @@ from medpretrain.augment import AugmentConfig, BatchViews  # noqa: E402
 from medpretrain.config import DataConfig, load_config  # noqa: E402
 from medpretrain.data import build_dataset  # noqa: E402
 from medpretrain.knn import extract_features, knn_accuracy  # noqa: E402
+from medpretrain.utils import cpu_model  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -91,14 +92,7 @@ def loadavg() -> list[float]:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import accelerate
     import lightly
     import torchvision

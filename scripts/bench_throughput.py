@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medpretrain.config import load_config  # noqa: E402
+from medpretrain.utils import cpu_model  # noqa: E402
 
 # stage -> (script, regex of the stdout line printed when training starts, regex of the line after it ends).
 # The GPU utilisation window lies between the two lines; finetune's start line is the end of epoch 1, so its
@@ -276,14 +277,7 @@ def loadavg() -> list[float]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import accelerate
     import lightly
     import torch

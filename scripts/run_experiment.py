@@ -73,7 +73,7 @@ from medpretrain.report import (  # noqa: E402
     summarize,
 )
 from medpretrain.training import list_checkpoints  # noqa: E402
-from medpretrain.utils import atomic_write_text, code_version  # noqa: E402
+from medpretrain.utils import atomic_write_text, code_version, cpu_model  # noqa: E402
 
 TRAIN_STAGES: dict[str, str] = {  # stage -> script; each exports <run>/backbone.safetensors
     "simclr": "pretrain/simclr.py",
@@ -347,7 +347,7 @@ def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[st
     _, results = compare.run(ccfg)
     spent = time.perf_counter() - t0
     stage.status = "reused" if not todo else "run"
-    stage.wall_s = (previous_wall(exp_dir, task, h) if not todo else 0.0) + (spent if todo else 0.0)
+    stage.wall_s = spent if todo else previous_wall(exp_dir, task, h)
     stage.detail = (f"{sum(r.get('status') == 'complete' for r in results)} complete, "
                     f"{sum(r.get('status') == 'unavailable' for r in results)} unavailable, "
                     f"{sum(r.get('status') == 'failed' for r in results)} failed of {len(results)} runs; "
@@ -364,7 +364,7 @@ def machine() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                             "cuda": torch.cuda.is_available(), "code_version": code_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
