@@ -4,7 +4,7 @@ setup:
 test:
 	bash scripts/test.sh
 lint:
-	.venv/bin/ruff check medpretrain pretrain finetune generative scripts tests
+	.venv/bin/ruff check medpretrain pretrain finetune generative scripts benchmarks tests
 	.venv/bin/mypy
 main:
 	bash scripts/main.sh

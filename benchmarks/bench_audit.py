@@ -1,22 +1,22 @@
 """Audit the generative benchmark's samples (``samples.npz`` under the generative run folders).
 
-    python scripts/bench_audit.py                                   # selfsup feature space (must exist)
-    python scripts/bench_audit.py backbone=vae                      # the newest VAE encoder export instead
-    python scripts/bench_audit.py audit_args="disc.epochs=3 n_fake=1000"
+    python benchmarks/bench_audit.py                                   # selfsup feature space (must exist)
+    python benchmarks/bench_audit.py backbone=vae                      # the newest VAE encoder export instead
+    python benchmarks/bench_audit.py audit_args="disc.epochs=3 n_fake=1000"
 
 Trains no generator: it looks for ``samples.npz`` under ``search`` (default ``runs/generative`` and
-``runs/bench_generative``, as written by ``scripts/bench_generative.py`` / ``generative/sample.py``), runs
+``runs/bench_generative``, as written by ``benchmarks/bench_generative.py`` / ``generative/sample.py``), runs
 ``scripts/audit_synthetic.py`` on each, and writes ``benchmarks/results/<name>.{json,md}``. With no
 samples, or no usable backbone, it writes and says exactly that.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +24,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from medpretrain.config import load_config  # noqa: E402
-from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version  # noqa: E402
+from medpretrain.config import load_config
+from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version
 
 
 @dataclass
@@ -47,12 +45,18 @@ class BenchAuditConfig:
     """Free text for the report (e.g. why this feature space), written by the person running the bench."""
 
 
-def load_audit_script() -> Any:
-    spec = importlib.util.spec_from_file_location("audit_synthetic", PROJECT_ROOT / "scripts" / "audit_synthetic.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["audit_synthetic"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+def run_audit(args: list[str], out: Path) -> dict[str, Any]:
+    """Run ``scripts/audit_synthetic.py`` as its own process and read the ``audit.json`` it writes.
+
+    Raises:
+        RuntimeError: the audit exited non-zero (e.g. the backbone is unavailable); its last stderr line says why.
+    """
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "audit_synthetic.py"), *args],
+                          cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"exit code {proc.returncode}")
+    return json.loads((out / "audit.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -68,7 +72,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not found:
         results["note"] = f"no samples.npz under {cfg.search}: nothing audited, nothing trained"
         print(results["note"])
-    script = load_audit_script()
     for path in found:
         rel = path.parent.relative_to(PROJECT_ROOT)
         out = PROJECT_ROOT / cfg.runs_dir / str(rel).replace(os.sep, "__")
@@ -76,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"disc.epochs={cfg.disc_epochs}", f"out={out}", *shlex.split(cfg.audit_args)]
         print(f"== audit {rel}", flush=True)
         try:
-            r = script.main(args)
-        except SystemExit as e:  # the backbone is unavailable: record why, never substitute silently
-            results["audits"][str(rel)] = {"status": "not run", "reason": str(e.code)}
-            print(e.code)
+            r = run_audit(args, out)
+        except RuntimeError as e:  # the backbone is unavailable: record why, never substitute silently
+            results["audits"][str(rel)] = {"status": "not run", "reason": str(e)}
+            print(e)
             continue
         results["audits"][str(rel)] = {
             "status": "ok", "report": os.path.relpath(out / "audit.md", PROJECT_ROOT), "backbone": r["backbone"],
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     lines = ["# Synthetic-sample audit of the generative benchmark", "",
-             f"Written by `scripts/bench_audit.py` ({r['code_version']}); {r['machine']['logical_cpus']} logical CPUs "
+             f"Written by `benchmarks/bench_audit.py` ({r['code_version']}); {r['machine']['logical_cpus']} logical CPUs "
              f"(shared), CUDA {r['machine']['cuda']}. Settings: "
              f"{json.dumps({k: v for k, v in r['settings'].items() if k != 'note'})}.", ""]
     if r.get("note"):

@@ -16,14 +16,14 @@ What it reports (``benchmarks/results/generative.{json,md}``):
   distance between 32-bin intensity histograms (0 = identical, 2 = disjoint).
 
 Audit scores (discriminator AUC, FID/KID, precision/recall, memorisation) of these samples come from
-``scripts/bench_audit.py``, which audits the samples this script leaves under ``runs/bench_generative``
+``benchmarks/bench_audit.py``, which audits the samples this script leaves under ``runs/bench_generative``
 and writes ``benchmarks/results/audit.md``.
 
 Usage::
 
-    python scripts/bench_generative.py                        # default budgets (a CPU run)
-    python scripts/bench_generative.py vae_steps=600 dcgan_steps=600 launch_args="--num_processes 1"
-    python scripts/bench_generative.py report_only=true observation="..."   # add what the grids show
+    python benchmarks/bench_generative.py                        # default budgets (a CPU run)
+    python benchmarks/bench_generative.py vae_steps=600 dcgan_steps=600 launch_args="--num_processes 1"
+    python benchmarks/bench_generative.py report_only=true observation="..."   # add what the grids show
 """
 
 from __future__ import annotations
@@ -43,14 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from medpretrain.config import DataConfig, load_config
+from medpretrain.data import build_dataset
+from medpretrain.generative import sample_statistics
+from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version
 
-from medpretrain.config import DataConfig, load_config  # noqa: E402
-from medpretrain.data import build_dataset  # noqa: E402
-from medpretrain.generative import sample_statistics  # noqa: E402
-from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version  # noqa: E402
-
-AUDIT_NOTE = ("Audit scores of these samples are measured separately by scripts/bench_audit.py "
+AUDIT_NOTE = ("Audit scores of these samples are measured separately by benchmarks/bench_audit.py "
               "(benchmarks/results/audit.md).")
 
 
@@ -168,7 +166,7 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         "# Generative pretraining benchmark (PneumoniaMNIST, 28 px)",
         "",
-        f"Written by `scripts/bench_generative.py` ({r['code_version']}). Machine: {r['machine']['logical_cpus']} "
+        f"Written by `benchmarks/bench_generative.py` ({r['code_version']}). Machine: {r['machine']['logical_cpus']} "
         f"logical CPUs, OMP threads {r['machine']['omp_threads'] or 'default'}, CUDA {r['machine']['cuda']}; "
         "the machine was shared with other jobs, so wall-clock times are upper bounds.",
         "",

@@ -14,8 +14,8 @@ Protocol (Yang et al., "MedMNIST v2", Scientific Data 2023, and the official
 
 Usage::
 
-    python scripts/bench_medmnist.py epochs=20            # shortened schedule, milestones scale with it
-    python scripts/bench_medmnist.py                      # the full 100-epoch protocol
+    python benchmarks/bench_medmnist.py epochs=20            # shortened schedule, milestones scale with it
+    python benchmarks/bench_medmnist.py                      # the full 100-epoch protocol
 
 Writes ``benchmarks/results/medmnist_pneumonia.{json,md}`` (JSON rewritten atomically after every
 epoch, so a killed run still says how far it got). The local train split (3882 images) is smaller
@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +39,8 @@ import torchmetrics
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from medpretrain.config import config_hash, config_to_dict, load_config  # noqa: E402
-from medpretrain.utils import (  # noqa: E402
+from medpretrain.config import config_hash, config_to_dict, load_config
+from medpretrain.utils import (
     atomic_write_text,
     code_version,
     cpu_model,

@@ -1,7 +1,7 @@
 """Benchmark of the self-supervised pretraining path (not a timed test).
 
-    .venv/bin/python scripts/bench_pretrain.py                 # budgets below; ~12 min on a loaded 2-core CPU
-    .venv/bin/python scripts/bench_pretrain.py knn_steps=200 e2e_batch=256
+    .venv/bin/python benchmarks/bench_pretrain.py                 # budgets below; ~12 min on a loaded 2-core CPU
+    .venv/bin/python benchmarks/bench_pretrain.py knn_steps=200 e2e_batch=256
 
 In one run, on the same data, batch size, cores and machine:
 
@@ -335,7 +335,7 @@ def write_markdown(path: Path, res: dict) -> None:
     lines = [
         "# Self-supervised pretraining benchmark",
         "",
-        f"Measured {res['started']} by `scripts/bench_pretrain.py` on {m['cpu']} ({m['logical_cpus']} logical CPUs, "
+        f"Measured {res['started']} by `benchmarks/bench_pretrain.py` on {m['cpu']} ({m['logical_cpus']} logical CPUs, "
         f"{res['cores']} used by each side), torch {m['torch']}, torchvision {m['torchvision']}, lightly {m['lightly']}, "
         f"accelerate {m['accelerate']}, Python {m['python']}. GPU: {m['gpu'] or 'none'}. "
         f"The CPU was shared with other jobs: load average {res['load_start']} at the start, "

@@ -1,8 +1,8 @@
 """Benchmark of segmentation transfer on DRIVE: test Dice for scratch, selfsup and ImageNet inits.
 
-    .venv/bin/python scripts/bench_segmentation.py                       # ~10 min on a loaded 2-core CPU
+    .venv/bin/python benchmarks/bench_segmentation.py                       # ~10 min on a loaded 2-core CPU
     # the published results (~40 min on a shared 2-core CPU):
-    .venv/bin/python scripts/bench_segmentation.py arch=resnet18 epochs=12 steps_per_epoch=40 pretrain_epochs=100
+    .venv/bin/python benchmarks/bench_segmentation.py arch=resnet18 epochs=12 steps_per_epoch=40 pretrain_epochs=100
 
 1. **selfsup**: ``pretrain/simclr.py`` launched through ``accelerate launch`` on DRIVE's own training
    images (``data.dataset=drive:drive``, split ``train``; no masks, no test images), resized to
@@ -30,14 +30,10 @@ from pathlib import Path
 
 import torch
 
+from medpretrain.config import load_config
+from medpretrain.utils import atomic_write_text, code_version
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "finetune"))
-
-import run as finetune_run  # noqa: E402  (finetune/run.py)
-
-from medpretrain.config import load_config  # noqa: E402
-from medpretrain.utils import atomic_write_text, code_version  # noqa: E402
 
 
 @dataclass
@@ -99,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"optim.max_steps_per_epoch={cfg.steps_per_epoch}", f"optim.lr={cfg.lr}",
                         f"seed={cfg.seed}", f"output_dir={out}", "n_bootstrap=1000"]
             t = time.perf_counter()
-            code = finetune_run.main(argv_run)
+            code = subprocess.run([sys.executable, str(ROOT / "finetune" / "run.py"), *argv_run], cwd=ROOT).returncode
             res = json.loads((out / "results.json").read_text())
             row = {"init": init, "budget": n, "n_train_images": res.get("n_train_images", n), "status": res["status"],
                    "exit_code": code, "wall_s": round(time.perf_counter() - t, 1)}
@@ -131,7 +127,7 @@ def markdown(result: dict) -> str:
     pool = max((r["n_train_images"] for r in result["runs"] if r["status"] == "complete"), default=0)
     lines = [
         "# DRIVE segmentation transfer: scratch vs self-supervised vs ImageNet", "",
-        f"Measured {result['date']} by `scripts/bench_segmentation.py` on {result['machine']['cpus']} CPU cores "
+        f"Measured {result['date']} by `benchmarks/bench_segmentation.py` on {result['machine']['cpus']} CPU cores "
         f"(shared; load {', '.join(f'{x:.1f}' for x in result['machine']['loadavg'])}), torch "
         f"{result['machine']['torch']}, code {result['code_version']}.", "",
         f"**Budget (small, CPU):** U-Net on `{c['arch']}`, full fine-tuning, {c['epochs']} epochs x "

@@ -1,9 +1,9 @@
 """Throughput of the real entry scripts: images/s, and GPU utilisation and memory where a GPU is present (issue #8).
 
-    .venv/bin/python scripts/bench_throughput.py                                  # CPU-sized defaults, ~6 min on a loaded 2-core CPU
-    .venv/bin/python scripts/bench_throughput.py steps=200 pretrain_batch=256 finetune_batch=128 \\
+    .venv/bin/python benchmarks/bench_throughput.py                                  # CPU-sized defaults, ~6 min on a loaded 2-core CPU
+    .venv/bin/python benchmarks/bench_throughput.py steps=200 pretrain_batch=256 finetune_batch=128 \\
         finetune_steps_per_epoch=0 finetune_short_steps=10 image_size=64 mixed_precision=bf16   # one GPU
-    .venv/bin/python scripts/bench_throughput.py launch_args='[--config_file, configs/accelerate/multi_gpu.yaml, --num_processes, 4]'
+    .venv/bin/python benchmarks/bench_throughput.py launch_args='[--config_file, configs/accelerate/multi_gpu.yaml, --num_processes, 4]'
 
 Each stage is the project's own script launched through ``accelerate launch`` as a subprocess, for a fixed
 number of optimizer steps, on ``dataset`` (PneumoniaMNIST) with ``arch`` (ResNet-18):
@@ -54,7 +54,6 @@ from typing import Any, Literal
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from medpretrain.config import load_config  # noqa: E402
 from medpretrain.utils import cpu_model  # noqa: E402
@@ -536,7 +535,7 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
     lines = [
         "# Throughput benchmark: images/s of the entry scripts, GPU utilisation",
         "",
-        f"Measured {res['started']} by `scripts/bench_throughput.py` on {m['cpu']} ({m['logical_cpus']} logical CPUs"
+        f"Measured {res['started']} by `benchmarks/bench_throughput.py` on {m['cpu']} ({m['logical_cpus']} logical CPUs"
         + ("" if res["cuda_used"] else f", {res['cores']} threads per process") + f"), {m['platform']}, Python "
         f"{m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, accelerate {m['accelerate']}, lightly "
         f"{m['lightly']}. {gpu_note} The CPU was shared with other jobs: load average {res['load_start']} before, "
@@ -597,11 +596,11 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
                   "Nothing here was measured on a GPU. To record GPU images/s and utilisation (issue #8), run, with the "
                   "data under `$MEDPRETRAIN_DATA`:", "", "```",
                   "export OMP_WAIT_POLICY=PASSIVE MEDPRETRAIN_DATA=/path/to/shared/data",
-                  ".venv/bin/python scripts/bench_throughput.py steps=200 log_every=20 pretrain_batch=256 vae_batch=256 "
+                  ".venv/bin/python benchmarks/bench_throughput.py steps=200 log_every=20 pretrain_batch=256 vae_batch=256 "
                   "finetune_batch=128 finetune_epochs=3 finetune_steps_per_epoch=0 finetune_short_steps=10 image_size=64 "
                   "mixed_precision=bf16",
                   "# several GPUs (DDP), one process per GPU:",
-                  ".venv/bin/python scripts/bench_throughput.py steps=200 log_every=20 pretrain_batch=256 vae_batch=256 "
+                  ".venv/bin/python benchmarks/bench_throughput.py steps=200 log_every=20 pretrain_batch=256 vae_batch=256 "
                   "finetune_batch=128 finetune_steps_per_epoch=0 finetune_short_steps=5 image_size=64 mixed_precision=bf16 "
                   "launch_args='[--config_file, configs/accelerate/multi_gpu.yaml, --num_processes, 4]'",
                   "```", "",

@@ -1,7 +1,7 @@
 """Outcome rows for ``benchmarks/results/reliability.md`` (no conftest, no fixtures).
 
 Tests of ``tests/test_reliability_*.py`` call :func:`record`; when ``$MEDPRETRAIN_RELIABILITY_LOG`` names
-a file (``scripts/bench_reliability.py`` sets it), one JSON line per tried fault or input is appended to
+a file (``benchmarks/bench_reliability.py`` sets it), one JSON line per tried fault or input is appended to
 it. Without the variable nothing is written. A row is recorded only after its assertions passed, so a
 row's ``outcome`` is what the test proved.
 """

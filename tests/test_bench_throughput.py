@@ -1,4 +1,4 @@
-"""scripts/bench_throughput.py: the parsing and aggregation behind its images/s and GPU numbers (no training)."""
+"""benchmarks/bench_throughput.py: the parsing and aggregation behind its images/s and GPU numbers (no training)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "scripts" / "bench_throughput.py")
+spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "benchmarks" / "bench_throughput.py")
 bt = importlib.util.module_from_spec(spec)
 sys.modules["bench_throughput"] = bt
 spec.loader.exec_module(bt)
