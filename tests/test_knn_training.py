@@ -10,19 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from medpretrain.knn import knn_accuracy, knn_predict
-from medpretrain.training import (
+from medpretrain.faults import FiniteGuard, NonFiniteLossError
+from medpretrain.resume import (
     COMPLETE_MARKER,
     BufferState,
-    CSVLogger,
-    FiniteGuard,
-    NonFiniteLossError,
     checkpoint_step,
     list_checkpoints,
-    plot_curves,
     project_configuration,
     resolve_resume,
-    warmup_cosine,
 )
+from medpretrain.runlog import CSVLogger, plot_curves
+from medpretrain.schedules import warmup_cosine
 
 
 def naive_knn(query, bank, labels, num_classes, k, t, exclude_self=False):

@@ -21,7 +21,7 @@ import torch
 from reliability_record import record
 
 from medpretrain.checkpoint import load_backbone, read_meta
-from medpretrain.training import COMPLETE_MARKER
+from medpretrain.resume import COMPLETE_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=6", "train.log_every=1",

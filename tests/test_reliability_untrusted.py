@@ -21,7 +21,7 @@ from reliability_record import record
 from medpretrain.config import DataConfig
 from medpretrain.data import DataError, clear_source_cache, read_source
 from medpretrain.init import read_torchvision_state
-from medpretrain.training import resolve_run_dir
+from medpretrain.stage import resolve_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", "runs", ".git", "build", "medpretrain.egg-info", "__pycache__"}
@@ -167,7 +167,7 @@ def test_training_state_round_trips_without_pickle(tmp_path):
     from lightly.loss import NTXentLoss
 
     from medpretrain.generative import CollapseMonitor
-    from medpretrain.training import BufferState, Counter, load_training_state, save_training_state
+    from medpretrain.resume import BufferState, Counter, load_training_state, save_training_state
 
     def objects(seed: int):
         torch.manual_seed(seed)
@@ -215,7 +215,7 @@ def test_training_state_round_trips_without_pickle(tmp_path):
 def test_resume_refuses_pickled_accelerate_state(tmp_path):
     """A checkpoint folder holding accelerate's ``custom_checkpoint_*.pkl`` (older format, or planted) is
     refused before accelerate is asked to load anything, and its payload never runs."""
-    from medpretrain.training import COMPLETE_MARKER, load_checkpoint
+    from medpretrain.resume import COMPLETE_MARKER, load_checkpoint
 
     ckpt = tmp_path / "checkpoints" / "checkpoint_0"
     ckpt.mkdir(parents=True)
@@ -283,7 +283,7 @@ def test_resume_never_unpickles(script, data_root, tmp_path):
     pickle, and the checkpoints hold ``training_state.safetensors`` instead of ``custom_checkpoint_*.pkl``.
     MoCo carries a momentum encoder, its memory bank and the step counter; fine-tuning an LR scheduler
     (MultiStepLR) and its epoch / best-AUC progress."""
-    from medpretrain.training import COMPLETE_MARKER, TRAINING_STATE
+    from medpretrain.resume import COMPLETE_MARKER, TRAINING_STATE
 
     log = tmp_path / "loads.jsonl"
     env = {"MEDPRETRAIN_DATA": str(data_root)}

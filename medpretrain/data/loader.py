@@ -1,0 +1,44 @@
+"""Training loaders for image-only stages (pretraining, generative): the whole split on the device, or a DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+
+class _Indices(Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def image_loader(
+    ds: Any, batch_size: int, cache_on_device: bool, device: torch.device, num_workers: int = 0
+) -> tuple[DataLoader, torch.Generator, Callable[[Any], torch.Tensor]]:
+    """A shuffling, ``drop_last`` loader (equal batches on every process, as the gathered NT-Xent
+    needs), its sampler generator (re-seed per epoch for resumable order) and a function from a
+    batch to images ``[B, C, H, W]`` on ``device``.
+
+    With ``cache_on_device`` the loader yields indices into the split, stacked once on ``device``.
+    """
+    if len(ds) < batch_size:
+        raise ValueError(f"pretraining split has {len(ds)} images, fewer than batch_size={batch_size}")
+    gen = torch.Generator()
+    if cache_on_device:
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
+        loader = DataLoader(_Indices(len(ds)), batch_size=batch_size, sampler=RandomSampler(range(len(ds)), generator=gen),
+                            drop_last=True)
+        return loader, gen, lambda idx: images[idx.to(device)]
+    loader = DataLoader(ds, batch_size=batch_size, sampler=RandomSampler(ds, generator=gen), drop_last=True,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=num_workers > 0)
+    return loader, gen, lambda batch: batch["image"].to(device, non_blocking=True)
+
