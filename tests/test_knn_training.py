@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medpretrain.knn import knn_accuracy, knn_predict
 from medpretrain.faults import FiniteGuard, NonFiniteLossError
+from medpretrain.knn import knn_accuracy, knn_predict
 from medpretrain.resume import (
     COMPLETE_MARKER,
     BufferState,

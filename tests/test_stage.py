@@ -11,7 +11,6 @@ from medpretrain.resume import Counter, list_checkpoints
 from medpretrain.stage import RunFolderExists, start_stage
 
 
-
 def _cfg():
     return BackboneConfig(arch="cbr_tiny")
 
