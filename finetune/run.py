@@ -614,13 +614,9 @@ def save_overlays(path: Path, pred: dict[str, np.ndarray], dataset: Any, n: int,
 
 
 def run_segmentation(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_hash: str) -> dict[str, Any]:
-    from medpretrain.segmentation import (
-        UNet,
-        bootstrap_images,
-        mean_metrics,
-        per_image_metrics,
-        save_predictions,
-    )
+    from medpretrain.metrics import bootstrap_images, mean_metrics, per_image_metrics
+    from medpretrain.results import save_predictions
+    from medpretrain.unet import UNet
     from medpretrain.training import fault_hook
 
     t_run = time.perf_counter()

@@ -11,20 +11,34 @@ over labels for multi-label), accuracy (fraction of correct predictions; element
 sensitivity (= recall), specificity, precision and F1, the last four macro-averaged over classes /
 labels when there are more than two. Binary and multi-label predictions threshold at ``threshold``;
 multi-class predictions take the arg-max.
+
+Binary segmentation metrics (:data:`SEG_METRICS`, :func:`segmentation_metrics`) take probability maps,
+binary targets and an optional region of interest (DRIVE scores inside the field of view): Dice, Jaccard,
+sensitivity, specificity, pixel AUC; :func:`per_image_metrics`, :func:`mean_metrics` and
+:func:`bootstrap_images` score a test set image by image. :func:`metric_names` gives a task's metrics.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 from torchmetrics.functional import classification as C
+from torchmetrics.functional.classification import binary_auroc
 
 Task = Literal["binary", "multiclass", "multilabel"]
 METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+SEG_METRICS: tuple[str, ...] = ("dice", "jaccard", "sensitivity", "specificity", "auc")
+
+
+def metric_names(task: str) -> tuple[str, ...]:
+    """The reported metrics of a task: :data:`SEG_METRICS` for ``segmentation``, else :data:`METRICS`."""
+    return SEG_METRICS if task == "segmentation" else METRICS
 
 
 def _as_tensors(probs: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,3 +235,93 @@ def epochs_to_fraction_of_best(values: Sequence[float], fraction: float = 0.95) 
     target = fraction * np.nanmax(arr)
     hits = np.nonzero(np.nan_to_num(arr, nan=-np.inf) >= target)[0]
     return int(hits[0]) + 1
+
+
+# Segmentation
+
+
+def _flat(probs: Tensor | np.ndarray, target: Tensor | np.ndarray,
+          roi: Tensor | np.ndarray | None) -> tuple[Tensor, Tensor]:
+    p = torch.as_tensor(probs).detach().float().cpu()
+    t = torch.as_tensor(target).detach().cpu()
+    if p.shape != t.shape:
+        raise ValueError(f"probs {tuple(p.shape)} and target {tuple(t.shape)} differ in shape")
+    if roi is None:
+        return p.reshape(-1), (t > 0.5).reshape(-1).long()
+    r = torch.as_tensor(roi).detach().cpu()
+    if r.shape != p.shape:
+        raise ValueError(f"roi {tuple(r.shape)} and probs {tuple(p.shape)} differ in shape")
+    keep = r.reshape(-1) > 0.5
+    return p.reshape(-1)[keep], (t > 0.5).reshape(-1)[keep].long()
+
+
+def segmentation_metrics(probs: Tensor | np.ndarray, target: Tensor | np.ndarray, roi: Tensor | np.ndarray | None = None,
+                         *, threshold: float = 0.5, auc_max_pixels: int = 200_000, seed: int = 0) -> dict[str, float]:
+    """Pixel metrics of one image (or a stack, pooled) inside ``roi``.
+
+    ``probs`` are foreground probabilities, ``target`` and ``roi`` in {0, 1}, all the same shape. Dice =
+    2TP / (2TP + FP + FN), Jaccard = TP / (TP + FP + FN) (both 1.0 when prediction and target are empty),
+    sensitivity = TP / (TP + FN), specificity = TN / (TN + FP) (NaN when undefined), pixel ROC AUC through
+    torchmetrics on a seeded subsample of at most ``auc_max_pixels`` pixels (NaN with one class).
+    """
+    p, t = _flat(probs, target, roi)
+    pred = p >= threshold
+    pos = t.bool()
+    tp = float((pred & pos).sum())
+    fp = float((pred & ~pos).sum())
+    fn = float((~pred & pos).sum())
+    tn = float((~pred & ~pos).sum())
+    nan = float("nan")
+    denom = 2 * tp + fp + fn
+    out = {
+        "dice": 2 * tp / denom if denom else 1.0,
+        "jaccard": tp / (tp + fp + fn) if denom else 1.0,
+        "sensitivity": tp / (tp + fn) if tp + fn else nan,
+        "specificity": tn / (tn + fp) if tn + fp else nan,
+    }
+    if 0 < int(t.sum()) < t.numel():
+        if t.numel() > auc_max_pixels:
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(t.numel(), generator=g)[:auc_max_pixels]
+            p, t = p[idx], t[idx]
+        out["auc"] = float(binary_auroc(p, t))
+    else:
+        out["auc"] = nan
+    return out
+
+
+def per_image_metrics(probs: Sequence[Tensor | np.ndarray], targets: Sequence[Tensor | np.ndarray],
+                      rois: Sequence[Tensor | np.ndarray | None] | None = None, **kwargs: float) -> list[dict[str, float]]:
+    """:func:`segmentation_metrics` of each image."""
+    rois_: Sequence[Tensor | np.ndarray | None] = rois if rois is not None else [None] * len(probs)
+    return [segmentation_metrics(p, t, r, **kwargs) for p, t, r in zip(probs, targets, rois_, strict=True)]  # type: ignore[arg-type]
+
+
+def mean_metrics(rows: Sequence[dict[str, float]], keys: Sequence[str] = SEG_METRICS) -> dict[str, float]:
+    """Mean over images of each metric (NaNs ignored; NaN when all are NaN)."""
+    out = {}
+    for k in keys:
+        v = np.array([r[k] for r in rows], dtype=float)
+        out[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+    return out
+
+
+def bootstrap_images(rows: Sequence[dict[str, float]], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                     keys: Sequence[str] = SEG_METRICS) -> dict[str, dict[str, float]]:
+    """Percentile bootstrap CI of the per-image mean of each metric, resampling test images."""
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    out: dict[str, dict[str, float]] = {}
+    if n == 0:
+        raise ValueError("bootstrap_images needs at least one image")
+    idx = rng.integers(0, n, size=(n_boot, n))
+    a = (1 - level) / 2
+    for k in keys:
+        v = np.array([r[k] for r in rows], dtype=float)
+        with warnings.catch_warnings():  # all-NaN resamples (e.g. sensitivity on empty masks) give NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(v[idx], axis=1)
+        means = means[np.isfinite(means)]
+        lo, hi = (np.quantile(means, [a, 1 - a]) if means.size else (np.nan, np.nan))
+        out[k] = {"low": float(lo), "high": float(hi)}
+    return out

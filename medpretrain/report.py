@@ -13,7 +13,7 @@ averaged over the seeds of one init, computed by ``scripts/compare.py``). Output
 * ``label_efficiency.png``, ``roc.png``, ``radar.png``, ``learning_curves.png``.
 
 Segmentation results (``task == "segmentation"``, from ``finetune/run.py task=segmentation``) are
-reported the same way with the segmentation metrics (:data:`medpretrain.segmentation.SEG_METRICS`, Dice
+reported the same way with the segmentation metrics (:data:`medpretrain.metrics.SEG_METRICS`, Dice
 as the headline), the label budget as the number of annotated training images instead of a fraction,
 no ROC / radar, and the prediction overlays of the headline runs copied next to the report.
 """
@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from medpretrain.metrics import METRICS, aggregate
-from medpretrain.segmentation import SEG_METRICS
+from medpretrain.metrics import METRICS, SEG_METRICS, aggregate
 from medpretrain.utils import atomic_path, atomic_write_text
 
 Result = Mapping[str, Any]

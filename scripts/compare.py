@@ -42,7 +42,8 @@ from accelerate import PartialState  # noqa: E402
 from medpretrain.config import load_config  # noqa: E402
 from medpretrain.metrics import bootstrap_ci, classification_metrics, roc_curves  # noqa: E402
 from medpretrain.report import build_report  # noqa: E402
-from medpretrain.segmentation import bootstrap_images, load_predictions, mean_metrics, per_image_metrics  # noqa: E402
+from medpretrain.metrics import bootstrap_images, mean_metrics, per_image_metrics  # noqa: E402
+from medpretrain.results import load_predictions  # noqa: E402
 
 LOCAL_SPLIT_NOTES = {
     "pneumoniamnist": "PneumoniaMNIST: the local train split has 3882 images (388 normal / 3494 pneumonia), "

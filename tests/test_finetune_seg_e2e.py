@@ -117,7 +117,7 @@ def test_killed_mid_epoch_resumes_to_the_uninterrupted_results(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
 
-    from medpretrain.segmentation import load_predictions
+    from medpretrain.results import load_predictions
 
     ref_dir, out = tmp_path / "ref", tmp_path / "run"
     ref = _seg_subprocess(ref_dir)

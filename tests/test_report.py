@@ -129,7 +129,7 @@ def test_compare_grid_real_data_with_unavailable_arm_and_skip(tmp_path, monkeypa
 
 
 def _fake_seg(init: str, n: int, seed: int, dice: float, run_dir: Path) -> dict:
-    from medpretrain.segmentation import SEG_METRICS
+    from medpretrain.metrics import SEG_METRICS
 
     test = {m: dice for m in SEG_METRICS} | {"jaccard": dice / (2 - dice)}
     return {

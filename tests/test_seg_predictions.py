@@ -12,13 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medpretrain.segmentation import (
-    load_predictions,
-    per_image_metrics,
-    quantize_probs,
-    save_predictions,
-    segmentation_metrics,
-)
+from medpretrain.metrics import per_image_metrics, segmentation_metrics
+from medpretrain.results import load_predictions, quantize_probs, save_predictions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

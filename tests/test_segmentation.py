@@ -1,4 +1,4 @@
-"""medpretrain.segmentation: U-Net shapes over odd sizes, the encoder contract, metrics against known values."""
+"""medpretrain.unet and the segmentation metrics of medpretrain.metrics: U-Net shapes over odd sizes, the encoder contract, metrics against known values."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from medpretrain.config import DataConfig
 from medpretrain.data import build_dataset
 from medpretrain.data.transforms import Compose, PairedRandomCrop, PairedRandomFlip
 from medpretrain.regimes import Classifier, apply_regime
-from medpretrain.segmentation import UNet, bootstrap_images, mean_metrics, segmentation_metrics
+from medpretrain.metrics import bootstrap_images, mean_metrics, segmentation_metrics
+from medpretrain.unet import UNet
 
 
 @pytest.mark.parametrize(("arch", "stem", "size"), [("cbr_tiny", "standard", (33, 34)),
