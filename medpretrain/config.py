@@ -21,6 +21,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -308,17 +309,54 @@ def load_config(cls: type[T], argv: list[str] | None = None, defaults_file: str 
         sys.stdout.write(config_help(cls) + "\n")
         raise SystemExit(0)
     files, overrides = parse_args(argv)
-    # Short aliases a script declares, e.g. ``ALIASES = {"resume": "train.resume"}`` so that the
-    # documented ``--resume auto`` works wherever the key lives in the schema.
+    overrides = _aliased(cls, overrides)
+    merged: dict[str, Any] = {}
+    for f in ([defaults_file] if defaults_file else []) + files:
+        merged = _merge(merged, read_yaml(f))
+    merged = _merge(merged, overrides)
+    return _build(cls, merged)
+
+
+def _aliased(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Short aliases a script declares, e.g. ``ALIASES = {"resume": "train.resume"}`` so that the
+    documented ``--resume auto`` works wherever the key lives in the schema."""
     for short, full in getattr(cls, "ALIASES", {}).items():
         if short in overrides and short not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
             overrides = _merge(
                 {k: v for k, v in overrides.items() if k != short}, _dotted_to_nested(full, overrides[short])
             )
-    merged: dict[str, Any] = {}
-    for f in ([defaults_file] if defaults_file else []) + files:
+    return overrides
+
+
+def merge_overrides(base: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied in order, without a schema: ``--config`` files (read with the safe
+    loader, relative to the working directory) first, then ``key=value`` / ``--key value`` pairs, nested
+    mappings merged key by key. For configs whose dataclass is not importable; prefer :func:`resolve_config`.
+
+    Raises :class:`ConfigError` for an unreadable file or an unparsable argument.
+    """
+    files, over = parse_args(list(overrides))
+    merged = dict(base)
+    for f in files:
         merged = _merge(merged, read_yaml(f))
-    merged = _merge(merged, overrides)
+    return _merge(merged, over)
+
+
+def resolve_config(cls: type[T], config_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
+                   values: Mapping[str, Any] | None = None) -> T:
+    """Resolve and validate a config: ``cls`` defaults < ``config_file`` < ``overrides`` (``key=value``, as on
+    the command line, ``cls.ALIASES`` included) < ``values`` (a nested mapping set by a program).
+
+    The same resolution an entry script's :func:`load_config` makes from ``--config <file> <overrides>``.
+    Raises :class:`ConfigError` naming an unknown key, a wrong type or an unreadable file.
+    """
+    files, over = parse_args(list(overrides))
+    merged: dict[str, Any] = {}
+    for f in ([config_file] if config_file else []) + files:
+        merged = _merge(merged, read_yaml(f))
+    merged = _merge(merged, _aliased(cls, over))
+    if values:
+        merged = _merge(merged, dict(values))
     return _build(cls, merged)
 
 

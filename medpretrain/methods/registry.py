@@ -27,6 +27,10 @@ class StageInfo:
     products: dict[str, str] = field(default_factory=dict)
     """Other files of a finished run by role (``generator``: the sampler's weights)."""
     description: str = ""
+    schema: str = ""
+    """The entry script's config dataclass as ``"module:Class"`` (importable from the library), or ``""``.
+    When set, the experiment runner validates the stage's config against it before hashing
+    (:func:`medpretrain.pipeline.stages.stage_config`)."""
 
 
 _STAGES: dict[str, StageInfo] = {}
