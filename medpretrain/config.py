@@ -17,6 +17,7 @@ YAML is always read with ``yaml.safe_load``: a config can never construct Python
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import types
@@ -163,16 +164,53 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of config dataclass ``cls``, dotted (``data.image_size``), groups included."""
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        keys.append(prefix + f.name)
+        if isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name]):
+            keys += _dotted_keys(hints[f.name], prefix + f.name + ".")
+    return keys
+
+
+def _nearest_key(key: str, cls: type, prefix: str) -> str | None:
+    """The valid key nearest to ``key`` (difflib over last parts): a sibling first (``train.epoch`` ->
+    ``train.epochs``), else one in a group below (``lr`` -> ``optim.lr``)."""
+    leaf = key.rsplit(".", 1)[-1]
+    siblings = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    match = difflib.get_close_matches(leaf, siblings, n=1)
+    if match:
+        return prefix + match[0]
+    below: dict[str, str] = {}
+    for k in _dotted_keys(cls, prefix):
+        below.setdefault(k.rsplit(".", 1)[-1], k)
+    match = difflib.get_close_matches(leaf, list(below), n=1)
+    return below[match[0]] if match else None
+
+
+def _unknown_keys_message(unknown: list[str], cls: type, prefix: str) -> str:
+    """``unknown config key 'train.epoch' (did you mean 'train.epochs'?)``, one line for any number of keys;
+    without any suggestion the valid keys of that level are listed."""
+    parts, suggested = [], False
+    for key in unknown:
+        near = _nearest_key(key, cls, prefix)
+        suggested = suggested or near is not None
+        parts.append(f"'{key}'" + (f" (did you mean '{near}'?)" if near else ""))
+    text = f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}"
+    if not suggested:
+        text += f"; valid keys here: {', '.join(prefix + f.name for f in dataclasses.fields(cls))}"  # type: ignore[arg-type]
+    return text
+
+
 def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     """Instantiate dataclass ``cls`` from a (partial) mapping, validating every key and type."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys here: {', '.join(prefix + k for k in fields)}"
-        )
+        raise ConfigError(_unknown_keys_message([prefix + k for k in unknown], cls, prefix))
     kwargs = {name: _coerce(v, hints[name], prefix + name) for name, v in values.items()}
     return cls(**kwargs)
 

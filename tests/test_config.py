@@ -64,8 +64,8 @@ def test_list_and_none_values():
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["data.imagesize=3"], "unknown config key(s) data.imagesize"),
-        (["nope=1"], "unknown config key(s) nope"),
+        (["data.imagesize=3"], "unknown config key 'data.imagesize' (did you mean 'data.image_size'?)"),
+        (["nope=1"], "unknown config key 'nope'; valid keys here: data, backbone, optim, init, seed, resume, amp"),
         (["optim.lr=fast"], "config key 'optim.lr': expected a number"),
         (["seed=1.5"], "config key 'seed': expected an integer"),
         (["amp=maybe"], "config key 'amp': expected true/false"),
@@ -133,6 +133,22 @@ def test_alias_maps_documented_short_flag_to_nested_key():
     assert load_config(AliasedConfig, ["train.resume=auto"]).train.resume == "auto"
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(AliasedConfig, ["resum=auto"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (["lr=1"], "unknown config key 'lr' (did you mean 'optim.lr'?)"),  # group prefix forgotten
+        (["sed=1"], "unknown config key 'sed' (did you mean 'seed'?)"),
+        (["optim.lrr=1", "optim.zzz=2"], "unknown config keys 'optim.lrr' (did you mean 'optim.lr'?), 'optim.zzz'"),
+        (["optim.zzz=2"], "unknown config key 'optim.zzz'; valid keys here: optim.lr, optim.milestones"),
+    ],
+)
+def test_unknown_key_suggests_the_nearest_valid_one(argv, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, argv)
+    assert str(e.value) == message
 
 
 def test_dataset_specs_with_colons_stay_strings():
