@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -17,3 +18,12 @@ def data_root() -> Path:
         pytest.fail(f"real test data not found at {root}: set MEDPRETRAIN_DATA to the shared data folder "
                     "(see ../shared/data/README.md)")
     return root
+
+
+def require_module(name: str, hint: str) -> object:
+    """Import a test dependency or fail the run with ``hint`` (CI installs everything: a missing one is a
+    broken set-up, and a skip would hide every test that needs it)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        pytest.fail(f"test dependency {name!r} is missing ({e}): {hint}", pytrace=False)

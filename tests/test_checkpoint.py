@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -205,3 +206,44 @@ def test_header_length_is_validated(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
     with pytest.raises(CheckpointError, match="bad header length"):
         read_meta(path)
+
+
+def _tampered(tmp_path: Path, name: str, drop: tuple[str, ...] = (), add: dict | None = None) -> Path:
+    """A backbone file whose tensors lack ``drop`` and carry ``add``, written with valid metadata."""
+    sd = {k: v.contiguous() for k, v in _trained().state_dict().items() if k not in drop}
+    sd.update(add or {})
+    header = {"medpretrain": json.dumps(_meta().to_dict()), "medpretrain_kind": "backbone"}
+    path = tmp_path / name
+    safetensors.torch.save_file(sd, str(path), metadata=header)
+    return path
+
+
+@pytest.mark.parametrize("key", ["blocks.0.bn.running_mean", "blocks.1.conv.weight"])
+def test_only_missing_keys_are_refused_naming_them(tmp_path: Path, key: str) -> None:
+    """Regression (issue 20): a loader that allowed missing keys passed the suite, because the only
+    missing-key case also had an unexpected key. A buffer and a weight are each enough to refuse."""
+    path = _tampered(tmp_path, "short.safetensors", drop=(key,))
+    with pytest.raises(ValueError, match=rf"short\.safetensors: keys do not match .*missing \['{re.escape(key)}'\] "
+                                         r"\(1\), unexpected \[\] \(0\)"):
+        load_backbone(path)
+    b = build_backbone("cbr_tiny")
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    sd = {k: v for k, v in _trained().state_dict().items() if k != key}
+    with pytest.raises(ValueError, match=rf"missing \['{re.escape(key)}'\]"):
+        load_exact(b, sd, "src")
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items()), "a refused load changed weights"
+
+
+def test_only_unexpected_keys_are_refused_naming_them(tmp_path: Path) -> None:
+    path = _tampered(tmp_path, "long.safetensors", add={"projection_head.layers.0.weight": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match=r"long\.safetensors: keys do not match .*missing \[\] \(0\), "
+                                         r"unexpected \['projection_head\.layers\.0\.weight'\] \(1\)"):
+        load_backbone(path)
+
+
+def test_exact_load_restores_every_tensor(tmp_path: Path) -> None:
+    src = _trained()
+    path = _tampered(tmp_path, "ok.safetensors")
+    loaded, _ = load_backbone(path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

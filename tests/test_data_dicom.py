@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
+from conftest import require_module
+from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, CTImageStorage, SecondaryCaptureImageStorage, generate_uid
@@ -27,8 +29,8 @@ from medpretrain.data.dicom import (
 )
 from medpretrain.data.errors import DataError, SkipLog
 
-pydicom_data = pytest.importorskip("data_store", reason="pydicom-data (import name data_store) not installed")
-from pydicom.data import get_testdata_file, get_testdata_files  # noqa: E402
+# The real-file tests need pydicom-data (a dev dependency): missing, they fail with the reason, never skip.
+require_module("data_store", "pip install pydicom-data (part of the [dev] extra; scripts/setup.sh installs it)")
 
 STORE_FILES = sorted(Path(f) for f in get_testdata_files() if "data_store" in Path(f).parts)
 BROKEN = {

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import require_module
 from reliability_record import record
 
 from medpretrain.config import DataConfig
 from medpretrain.data import build_dataset, clear_source_cache
 
-pytest.importorskip("data_store", reason="pydicom-data (import name data_store) not installed")
+require_module("data_store", "pip install pydicom-data (part of the [dev] extra; scripts/setup.sh installs it)")
 from pydicom.data import get_testdata_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
