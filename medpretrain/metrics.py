@@ -34,6 +34,9 @@ from torchmetrics.functional.classification import binary_auroc
 Task = Literal["binary", "multiclass", "multilabel"]
 METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
 SEG_METRICS: tuple[str, ...] = ("dice", "jaccard", "sensitivity", "specificity", "auc")
+METRIC_LABELS: dict[str, str] = {"auc": "AUC", "accuracy": "ACC", "sensitivity": "Sens", "specificity": "Spec",
+                                 "precision": "Prec", "f1": "F1", "dice": "Dice", "jaccard": "Jaccard"}
+"""Short names of the metrics in tables, plots and log lines."""
 
 
 def metric_names(task: str) -> tuple[str, ...]:

@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from medpretrain.metrics import METRICS, SEG_METRICS, aggregate
+from medpretrain.metrics import METRIC_LABELS, METRICS, SEG_METRICS, aggregate
 from medpretrain.utils import atomic_path, atomic_write_text
 
 Result = Mapping[str, Any]
 PLOTS = ("label_efficiency.png", "roc.png", "radar.png", "learning_curves.png")
-_LABELS = {"auc": "AUC", "accuracy": "ACC", "sensitivity": "Sens", "specificity": "Spec", "precision": "Prec",
-           "f1": "F1", "dice": "Dice", "jaccard": "Jaccard"}
+_LABELS = METRIC_LABELS
 
 
 def is_segmentation(r: Result) -> bool:

@@ -23,11 +23,10 @@ from medpretrain.backbones import build_backbone
 from medpretrain.checkpoint import BackboneMeta, load_state_dict, save_backbone
 from medpretrain.config import DataConfig
 from medpretrain.data import build_dataset
+from medpretrain.finetune import EXIT_UNAVAILABLE, main_in_process
 from medpretrain.metrics import classification_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "finetune"))
-import run as finetune_run  # noqa: E402
 
 TINY = ["backbone.arch=cbr_tiny", "optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=32",
         "optim.eval_batch_size=512", "n_bootstrap=100"]
@@ -107,7 +106,7 @@ def _selfsup_export(runs_dir: Path) -> Path:
 def test_linear_probe_keeps_selfsup_backbone_bit_identical(tmp_path):
     export = _selfsup_export(tmp_path / "runs")
     out = tmp_path / "lin"
-    code = finetune_run.main(["--config", str(ROOT / "configs/finetune.yaml"), *TINY, "init=selfsup",
+    code = main_in_process(["--config", str(ROOT / "configs/finetune.yaml"), *TINY, "init=selfsup",
                               "regime=linear", f"runs_dir={tmp_path / 'runs'}", "data.label_fraction=0.05",
                               f"output_dir={out}", "optim.lr=0.05"])
     assert code == 0
@@ -126,7 +125,7 @@ def test_linear_probe_keeps_selfsup_backbone_bit_identical(tmp_path):
 
 def test_busi_three_class_run(tmp_path):
     out = tmp_path / "busi"
-    code = finetune_run.main(["--config", str(ROOT / "configs/finetune_busi.yaml"), *TINY, "data.image_size=32",
+    code = main_in_process(["--config", str(ROOT / "configs/finetune_busi.yaml"), *TINY, "data.image_size=32",
                               "regime=freeze:2", "optim.patience=1", f"output_dir={out}"])
     assert code == 0
     res = _read(out)
@@ -143,10 +142,10 @@ def test_busi_three_class_run(tmp_path):
 def test_imagenet_missing_is_unavailable_never_random(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDPRETRAIN_IMAGENET_WEIGHTS", raising=False)
     out = tmp_path / "imnet"
-    code = finetune_run.main(["--config", str(ROOT / "configs/finetune.yaml"), *TINY, "backbone.arch=resnet18",
+    code = main_in_process(["--config", str(ROOT / "configs/finetune.yaml"), *TINY, "backbone.arch=resnet18",
                               "init=imagenet", f"weights={tmp_path / 'absent' / 'resnet18-f37072fd.pth'}",
                               f"output_dir={out}"])
-    assert code == finetune_run.EXIT_UNAVAILABLE
+    assert code == EXIT_UNAVAILABLE
     res = _read(out)
     assert res["status"] == "unavailable" and "ImageNet weights" in res["reason"]
     assert not (out / "model.safetensors").exists() and not (out / "predictions.npz").exists()
@@ -156,9 +155,9 @@ def test_bad_regime_and_segmentation_on_labels_fail_before_work(tmp_path):
     from medpretrain.config import ConfigError
 
     with pytest.raises(ValueError, match="unknown regime"):
-        finetune_run.main(["regime=partial", f"output_dir={tmp_path / 'x'}"])
+        main_in_process(["regime=partial", f"output_dir={tmp_path / 'x'}"])
     with pytest.raises(ConfigError, match="task=segmentation needs a mask dataset"):
-        finetune_run.main(["task=segmentation", f"output_dir={tmp_path / 'y'}"])
+        main_in_process(["task=segmentation", f"output_dir={tmp_path / 'y'}"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -19,10 +19,9 @@ import torch
 
 from medpretrain.backbones import build_backbone
 from medpretrain.checkpoint import BackboneMeta, load_backbone_state, load_state_dict, save_backbone
+from medpretrain.finetune import EXIT_UNAVAILABLE, main_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "finetune"))
-import run as finetune_run  # noqa: E402
 
 TINY = ["--config", str(ROOT / "configs/finetune_drive.yaml"), "backbone.arch=cbr_tiny", "seg.patch_size=64",
         "seg.n_train_images=2", "seg.patches_per_image=4", "optim.batch_size=4", "optim.epochs=2",
@@ -74,7 +73,7 @@ def test_frozen_encoder_from_contract_checkpoint(tmp_path):
                   BackboneMeta(arch="cbr_tiny", in_channels=1, stem="standard", image_size=64, mean=0.5, std=0.5,
                                method="simclr", dataset="drive:drive"))
     out = tmp_path / "lin"
-    code = finetune_run.main([*TINY, f"init={path}", "regime=linear", "optim.epochs=1", f"output_dir={out}"])
+    code = main_in_process([*TINY, f"init={path}", "regime=linear", "optim.epochs=1", f"output_dir={out}"])
     assert code == 0
     res = _read(out)
     initial, _ = load_backbone_state(path)
@@ -92,9 +91,9 @@ def test_frozen_encoder_from_contract_checkpoint(tmp_path):
 def test_segmentation_imagenet_missing_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDPRETRAIN_IMAGENET_WEIGHTS", raising=False)
     out = tmp_path / "imnet"
-    code = finetune_run.main([*TINY, "backbone.arch=resnet18", "init=imagenet",
+    code = main_in_process([*TINY, "backbone.arch=resnet18", "init=imagenet",
                               f"weights={tmp_path / 'absent' / 'resnet18-f37072fd.pth'}", f"output_dir={out}"])
-    assert code == finetune_run.EXIT_UNAVAILABLE
+    assert code == EXIT_UNAVAILABLE
     res = _read(out)
     assert res["status"] == "unavailable" and res["task"] == "segmentation" and res["n_train_images"] == 2
     assert not (out / "model.safetensors").exists()

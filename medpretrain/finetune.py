@@ -1,0 +1,564 @@
+"""Fine-tuning parts shared by classification and segmentation (``finetune/run.py`` wires them).
+
+* :class:`FinetuneConfig` (with :class:`OptimConfig`, :class:`SegConfig`): one run's typed config;
+  :func:`output_dir`, :func:`run_hash` and :func:`init_label` name its folder, its hash and its init,
+  so the experiment pipeline plans runs without importing the script;
+* :func:`build_encoder`: the init backbone (:func:`medpretrain.init.init_backbone`; a missing init raises
+  :class:`InitUnavailable`, never random weights) with the checkpoint's data options taken over
+  (:func:`reconcile_with_init`);
+* :func:`build_optimizer`: regime, optimizer and step-decay scheduler; :class:`Progress`: epoch, best
+  validation score and history, checkpointed without pickle;
+* the two tasks' data, losses and predictions: :func:`build_dataloaders` / :func:`classification_loss` /
+  :func:`predict` (labels), :func:`build_seg_dataloaders` / :func:`seg_loss` / :func:`predict_images`
+  (masks, sliding-window inference), :func:`save_overlays`;
+* :class:`TaskParts`: what a task hands the one training loop of the script;
+* :func:`complete_result`, :func:`unavailable_result`, :func:`failed_result`: the run's
+  :class:`~medpretrain.results.RunResult` for each status.
+
+Nothing here prints; the script prints through ``accelerator.print``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from medpretrain.backbones import build_backbone, resolve_stem
+from medpretrain.config import BackboneConfig, DataConfig, config_hash, config_to_dict
+from medpretrain.data import build_dataset
+from medpretrain.metrics import epochs_to_fraction_of_best, probabilities
+from medpretrain.regimes import apply_regime
+from medpretrain.results import RunResult, headline_metric, jsonable
+from medpretrain.utils import PROJECT_ROOT, code_version
+
+EXIT_UNAVAILABLE = 3
+"""Exit status of ``finetune/run.py`` when the init does not exist here (``results.json`` says ``unavailable``)."""
+SCRIPT = PROJECT_ROOT / "finetune" / "run.py"
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    """Head (and re-initialised stages) learning rate."""
+    backbone_lr_mult: float = 0.1
+    """Pre-trained backbone weights train at ``lr * backbone_lr_mult`` (ignored for ``init=scratch``)."""
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    epochs: int = 20
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """Step decay at these fractions of ``epochs`` (the MedMNIST v2 protocol)."""
+    gamma: float = 0.1
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this (0 = off)."""
+    dropout: float = 0.0
+    """Dropout before the linear head."""
+    patience: int = 0
+    """Early stopping: stop after this many epochs without a better validation AUC (0 = off)."""
+    max_steps_per_epoch: int = 0
+    """Smoke tests only: cap the optimizer steps per epoch (0 = the whole training split)."""
+
+
+@dataclass
+class SegConfig:
+    """``task=segmentation`` only (binary masks, e.g. ``drive:``)."""
+
+    n_train_images: int = 0
+    """Label budget: this many annotated training images, drawn seeded (``seed``) from train (0 = all)."""
+    patch_size: int = 96
+    """Training patches (PairedRandomCrop + PairedRandomFlip) and the sliding-window size at inference."""
+    patches_per_image: int = 16
+    """Patches drawn per training image per epoch."""
+    sw_batch_size: int = 16
+    sw_overlap: float = 0.25
+    threshold: float = 0.5
+    dice_loss_weight: float = 1.0
+    """Loss = BCE + this * soft Dice (vessels are ~12 % of the field of view; BCE alone predicts background)."""
+    n_overlays: int = 3
+    """Test images drawn in ``overlays.png`` (prediction against ground truth)."""
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    init: str = "scratch"
+    """scratch | imagenet | selfsup | simclr | moco | vae | dcgan | <path to a backbone checkpoint>."""
+    init_name: str = ""
+    """Label of the init in folders and reports (default: ``init``; ``<run>-<file>`` for a path)."""
+    weights: str | None = None
+    """ImageNet weights file (``init=imagenet``); default: looked up by :mod:`medpretrain.init`."""
+    runs_dir: str = "runs"
+    task: Literal["classification", "segmentation"] = "classification"
+    regime: str = "full"
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    output_dir: str | None = None
+    """Default: ``<runs_dir>/finetune/<task>/<init>/<regime>/<fraction>/seed<seed>``."""
+    n_bootstrap: int = 1000
+    resume: str = ""
+    """``auto``: continue from the newest complete epoch checkpoint of this output folder."""
+    keep_checkpoints: bool = False
+    """Keep the per-epoch resume checkpoints after a successful run (they are large)."""
+
+
+def init_label(init: str, name: str = "") -> str:
+    """Short name of an init for folders and reports: ``name`` if given, else the init (a checkpoint path
+    becomes ``<parent folder>-<file stem>``)."""
+    if name:
+        return name
+    p = Path(init)
+    if p.suffix == ".safetensors" or "/" in init:
+        return f"{p.parent.name}-{p.stem}" if p.parent.name else p.stem
+    return init
+
+
+def run_hash(cfg: FinetuneConfig) -> str:
+    """Hash of what a run computes: the config without the bookkeeping keys (``resume``, ``keep_checkpoints``).
+
+    A grid skips a run whose ``results.json`` carries the same hash.
+    """
+    return config_hash(dataclasses.replace(cfg, resume="", keep_checkpoints=False))
+
+
+def label_fraction(cfg: FinetuneConfig) -> float:
+    """``data.label_fraction``, 1.0 when unset."""
+    return cfg.data.label_fraction if cfg.data.label_fraction is not None else 1.0
+
+
+def output_dir(cfg: FinetuneConfig) -> Path:
+    """``output_dir``, else ``<runs_dir>/finetune/<task>/<init label>/<regime>/<budget>/seed<seed>`` (budget: the
+    label fraction, or ``n<images>`` for segmentation)."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    budget = f"n{cfg.seg.n_train_images or 'all'}" if cfg.task == "segmentation" else f"{label_fraction(cfg):g}"
+    return (Path(cfg.runs_dir) / "finetune" / cfg.task / init_label(cfg.init, cfg.init_name)
+            / cfg.regime.replace(":", "-") / budget / f"seed{cfg.seed}")
+
+
+def main_in_process(argv: list[str] | None = None) -> int:
+    """Run ``finetune/run.py``'s ``main(argv)`` in this process (tests, a grid's ``launcher=inprocess``).
+
+    The script is loaded from its file once (it is not a module of the package); exceptions propagate.
+    """
+    import sys
+
+    name = "medpretrain_finetune_script"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        if spec is None or spec.loader is None:  # pragma: no cover - the file ships with the package
+            raise FileNotFoundError(f"{SCRIPT}: fine-tuning script not found")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return int(module.main(argv))
+
+
+# ------------------------------------------------------------------------------------------------
+# Init
+# ------------------------------------------------------------------------------------------------
+
+
+class InitUnavailable(RuntimeError):
+    """The requested initialisation does not exist here (ImageNet weights missing, no pretraining export)."""
+
+
+def build_init(cfg: FinetuneConfig, in_channels: int, stem: str, image_size: int) -> tuple[torch.nn.Module, Any]:
+    """Backbone from :func:`medpretrain.init.init_backbone`; a missing init raises :class:`InitUnavailable`.
+
+    ``ImageNetUnavailable`` is a ``FileNotFoundError``, as is a missing pretraining export: neither ever
+    falls back to random weights.
+    """
+    from medpretrain.backbones import torchvision_archs
+    from medpretrain.init import init_backbone
+
+    if cfg.init == "imagenet" and cfg.backbone.arch not in torchvision_archs():
+        raise InitUnavailable(f"ImageNet weights do not exist for {cfg.backbone.arch!r} (only for "
+                              f"{torchvision_archs()})")
+    try:
+        return init_backbone(cfg.init, cfg.backbone.arch, in_channels, stem, image_size=image_size,
+                             weights=cfg.weights, runs_dir=cfg.runs_dir)
+    except FileNotFoundError as e:
+        raise InitUnavailable(str(e)) from e
+
+
+DATA_FROM_INIT: tuple[tuple[str, str], ...] = (
+    ("mean", "mean"), ("std", "std"), ("image_size", "image_size"), ("channels", "in_channels"))
+"""``(data option, checkpoint meta field)`` pairs that an init checkpoint overrides."""
+
+
+def reconcile_with_init(cfg: FinetuneConfig, info: Any, image_size: int,
+                        keys: Sequence[tuple[str, str]] = DATA_FROM_INIT) -> list[str]:
+    """Use the init checkpoint's input normalisation / size / channels; returns a warning per changed option.
+
+    ``image_size`` is the size the data has under the current config (``data.image_size`` or the source's).
+    A per-channel list in the checkpoint is used only when all its values agree.
+    """
+    meta = getattr(info, "meta", None)
+    if meta is None:
+        return []
+    warnings = []
+    for ours, theirs in keys:
+        value = getattr(meta, theirs, None)
+        if value is None or isinstance(value, list):
+            if isinstance(value, list) and len(set(value)) == 1:
+                value = value[0]
+            else:
+                continue
+        current = getattr(cfg.data, ours)
+        if ours == "image_size" and current is None and value == image_size:
+            continue
+        if current != value:
+            warnings.append(f"data.{ours}={getattr(cfg.data, ours)!r} differs from the init checkpoint's "
+                            f"{theirs}={value!r}; using the checkpoint's")
+            setattr(cfg.data, ours, value)
+    return warnings
+
+
+@dataclass
+class Encoder:
+    """The init backbone of a run and what came with it (:func:`build_encoder`)."""
+
+    backbone: torch.nn.Module
+    info: Any
+    stem: str
+    warnings: list[str]
+    image_size: int
+    """Whole-image size of the data after the checkpoint's options (``data.image_size`` or the source's)."""
+
+
+def build_encoder(cfg: FinetuneConfig, source_size: int) -> Encoder:
+    """The init backbone for ``cfg.task`` and the data options of its checkpoint (changes ``cfg.data``).
+
+    Classification: the stem is resolved for the image size and the checkpoint's image size is taken over.
+    Segmentation: the encoder sees patches, so an ``auto`` stem follows ``seg.patch_size`` and the image size
+    stays the data's (a loaded checkpoint keeps its own stem in both). Raises :class:`InitUnavailable`.
+    """
+    image_size = cfg.data.image_size or source_size
+    if cfg.task == "segmentation":
+        stem, size = cfg.backbone.stem, cfg.seg.patch_size
+        keys = tuple(k for k in DATA_FROM_INIT if k[0] != "image_size")
+    else:
+        stem, size, keys = resolve_stem(cfg.backbone.stem, image_size, cfg.backbone.arch), image_size, DATA_FROM_INIT
+    backbone, info = build_init(cfg, cfg.data.channels, stem, size)
+    warnings = reconcile_with_init(cfg, info, image_size, keys)
+    return Encoder(backbone, info, str(getattr(backbone, "stem", stem)), warnings, cfg.data.image_size or image_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimisation and progress
+# ------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Epoch counter, best validation score (the task's headline metric) and history: checkpointed with the model.
+
+    ``best_auc`` keeps its name (it is in saved resume states); for segmentation it holds the best Dice.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.best_auc = -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"json": json.dumps(self.__dict__)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(json.loads(state["json"]))
+
+    def record(self, row: dict[str, Any], val: dict[str, float], score: float, patience: int) -> tuple[bool, bool]:
+        """Add epoch ``row["epoch"]`` with its validation metrics; ``score`` is the selection score.
+        Returns (improved, stop early)."""
+        self.history.append({**row, "val": val})
+        self.epoch = row["epoch"]
+        improved = math.isfinite(score) and score > self.best_auc
+        if improved:
+            self.best_auc, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved, bool(patience) and self.bad_epochs >= patience
+
+    @property
+    def val_best(self) -> dict[str, float]:
+        """Validation metrics of the selected epoch."""
+        return self.history[self.best_epoch - 1]["val"]
+
+
+def build_optimizer(model: torch.nn.Module, regime: Any, cfg: FinetuneConfig,
+                    stem: str) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.MultiStepLR, Any]:
+    """``apply_regime`` on ``model.backbone`` (``reinit`` draws a scratch backbone seeded ``seed + 1``), the
+    ``optim.optimizer`` over its parameter groups, and the step decay at ``optim.milestones``.
+
+    The scheduler is stepped once per epoch and not passed to ``prepare()`` (accelerate steps prepared
+    schedulers once per process per call, which suits per-batch schedules only); it is checkpointed by
+    ``save_checkpoint(state=...)``. Returns ``(optimizer, scheduler, regime_info)``.
+    """
+    torch.manual_seed(cfg.seed + 1)  # the re-init weights: a scratch backbone of the same architecture
+    fresh = build_backbone(cfg.backbone.arch, cfg.data.channels, stem) if regime.kind == "reinit" else None
+    groups, regime_info = apply_regime(
+        model, regime, lr=cfg.optim.lr, backbone_lr_mult=cfg.optim.backbone_lr_mult,  # type: ignore[arg-type]
+        weight_decay=cfg.optim.weight_decay, pretrained=cfg.init != "scratch", fresh_backbone=fresh,
+    )
+    optimizer: torch.optim.Optimizer
+    if cfg.optim.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    elif cfg.optim.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
+    milestones = sorted({max(1, int(m * cfg.optim.epochs)) for m in cfg.optim.milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.optim.gamma)
+    return optimizer, scheduler, regime_info
+
+
+# ------------------------------------------------------------------------------------------------
+# Task parts
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskParts:
+    """What a task gives the training loop of ``finetune/run.py``.
+
+    ``loss(logits, batch)``; ``predict(model, loader)`` -> arrays over a whole split (gathered);
+    ``evaluate(pred)`` -> ``(mean metrics, per-case rows or None)``; ``val_columns``: the validation metrics
+    logged per epoch (the headline first); ``test_fields(pred, rows)`` -> the task's own
+    :class:`~medpretrain.results.RunResult` fields (``ci``, ``roc`` / ``per_image``, ...);
+    ``save_outputs(out, pred)`` writes ``predictions.npz`` (and overlays).
+    """
+
+    label_task: str
+    model: torch.nn.Module
+    datasets: dict[str, Any]
+    loaders: dict[str, DataLoader]
+    loss: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
+    predict: Callable[[torch.nn.Module, Any], dict[str, np.ndarray]]
+    evaluate: Callable[[dict[str, np.ndarray]], tuple[dict[str, float], list[dict[str, float]] | None]]
+    test_fields: Callable[[dict[str, np.ndarray], list[dict[str, float]] | None], dict[str, Any]]
+    save_outputs: Callable[[Path, dict[str, np.ndarray]], None]
+    val_columns: tuple[str, ...]
+    budget: str
+    """The label budget in words, for the start-up line."""
+    summary: str
+    """The task in words, for the start-up line."""
+    cases: str
+    """The test set in words (``624``, ``20 images``)."""
+    label_fraction: float
+    n_train_images: int | None
+    data: dict[str, Any]
+    """``results.json`` ``data`` block (dataset, fingerprint, split sizes, ...)."""
+    model_meta: dict[str, Any]
+    """Task-specific metadata of ``model.safetensors``."""
+
+    @property
+    def headline(self) -> str:
+        return headline_metric(self.label_task)
+
+
+def build_dataloaders(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Classification: shuffled, seeded train loader; val / test at ``optim.eval_batch_size``."""
+    ds = {split: build_dataset(cfg.data, split) for split in ("train", "val", "test")}
+    g = torch.Generator().manual_seed(cfg.seed)
+    loaders = {
+        "train": DataLoader(ds["train"], batch_size=cfg.optim.batch_size, shuffle=True, generator=g,
+                            num_workers=cfg.data.num_workers, drop_last=len(ds["train"]) > cfg.optim.batch_size),
+        "val": DataLoader(ds["val"], batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers),
+        "test": DataLoader(ds["test"], batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers),
+    }
+    return {"datasets": ds, "loaders": loaders}
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy (binary heads have two logits, the MedMNIST convention); BCE per label for multi-label."""
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, y.float())
+    return F.cross_entropy(logits, y)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: Any, task: str, accelerator: Any) -> dict[str, np.ndarray]:
+    """Probabilities, labels and dataset indices over a whole split, gathered across processes."""
+    model.eval()
+    probs, labels, index = [], [], []
+    for batch in loader:
+        p = probabilities(model(batch["image"]), task)
+        p, y, i = accelerator.gather_for_metrics((p, batch["label"], batch["index"]))
+        probs.append(p.float().cpu())
+        labels.append(y.cpu())
+        index.append(i.cpu())
+    return {"probs": torch.cat(probs).numpy(), "labels": torch.cat(labels).numpy(), "index": torch.cat(index).numpy()}
+
+
+def build_seg_dataloaders(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Patch loader over ``seg.n_train_images`` seeded training images; whole-image val / test loaders.
+
+    Raises ``ValueError`` (a ``ConfigError``) when the budget exceeds the training split.
+    """
+    from torch.utils.data import Subset
+
+    from medpretrain.config import ConfigError
+    from medpretrain.data.transforms import Compose, PairedRandomCrop, PairedRandomFlip
+
+    patches = Compose([PairedRandomCrop(cfg.seg.patch_size), PairedRandomFlip()])
+    full_train = build_dataset(cfg.data, "train", transform=patches)
+    n_all = len(full_train)
+    n = cfg.seg.n_train_images or n_all
+    if not 1 <= n <= n_all:
+        raise ConfigError(f"seg.n_train_images={cfg.seg.n_train_images} but the training split has {n_all} images")
+    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(n_all)[:n])
+    # Each chosen image appears patches_per_image times per epoch, each time with a fresh random crop.
+    train = Subset(full_train, np.repeat(chosen, cfg.seg.patches_per_image).tolist())
+    ds = {"train": full_train, "val": build_dataset(cfg.data, "val"), "test": build_dataset(cfg.data, "test")}
+    g = torch.Generator().manual_seed(cfg.seed)
+    loaders = {
+        "train": DataLoader(train, batch_size=cfg.optim.batch_size, shuffle=True, generator=g,
+                            num_workers=cfg.data.num_workers, drop_last=len(train) > cfg.optim.batch_size),
+        "val": DataLoader(ds["val"], batch_size=1, num_workers=cfg.data.num_workers),
+        "test": DataLoader(ds["test"], batch_size=1, num_workers=cfg.data.num_workers),
+    }
+    return {"datasets": ds, "loaders": loaders, "chosen": chosen,
+            "chosen_names": [full_train.names[int(i)] for i in chosen] if full_train.names is not None else None}
+
+
+def seg_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float) -> torch.Tensor:
+    """BCE + ``dice_weight`` * soft Dice (batch-pooled, smoothed by 1)."""
+    bce = F.binary_cross_entropy_with_logits(logits, mask)
+    if dice_weight <= 0:
+        return bce
+    p = torch.sigmoid(logits)
+    dice = (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
+    return bce + dice_weight * (1 - dice)
+
+
+@torch.no_grad()
+def predict_images(model: torch.nn.Module, loader: Any, cfg: FinetuneConfig, accelerator: Any) -> dict[str, np.ndarray]:
+    """Foreground probabilities of whole images by MONAI sliding-window inference, gathered across processes.
+
+    Returns ``probs``, ``masks``, ``rois`` ``[N, H, W]`` and ``index`` ``[N]`` (images of one split share a size).
+    """
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    probs, masks, rois, index = [], [], [], []
+    size = (cfg.seg.patch_size, cfg.seg.patch_size)
+    for batch in loader:
+        logits = sliding_window_inference(batch["image"], size, cfg.seg.sw_batch_size, model,
+                                          overlap=cfg.seg.sw_overlap, mode="gaussian")
+        p = torch.sigmoid(torch.as_tensor(logits))[:, 0]
+        p, m, r, i = accelerator.gather_for_metrics((p, batch["mask"][:, 0], batch["roi"][:, 0], batch["index"]))
+        probs.append(p.float().cpu())
+        masks.append(m.cpu())
+        rois.append(r.cpu())
+        index.append(i.cpu())
+    return {"probs": torch.cat(probs).numpy(), "masks": torch.cat(masks).numpy(), "rois": torch.cat(rois).numpy(),
+            "index": torch.cat(index).numpy()}
+
+
+def save_overlays(path: Path, pred: dict[str, np.ndarray], dataset: Any, n: int, threshold: float) -> None:
+    """PNG: for ``n`` test images, the image and the prediction against ground truth inside the roi
+    (green true positive, red false positive, blue false negative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n, len(pred["probs"]))
+    fig, axes = plt.subplots(n, 2, figsize=(8, 4 * n), squeeze=False)
+    for row in range(n):
+        image = dataset[row]["image"].numpy()
+        grey = image.mean(0)
+        grey = (grey - grey.min()) / max(1e-8, float(grey.max() - grey.min()))
+        roi = pred["rois"][row] > 0.5
+        yhat = (pred["probs"][row] >= threshold) & roi
+        gt = (pred["masks"][row] > 0.5) & roi
+        rgb = np.zeros((*gt.shape, 3), dtype=np.float32)
+        rgb[yhat & gt] = (0.0, 0.8, 0.0)
+        rgb[yhat & ~gt] = (0.9, 0.1, 0.1)
+        rgb[~yhat & gt] = (0.2, 0.4, 1.0)
+        name = dataset.names[row] if dataset.names is not None else str(row)
+        axes[row, 0].imshow(grey, cmap="gray")
+        axes[row, 0].set_title(name)
+        axes[row, 1].imshow(rgb)
+        axes[row, 1].set_title("TP green, FP red, FN blue")
+        for ax in axes[row]:
+            ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+
+
+def complete_result(cfg: FinetuneConfig, parts: TaskParts, enc: Encoder, regime: Any, regime_info: Any,
+                    progress: Progress, test_metrics: dict[str, float], task_fields: dict[str, Any], *,
+                    requested_hash: str, t_run: float, accelerator: Any, out: Path) -> RunResult:
+    """The :class:`RunResult` of a finished run (``task_fields`` from :attr:`TaskParts.test_fields`)."""
+    history = progress.history
+    return RunResult(
+        status="complete", task=cfg.task, label_task=parts.label_task, init=cfg.init,
+        init_label=init_label(cfg.init, cfg.init_name), init_info=jsonable(enc.info), init_warnings=enc.warnings,
+        regime=str(regime), regime_info=jsonable(regime_info), label_fraction=parts.label_fraction,
+        n_train_images=parts.n_train_images, seed=cfg.seed,
+        metrics={"test": test_metrics, "val_best": progress.val_best},
+        best_epoch=progress.best_epoch, epochs_run=progress.epoch,
+        epochs_to_95=epochs_to_fraction_of_best([h[f"val_{parts.headline}"] for h in history], 0.95),
+        history=[{k: v for k, v in h.items() if k != "val"} for h in history],
+        timing={"mean_epoch_s": float(np.mean([h["epoch_s"] for h in history])),
+                "total_s": time.perf_counter() - t_run, "processes": accelerator.num_processes,
+                "device": str(accelerator.device)},
+        data=jsonable(parts.data), config=config_to_dict(cfg), config_hash=requested_hash,
+        resolved_config_hash=run_hash(cfg), code_version=code_version(), torch=torch.__version__, run_dir=str(out),
+        **jsonable(task_fields),
+    )
+
+
+def unavailable_result(cfg: FinetuneConfig, reason: str, requested_hash: str) -> RunResult:
+    """The :class:`RunResult` of an arm whose init does not exist here (it is never run with random weights)."""
+    return RunResult(
+        status="unavailable", reason=reason, task=cfg.task, init=cfg.init,
+        init_label=init_label(cfg.init, cfg.init_name), regime=cfg.regime, seed=cfg.seed,
+        label_fraction=label_fraction(cfg),
+        n_train_images=cfg.seg.n_train_images if cfg.task == "segmentation" else None,
+        config=config_to_dict(cfg), config_hash=requested_hash, code_version=code_version(),
+    )
+
+
+def failed_result(cfg: FinetuneConfig, reason: str, log_tail: str = "") -> RunResult:
+    """The :class:`RunResult` a grid records for a run that exited with an error (no ``results.json`` of its own)."""
+    return RunResult(
+        status="failed", reason=reason, log_tail=log_tail, task=cfg.task,
+        init_label=init_label(cfg.init, cfg.init_name), regime=cfg.regime,
+        label_fraction=cfg.data.label_fraction, seed=cfg.seed, n_train_images=cfg.seg.n_train_images,
+    )
+
+
+__all__ = [
+    "EXIT_UNAVAILABLE", "SCRIPT", "Encoder", "FinetuneConfig", "InitUnavailable", "OptimConfig", "Progress",
+    "SegConfig", "TaskParts", "build_dataloaders", "build_encoder", "build_init", "build_optimizer",
+    "build_seg_dataloaders", "classification_loss", "complete_result", "failed_result", "init_label",
+    "label_fraction", "main_in_process", "output_dir", "predict", "predict_images", "reconcile_with_init",
+    "run_hash", "save_overlays", "seg_loss", "unavailable_result",
+]
