@@ -68,6 +68,10 @@ class DataConfig:
     """Alternative to ``label_fraction``: this many training labels per class."""
     skip_bad: bool = False
     """Skip unreadable files (counted and reported) instead of failing on the first one."""
+    max_pixels: int = 2**28
+    """Largest image a reader decodes: pixels of an image file or DICOM frame, voxels of a NIfTI volume,
+    checked from the header before decoding; a larger file is a DataError naming it (a decompression bomb
+    or a wrong file). 0 = no limit. 2**28 admits a 16384x16384 image or a 512x512x1024 CT volume."""
     num_workers: int = 0
     download: bool = False
     """MedMNIST only: download through the ``medmnist`` package when the file is missing (needs a network)."""

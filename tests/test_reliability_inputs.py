@@ -157,6 +157,54 @@ def nifti_constant_volume(root: Path) -> tuple[str, str]:
     return f"nifti:{root}", "flat.nii.gz"
 
 
+def write_png_bomb(path: Path, width: int = 30000, height: int = 30000) -> Path:
+    """A valid 1-bit PNG of ``width x height`` zeros (30000 x 30000: 900 million pixels in ~110 kB)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    row, deflate = b"\0" * (1 + (width + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grey, deflate, no interlace
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def png_bomb(root: Path) -> tuple[str, str]:
+    _good_pngs(root)
+    write_png_bomb(root / "b" / "bomb.png")
+    return f"folder:{root}", "bomb.png"
+
+
+def png_above_limit(root: Path) -> tuple[str, str]:
+    _good_pngs(root)  # 12 x 10 = 120 pixels each
+    _png(root / "a" / "large.png", 5, size=(40, 40))
+    return f"folder:{root}", "large.png"
+
+
+def dicom_bomb_header(root: Path) -> tuple[str, str]:
+    _good_dicoms(root)
+    ds = pydicom.dcmread(root / "a" / "good0.dcm")
+    ds.Rows = ds.Columns = 30000  # the header claims 900 million pixels; 128 bytes of pixel data follow
+    ds.save_as(root / "a" / "huge.dcm")
+    return f"dicom:{root}", "huge.dcm"
+
+
+def nifti_bomb_header(root: Path) -> tuple[str, str]:
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        nib.save(nib.Nifti1Image(rng.random((8, 8, 4)).astype(np.float32), np.eye(4)), root / f"ok{i}.nii.gz")
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape((4096, 4096, 4096))  # 2**36 voxels claimed, 64 bytes present
+    header.set_data_offset(352)
+    (root / "huge.nii").write_bytes(header.binaryblock + b"\0" * 4 + b"\1" * 64)
+    return f"nifti:{root}", "huge.nii"
+
+
 def empty_folder(root: Path) -> tuple[str, str]:
     (root / "empty" / "sub").mkdir(parents=True)
     return f"folder:{root / 'empty'}", "empty"
@@ -183,6 +231,17 @@ CASES = {
     "mask size differs from image": Case(mask_size_mismatch, "differs from image", True),
     "wrong-shaped .npz": Case(npz_wrong_shape, "train_images has shape", False),
     "empty folder": Case(empty_folder, "no images found", False),
+    "decompression bomb PNG (30000x30000, 110 kB)": Case(
+        png_bomb, "bomb.png: image has 900000000 pixels, above the limit of 268435456 (data.max_pixels)", True),
+    "image above data.max_pixels": Case(
+        png_above_limit, "large.png: image has 1600 pixels, above the limit of 500 (data.max_pixels)", True,
+        {"max_pixels": 500}),
+    "DICOM header claiming 30000x30000": Case(
+        dicom_bomb_header, "huge.dcm: image has 900000000 pixels, above the limit of 268435456 (data.max_pixels)",
+        True),
+    "NIfTI header claiming 4096^3 voxels": Case(
+        nifti_bomb_header, "huge.nii: volume has 68719476736 voxels, above the limit of 268435456 (data.max_pixels)",
+        True),
 }
 
 
@@ -278,3 +337,18 @@ def test_script_fails_with_one_line_and_keeps_earlier_outputs(tmp_path):
     assert {n: (out / n).read_bytes() for n in keep} == keep
     record("bad input", "unknown key through finetune/run.py", "exit != 0, key named, outputs unchanged",
            message=last[-160:])
+
+
+def test_pixel_limit_is_inclusive_zero_disables_it_and_pil_keeps_its_own(tmp_path):
+    from medpretrain.data.folder import load_image
+
+    f = _png(tmp_path / "x.png", 0, size=(40, 40))
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    assert load_image(f, 1, max_pixels=1600).shape == (1, 40, 40)
+    assert load_image(f, 1, max_pixels=0).shape == (1, 40, 40)
+    with pytest.raises(DataError) as e:
+        load_image(f, 1, max_pixels=1599)
+    assert str(e.value) == f"{f}: image has 1600 pixels, above the limit of 1599 (data.max_pixels)"
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # the reader's switch of PIL's own check is undone
+    with pytest.raises(ConfigError, match="data.max_pixels must be positive or 0"):
+        read_source(DataConfig(dataset=f"folder:{tmp_path}", max_pixels=-1))

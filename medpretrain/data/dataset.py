@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medpretrain.config import DataConfig
+from medpretrain.config import ConfigError, DataConfig
 from medpretrain.data.base import Source, Task
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.privacy import project_salt
@@ -44,7 +44,7 @@ _HASH_CACHE: dict[tuple, str] = {}
 
 def _cache_key(cfg: DataConfig) -> tuple:
     return (cfg.dataset.strip(), str(data_root(cfg)), cfg.image_size, cfg.channels, cfg.window,
-            cfg.slice_axis, cfg.skip_bad, project_salt())
+            cfg.slice_axis, cfg.skip_bad, cfg.max_pixels, project_salt())
 
 
 def clear_source_cache() -> None:
@@ -54,9 +54,11 @@ def clear_source_cache() -> None:
 
 def _decode(cfg: DataConfig) -> Source:
     if cfg.channels not in (1, 3):
-        raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
+        raise ConfigError(f"data.channels must be 1 or 3, got {cfg.channels}")
     if cfg.image_size is not None and cfg.image_size < 1:
-        raise ValueError(f"data.image_size must be positive, got {cfg.image_size}")
+        raise ConfigError(f"data.image_size must be positive, got {cfg.image_size}")
+    if cfg.max_pixels < 0:
+        raise ConfigError(f"data.max_pixels must be positive or 0 (no limit), got {cfg.max_pixels}")
     root = data_root(cfg)
     spec = parse_spec(cfg.dataset, root)
     skips = SkipLog(skip_bad=cfg.skip_bad)
@@ -89,7 +91,7 @@ def _decode(cfg: DataConfig) -> Source:
 def read_source(cfg: DataConfig) -> Source:
     """The decoded :class:`Source` for ``cfg``, cached per process.
 
-    Cache key: dataset spec, data root, image_size, channels, window, slice_axis, skip_bad. The
+    Cache key: dataset spec, data root, image_size, channels, window, slice_axis, skip_bad, max_pixels. The
     returned object is shared: do not modify it. Skipped files are logged once, here.
     Raises :class:`DataError` for a bad spec or bad input (unless ``skip_bad``).
     """

@@ -33,6 +33,8 @@ frame files are named ``"<file>"``; names are the file name only, never a folder
    except ``"minmax"`` (whole file). With ``channels == 1`` colour becomes grey by ITU-R 601 luma;
    with ``channels == 3`` grey is repeated;
 4. resized to ``image_size`` (224 when ``None``), bilinear with antialiasing, aspect not kept.
+A frame of more than ``data.max_pixels`` pixels (Rows x Columns from the header, checked before any
+decoding; 0 = no limit) is a DataError naming the file.
 
 Result: float32 ``[C, H, W]`` in [0, 1], finite.
 
@@ -77,7 +79,7 @@ from pydicom.uid import UID
 
 from medpretrain.config import ConfigError, DataConfig
 from medpretrain.data.base import Source, Task
-from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.folder import progress
 from medpretrain.data.privacy import DEFAULT_SALT, SALT_ENV, project_salt, salted_key  # noqa: F401
 from medpretrain.data.transforms import resize, to_channels
@@ -269,12 +271,13 @@ def _sop_class(ds: Dataset) -> str:
     return UID(str(uid)).name if uid else "unknown SOP class"
 
 
-def read_dataset(path: Path) -> Dataset:
+def read_dataset(path: Path, max_pixels: int = DataConfig.max_pixels) -> Dataset:
     """Read ``path`` as a DICOM data set holding decodable pixel data, or raise :class:`DataError`.
 
     Reasons: empty file; not a DICOM file; corrupt or truncated; no pixel data (with the SOP class);
     no file meta / transfer syntax (files without the ``DICM`` preamble); unsupported transfer syntax
-    (no pydicom decoder); transfer syntax whose decoding plugin is not installed (names the plugins).
+    (no pydicom decoder); transfer syntax whose decoding plugin is not installed (names the plugins);
+    frames of more than ``max_pixels`` pixels (0 = no limit).
     """
     try:
         size = path.stat().st_size
@@ -316,6 +319,7 @@ def read_dataset(path: Path) -> Dataset:
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows < 1 or cols < 1:
         raise DataError(path, f"image has no size (Rows={rows}, Columns={cols})")
+    check_pixel_limit(path, rows * cols, max_pixels)
     _check_native_length(path, ds, UID(str(ts)))
     return ds
 
@@ -495,16 +499,17 @@ def _palette_rgb(frame: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def load_dicom(path: str | os.PathLike[str], window: str | Window = "auto", channels: int = 1,
-               size: int | None = None) -> list[np.ndarray]:
+               size: int | None = None, max_pixels: int = DataConfig.max_pixels) -> list[np.ndarray]:
     """Decode every frame of a DICOM file to float32 ``[channels, H, W]`` in [0, 1].
 
     ``window``: ``"auto"``, ``"minmax"``, ``"<centre>,<width>"`` or a ``(centre, width)`` tuple (see the
     module docstring). ``size``: resize every frame to ``size x size`` (bilinear, antialiased) while
     decoding, which bounds memory for long multi-frame files; ``None`` keeps the stored size.
-    Raises :class:`DataError` naming the file for anything unreadable.
+    Raises :class:`DataError` naming the file for anything unreadable, or frames of more than
+    ``max_pixels`` pixels (0 = no limit).
     """
     p = Path(path)
-    return _decode(p, read_dataset(p), _as_window(window), _check_channels(channels), size)
+    return _decode(p, read_dataset(p, max_pixels), _as_window(window), _check_channels(channels), size)
 
 
 def _as_window(window: str | Window) -> Window:
@@ -673,7 +678,7 @@ def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
     read: list[Path] = []
     for i, f in enumerate(progress(files, "DICOM")):
         try:
-            ds = read_dataset(f)
+            ds = read_dataset(f, cfg.max_pixels)
             frames = _decode(f, ds, window, channels, size)
         except DataError as err:
             log.handle(err)

@@ -15,6 +15,16 @@ class DataError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+def check_pixel_limit(path: str | os.PathLike[str], count: int, limit: int, what: str = "image",
+                      unit: str = "pixels") -> None:
+    """Raise :class:`DataError` when ``count`` (from a file's header, before decoding) exceeds ``limit``.
+
+    ``limit`` is ``data.max_pixels``; 0 means no limit.
+    """
+    if limit and count > limit:
+        raise DataError(path, f"{what} has {count} {unit}, above the limit of {limit} (data.max_pixels)")
+
+
 @dataclass
 class SkipLog:
     """Collects files skipped under ``skip_bad: true`` so the run can report the count at the end."""

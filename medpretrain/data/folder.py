@@ -18,6 +18,8 @@ else an error; 1-bit images as {0, 1}; float TIFF min-max per image (constant ->
 Colour: RGB(A) images become grey by ITU-R 601 luma when ``channels == 1`` (exactly, when R = G = B);
 grey is repeated when ``channels == 3``; alpha is dropped.
 Size: resized to ``image_size`` (default 224), bilinear with antialiasing; aspect ratio is not kept.
+Limit: an image of more than ``max_pixels`` pixels (``data.max_pixels``, read from the header before
+decoding; 0 = no limit) is a DataError naming the file, in place of PIL's DecompressionBombError.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,7 @@ from tqdm import tqdm
 
 from medpretrain.config import DataConfig
 from medpretrain.data.base import Source
-from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.privacy import salted_key
 from medpretrain.data.transforms import resize, to_channels
 
@@ -62,11 +66,33 @@ def progress(items: list, desc: str) -> Iterable:
     return tqdm(items, desc=desc, disable=quiet, leave=False)
 
 
-def _pixels(path: Path, mask: bool = False) -> np.ndarray:
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb check switched off while a reader applies ``data.max_pixels`` itself.
+
+    PIL raises ``DecompressionBombError`` (no file name, and only above twice its fixed limit) from
+    ``Image.open``, before the size can be read; the readers check the header size against the
+    configurable limit instead. ``MAX_IMAGE_PIXELS`` is a PIL module global, so it is restored after each
+    file and the lock keeps readers in other threads from restoring it early.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _pixels(path: Path, mask: bool = False, max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
     """Decode the first frame of ``path`` to a numpy array (``[H, W]`` or ``[H, W, 3]``), closing the file.
 
     Colour modes (palette, CMYK, RGBA, ...) become RGB, grey+alpha becomes grey; for masks, palette
-    images become grey (luma), so black is background. Raises DataError with the reason.
+    images become grey (luma), so black is background. Raises DataError with the reason, also for an
+    image of more than ``max_pixels`` pixels (0 = no limit), checked from the header before decoding.
     """
     try:
         size = path.stat().st_size
@@ -75,9 +101,10 @@ def _pixels(path: Path, mask: bool = False) -> np.ndarray:
     if size == 0:
         raise DataError(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning, TIFF tag warnings
+        with warnings.catch_warnings(), _own_pixel_limit():
+            warnings.simplefilter("ignore")  # e.g. TIFF tag warnings
             with Image.open(path) as im:
+                check_pixel_limit(path, im.width * im.height, max_pixels)
                 im.seek(0)
                 im.load()
                 if mask and im.mode in ("P", "PA"):
@@ -88,6 +115,8 @@ def _pixels(path: Path, mask: bool = False) -> np.ndarray:
                     return np.asarray(im.convert("L"))
                 arr = np.asarray(im)
                 return arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
+    except DataError:
+        raise
     except UnidentifiedImageError:
         raise DataError(path, "not a readable image (unknown format or not an image)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -117,9 +146,10 @@ def _scale(arr: np.ndarray, path: Path) -> np.ndarray:
     raise DataError(path, f"unsupported pixel type {arr.dtype}")
 
 
-def load_image(path: Path, channels: int) -> np.ndarray:
-    """Decode an image file to float32 ``[channels, H, W]`` in [0, 1]. Raises DataError naming the file."""
-    arr = _pixels(path)
+def load_image(path: Path, channels: int, max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
+    """Decode an image file to float32 ``[channels, H, W]`` in [0, 1]. Raises DataError naming the file,
+    also for more than ``max_pixels`` pixels (``data.max_pixels``; 0 = no limit)."""
+    arr = _pixels(path, max_pixels=max_pixels)
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3 and arr.shape[-1] in (1, 3):
@@ -129,9 +159,9 @@ def load_image(path: Path, channels: int) -> np.ndarray:
     return to_channels(_scale(arr, path), channels)
 
 
-def load_mask(path: Path) -> np.ndarray:
+def load_mask(path: Path, max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
     """Decode a mask / roi file to float32 ``[1, H, W]`` in {0, 1} (any non-zero pixel is foreground)."""
-    arr = _pixels(path, mask=True)
+    arr = _pixels(path, mask=True, max_pixels=max_pixels)
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=-1) if arr.shape[-1] in (3, 4) else arr.max(axis=-1)
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
@@ -156,7 +186,7 @@ def _decode_all(files: list[Path], cfg: DataConfig, skips: SkipLog, desc: str) -
     out: list[np.ndarray | None] = []
     for f in progress(files, desc):
         try:
-            out.append(resize(load_image(f, cfg.channels), size))
+            out.append(resize(load_image(f, cfg.channels, cfg.max_pixels), size))
         except DataError as err:
             skips.handle(err)
             out.append(None)

@@ -20,6 +20,8 @@ into 2D slices.
   ``skip_empty=False``; a volume with no non-empty slice is a :class:`DataError`.
 * Size and channels: resized to ``image_size`` (224 when ``None``), bilinear with antialiasing, aspect
   not kept; grey repeated when ``channels == 3``.
+* Limit: a (first) volume of more than ``data.max_pixels`` voxels, read from the header before the data,
+  is a :class:`DataError` naming the file (0 = no limit).
 * ``groups``: slices of one volume always share a group, so a volume is never split across train /
   val / test. The key is the BIDS subject (a ``sub-<label>`` folder or file-name prefix) when present,
   so all volumes of a subject stay together, else the volume file; keys are salted hashes
@@ -42,7 +44,7 @@ from nibabel.orientations import apply_orientation, io_orientation
 from medpretrain.config import ConfigError, DataConfig
 from medpretrain.data.base import Source
 from medpretrain.data.dicom import DEFAULT_IMAGE_SIZE, list_class_layout, project_salt, salted_key, task_for
-from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.folder import progress
 from medpretrain.data.transforms import resize, to_channels
 
@@ -59,12 +61,12 @@ def is_nifti_file(path: Path) -> bool:
     return not name.startswith(".") and name.endswith(NIFTI_SUFFIXES)
 
 
-def load_nifti_volume(path: str | Path) -> np.ndarray:
+def load_nifti_volume(path: str | Path, max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
     """The first 3D volume of a NIfTI file in closest-canonical RAS+ voxel order, float32 ``[X, Y, Z]``.
 
     Scaling slope / intercept are applied; 2D images come back as ``[X, Y, 1]``. Raises
-    :class:`DataError` for an empty, unreadable, corrupt or truncated file, or more than 4 non-trivial
-    dimensions.
+    :class:`DataError` for an empty, unreadable, corrupt or truncated file, more than 4 non-trivial
+    dimensions, or a first volume of more than ``max_pixels`` voxels (0 = no limit).
     """
     p = Path(path)
     try:
@@ -85,6 +87,7 @@ def load_nifti_volume(path: str | Path) -> np.ndarray:
         raise DataError(p, f"unsupported {len(shape)}D image of shape {shape} (2D, 3D or 4D expected)")
     if len(shape) < 2 or min(shape) < 1:
         raise DataError(p, f"unsupported image shape {shape}")
+    check_pixel_limit(p, int(np.prod(shape[:3], dtype=np.int64)), max_pixels, what="volume", unit="voxels")
     index: tuple[int | slice, ...] = (slice(None),) * min(len(shape), 3) + (0,) * max(0, len(shape) - 3)
     if len(shape) >= 4 and shape[3] > 1:
         logger.info("%s: 4D image with %d volumes; using the first", p.name, shape[3])
@@ -159,17 +162,18 @@ def volume_slices(volume01: np.ndarray, axis: int, skip_empty: bool = True) -> t
 
 
 def load_nifti(path: str | Path, slice_axis: int = 2, channels: int = 1, size: int | None = None,
-               skip_empty: bool = True) -> tuple[list[int], np.ndarray]:
+               skip_empty: bool = True, max_pixels: int = DataConfig.max_pixels) -> tuple[list[int], np.ndarray]:
     """Slices of a NIfTI file: (kept slice indices, float32 ``[S, channels, H, W]`` in [0, 1]).
 
     ``size`` resizes (bilinear, antialiased); ``None`` keeps the volume's in-plane size. Raises
-    :class:`DataError` for unreadable files and volumes without a non-empty slice.
+    :class:`DataError` for unreadable files, volumes without a non-empty slice and volumes of more than
+    ``max_pixels`` voxels (0 = no limit).
     """
     p = Path(path)
     _check_axis(slice_axis)
     if channels not in (1, 3):
         raise ConfigError(f"config key 'data.channels': must be 1 or 3, got {channels!r}")
-    volume = load_nifti_volume(p)
+    volume = load_nifti_volume(p, max_pixels)
     keep, slices = volume_slices(scale_volume(volume), slice_axis, skip_empty)
     if not keep:
         raise DataError(p, "volume is constant: no slice has any content")
@@ -221,7 +225,7 @@ def read_nifti_source(path: Path, cfg: DataConfig, log: SkipLog, *, skip_empty: 
     read: list[Path] = []
     for i, f in enumerate(progress(files, "NIfTI")):
         try:
-            keep, slices = load_nifti(f, cfg.slice_axis, cfg.channels, size, skip_empty)
+            keep, slices = load_nifti(f, cfg.slice_axis, cfg.channels, size, skip_empty, cfg.max_pixels)
         except DataError as err:
             log.handle(err)
             continue

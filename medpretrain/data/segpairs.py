@@ -94,9 +94,9 @@ def read_segpairs_source(image_dir: Path, mask_dir: Path, roi_dir: Path | None, 
         if img not in mask_of or (roi_of is not None and img not in roi_of):
             continue
         try:
-            x = load_image(img, cfg.channels)
-            m = load_mask(mask_of[img])
-            r = load_mask(roi_of[img]) if roi_of is not None else None
+            x = load_image(img, cfg.channels, cfg.max_pixels)
+            m = load_mask(mask_of[img], cfg.max_pixels)
+            r = load_mask(roi_of[img], cfg.max_pixels) if roi_of is not None else None
             checks = [(mask_of[img], m)] + ([(roi_of[img], r)] if roi_of is not None and r is not None else [])
             for f, arr in checks:
                 if arr.shape[1:] != x.shape[1:]:
