@@ -370,24 +370,27 @@ def _aliased(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def merge_overrides(base: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def merge_overrides(base: Mapping[str, Any], overrides: Sequence[str],
+                    root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """``base`` with ``overrides`` applied in order, without a schema: ``--config`` files (read with the safe
-    loader, relative to the working directory) first, then ``key=value`` / ``--key value`` pairs, nested
-    mappings merged key by key. For configs whose dataclass is not importable; prefer :func:`resolve_config`.
+    loader; relative paths against ``root``, default the working directory) first, then ``key=value`` /
+    ``--key value`` pairs, nested mappings merged key by key. For configs whose dataclass is not importable;
+    prefer :func:`resolve_config`.
 
     Raises :class:`ConfigError` for an unreadable file or an unparsable argument.
     """
     files, over = parse_args(list(overrides))
     merged = dict(base)
     for f in files:
-        merged = _merge(merged, read_yaml(f))
+        merged = _merge(merged, read_yaml(Path(root or ".") / f))
     return _merge(merged, over)
 
 
 def resolve_config(cls: type[T], config_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
-                   values: Mapping[str, Any] | None = None) -> T:
+                   values: Mapping[str, Any] | None = None, root: str | os.PathLike[str] | None = None) -> T:
     """Resolve and validate a config: ``cls`` defaults < ``config_file`` < ``overrides`` (``key=value``, as on
-    the command line, ``cls.ALIASES`` included) < ``values`` (a nested mapping set by a program).
+    the command line, ``cls.ALIASES`` included) < ``values`` (a nested mapping set by a program). Relative
+    config files resolve against ``root`` (default: the working directory).
 
     The same resolution an entry script's :func:`load_config` makes from ``--config <file> <overrides>``.
     Raises :class:`ConfigError` naming an unknown key, a wrong type or an unreadable file.
@@ -395,7 +398,7 @@ def resolve_config(cls: type[T], config_file: str | os.PathLike[str] | None = No
     files, over = parse_args(list(overrides))
     merged: dict[str, Any] = {}
     for f in ([config_file] if config_file else []) + files:
-        merged = _merge(merged, read_yaml(f))
+        merged = _merge(merged, read_yaml(Path(root or ".") / f))
     merged = _merge(merged, _aliased(cls, over))
     if values:
         merged = _merge(merged, dict(values))

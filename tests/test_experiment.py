@@ -1,4 +1,4 @@
-"""scripts/run_experiment.py: stage reuse, resume after a kill, two CPU processes, configs, the answer."""
+"""scripts/run_experiment.py (medpretrain.pipeline): stage reuse, resume after a kill, two CPU processes, configs, the answer."""
 
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ import yaml
 from medpretrain.checkpoint import read_meta
 from medpretrain.config import DataConfig, load_config
 from medpretrain.data import data_stamp
+from medpretrain.pipeline.experiment import ExperimentConfig, run_experiment
 from medpretrain.report import recommend, recommendation_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import run_experiment  # noqa: E402
 
 TINY_PRETRAIN = ["train.max_steps=4", "train.batch_size=32", "train.knn_every=-1", "train.log_every=1",
                  "train.checkpoint_every=2"]
@@ -86,9 +84,9 @@ def test_killed_experiment_resumes_then_everything_is_reused(tmp_path: Path) -> 
     report = (exp_dir / "report.md").read_text()
     assert "## Which initialisation? (classification)" in report and "| 0.05 | **" in report
     mtimes = {p: p.stat().st_mtime_ns for p in (exp_dir / "finetune").rglob("results.json")}
-    import publish_results  # README's results section is generated from experiment.json
+    from medpretrain.pipeline.report import readme_section  # README's results section, from experiment.json
 
-    readme = "\n".join(publish_results.section(exp_dir, assets=tmp_path / "assets"))
+    readme = "\n".join(readme_section(exp_dir, assets=tmp_path / "assets"))
     assert "### tiny" in readme and "| 0.05 | **" in readme and "| scratch | linear | " in readme
     assert (tmp_path / "assets" / "tiny" / "classification_label_efficiency.png").stat().st_size > 1000
 
@@ -136,10 +134,11 @@ def test_refuses_to_run_as_several_orchestrators() -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_ready_made_experiments_load_and_plan(path: Path, capsys: pytest.CaptureFixture) -> None:
     """Every shipped experiment parses into the schema and plans its stages against the real data."""
-    cfg = load_config(run_experiment.ExperimentConfig, ["--config", str(path)])
+    cfg = load_config(ExperimentConfig, ["--config", str(path)])
     assert cfg.name == path.stem
     assert cfg.classification.enabled or cfg.segmentation.enabled
-    run_experiment.main([str(path), "dry_run=true", "out_dir=/nonexistent/never-written"])
+    run_experiment(load_config(ExperimentConfig, ["--config", str(path), "dry_run=true",
+                                                  "out_dir=/nonexistent/never-written"]), sys.stdout)
     out = capsys.readouterr().out
     assert "runs to do" in out
     assert not Path("/nonexistent/never-written").exists()

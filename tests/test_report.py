@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medpretrain.config import load_config
 from medpretrain.metrics import METRICS
+from medpretrain.pipeline.grid import CompareConfig, grid, run_grid
 from medpretrain.report import PLOTS, build_report, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,12 +79,14 @@ def test_bad_metric_name(tmp_path):
         build_report([], tmp_path, metric="kappa")
 
 
+def compare(argv: list[str]) -> Path:
+    """What ``scripts/compare.py <argv>`` does: the grid, its runs and the report (progress on stdout)."""
+    return run_grid(load_config(CompareConfig, argv), sys.stdout)[0]
+
+
 @pytest.mark.slow
 def test_compare_grid_real_data_with_unavailable_arm_and_skip(tmp_path, monkeypatch, capsys):
     """scratch vs a self-supervised export vs ImageNet (missing) on PneumoniaMNIST: 2 fractions x 2 seeds."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare
-
     from medpretrain.backbones import build_backbone
     from medpretrain.checkpoint import BackboneMeta, save_backbone
 
@@ -98,7 +102,7 @@ def test_compare_grid_real_data_with_unavailable_arm_and_skip(tmp_path, monkeypa
             "launcher=inprocess", "n_bootstrap=50", "name=t",
             'overrides=["backbone.arch=cbr_tiny", "optim.epochs=2", "optim.max_steps_per_epoch=2", '
             '"optim.batch_size=32", "n_bootstrap=50"]']
-    report = compare.main(argv)
+    report = compare(argv)
     text = report.read_text()
     assert report == runs / "reports" / "t" / "report.md"
     assert "8 complete, 4 unavailable, 0 failed" in text
@@ -122,7 +126,7 @@ def test_compare_grid_real_data_with_unavailable_arm_and_skip(tmp_path, monkeypa
     # A second call skips every complete run (same config hash) and rebuilds the report.
     mtime = (d / "seed0" / "results.json").stat().st_mtime_ns
     capsys.readouterr()
-    compare.main(argv)
+    compare(argv)
     out = capsys.readouterr().out
     assert out.count(": done (") == 8
     assert (d / "seed0" / "results.json").stat().st_mtime_ns == mtime
@@ -170,12 +174,9 @@ def test_segmentation_report_dice_budget_in_images_and_overlays(tmp_path):
 
 
 def test_compare_grid_for_segmentation_uses_image_budgets():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare
-
-    cfg = compare.load_config(compare.CompareConfig, ["--config", str(ROOT / "configs/compare_drive.yaml"),
-                                                      f"base_config={ROOT / 'configs/finetune_drive.yaml'}"])
-    cells = compare.grid(cfg)
+    cfg = load_config(CompareConfig, ["--config", str(ROOT / "configs/compare_drive.yaml"),
+                                      f"base_config={ROOT / 'configs/finetune_drive.yaml'}"])
+    cells = grid(cfg)
     assert len(cells) == 3 * 2 * 3 * 2
     assert sum("seg.n_train_images=2" in c for c in cells) == 12
     assert not any(a.startswith("data.label_fraction") for c in cells for a in c)

@@ -1,4 +1,4 @@
-"""Saved segmentation probability maps (uint16 ``predictions.npz``) and the seed ensembles of scripts/compare.py.
+"""Saved segmentation probability maps (uint16 ``predictions.npz``) and the seed ensembles of medpretrain.pipeline.ensembles.
 
 Known numbers: quantisation keeps every decision at threshold 0.5, and on synthetic maps whose seed average
 is the intersection of the two seeds' predictions the ensemble Dice is 6/7 (by hand).
@@ -6,18 +6,16 @@ is the intersection of the two seeds' predictions the ensemble Dice is 6/7 (by h
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medpretrain.metrics import per_image_metrics, segmentation_metrics
+from medpretrain.pipeline.ensembles import ensembles
 from medpretrain.results import load_predictions, quantize_probs, save_predictions
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import compare  # noqa: E402  (scripts/compare.py)
 
 
 def test_quantize_keeps_threshold_decisions_exactly():
@@ -85,7 +83,7 @@ def test_seed_ensemble_of_synthetic_maps_has_the_known_dice(tmp_path):
     names = ["test/01.tif", "test/02.tif"]
     runs = [_run(tmp_path, "s0", 0, a, mask, roi, names), _run(tmp_path, "s1", 1, b, mask, roi, names),
             _run(tmp_path, "n5", 0, a, mask, roi, names, n_train_images=5)]  # alone in its group: no row
-    rows = compare.ensembles(runs, n_boot=200)
+    rows = ensembles(runs, n_boot=200)
     assert len(rows) == 1
     e = rows[0]
     assert (e["init"], e["regime"], e["label_fraction"], e["n_train_images"], e["n"], e["seeds"]) == (
@@ -107,7 +105,7 @@ def test_seed_ensemble_of_synthetic_maps_has_the_known_dice(tmp_path):
     # Runs scored on different test images (or a different order) cannot be averaged.
     other = _run(tmp_path, "s2", 2, b, mask, roi, names[::-1])
     with pytest.raises(ValueError, match="disagree on the test images"):
-        compare.ensembles([runs[0], other], n_boot=10)
+        ensembles([runs[0], other], n_boot=10)
     # A run without saved maps (older runs) is left out: one map left, no ensemble row.
     (tmp_path / "s1" / "predictions.npz").unlink()
-    assert compare.ensembles(runs[:2], n_boot=10) == []
+    assert ensembles(runs[:2], n_boot=10) == []

@@ -1,0 +1,174 @@
+"""An experiment: which stages run, with which config each, and the one call that runs them all.
+
+The schema :data:`ExperimentConfig` (``configs/experiments/*.yaml``) has one :class:`StageSpec` section per
+registered training stage (:func:`medpretrain.methods.registry.stages`): a method registered later gets its
+section (``byol: {enabled: true}``) with no edit here. Stages run in order, each launched as its own process
+group with the experiment's launcher:
+
+1. the training stages (self-supervised first, then generative): one contract checkpoint each, in
+   ``<out>/<stage>/<hash>/backbone.safetensors`` (:func:`.stages.train_stage`);
+2. ``samples`` + ``audit``: images drawn from each generator and scored by ``scripts/audit_synthetic.py``;
+3. ``classification`` / ``segmentation``: the fine-tune grid (:mod:`.grid`) over every init (``scratch``,
+   ``imagenet`` and the exports above, each named after its stage);
+4. ``report.md`` and ``experiment.json`` (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medpretrain.config import ConfigError, save_config
+from medpretrain.methods import registry
+from medpretrain.pipeline.console import Console, say
+from medpretrain.pipeline.report import write_report
+from medpretrain.pipeline.stages import Stage, grid_stage, record, sample_and_audit, train_stage
+from medpretrain.results import RunResult
+from medpretrain.utils import PROJECT_ROOT
+
+# The stages an experiment ran before the registry existed run unless disabled; a stage registered later is
+# opt-in (``<name>: {enabled: true}``), so an existing experiment file keeps meaning what it meant.
+DEFAULT_ENABLED = ("simclr", "moco", "vae", "dcgan")
+GRID_TASKS = ("classification", "segmentation")
+
+
+@dataclass
+class StageSpec:
+    enabled: bool = True
+    config: str = ""
+    """The stage script's config file (default: the stage's registered config, ``configs/<stage>.yaml``)."""
+    overrides: list[str] = field(default_factory=list)
+    """``key=value`` for the stage script, after ``common``."""
+
+
+@dataclass
+class GridSpec:
+    enabled: bool = False
+    config: str = "configs/compare.yaml"
+    """A grid config (:class:`medpretrain.pipeline.grid.CompareConfig`; its ``base_config`` is the fine-tune
+    config of every cell)."""
+    inits: list[str] = field(default_factory=list)
+    """``scratch``, ``imagenet``, the name of an enabled training stage (its export), or ``<label>=<path>``.
+    Empty: ``scratch``, ``imagenet`` and every enabled training stage."""
+    grid: list[str] = field(default_factory=list)
+    """``key=value`` for the grid itself (``label_fractions=[...]``, ``seeds=[...]``, ``regimes=[...]``)."""
+    overrides: list[str] = field(default_factory=list)
+    """``key=value`` for every fine-tune run, after ``common`` (``optim.epochs=10`` ...)."""
+
+
+@dataclass
+class AuditSpec:
+    enabled: bool = True
+    config: str = "configs/audit.yaml"
+    generators: list[str] = field(default_factory=list)
+    """Generator stages whose samples are audited (those enabled). Empty: every enabled generator stage."""
+    features: str = "simclr"
+    """Backbone of the discriminator and feature metrics: a training stage, ``imagenet`` or ``scratch``."""
+    n_samples: int = 1000
+    seed: int = 0
+    overrides: list[str] = field(default_factory=list)
+    """``key=value`` for scripts/audit_synthetic.py (``data.*`` keys of ``common`` are passed too)."""
+
+
+@dataclass
+class LaunchSpec:
+    launcher: Literal["accelerate", "torchrun", "python"] = "accelerate"
+    config_file: str = "configs/accelerate/single.yaml"
+    """``accelerate`` only: one of ``configs/accelerate/`` (single, multi_gpu, fsdp, multi_node) or your own."""
+    args: list[str] = field(default_factory=list)
+    """Extra launcher arguments (``[--machine_rank, 1]``; torchrun: ``[--nproc_per_node, 2]``)."""
+
+
+def _experiment_config() -> type:
+    """The experiment schema: fixed sections around one ``StageSpec`` per registered training stage."""
+    stage_fields = [(name, StageSpec, field(default_factory=functools.partial(StageSpec, name in DEFAULT_ENABLED)))
+                    for name in registry.stages()]
+    cls = dataclasses.make_dataclass("ExperimentConfig", [
+        ("name", str, field(default="experiment")),
+        ("title", str, field(default="")),
+        ("description", str, field(default="")),
+        ("out_dir", str, field(default="runs/experiments")),
+        ("common", list[str], field(default_factory=list)),
+        ("launch", LaunchSpec, field(default_factory=LaunchSpec)),
+        *stage_fields,
+        ("classification", GridSpec, field(default_factory=GridSpec)),
+        ("segmentation", GridSpec, field(default_factory=lambda: GridSpec(config="configs/compare_drive.yaml"))),
+        ("audit", AuditSpec, field(default_factory=AuditSpec)),
+        ("dry_run", bool, field(default=False)),
+    ])
+    cls.__module__ = __name__
+    cls.__doc__ = """An experiment file (``configs/experiments/*.yaml``).
+
+    ``name``: results go to ``<out_dir>/<name>/``; ``title``, ``description``: the report's heading and its
+    paragraph (the question and the budget); ``common``: ``key=value`` given to every training stage and
+    fine-tune run (``data.dataset=...``, ``backbone.arch=...``); ``launch``: how stages start; one section per
+    training stage; the two grids; the audit; ``dry_run``: say what would run, resume or be reused, run nothing.
+    """
+    return cls
+
+
+ExperimentConfig: Any = _experiment_config()
+
+
+def run_experiment(cfg: Any, console: Console = None) -> Path:
+    """Run (or, with ``cfg.dry_run``, plan) every enabled stage of experiment ``cfg`` and write its report.
+
+    Returns the report's path (the experiment folder for a dry run). Raises
+    :class:`medpretrain.pipeline.stages.StageFailed` when a stage fails (run again to resume) and
+    :class:`ConfigError` for an inconsistent experiment (a grid or audit naming a disabled stage).
+    """
+    exp_dir = (PROJECT_ROOT / cfg.out_dir / cfg.name).resolve()
+    started = time.time()
+    say(console, f"[experiment] {cfg.name}: {exp_dir}" + (" (dry run)" if cfg.dry_run else ""))
+    if not cfg.dry_run:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, exp_dir, name="experiment.yaml")
+
+    stages: list[Stage] = []
+    exports: dict[str, Stage] = {}
+
+    def done(stage: Stage) -> None:
+        stages.append(stage)
+        say(console, f"[experiment] {stage.name}: {stage.status}{' - ' + stage.detail if stage.detail else ''} "
+                     f"({stage.wall_s:.0f} s) -> {stage.output}")
+        if not cfg.dry_run:
+            record(exp_dir, stage)
+
+    trained = registry.stages()
+    for name in trained:
+        if getattr(cfg, name).enabled:
+            say(console, f"[experiment] {name} ...")
+            exports[name] = train_stage(cfg, exp_dir, name, console)
+            done(exports[name])
+
+    if cfg.audit.enabled:
+        feat = cfg.audit.features
+        if feat in trained:
+            if feat not in exports:
+                raise ConfigError(f"audit.features={feat!r} but stage {feat} is not enabled")
+            feat = exports[feat].output
+        generators = registry.generators()
+        for gen in cfg.audit.generators or [g for g in generators if g in exports]:
+            if gen not in generators:
+                raise ConfigError(f"audit.generators: {gen!r} is not a generator stage ({list(generators)})")
+            if gen in exports:
+                say(console, f"[experiment] samples + audit of {gen} ...")
+                for s in sample_and_audit(cfg, exp_dir, gen, exports[gen], feat, console):
+                    done(s)
+
+    grids: dict[str, list[RunResult]] = {}
+    for task in GRID_TASKS:
+        if getattr(cfg, task).enabled:
+            say(console, f"[experiment] {task} grid ...")
+            stage, grids[task] = grid_stage(cfg, exp_dir, task, exports, console)
+            done(stage)
+
+    if cfg.dry_run:
+        return exp_dir
+    report = write_report(cfg, exp_dir, stages, grids, started)
+    say(console, f"[experiment] report: {report} ({(time.time() - started) / 60:.1f} min)")
+    return report

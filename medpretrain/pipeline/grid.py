@@ -1,0 +1,195 @@
+"""Fine-tune grids: expand ``inits x regimes x label budgets x seeds`` into runs, find the cells still to do,
+launch them, and write one comparison report.
+
+Each cell is one ``finetune/run.py`` run (launched as ``accelerate launch finetune/run.py ...``, with
+``torchrun``, or in this process with ``launcher=inprocess``) writing to
+``<runs_dir>/finetune/<task>/<init>/<regime>/<budget>/seed<k>``. A cell whose ``results.json`` is complete
+and carries the same config hash is skipped, so an interrupted grid continues where it stopped. Unavailable
+arms (ImageNet weights missing, no pretraining export) are reported as such, never replaced by random
+weights. For a segmentation base config (``task: segmentation``) the budgets are numbers of annotated
+training images (``n_train_images``) and Dice is the headline. Seed ensembles: :mod:`.ensembles`; the report:
+:func:`medpretrain.report.build_report` in ``<runs_dir>/reports/<name>/``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from medpretrain.config import load_config
+from medpretrain.finetune import SCRIPT as FINETUNE_SCRIPT
+from medpretrain.finetune import (
+    FinetuneConfig,
+    failed_result,
+    init_label,
+    main_in_process,
+    output_dir,
+    run_hash,
+)
+from medpretrain.pipeline.console import Console, say
+from medpretrain.pipeline.ensembles import ensembles
+from medpretrain.report import build_report
+from medpretrain.results import ResultsError, RunResult, read_results
+
+LOCAL_SPLIT_NOTES = {
+    "pneumoniamnist": "PneumoniaMNIST: the local train split has 3882 images (388 normal / 3494 pneumonia), "
+                      "smaller than the official MedMNIST v2 split (4708: 1214 / 3494); val and test are official. "
+                      "Compare with published numbers accordingly.",
+    "busi": "BUSI has no official split: a stratified, seeded train/val/test split is used (data.split_seed).",
+}
+
+
+@dataclass
+class CompareConfig:
+    base_config: str = "configs/finetune.yaml"
+    """The fine-tuning config every cell starts from (``finetune/run.py --config``)."""
+    inits: list[str] = field(default_factory=lambda: ["scratch", "selfsup", "imagenet"])
+    """Init names (``finetune/run.py init=``), or ``<label>=<checkpoint path>`` to name a checkpoint in the report."""
+    regimes: list[str] = field(default_factory=lambda: ["linear", "full"])
+    label_fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    n_train_images: list[int] = field(default_factory=lambda: [2, 5, 0])
+    """Segmentation only: label budgets as numbers of annotated training images (0 = all)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    overrides: list[str] = field(default_factory=list)
+    """Extra ``key=value`` overrides passed to every run (e.g. ``optim.epochs=5``)."""
+    runs_dir: str = "runs"
+    name: str = "default"
+    """Report folder: ``<runs_dir>/reports/<name>``."""
+    title: str = "Initialisation comparison"
+    launcher: Literal["accelerate", "torchrun", "inprocess"] = "accelerate"
+    launch_args: list[str] = field(default_factory=lambda: ["--num_processes", "1"])
+    """Arguments for ``accelerate launch`` (e.g. ``[--config_file, configs/accelerate/multi_gpu.yaml]``) or
+    ``torchrun`` (e.g. ``[--nproc_per_node, 2]``: several CPU processes)."""
+    collect_only: bool = False
+    """Do not run anything: report on the results that exist."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples for the ensemble rows (runs use their own config's ``n_bootstrap``)."""
+    notes: list[str] = field(default_factory=list)
+
+
+def cell_config(argv: list[str]) -> FinetuneConfig:
+    """A cell's fine-tune config, validated against ``FinetuneConfig`` (``ConfigError`` before any launch)."""
+    return load_config(FinetuneConfig, argv)
+
+
+def base_task(cfg: CompareConfig) -> str:
+    """``classification`` or ``segmentation``: the task of the base config with the overrides."""
+    return cell_config(["--config", cfg.base_config, *cfg.overrides]).task
+
+
+def cell_argv(cfg: CompareConfig, init: str, regime: str, fraction: float, seed: int,
+              task: str = "classification") -> list[str]:
+    """``finetune/run.py`` arguments of one cell (``fraction``: the number of images for segmentation)."""
+    budget = f"seg.n_train_images={int(fraction)}" if task == "segmentation" else f"data.label_fraction={fraction}"
+    label, sep, path = init.partition("=")
+    named = [f"init={path}", f"init_name={label}"] if sep else [f"init={init}"]
+    return ["--config", cfg.base_config, *named, f"regime={regime}", budget,
+            f"seed={seed}", f"runs_dir={cfg.runs_dir}", *cfg.overrides]
+
+
+def grid(cfg: CompareConfig) -> list[list[str]]:
+    """Every cell's arguments, in report order: inits, regimes, budgets, seeds."""
+    task = base_task(cfg)
+    budgets: list[float] = [float(n) for n in cfg.n_train_images] if task == "segmentation" else cfg.label_fractions
+    return [cell_argv(cfg, i, r, f, s, task) for i in cfg.inits for r in cfg.regimes for f in budgets
+            for s in cfg.seeds]
+
+
+def previous(run_cfg: FinetuneConfig, status: tuple[str, ...] = ("complete",)) -> RunResult | None:
+    """The results a cell left with the same config hash and one of ``status``, else None (also for a
+    ``results.json`` that cannot be read: the cell runs again and rewrites it)."""
+    try:
+        existing = read_results(output_dir(run_cfg) / "results.json", missing_ok=True)
+    except ResultsError:
+        return None
+    if existing and existing.config_hash == run_hash(run_cfg) and existing.status in status:
+        return existing
+    return None
+
+
+def pending(cfg: CompareConfig, status: tuple[str, ...] = ("complete",)) -> list[list[str]]:
+    """The cells of the grid without results of ``status`` (unavailable arms are retried on every run: the
+    weights may have appeared; ``status=("complete", "unavailable")`` leaves them out)."""
+    return [a for a in grid(cfg) if previous(cell_config(a), status) is None]
+
+
+def run_inprocess(argv: list[str], log_path: Path) -> int:
+    """Run ``finetune/run.py``'s ``main(argv)`` in this process (:func:`medpretrain.finetune.main_in_process`) and
+    return its exit status. An exception that escapes it is written to ``log_path`` and counts as status 1: one
+    broken cell must not stop the grid; it is reported as failed."""
+    try:
+        return main_in_process(argv)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(f"{type(e).__name__}: {e}\n")
+        return 1
+
+
+def launch(cfg: CompareConfig, argv: list[str], log_path: Path) -> int:
+    """One run; its output goes to ``log_path`` (``inprocess``: to this process's streams). Returns the exit code."""
+    if cfg.launcher == "inprocess":
+        return run_inprocess(argv, log_path)
+    module = "torch.distributed.run" if cfg.launcher == "torchrun" else "accelerate.commands.launch"
+    cmd = [sys.executable, "-m", module, *cfg.launch_args, str(FINETUNE_SCRIPT), *argv]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as fh:
+        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
+
+
+def run_grid(cfg: CompareConfig, console: Console = None) -> tuple[Path, list[RunResult]]:
+    """Run the missing cells of ``cfg``'s grid (none with ``collect_only``), write the report; return its path
+    and every cell's results (complete, unavailable or failed; ``run_dir`` set). Progress, one line per cell,
+    goes to ``console``."""
+    cells = grid(cfg)
+    results: list[RunResult] = []
+    t0 = time.perf_counter()
+    for n, argv_cell in enumerate(cells, 1):
+        run_cfg = cell_config(argv_cell)  # validates the cell before launching
+        out = output_dir(run_cfg)
+        want = run_hash(run_cfg)
+        existing = previous(run_cfg, ("complete", "unavailable", "failed"))
+        budget = (f"{run_cfg.seg.n_train_images or 'all'} images" if run_cfg.task == "segmentation"
+                  else f"{run_cfg.data.label_fraction:g}")
+        init = init_label(run_cfg.init, run_cfg.init_name)
+        label = f"[{n}/{len(cells)}] {init} / {run_cfg.regime} / {budget} / seed {run_cfg.seed}"
+        if existing and existing.status == "complete":
+            say(console, f"{label}: done ({out})")
+        elif cfg.collect_only:
+            say(console, f"{label}: missing (collect_only)")
+            continue
+        else:
+            say(console, f"{label}: running -> {out}")
+            t = time.perf_counter()
+            code = launch(cfg, argv_cell, out / "run.log")
+            try:
+                existing = read_results(out / "results.json", missing_ok=True)
+            except ResultsError:
+                existing = None
+            if code != 0 and not (existing and existing.status == "unavailable" and existing.config_hash == want):
+                tail = (out / "run.log").read_text()[-2000:] if (out / "run.log").exists() else ""
+                existing = failed_result(run_cfg, f"exit code {code}; log {out / 'run.log'}", tail)
+            say(console, f"{label}: {existing.status if existing else 'no results'} "
+                         f"in {time.perf_counter() - t:.0f}s")
+        if existing:
+            if existing.run_dir is None:
+                existing.run_dir = str(out)
+            results.append(existing)
+
+    notes = list(cfg.notes)
+    for key, note in LOCAL_SPLIT_NOTES.items():
+        if any(key in str(((r.config or {}).get("data") or {}).get("dataset", "")).lower() for r in results):
+            notes.append(note)
+    budgets = (f"annotated images {cfg.n_train_images} (0 = all)" if base_task(cfg) == "segmentation"
+               else f"label fractions {cfg.label_fractions}")
+    notes.append(f"Grid: inits {cfg.inits}, regimes {cfg.regimes}, {budgets}, "
+                 f"seeds {cfg.seeds}; base config `{cfg.base_config}`"
+                 + (f", overrides {cfg.overrides}" if cfg.overrides else "") + ".")
+    report = build_report([r.to_dict() for r in results], Path(cfg.runs_dir) / "reports" / cfg.name,
+                          title=cfg.title, ensembles=ensembles(results, cfg.n_bootstrap), notes=notes)
+    say(console, f"report: {report} ({time.perf_counter() - t0:.0f}s)")
+    return report, results

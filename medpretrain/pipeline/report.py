@@ -1,0 +1,189 @@
+"""The experiment report: ``<exp_dir>/report.md`` (which init at each label budget and how sure, the audit
+table, the stage table) and ``experiment.json`` beside it (machine, stages, recommendations, summaries), and
+README's results section generated from ``experiment.json`` files (:func:`publish_readme`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medpretrain.cli import UserError
+from medpretrain.pipeline.stages import Stage
+from medpretrain.report import efficiency_markdown, recommend, recommendation_markdown, summarize
+from medpretrain.results import RunResult, headline_metric
+from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version, cpu_model
+
+if TYPE_CHECKING:
+    from medpretrain.pipeline.experiment import ExperimentConfig
+
+
+def machine() -> dict[str, Any]:
+    """Python, torch and library versions, CPU, GPU and code version, for the report."""
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                            "cuda": torch.cuda.is_available(), "code_version": code_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    for mod in ("accelerate", "lightly", "monai", "torchmetrics", "diffusers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - an optional library missing is a fact for the report, not an error
+            info[mod] = None
+    return info
+
+
+def _audit_cells(a: dict[str, Any]) -> list[str]:
+    """Realism AUC, FID / KID / precision / recall (fake, and the real-vs-real baseline), memorised count."""
+    disc, fk, rb, memo = a["discriminator"], a["distribution"]["fake"], a["distribution"]["real_baseline"], \
+        a["memorisation"]
+    lo, hi = disc["auc_ci95"]
+    return [f"{disc['auc']:.3f} [{lo:.3f}, {hi:.3f}]", f"{fk['fid']:.2f} ({rb['fid']:.2f})",
+            f"{fk['kid']:.4f} ({rb['kid']:.4f})", f"{fk['precision']:.3f} ({rb['precision']:.3f})",
+            f"{fk['recall']:.3f} ({rb['recall']:.3f})", f"{memo['n_flagged']} / {a['fake']['n_used']}"]
+
+
+def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid_results: dict[str, list[RunResult]],
+                 started: float) -> Path:
+    """Write ``report.md`` and ``experiment.json`` into ``exp_dir``; return the report's path.
+
+    ``grid_results``: every cell's results per grid task; ``started``: ``time.time()`` when this invocation began.
+    """
+    grids = {task: [r.to_dict() for r in results] for task, results in grid_results.items()}
+    info = machine()
+    md = [f"# {cfg.title or cfg.name}", ""]
+    if cfg.description:
+        md += [cfg.description.strip(), ""]
+    computed = sum(s.wall_s for s in stages)
+    md += [f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `scripts/run_experiment.py` "
+           f"(experiment `{cfg.name}`). Machine: {info['cpu_count']} CPU cores"
+           + (f", {info['gpu']}" if info.get("gpu") else ", no GPU")
+           + f"; {info['platform']}; Python {info['python']}, torch {info['torch']}, accelerate {info['accelerate']}, "
+           f"lightly {info['lightly']}, monai {info['monai']}; code {info['code_version']}. "
+           f"Compute time of all stages: {computed / 60:.1f} min (this invocation: "
+           f"{(time.time() - started) / 60:.1f} min).", ""]
+    for task, results in grids.items():
+        if not results:
+            continue
+        rows = recommend(results)
+        md += [f"## Which initialisation? ({task})", ""]
+        md += recommendation_markdown(rows, seg=task == "segmentation")
+        metric = headline_metric(task)
+        md += ["", f"Test {'Dice' if metric == 'dice' else metric.upper()} by init, regime and label budget "
+               "(mean ± sd over seeds, n = seeds):", ""]
+        md += efficiency_markdown(summarize(results, headline=metric), metric, seg=task == "segmentation")
+        md += ["", f"Full comparison, label-efficiency curves and plots: [reports/{task}/report.md]"
+                   f"(reports/{task}/report.md).", "",
+               f"![label efficiency](reports/{task}/label_efficiency.png)", ""]
+    audits = [s for s in stages if s.name.startswith("audit_") and Path(s.output).with_name("audit.json").is_file()]
+    if audits:
+        md += ["## Synthetic images (audit)", "",
+               "Cross-fitted real-vs-fake discriminator AUC [95% CI] (0.5 = indistinguishable); distribution metrics "
+               "in the feature space of the audit backbone, fake vs real with the real-vs-real baseline in brackets.",
+               "", "| generator | real-vs-fake AUC | FID | KID | precision | recall | memorised | report |", "|---|---|---|---|---|---|---|---|"]
+        for s in audits:
+            a = json.loads(Path(s.output).with_name("audit.json").read_text())
+            md.append("| " + " | ".join([s.name.removeprefix("audit_"), *_audit_cells(a),
+                                         f"[audit.md]({Path(s.output).relative_to(exp_dir)})"]) + " |")
+        md.append("")
+    md += ["## Stages", "", "| stage | status | wall-clock | output | config hash |", "|---|---|---|---|---|"]
+    for s in stages:
+        out = Path(s.output)
+        shown = out.relative_to(exp_dir) if out.is_relative_to(exp_dir) else out
+        md.append(f"| {s.name} | {s.status}{' (' + s.detail + ')' if s.detail else ''} | {s.wall_s / 60:.1f} min "
+                  f"| `{shown}` | `{s.hash}` |")
+    md += ["", "Status: *run* computed now, *resumed* continued from a checkpoint, *reused* found done with the same "
+           "config and data. Wall-clock is the time the stage took when it was computed. Settings: "
+           "`experiment.yaml` in this folder.", ""]
+    path = exp_dir / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    summary = {"name": cfg.name, "title": cfg.title, "machine": info, "compute_s": computed,
+               "invocation_s": time.time() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "stages": [dataclasses.asdict(s) for s in stages],
+               "recommendations": {t: recommend(r) for t, r in grids.items() if r},
+               "summary": {t: {"metric": headline_metric(t), "rows": summarize(r, headline=headline_metric(t))}
+                           for t, r in grids.items() if r}}
+    atomic_write_text(exp_dir / "experiment.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# README's results section (scripts/publish_results.py)
+# --------------------------------------------------------------------------------------------
+
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def readme_section(exp_dir: Path, assets: Path = PROJECT_ROOT / "docs" / "results") -> list[str]:
+    """The README lines for one experiment folder (from its ``experiment.json``): the question, the
+    recommendation and label-efficiency tables, the plot (copied to ``assets/<name>/``), the audit summary,
+    machine, versions and compute time. Raises ``FileNotFoundError`` / :class:`UserError` when the experiment
+    has no readable ``experiment.json``."""
+    path = exp_dir / "experiment.json"
+    try:
+        exp = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file; run scripts/run_experiment.py for it first") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({e}); run scripts/run_experiment.py for it again") from None
+    m = exp["machine"]
+    name = exp["name"]
+    md = [f"### {exp['title'] or name}", ""]
+    md.append(f"`python scripts/run_experiment.py configs/experiments/{name}.yaml` - report written {exp['created'][:16]} "
+              f"UTC on {m['cpu_count']} CPU cores" + (f" + {m['gpu']}" if m.get("gpu") else ", no GPU")
+              + f"; torch {m['torch']}, accelerate {m['accelerate']}, lightly {m['lightly']}, monai {m['monai']}; "
+              f"code {m['code_version']}. Compute time of all stages: {exp['compute_s'] / 60:.0f} min.")
+    md.append("")
+    for task, rec in exp.get("recommendations", {}).items():
+        seg = task == "segmentation"
+        md += recommendation_markdown(rec, seg=seg)
+        summary = exp["summary"][task]
+        md += ["", f"Test {'Dice' if summary['metric'] == 'dice' else summary['metric'].upper()} "
+                   "(mean ± sd over seeds):", ""]
+        md += efficiency_markdown(summary["rows"], summary["metric"], seg=seg)
+        plot = exp_dir / "reports" / task / "label_efficiency.png"
+        if plot.is_file():
+            dest = assets / name / f"{task}_label_efficiency.png"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, dest)
+            shown = dest.relative_to(PROJECT_ROOT) if dest.is_relative_to(PROJECT_ROOT) else dest
+            md += ["", f"![{name} label efficiency]({shown})"]
+        md.append("")
+    audits = [s for s in exp["stages"] if s["name"].startswith("audit_")]
+    for s in audits:
+        a = json.loads(Path(s["output"]).with_name("audit.json").read_text())
+        d, fk, rb = a["discriminator"], a["distribution"]["fake"], a["distribution"]["real_baseline"]
+        md.append(f"- Synthetic {s['name'].removeprefix('audit_').upper()} images: real-vs-fake AUC {d['auc']:.3f} "
+                  f"(0.5 = indistinguishable), FID {fk['fid']:.2f} (real vs real {rb['fid']:.2f}), "
+                  f"{a['memorisation']['n_flagged']} of {a['fake']['n_used']} flagged as near-copies.")
+    if audits:
+        md.append("")
+    return md
+
+
+def publish_readme(readme: Path, exp_dirs: list[Path], notes: Sequence[str] = (),
+                   assets: Path = PROJECT_ROOT / "docs" / "results") -> Path:
+    """Replace the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in ``readme`` with the
+    :func:`readme_section` of each experiment folder (``notes`` quoted above them). Raises :class:`UserError`
+    when the markers are missing."""
+    md = [README_BEGIN, "", "Generated by `scripts/publish_results.py` from the runs' `experiment.json`; the full "
+          "reports are in `runs/experiments/<name>/report.md` after a run.", "", *[f"> {n}" for n in notes],
+          *([""] if notes else [])]
+    for d in exp_dirs:
+        md += readme_section(d, assets)
+    md.append(README_END)
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise UserError(f"{readme}: no {README_BEGIN} ... {README_END} markers to replace")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    atomic_write_text(readme, head + "\n".join(md) + tail)
+    return readme

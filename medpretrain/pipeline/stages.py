@@ -1,0 +1,271 @@
+"""The stages of an experiment: how each is hashed, reused, resumed or run, and its record.
+
+A training stage's folder is named by a hash of its script, its resolved config and the data files
+(:func:`medpretrain.data.data_stamp`). The config is resolved the way the stage script will resolve it
+(its YAML file, the experiment's ``common`` and the stage's ``overrides``) and, when the stage registers
+its config dataclass (:attr:`medpretrain.methods.registry.StageInfo.schema`), validated against it first:
+an unknown key or a wrong type fails before anything runs, and the hash is taken over the full resolved
+config (defaults included), not over strings. A stage whose product exists under that hash is reused, one
+with checkpoints but no product is resumed (``train.resume=auto``), one that died before its first
+checkpoint starts again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medpretrain.cli import UserError
+from medpretrain.config import (
+    ConfigError,
+    DataConfig,
+    config_to_dict,
+    merge_overrides,
+    read_yaml,
+    resolve_config,
+)
+from medpretrain.data import data_stamp
+from medpretrain.methods import registry
+from medpretrain.pipeline.console import Console, relay
+from medpretrain.pipeline.grid import CompareConfig, grid, pending, run_grid
+from medpretrain.results import STATUSES, RunResult
+from medpretrain.training import list_checkpoints
+from medpretrain.utils import PROJECT_ROOT, atomic_write_text
+
+if TYPE_CHECKING:
+    from medpretrain.pipeline.experiment import ExperimentConfig, GridSpec, LaunchSpec
+
+ROOT = PROJECT_ROOT
+AUDIT_SCRIPT = "scripts/audit_synthetic.py"
+SAMPLE_SCRIPT = "generative/sample.py"
+
+
+class StageFailed(UserError):
+    """A stage exited non-zero or left no product; the message names its log (run again to resume)."""
+
+
+@dataclass
+class Stage:
+    """One stage's record in ``experiment.json`` (``status``: run, resumed, reused, failed, planned)."""
+
+    name: str
+    hash: str
+    output: str
+    status: str = "planned"
+    wall_s: float = 0.0
+    log: str = ""
+    detail: str = ""
+
+
+def stage_hash(*parts: Any) -> str:
+    """12 hex digits of the SHA-256 of ``parts`` as sorted JSON."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def schema_of(info: registry.StageInfo) -> type | None:
+    """The stage's config dataclass (``StageInfo.schema``, ``"module:Class"``), or ``None`` when it names none."""
+    if not info.schema:
+        return None
+    module, _, name = info.schema.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"stage {info.name}: its schema {info.schema!r} cannot be imported ({e})") from None
+
+
+def stage_config(info: registry.StageInfo, config_file: str, overrides: list[str]) -> dict[str, Any]:
+    """A stage's config as the stage script will resolve it from ``--config <config_file> <overrides>``:
+    validated against its schema and complete (defaults included) when the stage names one, else the YAML
+    file with the overrides merged in. Raises :class:`ConfigError` for an unknown key or a wrong type."""
+    schema = schema_of(info)
+    if schema is not None:
+        return config_to_dict(resolve_config(schema, config_file or None, overrides, root=ROOT))
+    return merge_overrides(read_yaml(ROOT / config_file) if config_file else {}, overrides, root=ROOT)
+
+
+def data_of(conf: dict[str, Any]) -> DataConfig:
+    """The ``data`` group of a resolved stage config (keys DataConfig does not know are ignored)."""
+    keys = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in (conf.get("data") or {}).items() if k in keys})
+
+
+def launcher_cmd(launch: LaunchSpec, script: str) -> list[str]:
+    """The command prefix that starts ``script`` with the experiment's launcher."""
+    py = sys.executable
+    if launch.launcher == "python":
+        return [py, str(ROOT / script)]
+    if launch.launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", *launch.args, str(ROOT / script)]
+    cfg_args = ["--config_file", str(ROOT / launch.config_file)] if launch.config_file else []
+    return [py, "-m", "accelerate.commands.launch", *cfg_args, *launch.args, str(ROOT / script)]
+
+
+def run_logged(cmd: list[str], log: Path, console: Console = None) -> int:
+    """Run ``cmd`` in the project root; its output goes to ``console`` and to ``log`` (appended: a resumed
+    stage keeps both parts). Returns the exit code."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n".encode())
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+            fh.write(chunk)
+            relay(console, chunk)
+        return proc.wait()
+
+
+def record(exp_dir: Path, stage: Stage) -> None:
+    """Write ``<exp_dir>/stages/<name>.json``."""
+    path = exp_dir / "stages" / f"{stage.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(dataclasses.asdict(stage), indent=2) + "\n")
+
+
+def previous_wall(exp_dir: Path, name: str, h: str) -> float:
+    """Wall-clock the stage took when it was computed (kept across reuses)."""
+    try:
+        old = json.loads((exp_dir / "stages" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return 0.0
+    return float(old.get("wall_s", 0.0)) if old.get("hash") == h else 0.0
+
+
+def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Console = None) -> Stage:
+    """Pretraining / generative stage ``name`` (a registered stage): reuse its export, resume it, or run it.
+    Raises :class:`StageFailed` when it fails."""
+    info = registry.stage(name)
+    spec = getattr(cfg, name)
+    config_file = spec.config or info.config
+    overrides = [*cfg.common, *spec.overrides]
+    conf = stage_config(info, config_file, overrides)
+    h = stage_hash(info.script, conf, data_stamp(data_of(conf)))
+    run_dir = exp_dir / name / h
+    stage = Stage(name, h, str(run_dir / "backbone.safetensors"), log=str(exp_dir / "logs" / f"{name}.log"))
+    if (run_dir / "backbone.safetensors").is_file():
+        stage.status, stage.wall_s = "reused", previous_wall(exp_dir, name, h)
+        return stage
+    resuming = bool(list_checkpoints(run_dir / "checkpoints"))
+    stage.status = "resumed" if resuming else "run"
+    if cfg.dry_run:
+        stage.detail = "would " + ("resume" if resuming else "run")
+        return stage
+    if run_dir.exists() and not resuming:  # died before its first checkpoint: nothing to keep
+        shutil.rmtree(run_dir)
+    argv = ["--config", str(ROOT / config_file), *overrides, f"out_dir={run_dir.parent}", f"run_name={h}",
+            "train.resume=auto"]
+    t0 = time.perf_counter()
+    code = run_logged([*launcher_cmd(cfg.launch, info.script), *argv], Path(stage.log), console)
+    stage.wall_s = previous_wall(exp_dir, name, h) + time.perf_counter() - t0  # a resume adds to the first part
+    if code != 0 or not (run_dir / "backbone.safetensors").is_file():
+        stage.status, stage.detail = "failed", f"exit code {code}; log {stage.log}"
+        record(exp_dir, stage)
+        raise StageFailed(f"stage {name} failed (exit code {code}); see {stage.log}. Run the same command "
+                          "again to resume it from its last checkpoint.")
+    return stage
+
+
+def script_stage(cfg: ExperimentConfig, exp_dir: Path, stage: Stage, product: Path, cmd: list[str],
+                 console: Console = None) -> Stage:
+    """A one-process stage: reused when ``product`` exists, else ``cmd`` runs (``StageFailed`` if it fails
+    or leaves no ``product``)."""
+    if product.is_file():
+        stage.status, stage.wall_s = "reused", previous_wall(exp_dir, stage.name, stage.hash)
+        return stage
+    if cfg.dry_run:
+        stage.detail = "would run"
+        return stage
+    t0 = time.perf_counter()
+    code = run_logged(cmd, Path(stage.log), console)
+    stage.status, stage.wall_s = "run", time.perf_counter() - t0
+    if code != 0 or not product.is_file():
+        stage.status, stage.detail = "failed", f"exit code {code}; log {stage.log}"
+        record(exp_dir, stage)
+        raise StageFailed(f"stage {stage.name} failed (exit code {code}); see {stage.log}")
+    return stage
+
+
+def sample_and_audit(cfg: ExperimentConfig, exp_dir: Path, gen: str, gen_stage: Stage, feat: str,
+                     console: Console = None) -> list[Stage]:
+    """Draw ``audit.n_samples`` from generator stage ``gen`` and audit them with backbone ``feat``."""
+    a = cfg.audit
+    model = Path(gen_stage.output).parent / registry.generators()[gen]
+    sh = stage_hash(gen_stage.hash, a.n_samples, a.seed)
+    sdir = exp_dir / "samples" / f"{gen}-{sh}"
+    samples = script_stage(
+        cfg, exp_dir, Stage(f"samples_{gen}", sh, str(sdir / "samples.npz"), log=str(exp_dir / "logs" / f"samples_{gen}.log")),
+        sdir / "samples.npz",
+        [sys.executable, str(ROOT / SAMPLE_SCRIPT), f"model={model}", f"n={a.n_samples}",
+         f"seed={a.seed}", f"out={sdir}"], console)
+    overrides = [*(o for o in cfg.common if o.startswith("data.")), *a.overrides]
+    conf = merge_overrides(read_yaml(ROOT / a.config) if a.config else {}, overrides, root=ROOT)
+    ah = stage_hash("audit", conf, sh, feat, data_stamp(data_of(conf)))
+    adir = exp_dir / "audit" / f"{gen}-{ah}"
+    audit = script_stage(
+        cfg, exp_dir, Stage(f"audit_{gen}", ah, str(adir / "audit.md"), log=str(exp_dir / "logs" / f"audit_{gen}.log")),
+        adir / "audit.json",
+        [sys.executable, str(ROOT / AUDIT_SCRIPT), "--config", str(ROOT / a.config), *overrides,
+         f"fake={sdir / 'samples.npz'}", f"backbone={feat}", f"out={adir}"], console)
+    return [samples, audit]
+
+
+def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, Stage]) -> CompareConfig:
+    """The fine-tune grid of ``task`` as a validated :class:`CompareConfig`: the grid file, the experiment's
+    launcher (a launcher in ``grid`` wins), ``grid``, then the inits (training stages become their exports)
+    and every run's overrides (the grid file's, ``common``, the task's, ``resume=auto``)."""
+    spec: GridSpec = getattr(cfg, task)
+    trained = registry.stages()
+    inits = []
+    for init in spec.inits or ["scratch", "imagenet", *exports]:
+        if init in trained:
+            if init not in exports:
+                raise ConfigError(f"{task}.inits has {init!r} but stage {init} is not enabled; enable it or "
+                                  f"give {init}=<path to backbone.safetensors>")
+            inits.append(f"{init}={exports[init].output}")
+        else:
+            inits.append(init)
+    launch = (["launcher=inprocess"] if cfg.launch.launcher == "python" else
+              [f"launcher={cfg.launch.launcher}",
+               "launch_args=" + json.dumps(
+                   (["--config_file", str(ROOT / cfg.launch.config_file)]
+                    if cfg.launch.launcher == "accelerate" and cfg.launch.config_file else []) + cfg.launch.args)])
+    base = resolve_config(CompareConfig, spec.config, root=ROOT)
+    ccfg = resolve_config(CompareConfig, spec.config, [*launch, *spec.grid], root=ROOT, values={
+        "inits": inits, "overrides": [*base.overrides, *cfg.common, *spec.overrides, "resume=auto"],
+        "runs_dir": str(exp_dir), "name": task})
+    if not ccfg.title or ccfg.title == base.title:
+        ccfg = dataclasses.replace(ccfg, title=f"{cfg.title or cfg.name}: {task}")
+    return ccfg
+
+
+def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, Stage],
+               console: Console = None) -> tuple[Stage, list[RunResult]]:
+    """The fine-tune grid of ``task`` (:func:`medpretrain.pipeline.grid.run_grid`; cells reused by their own
+    hash). Returns the stage record and every cell's results (none for a dry run)."""
+    ccfg = grid_config(cfg, exp_dir, task, exports)
+    h = stage_hash(config_to_dict(ccfg))
+    stage = Stage(task, h, str(exp_dir / "reports" / task / "report.md"), log=str(exp_dir / "logs" / f"{task}.log"))
+    todo = pending(ccfg, ("complete", "unavailable"))  # unavailable arms are retried, but cost nothing
+    if cfg.dry_run:
+        stage.detail = f"{len(todo)} of {len(grid(ccfg))} runs to do"
+        return stage, []
+    t0 = time.perf_counter()
+    _, results = run_grid(ccfg, console)
+    spent = time.perf_counter() - t0
+    stage.status = "reused" if not todo else "run"
+    stage.wall_s = spent if todo else previous_wall(exp_dir, task, h)
+    count = {s: sum(r.status == s for r in results) for s in STATUSES}
+    stage.detail = (f"{count['complete']} complete, {count['unavailable']} unavailable, "
+                    f"{count['failed']} failed of {len(results)} runs; "
+                    f"{len(todo)} computed now")
+    return stage, results
