@@ -44,14 +44,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "pretrain"))
-
 from medpretrain.augment import AugmentConfig, BatchViews  # noqa: E402
 from medpretrain.config import DataConfig, load_config  # noqa: E402
 from medpretrain.data import build_dataset  # noqa: E402
 from medpretrain.knn import extract_features, knn_accuracy  # noqa: E402
 from medpretrain.utils import cpu_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
@@ -207,11 +206,11 @@ def bench_views(cfg: BenchConfig, cores: int) -> list[dict]:
 
 
 def bench_e2e(cfg: BenchConfig, cores: int) -> dict:
-    from common import image_loader
     from lightly.loss import NTXentLoss
-    from simclr import SimCLR
 
     from medpretrain.backbones import build_backbone
+    from medpretrain.data.loader import image_loader
+    from medpretrain.methods.simclr import SimCLR, SimCLRMethodConfig
 
     torch.set_num_threads(cores)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,14 +219,15 @@ def bench_e2e(cfg: BenchConfig, cores: int) -> dict:
     ds = build_dataset(data, "train", unlabeled=True, normalize=False)
     loader, sampler_gen, to_images = image_loader(ds, cfg.e2e_batch, True, device)
     views = BatchViews(AugmentConfig(), size=cfg.e2e_size)
-    model = SimCLR(build_backbone(cfg.e2e_arch, 1, "auto", image_size=cfg.e2e_size), 512, 128).to(device)
+    model = SimCLR(build_backbone(cfg.e2e_arch, 1, "auto", image_size=cfg.e2e_size),
+                   SimCLRMethodConfig(hidden_dim=512, output_dim=128)).to(device)
     criterion = NTXentLoss(temperature=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     batches = iter(loader)
 
     def step(x0: torch.Tensor, x1: torch.Tensor) -> None:
-        z0, z1 = model(torch.cat([x0, x1])).chunk(2)
+        z0, z1 = model.project(torch.cat([x0, x1])).chunk(2)
         loss = criterion(z0, z1)
         loss.backward()
         opt.step()

@@ -56,23 +56,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 
 from medpretrain.config import load_config  # noqa: E402
+from medpretrain.methods import registry  # noqa: E402
 from medpretrain.utils import cpu_model  # noqa: E402
 
 # stage -> (script, regex of the stdout line printed when training starts, regex of the line after it ends).
 # The GPU utilisation window lies between the two lines; finetune's start line is the end of epoch 1, so its
-# window, like its images/s, leaves the warm-up epoch out.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "simclr": ("pretrain/simclr.py", r"^SimCLR: ", r"^backbone: "),
-    "moco": ("pretrain/moco.py", r"^MoCo v2: ", r"^backbone: "),
-    "vae": ("generative/vae.py", r"^VAE ", r"^epoch \d+/"),
-    "finetune": ("finetune/run.py", r"^epoch 1/", r"^epoch {epochs}/"),
-}
+# window, like its images/s, leaves the warm-up epoch out. Every self-supervised method of the registry runs
+# through the one pretraining loop, which prints "<method>: <n> images (...)" when it starts and
+# "backbone: <path>" when it has exported.
+SELFSUP_MARKERS = (r"^[^:\s][^:]*: \d+ images ", r"^backbone: ")
+
+
+def stage_table() -> dict[str, tuple[str, str, str]]:
+    """The benchmarkable stages: every registered self-supervised method, the VAE, and fine-tuning."""
+    selfsup = {name: (registry.stage(name).script, *SELFSUP_MARKERS) for name in registry.selfsup_methods()}
+    return {**selfsup, "vae": (registry.stage("vae").script, r"^VAE ", r"^epoch \d+/"),
+            "finetune": ("finetune/run.py", r"^epoch 1/", r"^epoch {epochs}/")}
+
+
+STAGES = stage_table()
 
 
 @dataclasses.dataclass
 class ThroughputConfig:
     stages: list[str] = dataclasses.field(default_factory=lambda: ["simclr", "moco", "finetune", "vae"])
-    """Any of ``simclr``, ``moco``, ``finetune``, ``vae``, run in this order."""
+    """Any registered self-supervised method (``simclr``, ``moco``, ...), ``finetune``, ``vae``, run in this order."""
     dataset: str = "medmnist:pneumoniamnist"
     arch: str = "resnet18"
     stem: str = "auto"
@@ -345,7 +353,7 @@ def stage_command(stage: str, cfg: ThroughputConfig, run_dir: Path, prefix: list
     mp = [f"train.mixed_precision={cfg.mixed_precision}"] if cfg.mixed_precision != "no" else []
     common = [f"data.dataset={cfg.dataset}", f"data.image_size={cfg.image_size}", f"backbone.arch={cfg.arch}",
               f"backbone.stem={cfg.stem}"]
-    if stage in ("simclr", "moco"):
+    if stage in registry.selfsup_methods():
         args = [f"train.max_steps={cfg.steps}", f"train.batch_size={cfg.pretrain_batch}", f"train.log_every={cfg.log_every}",
                 "train.knn_every=-1", "train.checkpoint_every=0", *mp, f"train.seed={cfg.seed}", f"out_dir={run_dir.parent}", f"run_name={run_dir.name}"]
     elif stage == "vae":
@@ -474,7 +482,7 @@ def bench(cfg: ThroughputConfig) -> dict[str, Any]:
               f"wall {r['wall_s']:.0f} s; gpu {res['rows'][-1]['gpu']}", flush=True)
 
     for stage in cfg.stages:
-        if stage in ("simclr", "moco", "vae"):
+        if stage != "finetune":  # a pretraining method or the VAE
             run_dir = work / stage / "bench"
             r = launch(stage, stage, run_dir)
             meta = read_meta(run_dir / "backbone.safetensors")
