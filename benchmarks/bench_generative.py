@@ -45,7 +45,7 @@ import torch
 
 from medpretrain.config import DataConfig, load_config
 from medpretrain.data import build_dataset
-from medpretrain.generative import sample_statistics
+from medpretrain.generative.monitor import sample_statistics
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version
 
 AUDIT_NOTE = ("Audit scores of these samples are measured separately by benchmarks/bench_audit.py "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,9 @@ from PIL import Image
 
 from medpretrain.checkpoint import load_exact, load_state_dict
 from medpretrain.config import ConfigError, load_config
-from medpretrain.generative import (
-    build_generator,
-    ddpm_sample,
-    generate,
-    latent_noise,
-    save_grid,
-    save_npz,
-    to_uint8,
-)
+from medpretrain.generative.ddpm import ddpm_sample
+from medpretrain.generative.sampling import build_generator, generate, latent_noise, save_npz
+from medpretrain.images import save_grid, to_uint8
 from medpretrain.utils import atomic_write_text, sha256_file
 
 MODEL_FILES = ("generator.safetensors", "decoder.safetensors", "unet.safetensors")
@@ -113,4 +106,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from medpretrain.cli import run
+
+    run(main)

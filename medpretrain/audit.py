@@ -4,7 +4,7 @@ Parts used by ``scripts/audit_synthetic.py`` (each usable alone):
 
 * :func:`load_fake_images` - a folder of images or a ``.npz`` as ``[N, C, H, W]`` in [0, 1], resized and
   converted to the real data's size and channels.
-* :func:`extract_features` - pooled backbone features of an image tensor.
+* :func:`extract_features` - pooled backbone features of an image tensor (:mod:`medpretrain.knn`'s).
 * :func:`fid_kid` - FID and KID through torchmetrics with a custom feature module
   (:class:`PrecomputedFeatures`), so no Inception weights and no ``torch-fidelity`` are needed.
   Features are computed once and passed through, because the kNN metrics and the memorisation check
@@ -16,7 +16,6 @@ Parts used by ``scripts/audit_synthetic.py`` (each usable alone):
   training images (the distance an unseen real image typically has).
 * :func:`cross_fit_discriminator` - a (pretrained) backbone fine-tuned to tell real from fake with k-fold
   cross-fitting, so every image gets a realism score ``P(real)`` from a discriminator that never saw it.
-* :func:`save_image_grid` - grids of images in [0, 1].
 
 Library code: no printing; errors are ``ValueError`` / ``FileNotFoundError`` naming what is wrong.
 """
@@ -36,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medpretrain.data.errors import DataError
 from medpretrain.data.transforms import resize, to_channels
+from medpretrain.knn import extract_features  # the one feature pass (re-exported here)
 
 # ------------------------------------------------------------------------------------------------
 # Fake images
@@ -48,15 +49,15 @@ def _npz_images(path: Path, key: str) -> np.ndarray:
         keys = list(npz.keys())
         if key:
             if key not in keys:
-                raise ValueError(f"{path}: no array {key!r}; arrays: {keys}")
+                raise DataError(path, f"no array {key!r}; arrays: {keys}")
             return npz[key]
         if "images" in keys:
             return npz["images"]
         candidates = [k for k in keys if k.endswith("_images")]
         if len(candidates) == 1:
             return npz[candidates[0]]
-        raise ValueError(f"{path}: expected an array 'images' or exactly one '*_images' (arrays: {keys}); "
-                         "choose one with fake_key=<name>")
+        raise DataError(path, f"expected an array 'images' or exactly one '*_images' (arrays: {keys}); "
+                              "choose one with fake_key=<name>")
 
 
 def _to_unit_nchw(array: np.ndarray, source: str) -> np.ndarray:
@@ -66,17 +67,17 @@ def _to_unit_nchw(array: np.ndarray, source: str) -> np.ndarray:
     elif array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
         array = array.transpose(0, 3, 1, 2)
     if array.ndim != 4 or array.shape[1] not in (1, 3):
-        raise ValueError(f"{source}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W] with C 1 or 3, "
-                         f"got shape {array.shape}")
+        raise DataError(source, f"expected images [N, H, W], [N, H, W, C] or [N, C, H, W] with C 1 or 3, "
+                                f"got shape {array.shape}")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
     if np.issubdtype(array.dtype, np.floating):
         lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
         if not np.isfinite(array).all() or lo < 0.0 or hi > 1.0:
-            raise ValueError(f"{source}: float images must lie in [0, 1] (got min {lo}, max {hi}); "
-                             "store uint8 0..255 as generative/sample.py does")
+            raise DataError(source, f"float images must lie in [0, 1] (got min {lo}, max {hi}); "
+                                    "store uint8 0..255 as generative/sample.py does")
         return array.astype(np.float32)
-    raise ValueError(f"{source}: unsupported image dtype {array.dtype} (use uint8 or float in [0, 1])")
+    raise DataError(source, f"unsupported image dtype {array.dtype} (use uint8 or float in [0, 1])")
 
 
 def load_fake_images(path: str | Path, size: tuple[int, int], channels: int, *, key: str = "") -> Tensor:
@@ -86,7 +87,7 @@ def load_fake_images(path: str | Path, size: tuple[int, int], channels: int, *, 
     ``generative/sample.py`` and MedMNIST), a folder holding ``samples.npz``, or a folder of image files
     read by the ``folder:`` reader in unlabeled mode (8-bit / 255, RGB -> grey by luma). Images are
     resized (bilinear, antialiased) and converted to ``channels`` as the real data is.
-    Raises ``FileNotFoundError`` or ``ValueError`` naming the path.
+    Raises ``FileNotFoundError`` or :class:`~medpretrain.data.errors.DataError` (a ``ValueError``) naming the path.
     """
     p = Path(path).expanduser().resolve()
     if not p.exists():
@@ -95,7 +96,7 @@ def load_fake_images(path: str | Path, size: tuple[int, int], channels: int, *, 
         p = p / "samples.npz"
     if p.is_file():
         if p.suffix != ".npz":
-            raise ValueError(f"{p}: fake images must be a .npz or a folder of images")
+            raise DataError(p, "fake images must be a .npz or a folder of images")
         arr = _to_unit_nchw(_npz_images(p, key), str(p))
         arr = np.stack([to_channels(im, channels) for im in arr]) if arr.shape[1] != channels else arr
         return torch.from_numpy(resize(arr, size).copy())
@@ -104,29 +105,13 @@ def load_fake_images(path: str | Path, size: tuple[int, int], channels: int, *, 
 
     source = read_source(DataConfig(dataset=f"folder:{p}", image_size=size[0], channels=channels))
     if size[0] != size[1]:
-        raise ValueError(f"real images are {size[0]}x{size[1]}; the folder reader resizes to squares only")
+        raise DataError(p, f"real images are {size[0]}x{size[1]}; the folder reader resizes to squares only")
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in source.images]))
 
 
 # ------------------------------------------------------------------------------------------------
 # Features
 # ------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, images: Tensor, *, batch_size: int = 256,
-                     device: torch.device | str = "cpu") -> Tensor:
-    """Pooled features ``[N, D]`` (float32, CPU) of normalised images ``[N, C, H, W]`` in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        out = [backbone(images[i : i + batch_size].to(device)).float().flatten(1).cpu()
-               for i in range(0, len(images), batch_size)]
-    finally:
-        backbone.train(was_training)
-    if not out:
-        raise ValueError("extract_features got no images")
-    return torch.cat(out)
 
 
 class BackboneFeatures(nn.Module):
@@ -522,31 +507,8 @@ def copy_factory(backbone: nn.Module) -> Callable[[], nn.Module]:
     return lambda: copy.deepcopy(backbone)
 
 
-# ------------------------------------------------------------------------------------------------
-# Grids
-# ------------------------------------------------------------------------------------------------
-
-
-def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write ``[N, C, H, W]`` images in [0, 1] as one PNG grid (white padding), atomically."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from medpretrain.utils import atomic_path
-
-    if len(images) == 0:
-        raise ValueError("save_image_grid got no images")
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
-    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    grid = make_grid(pixels, nrow=nrow, padding=2, pad_value=255)
-    array = grid[0].numpy() if images.shape[1] == 1 else grid.permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-    return Path(path)
-
-
 __all__ = [
     "BackboneFeatures", "DiscriminatorResult", "MemorisationResult", "MemorisationSpace", "PrecomputedFeatures",
     "binary_auc", "copy_factory", "cross_fit_discriminator", "extract_features", "fid_kid", "load_fake_images",
-    "memorisation", "nearest_neighbours", "predict_real", "prdc", "save_image_grid", "train_discriminator",
+    "memorisation", "nearest_neighbours", "predict_real", "prdc", "train_discriminator",
 ]

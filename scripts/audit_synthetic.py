@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +38,12 @@ from typing import Any, Literal
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from medpretrain import audit  # noqa: E402
 from medpretrain.checkpoint import read_meta  # noqa: E402
+from medpretrain.cli import UserError  # noqa: E402
 from medpretrain.config import ConfigError, DataConfig, config_to_dict, load_config, save_config  # noqa: E402
 from medpretrain.data import build_dataset  # noqa: E402
+from medpretrain.images import save_grid  # noqa: E402
 from medpretrain.init import (  # noqa: E402
     PRETRAIN_METHODS,
     SELFSUP_METHODS,
@@ -187,9 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         backbone, info = build_backbone(cfg, channels, height)
     except (FileNotFoundError, ImageNetUnavailable) as e:
-        raise SystemExit(f"audit: backbone={cfg.backbone!r} is not available:\n{e}\n"
-                         "Pretrain one, pass a checkpoint path, or run with backbone=scratch to audit in an "
-                         "UNTRAINED feature space (audit.md will say so).") from None
+        raise UserError(f"backbone={cfg.backbone!r}: not available ({e}); pretrain one, pass a checkpoint path, "
+                        "or run with backbone=scratch to audit in an UNTRAINED feature space (audit.md will say "
+                        "so)") from None
     untrained = info.name == "scratch"
     backbone = backbone.to(cfg.device)
     mean, std = normaliser(info, data, channels)
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({channels}x{height}x{width}); fake {cfg.fake}: {len(fake)} of {len(fake_all)} images")
 
     # ---- features ---------------------------------------------------------------------------------------
-    feats = {name: audit.extract_features(backbone, norm(x), batch_size=cfg.batch_size, device=cfg.device)
+    feats = {name: audit.extract_features(backbone, norm(x), cfg.device, batch_size=cfg.batch_size)[0]
              for name, x in (("train", train), ("heldout", heldout), ("fake", fake))}
 
     # ---- distribution metrics: A (real) vs fakes, beside A vs B (real) at the same n ----------------------
@@ -247,12 +246,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- grids -----------------------------------------------------------------------------------------
     order = torch.argsort(rank + 1e-6 * disc.fake_scores, descending=True)  # rank, then P(real) breaks ties
     g = min(cfg.grid, len(fake))
-    audit.save_image_grid(fake[order[:g]], out / "most_realistic.png")
-    audit.save_image_grid(fake[order.flip(0)[:g]], out / "least_realistic.png")
+    save_grid(fake[order[:g]], out / "most_realistic.png", value_range=(0, 1))
+    save_grid(fake[order.flip(0)[:g]], out / "least_realistic.png", value_range=(0, 1))
     pix, fea = memo.spaces["pixel"], memo.spaces["feature"]
     closest = torch.argsort(pix.distance - 1e3 * flagged.float())[: cfg.memo.pairs]  # flagged first, then closest
     triplets = torch.stack([torch.stack([fake[i], train[pix.index[i]], train[fea.index[i]]]) for i in closest])
-    audit.save_image_grid(triplets.flatten(0, 1), out / "closest_pairs.png", nrow=3)
+    save_grid(triplets.flatten(0, 1), out / "closest_pairs.png", nrow=3, value_range=(0, 1))
 
     # ---- results ---------------------------------------------------------------------------------------
     results: dict[str, Any] = {
@@ -377,7 +376,6 @@ def report(r: dict[str, Any], closest: list[int]) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"audit: {e}")
+    from medpretrain.cli import run
+
+    run(main)

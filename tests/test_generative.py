@@ -17,24 +17,20 @@ from torch.distributions import kl_divergence as torch_kl
 
 from medpretrain.backbones import build_backbone
 from medpretrain.checkpoint import save_state_dict
-from medpretrain.generative import (
+from medpretrain.generative.dcgan import BackboneDiscriminator, DCGANGenerator, gan_d_loss, gan_g_loss
+from medpretrain.generative.ddpm import ddpm_levels
+from medpretrain.generative.geometry import upsampling_plan
+from medpretrain.generative.monitor import CollapseMonitor, pairwise_diversity, sample_statistics
+from medpretrain.generative.sampling import build_generator, generator_meta
+from medpretrain.generative.vae import (
     VAE,
-    BackboneDiscriminator,
     BetaSchedule,
-    CollapseMonitor,
     ConvDecoder,
-    DCGANGenerator,
-    build_generator,
-    gan_d_loss,
-    gan_g_loss,
-    generator_meta,
+    PerceptualLoss,
     kl_divergence,
-    pairwise_diversity,
     reconstruction_loss,
-    sample_statistics,
-    to_uint8,
-    upsampling_plan,
 )
+from medpretrain.images import save_grid, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,15 +44,11 @@ def test_upsampling_plan(size, plan):
 
 @pytest.mark.parametrize("size,levels", [(28, 3), (64, 4), (128, 4), (8, 2), (30, 2)])
 def test_ddpm_levels(size, levels):
-    from medpretrain.generative import ddpm_levels
-
     assert ddpm_levels(size) == levels
     assert size % 2 ** (levels - 1) == 0
 
 
 def test_ddpm_levels_rejects_odd_sizes():
-    from medpretrain.generative import ddpm_levels
-
     with pytest.raises(ValueError, match="even image size"):
         ddpm_levels(33)
 
@@ -233,8 +225,6 @@ def test_sample_script_is_seeded_and_reproducible(tmp_path):
 
 
 def test_perceptual_loss_is_zero_on_identical_images_and_keeps_extractor_frozen():
-    from medpretrain.generative import PerceptualLoss
-
     torch.manual_seed(0)
     loss = PerceptualLoss(build_backbone("cbr_tiny", 1, "small")).train()
     assert not loss.features.training  # the extractor stays in eval mode (frozen BN statistics)
@@ -245,3 +235,79 @@ def test_perceptual_loss_is_zero_on_identical_images_and_keeps_extractor_frozen(
     value.backward()
     assert value.item() > 0 and recon.grad is not None
     assert all(p.grad is None for p in loss.features.parameters())
+
+
+def test_one_grid_writer_for_both_value_ranges(tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    x = torch.rand(5, 1, 7, 9) * 2 - 1  # odd sizes; 5 images -> 3 per row, 2 rows
+    a = np.asarray(Image.open(save_grid(x, tmp_path / "a.png")))
+    b = np.asarray(Image.open(save_grid((x + 1) / 2, tmp_path / "b.png", value_range=(0, 1))))
+    assert a.shape == (2 * (7 + 2) + 2, 3 * (9 + 2) + 2) and np.array_equal(a, b)
+    assert a[2:9, 2:11].tolist() == to_uint8(x[0])[0].tolist()  # first image after the 2 px padding
+    assert (a[:2] == 255).all() and (a[9:11, 2:11] == 255).all()  # white padding
+    rgb = np.asarray(Image.open(save_grid(torch.zeros(2, 3, 8, 8), tmp_path / "c.png", nrow=1)))
+    assert rgb.shape == (2 * 10 + 2, 12, 3) and rgb[2, 2].tolist() == [128, 128, 128]
+    assert to_uint8(torch.tensor([0.0, 0.5, 1.0]), value_range=(0, 1)).tolist() == [0, 128, 255]
+    with pytest.raises(ValueError, match="no images"):
+        save_grid(torch.zeros(0, 1, 8, 8), tmp_path / "d.png")
+
+
+def test_package_reexports_the_split_modules():
+    import medpretrain.generative as gen
+    from medpretrain import images
+    from medpretrain.generative import dcgan, monitor, vae
+
+    assert gen.VAE is vae.VAE and gen.DCGANGenerator is dcgan.DCGANGenerator
+    assert gen.CollapseMonitor is monitor.CollapseMonitor and gen.save_grid is images.save_grid
+    assert all(hasattr(gen, name) for name in gen.__all__)
+
+
+def test_steps_budget_resumable_order_and_per_step_noise(tmp_path):
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from medpretrain.generative.configs import VAEConfig
+    from medpretrain.generative.stage import Steps, start_generative
+
+    def run(max_steps, resume="", stop_at=None):
+        cfg = VAEConfig(out_dir=str(tmp_path), run_name="s")
+        cfg.train.max_steps, cfg.train.log_every, cfg.train.checkpoint_every = max_steps, 3, 4
+        cfg.train.resume, cfg.train.log_with, cfg.train.seed = resume, "none", 7
+        stage = start_generative("t", cfg, ["step", "epoch", "loss", "elapsed_s"])
+        gen = torch.Generator()
+        loader = DataLoader(list(range(10)), batch_size=2, sampler=RandomSampler(range(10), generator=gen),
+                            drop_last=True)
+        steps = Steps(stage, cfg.train, loader, gen)
+        start = steps.begin()
+        seen, noise, logged = [], [], []
+        for epoch, batches in steps.epochs():
+            for batch in batches:
+                seen.append((epoch, batch.tolist()))
+                noise.append(torch.rand(2, generator=steps.noise()).tolist())
+                steps.advance(torch.tensor(1.0))
+                if steps.log_due():
+                    logged.append(steps.value)
+                    steps.log({"loss": 1.0})
+                if steps.after_step() or steps.value == stop_at:
+                    break
+            if steps.value == stop_at:
+                return start, seen, noise, logged, steps
+        steps.finish()
+        stage.finish()
+        return start, seen, noise, logged, steps
+
+    start, seen, noise, logged, steps = run(7)
+    assert (start, steps.total, steps.steps_per_epoch, steps.num_epochs, steps.epoch) == (0, 7, 5, 2, 1)
+    assert [e for e, _ in seen] == [0] * 5 + [1] * 2 and logged == [3, 6, 7]
+    assert sorted(sum((b for e, b in seen if e == 0), [])) == list(range(10))  # one epoch: every item once
+    assert len({tuple(n) for n in noise}) == 7  # a different noise draw every step
+
+    # Stopped after step 6 (checkpoint at 4): resumes at step 4, replays the same batches and noise.
+    import shutil
+
+    shutil.rmtree(tmp_path / "s")
+    run(7, stop_at=6)
+    start2, seen2, noise2, _, steps2 = run(7, resume="auto")
+    assert start2 == 4 and seen2 == seen[4:] and noise2 == noise[4:] and steps2.value == 7
+

@@ -93,9 +93,11 @@ def test_vae_trains_exports_and_resumes_exactly(tmp_path, data_root):
         assert npz["images"].shape == (12, 28, 28) and npz["images"].dtype == np.uint8
     assert len(list((tmp_path / "samples" / "png").glob("sample_*.png"))) == 12
 
-    # A second fresh run under an existing name is refused before any work.
+    # A second run under the name of a finished one is refused before any work, in one line (the one
+    # run-folder policy of medpretrain.stage).
     again = launch("generative/vae.py", [*args, "run_name=r"], data_root, check=False)
-    assert again.returncode != 0 and "already exists" in again.stderr
+    assert again.returncode != 0
+    assert f"error: {run}: already finished (backbone.safetensors exists); pick another run_name\n" in again.stderr
 
 
 def test_dcgan_trains_and_exports_discriminator_backbone(tmp_path, data_root):
@@ -115,7 +117,7 @@ def test_dcgan_trains_and_exports_discriminator_backbone(tmp_path, data_root):
     state, gmeta = load_state_dict(run / "generator.safetensors")
     assert gmeta["kind"] == "dcgan_generator" and gmeta["image_size"] == 28 and gmeta["latent_dim"] == 100
 
-    from medpretrain.generative import build_generator, generate, latent_noise
+    from medpretrain.generative.sampling import build_generator, generate, latent_noise
 
     gen = build_generator(gmeta)
     gen.load_state_dict(state)

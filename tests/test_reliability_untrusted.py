@@ -166,7 +166,7 @@ def test_training_state_round_trips_without_pickle(tmp_path):
 
     from lightly.loss import NTXentLoss
 
-    from medpretrain.generative import CollapseMonitor
+    from medpretrain.generative.monitor import CollapseMonitor
     from medpretrain.resume import BufferState, Counter, load_training_state, save_training_state
 
     def objects(seed: int):

@@ -79,6 +79,8 @@ def generators() -> dict[str, str]:
 
 
 register(StageInfo("vae", "generative", "generative/vae.py", "configs/vae.yaml", "runs/generative/vae",
-                   {"generator": "decoder.safetensors"}, "variational auto-encoder; its encoder trunk is exported"))
+                   {"generator": "decoder.safetensors"}, "variational auto-encoder; its encoder trunk is exported",
+                   schema="medpretrain.generative.configs:VAEConfig"))
 register(StageInfo("dcgan", "generative", "generative/dcgan.py", "configs/dcgan.yaml", "runs/generative/dcgan",
-                   {"generator": "generator.safetensors"}, "DCGAN; its discriminator trunk is exported"))
+                   {"generator": "generator.safetensors"}, "DCGAN; its discriminator trunk is exported",
+                   schema="medpretrain.generative.configs:DCGANConfig"))

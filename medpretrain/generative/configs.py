@@ -1,0 +1,132 @@
+"""Config schemas of the generative entry scripts (``generative/vae.py``, ``dcgan.py``, ``ddpm.py``).
+
+They live in the library so that the experiment runner can validate a stage's config against them
+(:attr:`medpretrain.methods.registry.StageInfo.schema`) without importing a script. ``configs/vae.yaml``
+and ``configs/dcgan.yaml`` go on top of these defaults; ``key=value`` overrides on top of those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+from medpretrain.config import BackboneConfig, ConfigError, DataConfig
+
+
+@dataclasses.dataclass
+class GenTrainConfig:
+    """Optimisation, precision, logging, watching and fault-tolerance options shared by VAE, DCGAN and DDPM."""
+
+    epochs: int = 1
+    """Passes over the training split (ignored when ``max_steps`` > 0)."""
+    max_steps: int = 0
+    """> 0: stop after exactly this many optimizer steps (a step budget for tests and benchmarks)."""
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    cache_on_device: bool = True
+    """Keep the decoded split as one tensor on the training device (:func:`medpretrain.data.loader.image_loader`)."""
+    log_every: int = 5
+    """Optimizer steps between CSV / tracker rows and NaN checks."""
+    checkpoint_every: int = 50
+    """Optimizer steps between ``accelerator.save_state`` checkpoints (0: only at the end)."""
+    checkpoint_total_limit: int = 2
+    resume: str = ""
+    """``auto``: continue the newest unfinished run (or ``run_name``); a checkpoint path; empty: fresh."""
+    sample_every: int = 1
+    """Epochs between sample grids ``samples_epochXXX.png`` (a grid is always written at the end)."""
+    grid_size: int = 64
+    """Images in each sample grid (fixed latents, so grids of successive epochs are comparable)."""
+    log_with: str = "tensorboard"
+    """accelerate tracker (``tensorboard``, ``wandb`` ...) or ``none``; metrics.csv is always written."""
+
+
+def check_data_config(data: DataConfig) -> None:
+    """Generators end in ``tanh``: the data must be normalised to [-1, 1] (mean 0.5, std 0.5)."""
+    if data.mean != 0.5 or data.std != 0.5:
+        raise ConfigError(
+            f"generative models output [-1, 1] (tanh), so data.mean and data.std must be 0.5 "
+            f"(got mean={data.mean}, std={data.std})"
+        )
+
+
+@dataclasses.dataclass
+class VAEConfig:
+    """``generative/vae.py``: a VAE whose encoder is the project's backbone (exported as ``vae``)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    train: GenTrainConfig = dataclasses.field(default_factory=lambda: GenTrainConfig(lr=1e-3))
+    latent_dim: int = 64
+    decoder_channels: int = 32
+    """Channels of the decoder's last block (doubling towards the latent, capped at 512)."""
+    recon_loss: Literal["mse", "l1"] = "mse"
+    beta: float = 1.0
+    beta_schedule: Literal["constant", "linear", "cyclical"] = "linear"
+    beta_warmup_steps: int = 100
+    beta_cycle_steps: int = 0
+    perceptual_weight: float = 0.0
+    """> 0 adds a feature-matching loss through a frozen backbone (``perceptual_init``)."""
+    perceptual_init: str = "imagenet"
+    """``medpretrain.init.init_backbone`` spec of the frozen extractor: ``imagenet`` or a contract checkpoint."""
+    grad_clip: float = 5.0
+    """Max gradient norm (0: off)."""
+    split: Literal["train", "all"] = "train"
+    """Training split; ``train`` keeps the validation split unseen for the reconstruction metrics."""
+    out_dir: str = "runs/generative/vae"
+    run_name: str = ""
+
+
+@dataclasses.dataclass
+class DCGANConfig:
+    """``generative/dcgan.py``: DCGAN whose discriminator trunk is the project's backbone (exported as ``dcgan``)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    """Discriminator trunk (exported as the ``dcgan`` backbone)."""
+    train: GenTrainConfig = dataclasses.field(default_factory=lambda: GenTrainConfig(lr=2e-4))
+    latent_dim: int = 100
+    generator_channels: int = 64
+    """Channels of the generator's last hidden layer (doubling towards the latent, capped at 512)."""
+    d_lr: float = 0.0
+    """Discriminator learning rate (0: same as ``train.lr``)."""
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.999
+    loss: Literal["bce", "hinge"] = "bce"
+    spectral_norm: bool = False
+    collapse_check_every: int = 10
+    """Optimizer steps between diversity checks (0: never)."""
+    collapse_threshold: float = 0.2
+    """Collapse when generated diversity < this fraction of real diversity ..."""
+    collapse_patience: int = 5
+    """... for this many consecutive checks."""
+    on_collapse: Literal["stop", "warn"] = "stop"
+    split: Literal["train", "all"] = "train"
+    out_dir: str = "runs/generative/dcgan"
+    run_name: str = ""
+
+
+@dataclasses.dataclass
+class DDPMConfig:
+    """``generative/ddpm.py``: a small diffusers DDPM (samples only; no backbone is exported)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: GenTrainConfig = dataclasses.field(
+        default_factory=lambda: GenTrainConfig(lr=2e-4, max_steps=100, batch_size=64, checkpoint_every=50))
+    base_channels: int = 32
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"
+    sample_steps: int = 50
+    """DDIM steps for grids and sample.py."""
+    grad_clip: float = 1.0
+    split: Literal["train", "all"] = "train"
+    out_dir: str = "runs/generative/ddpm"
+    run_name: str = ""

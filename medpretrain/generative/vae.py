@@ -1,0 +1,205 @@
+"""The VAE (Kingma & Welling 2014) whose encoder is the project's backbone, its losses and the KL weight.
+
+:class:`VAE`: ``encoder`` (a :class:`medpretrain.backbones.Backbone`) -> :class:`GaussianHead` -> ``z`` ->
+:class:`ConvDecoder`. Loss = per-sample summed reconstruction error (:func:`reconstruction_loss`) +
+``beta`` * :func:`kl_divergence` (beta-VAE, Higgins et al. 2017; schedules: :class:`BetaSchedule`), plus
+an optional :class:`PerceptualLoss`. Images are in [-1, 1]; the decoder ends in ``tanh``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medpretrain.generative.geometry import center_crop, check_positive, level_channels, upsampling_plan
+
+
+class GaussianHead(nn.Module):
+    """Pooled features ``[B, F]`` -> ``(mu, logvar)``, each ``[B, latent_dim]``.
+
+    ``logvar`` is clamped to [-30, 20] so ``exp`` never overflows in half precision.
+    """
+
+    def __init__(self, num_features: int, latent_dim: int) -> None:
+        super().__init__()
+        if num_features < 1 or latent_dim < 1:
+            raise ValueError(f"num_features and latent_dim must be positive, got {num_features}, {latent_dim}")
+        self.mu = nn.Linear(num_features, latent_dim)
+        self.logvar = nn.Linear(num_features, latent_dim)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mu(h), self.logvar(h).clamp(-30.0, 20.0)
+
+
+class ConvDecoder(nn.Module):
+    """Latent ``[B, latent_dim]`` -> image ``[B, out_channels, image_size, image_size]`` in [-1, 1].
+
+    Linear to a ``start x start`` map, then ``n_up`` blocks of (nearest upsample x2, 3x3 conv,
+    batch norm, SiLU), halving channels from ``base_channels * 2**(n_up-1)`` (capped at 512), a 3x3 conv
+    to ``out_channels`` and ``tanh``. Nearest upsampling + conv avoids transposed-conv checkerboards
+    (Odena et al. 2016).
+    """
+
+    def __init__(self, latent_dim: int, out_channels: int = 1, image_size: int = 28, base_channels: int = 64) -> None:
+        super().__init__()
+        check_positive(latent_dim=latent_dim, out_channels=out_channels, base_channels=base_channels)
+        self.latent_dim, self.out_channels, self.image_size = latent_dim, out_channels, image_size
+        self.start, n_up = upsampling_plan(image_size)
+        ch = level_channels(base_channels, n_up - 1)
+        self.fc = nn.Linear(latent_dim, ch * self.start * self.start)
+        self.start_channels = ch
+        blocks: list[nn.Module] = []
+        for level in reversed(range(n_up)):
+            out = level_channels(base_channels, max(0, level - 1))
+            blocks += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(ch, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.SiLU(inplace=True),
+            ]
+            ch = out
+        self.blocks = nn.Sequential(*blocks)
+        self.to_image = nn.Conv2d(ch, out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"decoder expects z of shape [B, {self.latent_dim}], got {list(z.shape)}")
+        x = F.silu(self.fc(z)).view(z.shape[0], self.start_channels, self.start, self.start)
+        x = torch.tanh(self.to_image(self.blocks(x)))
+        return center_crop(x, self.image_size)
+
+
+@dataclass
+class VAEOutput:
+    recon: Tensor
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+
+
+class VAE(nn.Module):
+    """Encoder (a backbone: ``forward(x) -> [B, num_features]``) + :class:`GaussianHead` + decoder.
+
+    ``forward(x, generator=None)`` draws ``z = mu + sigma * eps`` (the reparameterisation trick) in training mode and
+    uses ``z = mu`` in eval mode, so validation reconstructions are deterministic.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: ConvDecoder) -> None:
+        super().__init__()
+        num_features = getattr(encoder, "num_features", None)
+        if not isinstance(num_features, int):
+            raise ValueError("encoder must expose an integer `num_features` (a medpretrain Backbone)")
+        self.encoder = encoder
+        self.head = GaussianHead(num_features, decoder.latent_dim)
+        self.decoder = decoder
+        self.latent_dim = decoder.latent_dim
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(self.encoder(x))
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+        """``generator`` (on ``x``'s device) draws the noise; a per-step seeded one makes resumes exact."""
+        mu, logvar = self.encode(x)
+        if self.training:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        else:
+            z = mu
+        return VAEOutput(self.decoder(z), mu, logvar, z)
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims, averaged over the batch.
+
+    Closed form (Kingma & Welling 2014, appendix B): ``0.5 * sum(mu^2 + exp(logvar) - 1 - logvar)``.
+    """
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar shapes differ: {list(mu.shape)} vs {list(logvar.shape)}")
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+
+
+def reconstruction_loss(recon: Tensor, target: Tensor, kind: Literal["mse", "l1"] = "mse") -> Tensor:
+    """Per-sample summed squared (``mse``) or absolute (``l1``) error, averaged over the batch.
+
+    Summing over pixels keeps the balance with the summed KL term independent of the image size
+    (a Gaussian / Laplace likelihood with fixed scale).
+    """
+    if recon.shape != target.shape:
+        raise ValueError(f"recon and target shapes differ: {list(recon.shape)} vs {list(target.shape)}")
+    diff = recon.float() - target.float()
+    if kind == "mse":
+        per = diff.pow(2)
+    elif kind == "l1":
+        per = diff.abs()
+    else:
+        raise ValueError(f"reconstruction loss must be 'mse' or 'l1', got {kind!r}")
+    return per.flatten(1).sum(1).mean()
+
+
+class PerceptualLoss(nn.Module):
+    """Feature-matching ("perceptual") loss through a frozen feature extractor.
+
+    ``features`` is any backbone with ``forward_features(x) -> list[Tensor]`` (e.g. a contract checkpoint
+    from another pretraining run, or ImageNet ResNet weights when available; Johnson et al. 2016 use
+    VGG-ImageNet, which this environment cannot download). Loss = mean over maps of the mean squared
+    difference. The extractor is frozen and kept in eval mode.
+    """
+
+    def __init__(self, features: nn.Module, layers: int | None = None) -> None:
+        super().__init__()
+        if not hasattr(features, "forward_features"):
+            raise ValueError("perceptual feature extractor needs a forward_features(x) method")
+        self.features = features.eval().requires_grad_(False)
+        self.layers = layers
+
+    def train(self, mode: bool = True) -> PerceptualLoss:  # the extractor always stays in eval mode
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def forward(self, recon: Tensor, target: Tensor) -> Tensor:
+        fr = self.features.forward_features(recon)  # type: ignore[operator]
+        with torch.no_grad():
+            ft = self.features.forward_features(target)  # type: ignore[operator]
+        if self.layers is not None:
+            fr, ft = fr[: self.layers], ft[: self.layers]
+        return torch.stack([F.mse_loss(a.float(), b.float()) for a, b in zip(fr, ft, strict=True)]).mean()
+
+
+@dataclass
+class BetaSchedule:
+    """KL weight per optimiser step.
+
+    * ``constant``: ``beta``.
+    * ``linear``: ramps from 0 to ``beta`` over ``warmup_steps`` (KL annealing, Bowman et al. 2016).
+    * ``cyclical``: repeats a ramp over the first half of every ``cycle_steps`` then holds ``beta``
+      (Fu et al. 2019, ratio R = 0.5).
+    """
+
+    kind: Literal["constant", "linear", "cyclical"] = "linear"
+    beta: float = 1.0
+    warmup_steps: int = 0
+    cycle_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "linear", "cyclical"):
+            raise ValueError(f"beta schedule must be constant, linear or cyclical, got {self.kind!r}")
+        if self.beta < 0 or self.warmup_steps < 0 or self.cycle_steps < 0:
+            raise ValueError("beta, warmup_steps and cycle_steps must be non-negative")
+        if self.kind == "cyclical" and self.cycle_steps < 2:
+            raise ValueError("cyclical beta schedule needs cycle_steps >= 2")
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return self.beta
+        if self.kind == "linear":
+            if self.warmup_steps == 0:
+                return self.beta
+            return self.beta * min(1.0, step / self.warmup_steps)
+        ramp = self.cycle_steps / 2
+        return self.beta * min(1.0, (step % self.cycle_steps) / ramp)
