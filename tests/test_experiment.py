@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from medpretrain.checkpoint import read_meta
-from medpretrain.config import DataConfig, load_config
+from medpretrain.config import ConfigError, DataConfig, load_config
 from medpretrain.data import data_stamp
 from medpretrain.pipeline.experiment import ExperimentConfig, run_experiment
 from medpretrain.report import recommend, recommendation_markdown
@@ -229,3 +230,43 @@ def test_generator_samples_and_audit_stages(tmp_path: Path) -> None:
     again = run(config)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {s["status"] for s in stages(exp_dir).values()} == {"reused"}
+
+
+def test_experiment_schema_has_a_section_per_registered_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method registered later gets an experiment section (off by default) with no pipeline edit."""
+    from medpretrain.methods import registry
+    from medpretrain.pipeline.experiment import _experiment_config
+
+    registry.stages()  # the built-in methods are registered
+    monkeypatch.setitem(registry._STAGES, "newmethod", registry.StageInfo(
+        "newmethod", "selfsup", "pretrain/simclr.py", "configs/simclr.yaml", "runs/pretrain/newmethod"))
+    schema = _experiment_config()
+    cfg = load_config(schema, [])
+    assert [cfg.simclr.enabled, cfg.moco.enabled, cfg.vae.enabled, cfg.dcgan.enabled] == [True] * 4
+    assert cfg.newmethod.enabled is False
+    on = load_config(schema, ["newmethod.enabled=true", "newmethod.overrides=[train.epochs=2]"])
+    assert on.newmethod.enabled and on.newmethod.overrides == ["train.epochs=2"]
+    with pytest.raises(ConfigError, match="newmethod.enable"):
+        load_config(schema, ["newmethod.enable=true"])
+
+
+def test_stage_config_is_validated_against_its_schema_and_hashed_resolved() -> None:
+    from medpretrain.methods.registry import StageInfo
+    from medpretrain.pipeline.stages import stage_config, stage_hash
+
+    info = StageInfo("x", "generative", "generative/vae.py", "", "runs/x", schema="medpretrain.config:DataConfig")
+    conf = stage_config(info, "", ["image_size=32"])
+    assert conf == {**dataclasses.asdict(DataConfig()), "image_size": 32}  # every key, defaults included
+    # Spelling a default out is the same config, so the same stage folder.
+    assert stage_hash(stage_config(info, "", [])) == stage_hash(stage_config(info, "", ["channels=1"]))
+    assert stage_hash(stage_config(info, "", [])) != stage_hash(conf)
+    with pytest.raises(ConfigError, match="imagesize"):
+        stage_config(info, "", ["imagesize=32"])
+    with pytest.raises(ConfigError, match="image_size"):
+        stage_config(info, "", ["image_size=big"])
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        stage_config(dataclasses.replace(info, schema="medpretrain.config:NoSuchConfig"), "", [])
+    # Without a schema: the YAML file with the overrides merged in, nothing added.
+    plain = dataclasses.replace(info, schema="")
+    assert stage_config(plain, "configs/simclr.yaml", ["train.epochs=2"])["train"]["epochs"] == 2
+    assert "image_size" not in stage_config(plain, "", ["data.dataset=x"])["data"]
