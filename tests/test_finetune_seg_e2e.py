@@ -113,9 +113,7 @@ def _seg_subprocess(out: Path, env_extra: dict[str, str] | None = None,
 def test_killed_mid_epoch_resumes_to_the_uninterrupted_results(tmp_path):
     """2 images x 4 patches / batch 4 = 2 steps per epoch, 3 epochs; killed right after step 3 (inside epoch 2),
     resumed with resume=auto from the epoch-1 checkpoint: same steps, weights, metrics and saved maps."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare
-
+    from medpretrain.pipeline.ensembles import ensembles
     from medpretrain.results import load_predictions
 
     ref_dir, out = tmp_path / "ref", tmp_path / "run"
@@ -145,7 +143,7 @@ def test_killed_mid_epoch_resumes_to_the_uninterrupted_results(tmp_path):
     assert pa["names"].tolist() == [p["name"] for p in a["per_image"]]
     assert ((pa["probs"] == 0) | (pa["rois"] == 1)).all()  # zero outside the field of view
     # Ensemble of two identical runs = the single run (Dice etc. exactly; AUC up to the 1/65535 steps).
-    rows = compare.ensembles([{**a, "run_dir": str(ref_dir)}, {**b, "run_dir": str(out), "seed": 1}], n_boot=100)
+    rows = ensembles([{**a, "run_dir": str(ref_dir)}, {**b, "run_dir": str(out), "seed": 1}], n_boot=100)
     assert len(rows) == 1 and rows[0]["n"] == 2 and rows[0]["n_train_images"] == 2
     for k in ("dice", "jaccard", "sensitivity", "specificity"):
         assert rows[0]["metrics"][k] == pytest.approx(a["metrics"]["test"][k], rel=1e-12, abs=1e-12), k
