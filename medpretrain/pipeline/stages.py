@@ -89,7 +89,10 @@ def stage_config(info: registry.StageInfo, config_file: str, overrides: list[str
     file with the overrides merged in. Raises :class:`ConfigError` for an unknown key or a wrong type."""
     schema = schema_of(info)
     if schema is not None:
-        return config_to_dict(resolve_config(schema, config_file or None, overrides, root=ROOT))
+        try:
+            return config_to_dict(resolve_config(schema, config_file or None, overrides, root=ROOT))
+        except ConfigError as e:
+            raise ConfigError(f"stage {info.name}: {e}") from None
     return merge_overrides(read_yaml(ROOT / config_file) if config_file else {}, overrides, root=ROOT)
 
 
