@@ -49,7 +49,7 @@ def seg_ensemble(init: str, regime: str, n_images: float, runs: Sequence[Mapping
         if not p.same_cases(ref):
             raise ValueError(f"{init}/{regime}/{n_images:g} images: runs disagree on the test images; cannot ensemble")
     probs = np.mean([p["probs"] for p in preds], axis=0)
-    rows = per_image_metrics(probs, ref["masks"], ref["rois"], threshold=runs[0]["config"]["seg"]["threshold"], seed=0)
+    rows = per_image_metrics(probs, list(ref["masks"]), list(ref["rois"]), threshold=runs[0]["config"]["seg"]["threshold"], seed=0)
     return {
         "init": init, "regime": regime, "label_fraction": n_images, "n_train_images": int(n_images), "n": len(runs),
         "seeds": sorted(r["seed"] for r in runs), "metrics": mean_metrics(rows),

@@ -122,7 +122,7 @@ def run_logged(cmd: list[str], log: Path, console: Console = None) -> int:
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
         assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr, attr-defined]
             fh.write(chunk)
             relay(console, chunk)
         return proc.wait()
