@@ -38,7 +38,7 @@ from medpretrain.methods import registry
 from medpretrain.pipeline.console import Console, relay
 from medpretrain.pipeline.grid import CompareConfig, grid, pending, run_grid
 from medpretrain.results import STATUSES, RunResult
-from medpretrain.training import list_checkpoints
+from medpretrain.resume import list_checkpoints
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text
 
 if TYPE_CHECKING:
