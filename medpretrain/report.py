@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from medpretrain.metrics import METRIC_LABELS, METRICS, SEG_METRICS, aggregate
+from medpretrain.metrics import METRIC_LABELS, METRICS, aggregate, metric_names
+from medpretrain.results import RunResult, headline_metric
 from medpretrain.utils import atomic_path, atomic_write_text
 
 Result = Mapping[str, Any]
@@ -51,8 +52,18 @@ def budget(r: Result) -> float:
     return float(r["label_fraction"])
 
 
+def report_task(results: Sequence[Result]) -> str:
+    """``segmentation`` if any result is one, else ``classification`` (the task whose metrics a report shows)."""
+    return "segmentation" if any(is_segmentation(r) for r in results) else "classification"
+
+
 def _metrics_of(results: Sequence[Result]) -> tuple[str, ...]:
-    return SEG_METRICS if any(is_segmentation(r) for r in results) else METRICS
+    return metric_names(report_task(results))
+
+
+def as_mappings(results: Sequence[Result | RunResult]) -> list[Result]:
+    """Results as ``results.json`` mappings (a :class:`~medpretrain.results.RunResult` through ``to_dict``)."""
+    return [r.to_dict() if isinstance(r, RunResult) else r for r in results]
 
 
 def _key(r: Result) -> tuple[str, str, float]:
@@ -337,7 +348,7 @@ def _headline(results: Sequence[Result]) -> tuple[float | None, str | None]:
 
 
 def build_report(
-    results: Sequence[Result],
+    results: Sequence[Result | RunResult],
     out_dir: str | os.PathLike[str],
     *,
     title: str = "Initialisation comparison",
@@ -347,19 +358,22 @@ def build_report(
 ) -> Path:
     """Write ``report.md``, ``runs.csv``, ``summary.csv`` and the plots to ``out_dir``; return the report path.
 
-    ``results``: run results (``status`` complete / unavailable / failed). ``ensembles``: rows with
+    ``results``: run results (``results.json`` mappings or :class:`~medpretrain.results.RunResult`; ``status``
+    complete / unavailable / failed). ``ensembles``: rows with
     ``init, regime, label_fraction, n, metrics{m: value}, ci{m: {low, high}}, roc`` (optional).
     ``notes``: free text lines (protocol remarks such as a smaller local train split). ``metric``: the
     headline metric (default AUC, Dice for segmentation results).
     """
-    seg = any(is_segmentation(r) for r in results)
-    metrics = _metrics_of(results)
-    metric = metric or ("dice" if seg else "auc")
+    results = as_mappings(results)
+    task = report_task(results)
+    seg = task == "segmentation"
+    metrics = metric_names(task)
+    metric = metric or headline_metric(task)
     if metric not in metrics:
         raise ValueError(f"metric must be one of {metrics}, got {metric!r}")
     if seg and any(not is_segmentation(r) for r in results):
         raise ValueError("build_report: segmentation and classification results cannot share one report")
-    val_key = "val_dice" if seg else "val_auc"
+    val_key = f"val_{headline_metric(task)}"  # the selection score logged per epoch
     budget_name = "n_train_images" if seg else "label_fraction"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -510,7 +524,7 @@ def _arm_se(row: Mapping[str, Any], metric: str) -> float:
     return math.sqrt(seed_var + test_var)
 
 
-def recommend(results: Sequence[Result], metric: str | None = None) -> list[dict[str, Any]]:
+def recommend(results: Sequence[Result | RunResult], metric: str | None = None) -> list[dict[str, Any]]:
     """Per label budget, the inits ranked by their best regime's mean test ``metric`` (AUC, or Dice for
     segmentation), and a verdict on the gap between the best and the runner-up init.
 
@@ -521,8 +535,8 @@ def recommend(results: Sequence[Result], metric: str | None = None) -> list[dict
     (its seed-to-seed spread is then not measured and the uncertainty counts test-set sampling only),
     ``unavailable``: inits that could not be measured (e.g. ImageNet weights missing).
     """
-    seg = any(is_segmentation(r) for r in results)
-    metric = metric or ("dice" if seg else "auc")
+    results = as_mappings(results)
+    metric = metric or headline_metric(report_task(results))
     rows = summarize(results, headline=metric)
     unavailable = sorted({str(r.get("init_label")) for r in results if r.get("status") == "unavailable"})
     out = []

@@ -25,6 +25,7 @@ from medpretrain.config import DataConfig
 from medpretrain.data import build_dataset
 from medpretrain.finetune import EXIT_UNAVAILABLE, main_in_process
 from medpretrain.metrics import classification_metrics
+from medpretrain.results import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,9 @@ def test_accelerate_launch_pneumonia_outputs_and_resume(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = _read(out)
     assert res["status"] == "complete" and res["label_task"] == "binary"
+    typed = read_results(out / "results.json")  # the one reader gives back what the one writer wrote
+    assert json.dumps(typed.to_dict(), sort_keys=True) == json.dumps(res, sort_keys=True)
+    assert res["schema_version"] == 1 and typed.headline == "auc" and typed.score == res["metrics"]["test"]["auc"]
     assert res["data"]["train_size"] == 194 and res["data"]["test_size"] == 624  # 5% of 3882, stratified
     assert res["data"]["train_class_counts"] == [19, 175]
     assert {"config.yaml", "metrics.csv", "model.safetensors", "predictions.npz"} <= {p.name for p in out.iterdir()}
@@ -107,8 +111,8 @@ def test_linear_probe_keeps_selfsup_backbone_bit_identical(tmp_path):
     export = _selfsup_export(tmp_path / "runs")
     out = tmp_path / "lin"
     code = main_in_process(["--config", str(ROOT / "configs/finetune.yaml"), *TINY, "init=selfsup",
-                              "regime=linear", f"runs_dir={tmp_path / 'runs'}", "data.label_fraction=0.05",
-                              f"output_dir={out}", "optim.lr=0.05"])
+                            "regime=linear", f"runs_dir={tmp_path / 'runs'}", "data.label_fraction=0.05",
+                            f"output_dir={out}", "optim.lr=0.05"])
     assert code == 0
     res = _read(out)
     assert res["init_info"]["name"] == "simclr" and res["init_info"]["source"] == str(export)
@@ -126,7 +130,7 @@ def test_linear_probe_keeps_selfsup_backbone_bit_identical(tmp_path):
 def test_busi_three_class_run(tmp_path):
     out = tmp_path / "busi"
     code = main_in_process(["--config", str(ROOT / "configs/finetune_busi.yaml"), *TINY, "data.image_size=32",
-                              "regime=freeze:2", "optim.patience=1", f"output_dir={out}"])
+                            "regime=freeze:2", "optim.patience=1", f"output_dir={out}"])
     assert code == 0
     res = _read(out)
     assert res["label_task"] == "multiclass" and res["data"]["class_names"] == ["benign", "malignant", "normal"]
@@ -143,11 +147,13 @@ def test_imagenet_missing_is_unavailable_never_random(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDPRETRAIN_IMAGENET_WEIGHTS", raising=False)
     out = tmp_path / "imnet"
     code = main_in_process(["--config", str(ROOT / "configs/finetune.yaml"), *TINY, "backbone.arch=resnet18",
-                              "init=imagenet", f"weights={tmp_path / 'absent' / 'resnet18-f37072fd.pth'}",
-                              f"output_dir={out}"])
+                            "init=imagenet", f"weights={tmp_path / 'absent' / 'resnet18-f37072fd.pth'}",
+                            f"output_dir={out}"])
     assert code == EXIT_UNAVAILABLE
     res = _read(out)
     assert res["status"] == "unavailable" and "ImageNet weights" in res["reason"]
+    typed = read_results(out / "results.json")
+    assert typed.status == "unavailable" and typed.score is None and typed.budget == 1.0
     assert not (out / "model.safetensors").exists() and not (out / "predictions.npz").exists()
 
 

@@ -20,6 +20,7 @@ import torch
 from medpretrain.backbones import build_backbone
 from medpretrain.checkpoint import BackboneMeta, load_backbone_state, load_state_dict, save_backbone
 from medpretrain.finetune import EXIT_UNAVAILABLE, main_in_process
+from medpretrain.results import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +42,8 @@ def test_accelerate_launch_drive_outputs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = _read(out)
     assert res["status"] == "complete" and res["task"] == "segmentation" and res["label_task"] == "segmentation"
+    typed = read_results(out / "results.json")
+    assert typed.headline == "dice" and typed.score == res["metrics"]["test"]["dice"] and typed.budget == 2.0
     assert res["n_train_images"] == 2 and res["data"]["train_size"] == 2
     assert res["data"]["train_pool_size"] == 18 and res["data"]["val_size"] == 2 and res["data"]["test_size"] == 20
     assert len(set(res["data"]["train_images"])) == 2
@@ -92,7 +95,7 @@ def test_segmentation_imagenet_missing_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDPRETRAIN_IMAGENET_WEIGHTS", raising=False)
     out = tmp_path / "imnet"
     code = main_in_process([*TINY, "backbone.arch=resnet18", "init=imagenet",
-                              f"weights={tmp_path / 'absent' / 'resnet18-f37072fd.pth'}", f"output_dir={out}"])
+                            f"weights={tmp_path / 'absent' / 'resnet18-f37072fd.pth'}", f"output_dir={out}"])
     assert code == EXIT_UNAVAILABLE
     res = _read(out)
     assert res["status"] == "unavailable" and res["task"] == "segmentation" and res["n_train_images"] == 2
