@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medpretrain.config import ConfigError
+
 
 @dataclass
 class AugmentConfig:
@@ -76,22 +78,22 @@ class AugmentConfig:
         for name in ("crop_scale", "crop_ratio", "gamma", "blur_sigma", "noise_std"):
             value = [float(v) for v in getattr(self, name)]
             if len(value) != 2 or value[0] > value[1]:
-                raise ValueError(f"augment {name} must be [low, high] with low <= high, got {value}")
+                raise ConfigError(f"augment {name} must be [low, high] with low <= high, got {value}")
             setattr(self, name, value)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"augment crop_scale must lie in (0, 1], got {self.crop_scale}")
+            raise ConfigError(f"augment crop_scale must lie in (0, 1], got {self.crop_scale}")
         if self.crop_ratio[0] <= 0:
-            raise ValueError(f"augment crop_ratio must be positive, got {self.crop_ratio}")
+            raise ConfigError(f"augment crop_ratio must be positive, got {self.crop_ratio}")
         for name in ("hflip_p", "vflip_p", "intensity_p", "blur_p", "noise_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"augment {name} is a probability in [0, 1], got {p}")
+                raise ConfigError(f"augment {name} is a probability in [0, 1], got {p}")
         if self.brightness < 0 or self.contrast < 0 or self.rotation_deg < 0:
-            raise ValueError("augment brightness, contrast and rotation_deg must be >= 0")
+            raise ConfigError("augment brightness, contrast and rotation_deg must be >= 0")
         if self.gamma[0] <= 0 or self.blur_sigma[0] <= 0 or self.noise_std[0] < 0:
-            raise ValueError("augment gamma and blur_sigma must be > 0 and noise_std >= 0")
+            raise ConfigError("augment gamma and blur_sigma must be > 0 and noise_std >= 0")
         if self.padding_mode not in ("zeros", "border", "reflection"):
-            raise ValueError(f"augment padding_mode must be zeros, border or reflection, got {self.padding_mode!r}")
+            raise ConfigError(f"augment padding_mode must be zeros, border or reflection, got {self.padding_mode!r}")
 
 
 def _uniform(n: int, low: float, high: float, device: torch.device, gen: torch.Generator | None) -> Tensor:

@@ -45,24 +45,28 @@ from torch import Tensor
 from medpretrain import backbones
 from medpretrain.backbones import Backbone, build_backbone, resolve_stem, torchvision_head_prefixes
 from medpretrain.checkpoint import BackboneMeta, CheckpointError, load_backbone_state, load_exact, read_meta
+from medpretrain.methods.registry import StageInfo, selfsup_methods, stages
 from medpretrain.utils import PROJECT_ROOT, sha256_file
 
 log = logging.getLogger(__name__)
 
 ENV_WEIGHTS = "MEDPRETRAIN_IMAGENET_WEIGHTS"
 SHARED_WEIGHTS_DIR = PROJECT_ROOT.parent / "shared" / "weights"
-PRETRAIN_METHODS = ("simclr", "moco", "vae", "dcgan")
-"""Named inits resolved to the newest export of that method under ``runs_dir``."""
-SELFSUP_METHODS = ("simclr", "moco")
-"""``init="selfsup"`` takes the newest export of any of these."""
+PRETRAIN_METHODS = tuple(stages())
+"""Named inits resolved to the newest export of that method under ``runs_dir``: every registered training
+stage (:mod:`medpretrain.methods.registry`; self-supervised methods first, then generative models)."""
+SELFSUP_METHODS = selfsup_methods()
+"""``init="selfsup"`` takes the newest export of any of these (every registered self-supervised method)."""
 NAMED_INITS = ("scratch", "imagenet", "selfsup", *PRETRAIN_METHODS)
 EXPORT_NAME = "backbone.safetensors"
-_CREATE_COMMAND = {
-    "simclr": "python pretrain/simclr.py  (writes runs/pretrain/simclr/<run>/backbone.safetensors)",
-    "moco": "python pretrain/moco.py  (writes runs/pretrain/moco/<run>/backbone.safetensors)",
-    "vae": "python generative/vae.py  (writes runs/generative/vae/<run>/backbone.safetensors)",
-    "dcgan": "python generative/dcgan.py  (writes runs/generative/dcgan/<run>/backbone.safetensors)",
-}
+
+
+def _create_command(name: str, info: StageInfo) -> str:
+    method = f" method={name}" if Path(info.script).stem != name else ""  # the generic pretrain/train.py
+    return f"python {info.script}{method}  (writes {info.out_dir}/<run>/{EXPORT_NAME})"
+
+
+_CREATE_COMMAND = {name: _create_command(name, info) for name, info in stages().items()}
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torchvision / torch.hub's HASH_REGEX
 _DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
@@ -386,8 +390,9 @@ def init_backbone(
     """Build ``arch`` and initialise it by name (see module docstring).
 
     ``init``: ``scratch`` (torchvision's default init; seed with :func:`medpretrain.utils.seed_everything`
-    first), ``imagenet``, ``simclr`` | ``moco`` | ``vae`` | ``dcgan`` (newest export of that method
-    and arch under ``runs_dir``, relative to the project root), ``selfsup`` (newest of simclr / moco), or a
+    first), ``imagenet``, a registered stage (:data:`PRETRAIN_METHODS`: ``simclr``, ``moco``, ``byol`` ...,
+    ``vae``, ``dcgan``: the newest export of that method and arch under ``runs_dir``, relative to the project
+    root), ``selfsup`` (newest of any self-supervised method, :data:`SELFSUP_METHODS`), or a
     path to a backbone checkpoint. ``stem``: ``standard``, ``small`` or ``auto`` (resolved with ``image_size``; a loaded
     export keeps its own stem).
 

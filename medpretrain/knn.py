@@ -6,15 +6,22 @@ label with weight ``exp(sim / t)``, the class with the largest summed weight win
 ``lightly.utils.benchmarking.knn_predict``: queries can be the bank itself with each sample's own
 vote removed (leave-one-out), so a single labelled validation split is enough to monitor a run, and
 ties are broken towards the lower class index deterministically.
+
+:class:`KNNMonitor` scores a backbone during pretraining (:func:`knn_monitor` builds it from the config);
+:func:`extract_features` is the one feature pass of the library (the audit's feature metrics use it too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from medpretrain.config import DataConfig
+from medpretrain.data import build_dataset
 
 
 def knn_predict(
@@ -79,12 +86,24 @@ def knn_accuracy(
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device | str
+    backbone: nn.Module,
+    data: Tensor | Iterable[Mapping[str, Tensor]],
+    device: torch.device | str = "cpu",
+    *,
+    batch_size: int = 256,
 ) -> tuple[Tensor, Tensor]:
-    """Features ``[N, D]`` and labels ``[N]`` of a labelled loader (``{"image", "label"}`` batches).
+    """Pooled features ``[N, D]`` (float32, CPU) and labels ``[N]`` of ``data``, the backbone in eval mode.
 
+    ``data``: a loader of ``{"image", "label"}`` batches, or an image tensor ``[N, C, H, W]`` (normalised
+    for the backbone) cut into ``batch_size`` batches. Labels are empty (``[0]``) when the data has none.
     The backbone is put in eval mode for the pass and restored to its previous mode afterwards.
+    Raises ``ValueError`` for empty data.
     """
+    if isinstance(data, Tensor):
+        batches: Iterable[Mapping[str, Tensor]] = ({"image": data[i : i + batch_size]}
+                                                   for i in range(0, len(data), batch_size))
+    else:
+        batches = data
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
@@ -92,9 +111,42 @@ def extract_features(
         for batch in batches:
             x = batch["image"].to(device, non_blocking=True)
             feats.append(backbone(x).float().flatten(1).cpu())
-            labels.append(batch["label"].reshape(-1).cpu())
+            if "label" in batch:
+                labels.append(batch["label"].reshape(-1).cpu())
     finally:
         backbone.train(was_training)
     if not feats:
-        raise ValueError("extract_features got an empty loader")
-    return torch.cat(feats), torch.cat(labels)
+        raise ValueError("extract_features got no images")
+    return torch.cat(feats), torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+
+def knn_monitor(data: DataConfig, split: str, k: int, t: float, every: int) -> KNNMonitor | None:
+    """The kNN monitor of pretraining, or ``None`` when it is switched off (``every < 0``) or the data has no
+    image labels to score (segmentation masks, unlabeled folders): pretraining itself needs no labels."""
+    if every < 0:
+        return None
+    if build_dataset(data, "val").task not in ("binary", "multiclass"):
+        return None
+    return KNNMonitor(data, split, k, t)
+
+
+class KNNMonitor:
+    """kNN accuracy of a backbone on labelled data: leave-one-out within the validation split
+    (``split="val"``), or the train split's labels as the bank and validation as queries (``"train"``)."""
+
+    def __init__(self, data: DataConfig, split: str, k: int, t: float, batch_size: int = 256):
+        if split not in ("val", "train"):
+            raise ValueError(f"kNN split must be 'val' or 'train', got {split!r}")
+        self.k, self.t = k, t
+        val = build_dataset(data, "val")
+        self.val = DataLoader(val, batch_size=batch_size)
+        self.bank = DataLoader(build_dataset(data, "train"), batch_size=batch_size) if split == "train" else None
+        self.num_classes = val.num_classes
+        self.n = len(val)
+
+    def __call__(self, backbone: nn.Module, device: torch.device) -> float:
+        q, ql = extract_features(backbone, self.val, device)
+        if self.bank is None:
+            return knn_accuracy(q, ql, num_classes=self.num_classes, k=self.k, t=self.t)
+        b, bl = extract_features(backbone, self.bank, device)
+        return knn_accuracy(q, ql, b, bl, num_classes=self.num_classes, k=self.k, t=self.t)

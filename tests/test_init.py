@@ -220,7 +220,7 @@ def test_missing_export_names_the_command(tmp_path) -> None:
     _export(tmp_path / "runs", "pretrain/simclr/x", "simclr", "2026-01-01T00:00:00+00:00", 1, arch="cbr_small")
     with pytest.raises(FileNotFoundError, match=r"no vae backbone export for cbr_tiny.*generative/vae\.py"):
         init_backbone("vae", "cbr_tiny", 1, "auto", image_size=28, runs_dir=tmp_path / "runs")
-    with pytest.raises(FileNotFoundError, match=r"no simclr/moco .*Exports of other architectures: .*cbr_small"):
+    with pytest.raises(FileNotFoundError, match=r"no simclr/moco\S* backbone export .*Exports of other architectures: .*cbr_small"):
         init_backbone("selfsup", "cbr_tiny", 1, "auto", image_size=28, runs_dir=tmp_path / "runs")
 
 
