@@ -1,0 +1,156 @@
+"""Self-supervised methods as parts: the registry, MoCo's split-batch BatchNorm, and every added method run end
+to end through ``accelerate launch pretrain/train.py method=<name>`` on real PneumoniaMNIST (cbr_tiny, 28 px,
+batch 16): its export loads into a classifier with exact keys, the kNN monitor runs, the loss moves, and
+``--init <name>`` finds the export.
+
+Adding a method: its module under ``medpretrain/methods/``, its ``configs/<name>.yaml``, and its name in
+:data:`ADDED`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain_e2e import launch, loss_rows, read_csv
+
+from medpretrain.backbones import build_backbone
+from medpretrain.config import load_config
+from medpretrain.methods import selfsup_methods, stage, stages
+from medpretrain.methods.base import METHODS, method_spec
+from medpretrain.methods.moco import MoCo, MoCoMethodConfig, split_forward
+from medpretrain.utils import PROJECT_ROOT
+
+ADDED: list[str] = []
+"""Methods added after SimCLR and MoCo, each trained by the generic entry ``pretrain/train.py``."""
+
+TINY = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=4", "train.log_every=1",
+        "train.checkpoint_every=0", "train.knn_every=0"]
+
+
+def test_registry_lists_every_method_with_its_entry_yaml_and_schema():
+    names = selfsup_methods()
+    assert names[:2] == ("simclr", "moco") and set(ADDED) <= set(names)
+    assert set(names) == set(METHODS)  # every selfsup stage is a method of the table, and back
+    assert {"vae", "dcgan"} <= set(stages()) and not {"vae", "dcgan"} & set(names)
+    for name in names:
+        info, spec = stage(name), method_spec(name)
+        assert info.kind == "selfsup" and info.out_dir == f"runs/pretrain/{name}"
+        assert info.script == (f"pretrain/{name}.py" if name in ("simclr", "moco") else "pretrain/train.py")
+        assert (PROJECT_ROOT / info.script).is_file() and (PROJECT_ROOT / info.config).is_file()
+        module, _, cls = info.schema.partition(":")
+        assert getattr(sys.modules[module], cls) is spec.config
+        cfg = load_config(spec.config, [], defaults_file=PROJECT_ROOT / info.config)  # the YAML fits the schema
+        assert cfg.out_dir == info.out_dir and hasattr(cfg, name)
+
+
+def test_init_module_reads_the_registry():
+    from medpretrain import init
+
+    assert init.SELFSUP_METHODS == selfsup_methods()
+    assert init.PRETRAIN_METHODS == tuple(stages()) and set(init.NAMED_INITS) >= {"selfsup", *stages()}
+    for name in ADDED:
+        assert init._CREATE_COMMAND[name] == (f"python pretrain/train.py method={name}  "
+                                              f"(writes runs/pretrain/{name}/<run>/backbone.safetensors)")
+
+
+def test_generic_entry_needs_a_method(tmp_path):
+    cmd = [sys.executable, str(PROJECT_ROOT / "pretrain" / "train.py"), f"out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: pretrain/train.py needs method=<name> (one of {', '.join(selfsup_methods())})")
+    proc = subprocess.run([*cmd, "method=nope"], capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+    assert proc.returncode == 2 and "error: unknown method 'nope'; known: simclr, moco" in proc.stderr
+
+
+def test_split_forward_normalises_each_group_with_its_own_statistics():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).train()
+    x = torch.randn(12, 3, 5, 5) * torch.arange(1, 13).view(12, 1, 1, 1)
+    out = split_forward(bn, x, 3)
+    ref = torch.cat([(c - c.mean((0, 2, 3), keepdim=True)) / (c.var((0, 2, 3), unbiased=False, keepdim=True)
+                                                                + bn.eps).sqrt() for c in x.chunk(3)])
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert not torch.allclose(out, bn(x), atol=1e-2)  # full-batch statistics differ
+
+
+def test_moco_split_bn_auto_is_on_for_one_process_only():
+    def groups(split_bn, processes):
+        backbone = build_backbone("cbr_tiny", 1, "small")
+        return MoCo(backbone, MoCoMethodConfig(queue_size=32, split_bn=split_bn), processes).bn_groups
+
+    assert (groups("auto", 1), groups("auto", 2), groups(False, 1), groups(True, 2)) == (8, 1, 1, 8)
+    torch.manual_seed(0)
+    on = MoCo(build_backbone("cbr_tiny", 1, "small"), MoCoMethodConfig(queue_size=32, bn_splits=4), 1)
+    off = MoCo(build_backbone("cbr_tiny", 1, "small"), MoCoMethodConfig(queue_size=32, split_bn=False), 1)
+    off.load_state_dict(on.state_dict())
+    x = torch.randn(16, 1, 28, 28)
+    on.before_step(0, 10)
+    keys = on.key(x)
+    # Each key is its own image's: the groups are unshuffled back into the batch order.
+    expected = torch.cat([on.key_encoder(c) for c in x[on_perm(0, 16)].chunk(4)])[torch.argsort(on_perm(0, 16))]
+    assert torch.allclose(keys, expected.float(), atol=1e-5)
+    assert not torch.allclose(keys, off.key(x), atol=1e-3)  # split statistics change the keys
+    assert torch.allclose(off.key(x), off.key_encoder(x), atol=1e-5)  # off: one process, shuffle is a no-op
+
+
+def on_perm(step: int, n: int) -> torch.Tensor:
+    """The permutation :class:`MoCo` draws for its key groups at ``step`` (its own generator)."""
+    g = torch.Generator().manual_seed((torch.initial_seed() + step * 0x9E3779B1) % 2**63)
+    return torch.randperm(n, generator=g)
+
+
+@pytest.fixture(scope="module", params=ADDED)
+def method_run(request, tmp_path_factory, data_root) -> tuple[str, Path]:
+    name = request.param
+    out = tmp_path_factory.mktemp(name)
+    proc = launch("train.py", [f"method={name}", *TINY, f"out_dir={out}", "run_name=ref"], data_root)
+    assert f"backbone: {out / 'ref' / 'backbone.safetensors'}" in proc.stdout
+    return name, out / "ref"
+
+
+@pytest.mark.slow
+def test_added_method_trains_exports_and_monitors(method_run):
+    from medpretrain.checkpoint import load_backbone, read_meta
+
+    name, run = method_run
+    for f in ("backbone.safetensors", "config.yaml", "metrics.csv", "loss.png"):
+        assert (run / f).is_file(), f
+    assert list((run / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    meta = read_meta(run / "backbone.safetensors")
+    assert (meta.method, meta.steps, meta.arch, meta.image_size) == (name, 4, "cbr_tiny", 28)
+    assert name in meta.config and meta.config["train"]["max_steps"] == 4
+    # The export loads with exactly the backbone's keys (load_backbone refuses missing/unexpected ones).
+    backbone, _ = load_backbone(run / "backbone.safetensors", arch="cbr_tiny", in_channels=1)
+    classifier = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, 2)).eval()
+    assert classifier(torch.randn(3, 1, 28, 28)).shape == (3, 2)
+    assert set(backbone.state_dict()) == set(build_backbone("cbr_tiny", 1, "small").state_dict())
+    torch.manual_seed(0)
+    fresh = build_backbone("cbr_tiny", 1, "small")
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), backbone.state_dict().values(),
+                                                       strict=True))
+    losses = loss_rows(run / "metrics.csv")
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    assert max(losses.values()) - min(losses.values()) > 1e-4, f"the loss did not move: {losses}"
+    knn = [float(r["knn_acc"]) for r in read_csv(run / "metrics.csv") if r["knn_acc"] != ""]
+    assert len(knn) == 2 and all(0.5 < a <= 1.0 for a in knn)  # before training and at the end
+    assert meta.extra["knn_acc"] == pytest.approx(knn[-1], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_init_by_method_name_finds_the_export(method_run, tmp_path):
+    from medpretrain.init import init_backbone
+
+    name, run = method_run
+    dst = tmp_path / "runs" / "pretrain" / name / "r1" / "backbone.safetensors"
+    dst.parent.mkdir(parents=True)
+    shutil.copy(run / "backbone.safetensors", dst)
+    for init in (name, "selfsup"):
+        backbone, info = init_backbone(init, "cbr_tiny", 1, "small", image_size=28, runs_dir=tmp_path / "runs")
+        assert info.name == name and info.source == str(dst)
