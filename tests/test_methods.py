@@ -26,7 +26,7 @@ from medpretrain.methods.base import METHODS, method_spec
 from medpretrain.methods.moco import MoCo, MoCoMethodConfig, split_forward
 from medpretrain.utils import PROJECT_ROOT
 
-ADDED: list[str] = ["byol", "vicreg", "barlowtwins"]
+ADDED: list[str] = ["byol", "vicreg", "barlowtwins", "dino"]
 """Methods added after SimCLR and MoCo, each trained by the generic entry ``pretrain/train.py``."""
 
 TINY = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=4", "train.log_every=1",
