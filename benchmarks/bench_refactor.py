@@ -27,7 +27,9 @@ TRAIN = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=6", "
          "train.checkpoint_every=0", "train.seed=0"]
 RUNS: dict[str, tuple[str, list[str]]] = {
     "simclr": ("pretrain/simclr.py", [*TRAIN, "train.knn_every=0"]),
-    "moco": ("pretrain/moco.py", [*TRAIN, "train.knn_every=0", "moco.queue_size=64"]),
+    # moco.split_bn=off: the full-batch BatchNorm of the 'before' commit (split-batch BN is the new default
+    # with one process); the 'before' label was recorded before the key existed.
+    "moco": ("pretrain/moco.py", [*TRAIN, "train.knn_every=0", "moco.queue_size=64", "moco.split_bn=off"]),
     "vae": ("generative/vae.py", [*TRAIN, "train.grid_size=16", "train.log_with=none"]),
     "dcgan": ("generative/dcgan.py", [*TRAIN, "train.grid_size=16", "train.log_with=none"]),
     "finetune": ("finetune/run.py", ["--config", "configs/finetune.yaml", "backbone.arch=cbr_tiny", "optim.epochs=2",
