@@ -96,7 +96,6 @@ from medpretrain.unet import UNet
 from medpretrain.utils import seed_everything
 
 log = logging.getLogger("finetune")
-__all__ = ["EXIT_UNAVAILABLE", "main"]
 
 
 def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) -> TaskParts:
@@ -208,7 +207,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_ha
     resume_from = resolve_resume(cfg.resume, ckpt_dir)
     if resume_from is None and accelerator.is_main_process:
         (out / "metrics.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
-    val_keys = [f"val_{c}" for c in parts.val_columns]
+    val_keys = [f"val_{c}" for c in parts.val_columns]  # val_auc, val_accuracy / val_dice, val_auc
     csv_log = CSVLogger(out / "metrics.csv", ["epoch", "train_loss", *val_keys, "lr", "epoch_s"])
     prepare_resume(accelerator, ckpt_dir)
     if resume_from is not None:
@@ -254,9 +253,8 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_ha
 
         val_m, _ = parts.evaluate(parts.predict(model, val_loader))
         epoch_s = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": train_loss, **{k: val_m[c] for k, c in zip(val_keys, parts.val_columns,
-                                                                                         strict=True)},
-               "lr": lr, "epoch_s": epoch_s}
+        val_row = {f"val_{c}": val_m[c] for c in parts.val_columns}
+        row = {"epoch": epoch, "train_loss": train_loss, **val_row, "lr": lr, "epoch_s": epoch_s}
         improved, stop = progress.record(row, val_m, val_m[headline], cfg.optim.patience)
         if improved and accelerator.is_main_process:
             save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, f"val_{headline}": val_m[headline]})
