@@ -9,7 +9,10 @@ In one run, on the same data, batch size, cores and machine:
    on whole batches, ``cores`` intra-op threads) versus the reference written the way lightly's tutorials
    do it (per-sample PIL ``SimCLRTransform`` in ``cores`` DataLoader workers). The reference uses
    lightly's default parameters with a one-channel normalisation (its ImageNet RGB normalisation cannot
-   be applied to grey images). Sizes 28, 64, 128 px; target: >= 4x at 64 px.
+   be applied to grey images). Sizes 28, 64, 128 px; target: >= 4x at 64 px. A third pipeline,
+   ``kornia.augmentation`` (batched, per-sample parameters, on the device, the closest composition of our
+   operations, :func:`kornia_views`), is timed beside ours in the same rounds (``sections=[views]`` measures
+   only this part and keeps the other parts' numbers from the existing JSON).
 2. **End to end**: training images/s of the full SimCLR step with our data path (cached split, batched
    views) versus the model-only step rate on random tensors (no data path), measured in alternating
    rounds so that load from other processes hits both alike. Target: within 10 % on the CPU, >= 90 % on a
@@ -45,7 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from medpretrain.augment import AugmentConfig, BatchViews  # noqa: E402
-from medpretrain.config import DataConfig, load_config  # noqa: E402
+from medpretrain.config import ConfigError, DataConfig, load_config  # noqa: E402
 from medpretrain.data import build_dataset  # noqa: E402
 from medpretrain.knn import extract_features, knn_accuracy  # noqa: E402
 from medpretrain.utils import cpu_model  # noqa: E402
@@ -81,6 +84,10 @@ class BenchConfig:
     out: str = "benchmarks/results/pretrain"
     render_only: bool = False
     """Only rewrite the markdown from the existing JSON (no measurement)."""
+    sections: list[str] = dataclasses.field(default_factory=lambda: ["views", "e2e", "knn"])
+    """Parts to measure; the others keep their numbers from the existing JSON."""
+    kornia: bool = True
+    """Also time the kornia.augmentation pipeline in the views part."""
 
 
 def loadavg() -> list[float]:
@@ -97,7 +104,15 @@ def machine() -> dict:
     import torchvision
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+    try:
+        import kornia
+
+        kornia_version = kornia.__version__
+    except ImportError:
+        kornia_version = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu": cpu, "kornia": kornia_version, "commit": commit, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "lightly": lightly.__version__, "accelerate": accelerate.__version__, "gpu": gpu}
 
@@ -175,6 +190,49 @@ class _Ours:
         return n / (time.perf_counter() - t0)
 
 
+def kornia_views(size: int, mean: float = 0.5, std: float = 0.5, cfg: AugmentConfig | None = None) -> torch.nn.Module:
+    """``kornia.augmentation`` composed as close to :class:`BatchViews` as kornia allows (per-sample parameters).
+
+    Differences kornia cannot express: crop and rotation are two resamples, not one affine; contrast is
+    kornia's ``RandomContrast`` (scales around 0, not around each image's mean); brightness, contrast and
+    gamma are switched on independently instead of together; the noise standard deviation is one value
+    (``RandomGaussianNoise``), not a per-sample range.
+    """
+    import kornia.augmentation as K
+
+    a = cfg or AugmentConfig()
+    k = 2 * math.ceil(3 * a.blur_sigma[1]) + 1
+    return K.AugmentationSequential(
+        K.RandomResizedCrop((size, size), scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio)),
+        K.RandomHorizontalFlip(p=a.hflip_p),
+        K.RandomAffine(degrees=a.rotation_deg, padding_mode=a.padding_mode, p=1.0),
+        K.RandomBrightness(brightness=(1 - a.brightness, 1 + a.brightness), p=a.intensity_p),
+        K.RandomContrast(contrast=(1 - a.contrast, 1 + a.contrast), p=a.intensity_p),
+        K.RandomGamma(gamma=tuple(a.gamma), p=a.intensity_p),
+        K.RandomGaussianBlur((k, k), tuple(a.blur_sigma), p=a.blur_p),
+        K.RandomGaussianNoise(std=a.noise_std[1], p=a.noise_p),
+        K.Normalize(mean=torch.tensor([mean]), std=torch.tensor([std])),
+    )
+
+
+class _Kornia(_Ours):
+    """``kornia.augmentation`` on whole batches (two views: one call over ``2B`` samples, as ours)."""
+
+    def __init__(self, images: torch.Tensor, size: int, batch: int, seed: int):
+        self.images, self.size, self.batch = images, size, batch
+        self.aug = kornia_views(size)
+        self.perm_gen = torch.Generator().manual_seed(seed)
+        self.gen = None  # kornia draws its parameters from the global generator
+        torch.manual_seed(seed)
+        self.views = self  # type: ignore[assignment]  (rate() calls self.views.pair)
+        self.pair(images[:batch])  # warm-up
+
+    def pair(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            both = self.aug(torch.cat([x, x]))
+        return both[: x.shape[0]], both[x.shape[0] :]
+
+
 def bench_views(cfg: BenchConfig, cores: int) -> list[dict]:
     rows = []
     for size in cfg.view_sizes:
@@ -186,15 +244,23 @@ def bench_views(cfg: BenchConfig, cores: int) -> list[dict]:
             torch.set_num_threads(n_cores)
             reference = _Reference(images_u8, size, cfg.view_batch, n_cores)
             mine = _Ours(images, size, cfg.view_batch, cfg.seed)
-            ref, ours = [], []
-            for _ in range(cfg.view_repeats):  # alternate, so load from other jobs hits both alike
+            other = _Kornia(images, size, cfg.view_batch, cfg.seed) if cfg.kornia else None
+            ref, ours, korn = [], [], []
+            for _ in range(cfg.view_repeats):  # alternate, so load from other jobs hits all alike
                 ref.append(reference.rate(cfg.view_images))
                 ours.append(mine.rate(cfg.view_images))
+                if other is not None:
+                    korn.append(other.rate(cfg.view_images))
             del reference
             r, o = statistics.median(ref), statistics.median(ours)
-            rows.append({"size": size, "cores": n_cores, "reference_images_per_s": ref, "ours_images_per_s": ours,
-                         "reference_median": r, "ours_median": o, "speedup": o / r, "load_after": loadavg()})
-            print(f"[views] {size} px, {n_cores} core(s): reference {r:.0f} img/s, ours {o:.0f} img/s, {o / r:.1f}x",
+            row = {"size": size, "cores": n_cores, "reference_images_per_s": ref, "ours_images_per_s": ours,
+                   "reference_median": r, "ours_median": o, "speedup": o / r, "load_after": loadavg()}
+            if korn:
+                row.update(kornia_images_per_s=korn, kornia_median=statistics.median(korn),
+                           ours_over_kornia=o / statistics.median(korn))
+            rows.append(row)
+            print(f"[views] {size} px, {n_cores} core(s): reference {r:.0f} img/s, ours {o:.0f} img/s, {o / r:.1f}x"
+                  + (f"; kornia {row['kornia_median']:.0f} img/s (ours {row['ours_over_kornia']:.1f}x)" if korn else ""),
                   flush=True)
     torch.set_num_threads(cores)
     return rows
@@ -400,7 +466,42 @@ def write_markdown(path: Path, res: dict) -> None:
               "`knn_steps=...` on a GPU for that. img/s counts images (each gives two views). MoCo's script rate is "
               "higher because only the query view is backpropagated.",
               "", f"Total benchmark wall time: {res['wall_s']:.0f} s.", ""]
+    if "views_kornia" in res:
+        lines += kornia_markdown(res["views_kornia"])
     path.write_text("\n".join(lines))
+
+
+def kornia_markdown(kv: dict) -> list[str]:
+    """The section comparing ``kornia.augmentation`` with ``BatchViews`` (and lightly's reference)."""
+    m, c, rows = kv["machine"], kv["config"], kv["rows"]
+    lines = [
+        "## kornia.augmentation beside BatchViews (issue 13)",
+        "",
+        f"Measured {kv['started']} at commit {m.get('commit')} by `benchmarks/bench_pretrain.py sections=[views]` on "
+        f"{m['cpu']} ({m['logical_cpus']} logical CPUs, {kv['cores']} used), torch {m['torch']}, kornia {m.get('kornia')}, "
+        f"lightly {m['lightly']}, Python {m['python']}, `OMP_WAIT_POLICY={kv['omp_wait_policy']}`; load average "
+        f"{kv['load_start']} before, {kv['load_end']} after (a shared CPU: rates are noisy, the three pipelines are "
+        f"timed in alternating rounds). Batch {c['view_batch']}, {c['view_images']} images per repetition, median of "
+        f"{c['view_repeats']}; two views per image. kornia: `benchmarks/bench_pretrain.py:kornia_views` (crop, flip, "
+        "affine rotation with reflection padding, brightness, contrast, gamma, blur, noise, normalise; per-sample "
+        "parameters, whole batches, on the images' device).",
+        "",
+        "| size | cores | lightly reference img/s | BatchViews img/s | kornia img/s | BatchViews / kornia |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['size']} px | {r['cores']} | {r['reference_median']:.0f} | {r['ours_median']:.0f} | "
+                     f"{r['kornia_median']:.0f} | {r['ours_over_kornia']:.1f}x |")
+    faster = all(r["ours_over_kornia"] > 1 for r in rows)
+    lo, hi = min(r["ours_over_kornia"] for r in rows), max(r["ours_over_kornia"] for r in rows)
+    lines += ["", ("Decision: `BatchViews` stays the default view pipeline: it is faster than kornia at every "
+                   f"measured size and core count ({lo:.1f}x to {hi:.1f}x)." if faster else
+                   f"Decision: kornia is faster in some cells (BatchViews / kornia from {lo:.1f}x to {hi:.1f}x); "
+                   "`BatchViews` stays the default only because kornia lacks operations it needs (contrast around "
+                   "each image's mean, a per-sample noise level, crop and rotation in one resample).")
+              + " kornia also lacks, as composed here, contrast around each image's mean and a per-sample noise "
+              "standard deviation (see `kornia_views`).", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -413,18 +514,35 @@ def main(argv: list[str] | None = None) -> None:
     per_epoch = 3882 // cfg.view_batch  # PneumoniaMNIST train split
     if cfg.data.dataset == "medmnist:pneumoniamnist" and cfg.view_images // cfg.view_batch + cores > per_epoch:
         raise ValueError(f"view_images={cfg.view_images} needs more than one epoch of reference batches")
-    t0 = time.perf_counter()
-    res: dict = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": cores,
-                 "config": dataclasses.asdict(cfg), "machine": machine(), "load_start": loadavg(),
-                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    res["views"] = bench_views(cfg, cores)
-    res["e2e"] = bench_e2e(cfg, cores)
-    res["gpu_target"] = ("measured" if torch.cuda.is_available()
-                         else "not measured: no GPU was available to this run")
-    res["knn"] = bench_knn(cfg, cores)
-    res["load_end"] = loadavg()
-    res["wall_s"] = time.perf_counter() - t0
+    unknown = set(cfg.sections) - {"views", "e2e", "knn"}
+    if unknown:
+        raise ConfigError(f"config key 'sections': unknown {sorted(unknown)}; choose from views, e2e, knn")
+    full = set(cfg.sections) == {"views", "e2e", "knn"}
     out = ROOT / cfg.out
+    t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    res: dict = {} if full else json.loads(out.with_suffix(".json").read_text())  # a part: keep the rest
+    if full:
+        res.update({"started": started, "cores": cores, "config": dataclasses.asdict(cfg), "machine": machine(),
+                    "load_start": loadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})
+    if "views" in cfg.sections:
+        load_start = loadavg()
+        rows = bench_views(cfg, cores)
+        if full:
+            res["views"] = rows
+        if cfg.kornia:
+            res["views_kornia"] = {"started": started, "cores": cores, "machine": machine(), "rows": rows,
+                                   "config": dataclasses.asdict(cfg), "load_start": load_start, "load_end": loadavg(),
+                                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    if "e2e" in cfg.sections:
+        res["e2e"] = bench_e2e(cfg, cores)
+        res["gpu_target"] = ("measured" if torch.cuda.is_available()
+                             else "not measured: no GPU was available to this run")
+    if "knn" in cfg.sections:
+        res["knn"] = bench_knn(cfg, cores)
+    if full:
+        res["load_end"] = loadavg()
+        res["wall_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     write_markdown(out.with_suffix(".md"), res)

@@ -16,6 +16,14 @@ with independent random parameters for every sample:
 5. clamp to [0, 1] and normalise ``(x - mean) / std`` (the dataset's statistics, stored in the backbone).
 
 There is deliberately no hue, saturation or random-greyscale step: the images are grey.
+
+Why not ``kornia.augmentation`` (batched, per-sample parameters, on the device too): measured slower, and
+missing operations. ``benchmarks/bench_pretrain.py sections=[views]`` (2 shared CPU cores, batch 256, two
+views per image, ``benchmarks/results/pretrain.md``): BatchViews 21930 / 4576 / 1069 images/s at 28 / 64 /
+128 px on one core against kornia's closest composition at 4513 / 1621 / 207 (2.8x to 5.2x faster over
+1 and 2 cores), because crop, flip and rotation are one resample here and blur and noise touch only the
+selected samples. kornia also has no contrast around each image's own mean and no per-sample noise level,
+which these views use. :class:`BatchViews` therefore stays the default.
 Randomness comes from an optional ``torch.Generator`` so a run can be replayed exactly (the training
 scripts seed it from the step number, which makes resumed runs draw the same views).
 """
