@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ METRICS = ["step", "epoch", "loss", "lr", "images_per_s", "knn_acc", "time_s"]
 def main(name: str, argv: list[str] | None = None) -> None:
     """Pretrain a backbone with the registered method ``name`` (config keys: ``<name>.*``, ``train.*`` ...)."""
     spec, info = method_spec(name), stage_info(name)
-    cfg = load_config(spec.config, argv, defaults_file=PROJECT_ROOT / info.config)
+    cfg: Any = load_config(spec.config, argv, defaults_file=PROJECT_ROOT / info.config)
     t = cfg.train
     stage = start_stage(name, cfg, out_dir=cfg.out_dir, run_name=cfg.run_name, resume=t.resume, seed=t.seed,
                         fields=METRICS, mixed_precision=t.mixed_precision, grad_accum=t.grad_accum,
@@ -60,7 +61,7 @@ def main(name: str, argv: list[str] | None = None) -> None:
 
     # ---- model (backbone + the method's heads, momentum copies and loss), optimizer ----
     backbone = build_backbone(cfg.backbone.arch, cfg.data.channels, cfg.backbone.stem, image_size=image_size)
-    model = spec.method(backbone, getattr(cfg, name), processes=accelerator.num_processes)
+    model: Any = spec.method(backbone, getattr(cfg, name), processes=accelerator.num_processes)
     if t.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if t.channels_last:
@@ -68,6 +69,7 @@ def main(name: str, argv: list[str] | None = None) -> None:
     params = [p for p in model.parameters() if p.requires_grad]  # momentum copies move by momentum only
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum
     base_lr = t.lr * global_batch / 128
+    optimizer: torch.optim.Optimizer
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=base_lr, momentum=t.momentum, weight_decay=t.weight_decay)
     else:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from lightly.loss import BarlowTwinsLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
-from torch import Tensor, nn
+from torch import Tensor
 
+from medpretrain.backbones import Backbone
 from medpretrain.methods.base import GENERIC_SCRIPT, Method, pretrain_config, register_method
 from medpretrain.methods.registry import StageInfo
 
@@ -38,7 +39,7 @@ class BarlowTwins(Method):
 
     title = "Barlow Twins"
 
-    def __init__(self, backbone: nn.Module, cfg: BarlowTwinsMethodConfig, processes: int = 1):
+    def __init__(self, backbone: Backbone, cfg: BarlowTwinsMethodConfig, processes: int = 1):
         super().__init__(backbone)
         self.projection_head = BarlowTwinsProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.output_dim)
         self.criterion = BarlowTwinsLoss(lambda_param=cfg.lambda_param, gather_distributed=True)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor, nn
 
 from medpretrain.augment import AugmentConfig
+from medpretrain.backbones import Backbone
 from medpretrain.config import BackboneConfig, ConfigError, DataConfig
 from medpretrain.methods.registry import StageInfo, register
 
@@ -126,7 +127,8 @@ class Method(nn.Module):
 
     title: ClassVar[str] = ""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: Backbone, cfg: Any = None, processes: int = 1):
+        """``cfg``: the method's config group; ``processes``: the size of the process group."""
         super().__init__()
         self.backbone = backbone
 

@@ -20,8 +20,9 @@ from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
-from torch import Tensor, nn
+from torch import Tensor
 
+from medpretrain.backbones import Backbone
 from medpretrain.methods.base import GENERIC_SCRIPT, Method, pretrain_config, register_method
 from medpretrain.methods.registry import StageInfo
 
@@ -45,7 +46,7 @@ class BYOL(Method):
 
     title = "BYOL"
 
-    def __init__(self, backbone: nn.Module, cfg: BYOLMethodConfig, processes: int = 1):
+    def __init__(self, backbone: Backbone, cfg: BYOLMethodConfig, processes: int = 1):
         super().__init__(backbone)
         self.cfg = cfg
         self.projection_head = BYOLProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.output_dim)

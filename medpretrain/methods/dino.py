@@ -25,8 +25,9 @@ from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
-from torch import Tensor, nn
+from torch import Tensor
 
+from medpretrain.backbones import Backbone
 from medpretrain.methods.base import GENERIC_SCRIPT, Method, pretrain_config, register_method
 from medpretrain.methods.registry import StageInfo
 
@@ -67,7 +68,7 @@ class DINO(Method):
 
     title = "DINO"
 
-    def __init__(self, backbone: nn.Module, cfg: DINOMethodConfig, processes: int = 1):
+    def __init__(self, backbone: Backbone, cfg: DINOMethodConfig, processes: int = 1):
         super().__init__(backbone)
         self.cfg = cfg
         self.student_head = _head(backbone.num_features, cfg)

@@ -37,8 +37,9 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
-from torch import Tensor, nn
+from torch import Tensor
 
+from medpretrain.backbones import Backbone
 from medpretrain.config import ConfigError
 from medpretrain.methods.base import Method, pretrain_config, register_method
 from medpretrain.methods.registry import StageInfo
@@ -87,7 +88,7 @@ class MoCo(Method):
 
     title = "MoCo v2"
 
-    def __init__(self, backbone: nn.Module, cfg: MoCoMethodConfig, processes: int = 1):
+    def __init__(self, backbone: Backbone, cfg: MoCoMethodConfig, processes: int = 1):
         super().__init__(backbone)
         self.cfg = cfg
         self.distributed = processes > 1

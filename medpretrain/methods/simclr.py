@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
-from torch import Tensor, nn
+from torch import Tensor
 
+from medpretrain.backbones import Backbone
 from medpretrain.methods.base import Method, pretrain_config, register_method
 from medpretrain.methods.registry import StageInfo
 
@@ -39,7 +40,7 @@ class SimCLR(Method):
 
     title = "SimCLR"
 
-    def __init__(self, backbone: nn.Module, cfg: SimCLRMethodConfig, processes: int = 1):
+    def __init__(self, backbone: Backbone, cfg: SimCLRMethodConfig, processes: int = 1):
         super().__init__(backbone)
         self.projection_head = SimCLRProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.output_dim)
         self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=True)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from lightly.loss import VICRegLoss
 from lightly.models.modules.heads import VICRegProjectionHead  # not re-exported by lightly.models.modules
-from torch import Tensor, nn
+from torch import Tensor
 
+from medpretrain.backbones import Backbone
 from medpretrain.methods.base import GENERIC_SCRIPT, Method, pretrain_config, register_method
 from medpretrain.methods.registry import StageInfo
 
@@ -43,7 +44,7 @@ class VICReg(Method):
 
     title = "VICReg"
 
-    def __init__(self, backbone: nn.Module, cfg: VICRegMethodConfig, processes: int = 1):
+    def __init__(self, backbone: Backbone, cfg: VICRegMethodConfig, processes: int = 1):
         super().__init__(backbone)
         self.projection_head = VICRegProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.output_dim,
                                                     num_layers=cfg.num_layers)
