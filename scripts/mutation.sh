@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Mutation testing of the numerical core (issue 20): mutmut mutates the modules listed under
+# [tool.mutmut] in pyproject.toml and runs their unit tests against each mutant, then
+# benchmarks/mutation_report.py writes benchmarks/results/mutation.md (killed / survived / reviewed).
+# About 30 min on one core of the 2-core CI machine. Extra arguments go to `mutmut run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pip show mutmut >/dev/null 2>&1 || .venv/bin/python -m pip install -q "mutmut>=3.3,<4"
+export MEDPRETRAIN_DATA=${MEDPRETRAIN_DATA:-$(cd .. && pwd)/shared/data} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+.venv/bin/mutmut run "$@" || true   # mutmut exits non-zero when mutants survive; the report says which
+.venv/bin/python benchmarks/mutation_report.py
