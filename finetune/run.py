@@ -49,8 +49,7 @@ from tqdm.auto import tqdm
 from medpretrain.checkpoint import load_exact, load_state_dict, save_state_dict
 from medpretrain.config import ConfigError, config_to_dict, load_config, save_config
 from medpretrain.data import read_source
-from medpretrain.distributed import check_world, cpu_group_needed
-from medpretrain.faults import FiniteGuard, fault_hook
+from medpretrain.faults import fault_hook
 from medpretrain.finetune import (
     EXIT_UNAVAILABLE,
     Encoder,
@@ -84,18 +83,13 @@ from medpretrain.metrics import (
 )
 from medpretrain.regimes import Classifier, parse_regime
 from medpretrain.results import RunResult, save_predictions, write_results
-from medpretrain.resume import (
-    load_checkpoint,
-    prepare_resume,
-    project_configuration,
-    resolve_resume,
-    save_checkpoint,
-)
-from medpretrain.runlog import CSVLogger
+from medpretrain.stage import Stage, start_stage
 from medpretrain.unet import UNet
 from medpretrain.utils import seed_everything
 
 log = logging.getLogger("finetune")
+VAL_COLUMNS = {"classification": ("auc", "accuracy"), "segmentation": ("dice", "auc")}
+"""Validation metrics logged per epoch (``val_<name>`` columns of ``metrics.csv``), by task."""
 
 
 def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) -> TaskParts:
@@ -126,7 +120,7 @@ def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) 
         datasets=ds, loaders=parts["loaders"],
         loss=lambda logits, batch: classification_loss(logits, batch["label"], task),
         predict=lambda model, loader: predict(model, loader, task, accelerator),
-        evaluate=evaluate, test_fields=test_fields, save_outputs=save_outputs, val_columns=("auc", "accuracy"),
+        evaluate=evaluate, test_fields=test_fields, save_outputs=save_outputs, val_columns=VAL_COLUMNS["classification"],
         budget=f"labels {cfg.data.label_fraction or 1.0:g} ({len(train_ds)} train)",
         summary=f"{task}, {num_outputs} outputs", cases=f"{len(ds['test'])}",
         label_fraction=label_fraction(cfg), n_train_images=None,
@@ -170,7 +164,7 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
         label_task="segmentation", model=UNet(enc.backbone, num_classes=1), datasets=ds, loaders=parts["loaders"],
         loss=lambda logits, batch: seg_loss(logits, batch["mask"], cfg.seg.dice_loss_weight),
         predict=lambda model, loader: predict_images(model, loader, cfg, accelerator),
-        evaluate=evaluate, test_fields=test_fields, save_outputs=save_outputs, val_columns=("dice", "auc"),
+        evaluate=evaluate, test_fields=test_fields, save_outputs=save_outputs, val_columns=VAL_COLUMNS["segmentation"],
         budget=f"{n_images} annotated images", summary=f"segmentation, {cfg.seg.patch_size}px patches",
         cases=f"{len(test_ds)} images", label_fraction=n_images / len(train_ds), n_train_images=n_images,
         data={"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": n_images,
@@ -183,17 +177,16 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
 TASKS = {"classification": classification, "segmentation": segmentation}
 
 
-def train(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_hash: str) -> RunResult:
+def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
     """Fine-tune, select the best validation epoch, evaluate the test split once, write the outputs."""
+    accelerator, out = stage.accelerator, stage.run_dir
     t_run = time.perf_counter()
     regime = parse_regime(cfg.regime)
     seed_everything(cfg.seed)
     source = read_source(cfg.data)
     enc = build_encoder(cfg, int(np.asarray(source.images[0]).shape[-1]))
-    for w in enc.warnings:
+    for w in enc.warnings:  # cfg now holds the checkpoint's data options: config.yaml (stage.begin) records them
         accelerator.print(f"warning: {w}")
-    if enc.warnings and accelerator.is_main_process:
-        save_config(cfg, out)  # the config actually used, with the checkpoint's data options
 
     parts = TASKS[cfg.task](cfg, enc, accelerator)
     # The regimes act on model.backbone (the U-Net's encoder; its decoder always trains at optim.lr).
@@ -203,18 +196,9 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_ha
     )
     progress = Progress()
     ckpt_state = {"scheduler": scheduler, "progress": progress}  # saved without pickle (save_checkpoint)
-    ckpt_dir = out / "checkpoints"
-    resume_from = resolve_resume(cfg.resume, ckpt_dir)
-    if resume_from is None and accelerator.is_main_process:
-        (out / "metrics.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
-    val_keys = [f"val_{c}" for c in parts.val_columns]  # val_auc, val_accuracy / val_dice, val_auc
-    csv_log = CSVLogger(out / "metrics.csv", ["epoch", "train_loss", *val_keys, "lr", "epoch_s"])
-    prepare_resume(accelerator, ckpt_dir)
-    if resume_from is not None:
-        load_checkpoint(accelerator, resume_from, ckpt_state)
-        csv_log.truncate_after(progress.epoch, key="epoch")
-        accelerator.print(f"resumed from {resume_from} after epoch {progress.epoch}")
-    guard = FiniteGuard(accelerator.device)
+    # Checkpoints are per epoch (marker step = epoch); begin() restores them and drops later metric rows.
+    if stage.begin(ckpt_state):
+        accelerator.print(f"resumed from {stage.resume_from} after epoch {progress.epoch}")
     best_path = out / "best_model.safetensors"
     unwrapped = accelerator.unwrap_model(model)
     headline, label = parts.headline, METRIC_LABELS[parts.headline]
@@ -237,7 +221,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_ha
                 break
             with accelerator.accumulate(model):
                 loss = parts.loss(model(batch["image"]), batch)
-                guard.update(loss, step)
+                stage.guard.update(loss, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -248,7 +232,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_ha
             total += loss.detach() * len(batch["image"])
             count += len(batch["image"])
         scheduler.step()
-        guard.check(resume_from, reduce=lambda t: accelerator.gather(t).max())
+        stage.check_finite()
         train_loss = float(accelerator.gather(total.reshape(1)).sum()) / max(1, count * accelerator.num_processes)
 
         val_m, _ = parts.evaluate(parts.predict(model, val_loader))
@@ -258,13 +242,12 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_ha
         improved, stop = progress.record(row, val_m, val_m[headline], cfg.optim.patience)
         if improved and accelerator.is_main_process:
             save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, f"val_{headline}": val_m[headline]})
-        if accelerator.is_main_process:
-            csv_log.log(row)
+        stage.log({k: v for k, v in row.items() if k != "epoch"}, epoch)
         accelerator.print(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} val "
                           + " ".join(f"{METRIC_LABELS[c]} {val_m[c]:.4f}" for c in parts.val_columns)
                           + f" lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
         accelerator.wait_for_everyone()
-        resume_from = save_checkpoint(accelerator, step=epoch, state=ckpt_state)
+        stage.checkpoint(epoch, ckpt_state)
         if stop:
             accelerator.print(f"early stopping: no better validation {label} for {cfg.optim.patience} epochs")
             break
@@ -290,7 +273,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, out: Path, requested_ha
         parts.save_outputs(out, test)
         write_results(out, result)
         if not cfg.keep_checkpoints:  # the best-epoch weights belong to the resume state
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            shutil.rmtree(stage.ckpt_dir, ignore_errors=True)
             best_path.unlink(missing_ok=True)
     ci = fields["ci"][headline]
     accelerator.print(f"test ({parts.cases}): " + " ".join(f"{k} {v:.4f}" for k, v in test_m.items())
@@ -309,23 +292,24 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.task == "segmentation" and source.task != "segmentation":
         raise ConfigError(f"task=segmentation needs a mask dataset (e.g. data.dataset=drive:drive), "
                           f"{cfg.data.dataset!r} is not one")
-    out = output_dir(cfg)
+    out = output_dir(cfg).resolve()
     requested_hash = run_hash(cfg)  # before the init checkpoint may adjust data options
-    accelerator = Accelerator(
-        cpu=cpu_group_needed(),
-        project_config=project_configuration(out, total_limit=2),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    check_world(accelerator)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
+    # The one stage start-up: a finished folder (results.json) or an existing one without resume=auto is
+    # refused; the x axis of metrics.csv and of the checkpoints is the epoch; no trackers (metrics.csv only).
+    stage = start_stage("finetune", cfg, out_dir=str(out.parent), run_name=out.name, resume=cfg.resume,
+                        seed=cfg.seed, step_key="epoch", log_with=None, done_file="results.json",
+                        folder_key="output_dir", resume_key="resume",
+                        fields=["epoch", "train_loss", *(f"val_{c}" for c in VAL_COLUMNS[cfg.task]), "lr", "epoch_s"],
+                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = stage.accelerator
     try:
-        train(cfg, accelerator, out, requested_hash)
+        train(cfg, stage, requested_hash)
     except InitUnavailable as e:
         # ImageNetUnavailable, or no pretraining export yet: the arm is reported as unavailable and is
         # never run with random weights instead.
         if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out)
             write_results(out, unavailable_result(cfg, str(e), requested_hash))
         accelerator.print(f"init '{cfg.init}' is unavailable: {e}\nwrote {out / 'results.json'} with status "
                           "'unavailable'; this arm is not run with random weights.")

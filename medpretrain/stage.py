@@ -87,6 +87,8 @@ class Stage:
     metrics: CSVLogger
     resume_from: Path | None = None
     """The complete checkpoint :meth:`begin` loads (``None``: a fresh start)."""
+    step_key: str = "step"
+    """The x axis of ``metrics.csv`` and of the checkpoint markers (fine-tuning counts epochs)."""
     last_checkpoint: Path | None = None
     guard: FiniteGuard = field(init=False)
 
@@ -119,16 +121,18 @@ class Stage:
                 raise RuntimeError(f"{self.resume_from}: step counter {held} != marker {step}")
             self.last_checkpoint = self.resume_from
         if self.is_main:
-            self.metrics.truncate_after(step if self.resume_from is not None else -1)  # fresh: no old rows
+            # resumed: rows after the checkpoint go; fresh start in an existing folder: every old row goes
+            self.metrics.truncate_after(step if self.resume_from is not None else -1, key=self.step_key)
             save_config(self.cfg, self.run_dir)
         acc.init_trackers(self.name, config=flat_config(self.cfg))
         return step
 
     def log(self, row: Mapping[str, Any], step: int) -> None:
-        """One row to the trackers and ``metrics.csv`` (main process); ``step`` is the x axis of both."""
-        self.accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+        """One row to the trackers and ``metrics.csv`` (main process); ``step`` is the x axis of both
+        (column :attr:`step_key`)."""
+        self.accelerator.log({k: v for k, v in row.items() if k != self.step_key and v is not None}, step=step)
         if self.is_main:
-            self.metrics.log({"step": step, **row})
+            self.metrics.log({self.step_key: step, **row})
 
     def checkpoint(self, step: int, state: Mapping[str, Any] | None = None) -> Path:
         """Check the loss guard, then a complete checkpoint (never a checkpoint of garbage)."""
@@ -178,30 +182,36 @@ def start_stage(
     run_name: str,
     resume: str,
     seed: int,
-    fields: list[str],
+    fields: list[str] | None = None,
+    step_key: str = "step",
     mixed_precision: str = "no",
     grad_accum: int = 1,
     log_with: str | None = "tensorboard",
     checkpoint_total_limit: int = 2,
     done_file: str = DONE_FILE,
+    folder_key: str = "run_name",
+    resume_key: str = "train.resume",
     **accelerator_kwargs: Any,
 ) -> Stage:
     """Run folder, accelerator (process group checked), seed, metrics file: everything before the data.
 
-    Refuses (:class:`RunFolderExists`) a folder that holds ``done_file`` (finished), and an existing folder
-    unless ``resume`` is set. With ``resume=auto`` and no complete checkpoint in an existing folder the
-    run starts again from step 0 (nothing complete was there to keep). ``log_with="none"`` or ``None``:
-    no tracker (``metrics.csv`` is always written).
+    One policy for every stage: an existing folder is refused (:class:`RunFolderExists`) unless ``resume``
+    is set; a finished one (it holds ``done_file``) also unless it kept a complete checkpoint to continue
+    from (a larger budget extends a finished run). With ``resume=auto`` and no complete checkpoint in an
+    unfinished folder the run starts again from step 0 (nothing complete was there to keep). ``log_with="none"`` or ``None``:
+    no tracker (``metrics.csv`` is always written). ``fields``: the CSV header (default: the first row's
+    keys); ``step_key``: its x axis column. ``accelerator_kwargs`` go to ``Accelerator`` (e.g.
+    ``dataloader_config``). ``folder_key`` / ``resume_key`` name the script's options in those messages.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     run_dir, existing = resolve_run_dir(out_dir, run_name, resume, done_file)
-    if (run_dir / done_file).exists():
-        raise RunFolderExists(f"{run_dir}: already finished ({done_file} exists); pick another run_name")
-    if existing and not resume.strip():
-        raise RunFolderExists(f"{run_dir}: exists; pass train.resume=auto to continue it, or a new run_name")
     resume_from = resolve_resume(resume, run_dir / "checkpoints") if existing else None
+    if (run_dir / done_file).exists() and resume_from is None:
+        raise RunFolderExists(f"{run_dir}: already finished ({done_file} exists); pick another {folder_key}")
+    if existing and not resume.strip():
+        raise RunFolderExists(f"{run_dir}: exists; pass {resume_key}=auto to continue it, or another {folder_key}")
     accelerator = Accelerator(
         cpu=cpu_group_needed(),
         mixed_precision=mixed_precision,
@@ -212,7 +222,7 @@ def start_stage(
     )
     check_world(accelerator)
     set_seed(seed)
-    return Stage(name, cfg, accelerator, run_dir, CSVLogger(run_dir / "metrics.csv", fields), resume_from)
+    return Stage(name, cfg, accelerator, run_dir, CSVLogger(run_dir / "metrics.csv", fields), resume_from, step_key)
 
 
 def export_backbone(

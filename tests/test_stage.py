@@ -84,3 +84,16 @@ def test_resume_auto_without_checkpoint_starts_again_without_old_rows(tmp_path):
     assert st2.resume_from is None
     assert st2.begin() == 0 and st2.metrics.rows() == []
     st2.finish()
+
+
+def test_finished_run_with_a_checkpoint_can_be_extended_but_not_restarted(tmp_path):
+    st = _start(tmp_path, run_name="f")
+    st.begin()
+    st.checkpoint(4)
+    (st.run_dir / "backbone.safetensors").write_bytes(b"x")
+    st.finish()
+    with pytest.raises(RunFolderExists, match=r"f: already finished"):
+        _start(tmp_path, run_name="f")
+    st2 = _start(tmp_path, resume="auto", run_name="f")
+    assert st2.resume_from is not None and st2.begin() == 4
+    st2.finish()

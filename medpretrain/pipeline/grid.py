@@ -14,6 +14,7 @@ training images (``n_train_images``) and Dice is the headline. Seed ensembles: :
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -88,8 +89,9 @@ def cell_argv(cfg: CompareConfig, init: str, regime: str, fraction: float, seed:
     budget = f"seg.n_train_images={int(fraction)}" if task == "segmentation" else f"data.label_fraction={fraction}"
     label, sep, path = init.partition("=")
     named = [f"init={path}", f"init_name={label}"] if sep else [f"init={init}"]
+    # resume=auto: the grid owns its cells' folders, so a killed cell continues from its last epoch
     return ["--config", cfg.base_config, *named, f"regime={regime}", budget,
-            f"seed={seed}", f"runs_dir={cfg.runs_dir}", *cfg.overrides]
+            f"seed={seed}", f"runs_dir={cfg.runs_dir}", *cfg.overrides, "resume=auto"]
 
 
 def grid(cfg: CompareConfig) -> list[list[str]]:
@@ -164,6 +166,8 @@ def run_grid(cfg: CompareConfig, console: Console = None) -> tuple[Path, list[Ru
             continue
         else:
             say(console, f"{label}: running -> {out}")
+            if (out / "results.json").exists():  # stale (other config), unavailable or unreadable: start clean
+                shutil.rmtree(out)
             t = time.perf_counter()
             code = launch(cfg, argv_cell, out / "run.log")
             try:
