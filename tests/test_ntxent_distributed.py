@@ -91,7 +91,6 @@ def test_gradients_equal_single_process_full_batch(results):
 
 def test_ddp_parameter_gradients_equal_single_process(results):
     z0, z1 = full_batch()
-    sys.path.insert(0, str(ROOT / "tests"))
     from dist_ntxent_worker import linear
 
     model = linear(DIM)

@@ -39,7 +39,7 @@ class CollapseMonitor:
     ``patience`` consecutive checks. Non-finite diversity counts as collapsed.
 
     ``update(fake_div, real_div) -> bool`` returns whether collapse is flagged now. ``state_dict`` /
-    ``load_state_dict`` make it resumable (``state=`` of ``medpretrain.training.save_checkpoint``).
+    ``load_state_dict`` make it resumable (``state=`` of ``medpretrain.resume.save_checkpoint``).
     """
 
     def __init__(self, threshold: float = 0.2, patience: int = 3) -> None:
