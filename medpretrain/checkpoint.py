@@ -109,10 +109,10 @@ class BackboneMeta:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist") and callable(obj.tolist):
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy / torch scalars and arrays
         return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
     raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON-serialisable: {obj!r}")
 
 

@@ -7,6 +7,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -247,3 +248,167 @@ def test_exact_load_restores_every_tensor(tmp_path: Path) -> None:
     loaded, _ = load_backbone(path)
     for k, v in src.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+# Mutation-testing gaps (benchmarks/results/mutation.md): each test below kills mutants that survived.
+
+
+def _raw_file(path: Path, header: bytes, payload: bytes = b"") -> Path:
+    """A file of an 8-byte little-endian header length, ``header`` and ``payload``."""
+    path.write_bytes(struct.pack("<Q", len(header)) + header + payload)
+    return path
+
+
+def test_checkpoint_error_keeps_path_and_reason(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError) as info:
+        read_meta(tmp_path)
+    assert info.value.path == tmp_path and info.value.reason == "is a directory, not a checkpoint file"
+    assert str(info.value) == f"{tmp_path}: is a directory, not a checkpoint file"
+
+
+def test_meta_from_dict_defaults_unknown_keys_and_source(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"^<dict>: backbone metadata lacks \['in_channels', 'stem'\]$") as info:
+        BackboneMeta.from_dict({"arch": "cbr_tiny"})
+    assert info.value.path == Path("<dict>")
+    meta = BackboneMeta.from_dict({"arch": "cbr_tiny", "in_channels": 1, "stem": "small"})
+    assert meta.format_version == 1 and meta.extra == {} and meta.image_size is None
+    newer = BackboneMeta.from_dict({"arch": "cbr_tiny", "in_channels": 1, "stem": "small", "extra": {"a": 1},
+                                    "new_field": [3]})
+    assert newer.extra == {"a": 1, "_unknown": {"new_field": [3]}}
+    # read_meta names the file, not "<dict>".
+    header = {"medpretrain": json.dumps({"in_channels": 1, "stem": "small"}), "medpretrain_kind": "backbone"}
+    path = tmp_path / "noarch.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(1)}, str(path), metadata=header)
+    with pytest.raises(CheckpointError, match=r"noarch\.safetensors: backbone metadata lacks \['arch'\]$"):
+        read_meta(path)
+
+
+def test_written_header_is_sorted_json_with_format_and_logged(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    # Paths, numpy / torch scalars and arrays are written as JSON (arrays with more than one element used to
+    # raise: .item() was tried before .tolist()).
+    meta = {"zeta": 1, "alpha": {"b": 2, "a": 1}, "path": Path("runs/x"), "scalar": torch.tensor(0.5),
+            "array": torch.arange(3), "np": np.array([[1.5], [2.0]]), "np_scalar": np.float32(0.25)}
+    with caplog.at_level("INFO", logger="medpretrain.checkpoint"):
+        path = save_state_dict(tmp_path / "m.safetensors", {"w": torch.zeros(2), "b": torch.ones(1)}, meta)
+    assert [r.getMessage() for r in caplog.records if r.name == "medpretrain.checkpoint"] == [
+        f"wrote {path} (state_dict, 2 tensors)"]
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+    assert md == {"format": "pt", "medpretrain_kind": "state_dict", "medpretrain":
+                  '{"alpha": {"a": 1, "b": 2}, "array": [0, 1, 2], "np": [[1.5], [2.0]], "np_scalar": 0.25, '
+                  '"path": "runs/x", "scalar": 0.5, "zeta": 1}'}
+    assert load_state_dict(path)[1] == {"alpha": {"a": 1, "b": 2}, "array": [0, 1, 2], "np": [[1.5], [2.0]],
+                                        "np_scalar": 0.25, "path": "runs/x", "scalar": 0.5, "zeta": 1}
+    with pytest.raises(TypeError, match=r"^metadata value of type object is not JSON-serialisable: <object"):
+        save_state_dict(tmp_path / "obj.safetensors", {"w": torch.zeros(1)}, {"o": object()})
+    with pytest.raises(TypeError, match=r"^state_dict\['n'\] is a int, not a tensor$"):
+        save_state_dict(tmp_path / "bad.safetensors", {"w": torch.zeros(1), "n": 3}, {})  # type: ignore[dict-item]
+
+
+def test_header_length_edge_cases(tmp_path: Path) -> None:
+    bad_length = r"^.*: not a safetensors file \(bad header length\); was it saved with torch\.save\?$"
+    for n, name in ((0, "zero"), (2**64 - 1, "negative_if_signed"), (1000, "longer_than_file")):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(struct.pack("<Q", n) + b"{}" + b" " * 10)
+        with pytest.raises(CheckpointError, match=bad_length):
+            read_meta(path)
+    # A header that ends exactly at the end of the file is complete (no tensors, no metadata).
+    exact = _raw_file(tmp_path / "exact.safetensors", b"{}")
+    with pytest.raises(CheckpointError, match=r"exact\.safetensors: safetensors file without 'medpretrain' "):
+        read_meta(exact)
+
+
+def test_corrupt_headers_name_the_problem(tmp_path: Path) -> None:
+    cases = {
+        b"{x}": r"not a safetensors file \(header is not JSON\)",
+        b"\xff\xfe": r"not a safetensors file \(header is not JSON\)",
+        b"[1, 2]": r"not a safetensors file \(header is not a mapping\)",
+        b'{"w": {"dtype": "F32", "shape": [1]}}': r"corrupt safetensors header entry 'w'",
+    }
+    for i, (header, reason) in enumerate(cases.items()):
+        path = _raw_file(tmp_path / f"c{i}.safetensors", header)
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: {reason}$") as info:
+            read_meta(path)
+        assert info.value.path == path
+
+
+def test_truncation_reports_promised_size(tmp_path: Path) -> None:
+    path = save_backbone(tmp_path / "b.safetensors", _trained(), _meta())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=rf"truncated: header promises {len(data)} bytes, file has "
+                                              rf"{len(data) - 100}$"):
+        read_meta(path)
+
+
+def test_metadata_kind_and_json_checks(tmp_path: Path) -> None:
+    meta = json.dumps(_meta().to_dict())
+    legacy = tmp_path / "legacy.safetensors"  # written before the kind key existed: a backbone
+    safetensors.torch.save_file({k: v.contiguous() for k, v in _trained().state_dict().items()}, str(legacy),
+                                metadata={"medpretrain": meta})
+    assert read_meta(legacy).to_dict() == json.loads(meta)
+    for i, (text, reason) in enumerate((("{bad", r"'medpretrain' metadata is not JSON \(Expecting"),
+                                        ("[1]", r"'medpretrain' metadata is not a JSON object$"))):
+        path = tmp_path / f"m{i}.safetensors"
+        safetensors.torch.save_file({"w": torch.zeros(1)}, str(path),
+                                    metadata={"medpretrain": text, "medpretrain_kind": "backbone"})
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: {reason}") as info:
+            read_meta(path)
+        assert info.value.path == path
+
+
+def test_unreadable_tensors_are_a_checkpoint_error(tmp_path: Path) -> None:
+    md = {"medpretrain": json.dumps(_meta().to_dict()), "medpretrain_kind": "backbone"}
+    header = json.dumps({"__metadata__": md, "w": {"dtype": "NOPE", "shape": [1], "data_offsets": [0, 4]}})
+    path = _raw_file(tmp_path / "odd.safetensors", header.encode(), b"\0" * 4)
+    assert read_meta(path).arch == "cbr_tiny"  # the header is fine
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot read tensors \(") as info:
+        load_backbone(path)
+    assert info.value.path == path
+
+
+def _linears(n: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(*[torch.nn.Linear(1, 1, bias=False) for _ in range(n)])
+
+
+def test_key_mismatch_message_lists_at_most_20_keys_and_names_arch() -> None:
+    for n, dots in ((20, ""), (21, " ...")):
+        keys = sorted(f"{i}.weight" for i in range(n))
+        with pytest.raises(ValueError, match=rf"^src: keys do not match Sequential: missing "
+                                             rf"{re.escape(str(keys[:20]))}{re.escape(dots)} \({n}\), "
+                                             r"unexpected \[\] \(0\)$"):
+            load_exact(_linears(n), {}, "src")
+        extra = {f"x{i:02d}": torch.zeros(1) for i in range(n)}
+        with pytest.raises(ValueError, match=rf"^src: keys do not match Sequential: missing \[\] \(0\), unexpected "
+                                             rf"{re.escape(str(sorted(extra)[:20]))}{re.escape(dots)} \({n}\)$"):
+            load_exact(torch.nn.Sequential(), extra, "src")
+    b = build_backbone("cbr_tiny")
+    with pytest.raises(ValueError, match=rf"^src: keys do not match {type(b).__name__} cbr_tiny: missing \["):
+        load_exact(b, {}, "src")
+
+
+def test_shape_mismatch_lists_at_most_10() -> None:
+    model = _linears(11)
+    state = {f"{i}.weight": torch.zeros(2, 1) for i in range(11)}
+    shown = "; ".join(f"{i}.weight: file [2, 1] vs model [1, 1]" for i in range(10))
+    with pytest.raises(ValueError, match=rf"^src: tensor shapes differ: {re.escape(shown)}$"):
+        load_exact(model, state, "src")
+
+
+def test_load_backbone_image_size_check_and_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # DenseNet-121 with the small stem needs 8 px (the CBR nets and ResNets take any size).
+    path = save_backbone(tmp_path / "b.safetensors", build_backbone("densenet121", 1, "small"),
+                         _meta(arch="densenet121"))
+    with pytest.raises(ValueError, match=r"^densenet121 with stem='small' needs images of at least 8x8, got 4x4$"):
+        load_backbone(path, image_size=4)
+    with caplog.at_level("WARNING", logger="medpretrain.checkpoint"):
+        load_backbone(path, image_size=28)
+        assert not caplog.records
+        load_backbone(path, image_size=64)
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: trained at 28 px (stem small), now used at 64 px"]
+    caplog.clear()
+    unknown = save_backbone(tmp_path / "u.safetensors", _trained(), _meta(image_size=None))
+    with caplog.at_level("WARNING", logger="medpretrain.checkpoint"):
+        load_backbone(unknown, image_size=64)
+    assert not caplog.records

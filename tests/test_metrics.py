@@ -8,14 +8,22 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from torchmetrics.functional.classification import binary_roc
 
 from medpretrain.metrics import (
+    METRICS,
+    SEG_METRICS,
     aggregate,
     bootstrap_ci,
+    bootstrap_images,
     classification_metrics,
     epochs_to_fraction_of_best,
+    mean_metrics,
+    metric_names,
+    per_image_metrics,
     probabilities,
     roc_curves,
+    segmentation_metrics,
 )
 
 
@@ -129,3 +137,284 @@ def test_shape_errors_are_clear():
         classification_metrics(torch.rand(4), torch.tensor([0, 1, 2, 0]), "multiclass")
     with pytest.raises(ValueError, match="unknown classification task"):
         classification_metrics(torch.rand(4), torch.tensor([0, 1, 1, 0]), "segmentation")
+
+
+# Mutation-testing gaps (benchmarks/results/mutation.md): each test below kills mutants that survived.
+
+
+def _naive_auc(score, y) -> float:
+    """Mann-Whitney AUC: the fraction of (positive, negative) pairs ordered right, ties counting 1/2."""
+    score, y = np.asarray(score, float), np.asarray(y)
+    pos, neg = score[y == 1], score[y == 0]
+    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
+
+
+def test_shape_errors_name_both_shapes():
+    with pytest.raises(ValueError, match=r"^binary metrics need probs \[N\] and target \[N\], got \(4, 1\) and "
+                                         r"\(4, 1\)$"):
+        classification_metrics(torch.rand(4, 1), torch.zeros(4, 1), "binary")
+    with pytest.raises(ValueError, match=r"^multiclass metrics need probs \[N, C\] and target \[N\], got \(4, 3\) "
+                                         r"and \(5,\)$"):
+        classification_metrics(torch.rand(4, 3), torch.tensor([0, 1, 2, 0, 1]), "multiclass")
+    with pytest.raises(ValueError, match=r"^multilabel metrics need probs \[N, K\] and target \[N, K\], got \(4,\) "
+                                         r"and \(4,\)$"):
+        classification_metrics(torch.rand(4), torch.tensor([0, 1, 1, 0]), "multilabel")
+    with pytest.raises(ValueError, match=r"^unknown classification task 'segmentation'; expected binary, multiclass "
+                                         r"or multilabel$"):
+        classification_metrics(torch.rand(4), torch.tensor([0, 1, 1, 0]), "segmentation")
+
+
+def test_probabilities_per_task():
+    one_logit = torch.tensor([[0.0], [math.log(3.0)], [-math.log(3.0)]])
+    assert probabilities(one_logit, "binary").tolist() == pytest.approx([0.5, 0.75, 0.25])
+    logits = torch.tensor([[0.0, math.log(2.0), math.log(5.0)], [1.0, 1.0, 1.0]])
+    assert probabilities(logits, "multiclass").tolist() == [pytest.approx([1 / 8, 2 / 8, 5 / 8]),
+                                                            pytest.approx([1 / 3, 1 / 3, 1 / 3])]
+    assert probabilities(logits, "multilabel").tolist() == [pytest.approx([0.5, 2 / 3, 5 / 6]),
+                                                            pytest.approx([1 / (1 + math.exp(-1))] * 3)]
+    with pytest.raises(ValueError, match=r"^unknown classification task 'regression'$"):
+        probabilities(logits, "regression")
+
+
+def test_binary_threshold_and_auc_with_one_positive_or_none():
+    # At threshold 0.3 the predictions are 0 1 1 1 for labels 0 0 1 1: TP 2, FN 0, TN 1, FP 1.
+    m = classification_metrics(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]), "binary",
+                               threshold=0.3)
+    assert m == pytest.approx({"auc": 0.75, "accuracy": 3 / 4, "sensitivity": 1.0, "specificity": 1 / 2,
+                               "precision": 2 / 3, "f1": 2 * (2 / 3) / (2 / 3 + 1)})
+    # Exactly one positive: AUC is defined (2 of the 3 negatives score below it).
+    one = classification_metrics(torch.tensor([0.2, 0.6, 0.4, 0.5]), torch.tensor([0, 0, 0, 1]), "binary")
+    assert one["auc"] == pytest.approx(2 / 3)
+    assert math.isnan(classification_metrics(torch.tensor([0.2, 0.9]), torch.tensor([0, 0]), "binary")["auc"])
+
+
+def test_multiclass_accuracy_is_micro_and_auc_needs_every_class():
+    # Arg-max predicts class 0 everywhere: accuracy (micro) 3/4, macro recall (1 + 0) / 2.
+    p = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
+    m = classification_metrics(p, torch.tensor([0, 0, 0, 1]), "multiclass")
+    assert m["accuracy"] == pytest.approx(0.75) and m["sensitivity"] == pytest.approx(0.5)
+    assert m["auc"] == pytest.approx(1.0)  # the one class-1 case has the highest class-1 score
+    three = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1], [0.3, 0.6, 0.1]])
+    absent = classification_metrics(three, torch.tensor([0, 1, 0, 1]), "multiclass")  # class 2 never occurs
+    assert math.isnan(absent["auc"]) and absent["accuracy"] == pytest.approx(1.0)
+    # Class 2 with a single case is present: macro one-vs-rest AUC against sklearn.
+    t = torch.tensor([0, 1, 0, 2])
+    assert classification_metrics(three, t, "multiclass")["auc"] == pytest.approx(
+        roc_auc_score(t.numpy(), three.numpy(), multi_class="ovr", average="macro"))
+
+
+def test_multilabel_precision_f1_threshold_and_undefined_auc():
+    rng = np.random.default_rng(2)
+    t = rng.integers(0, 2, size=(40, 3))
+    p = np.clip(t * 0.3 + rng.random((40, 3)) * 0.7, 0, 1)
+    for thr in (0.5, 0.3):
+        m = classification_metrics(p, t, "multilabel", threshold=thr)
+        pred = p >= thr
+        tp = ((pred == 1) & (t == 1)).sum(0)
+        prec = tp / pred.sum(0)
+        rec = tp / t.sum(0)
+        assert m["precision"] == pytest.approx(np.mean(prec), abs=1e-6), thr
+        assert m["f1"] == pytest.approx(np.mean(2 * prec * rec / (prec + rec)), abs=1e-6), thr
+        assert m["accuracy"] == pytest.approx((pred == t).mean(), abs=1e-6), thr
+    p4 = torch.tensor([[0.9, 0.2], [0.1, 0.8], [0.3, 0.6], [0.2, 0.4]])
+    one_pos = torch.tensor([[1, 1], [0, 1], [0, 0], [0, 1]])  # label 0 has a single positive
+    assert classification_metrics(p4, one_pos, "multilabel")["auc"] == pytest.approx(
+        (1.0 + _naive_auc(p4[:, 1], one_pos[:, 1])) / 2)
+    for col in ([0, 0, 0, 0], [1, 1, 1, 1]):  # a label without negatives or without positives
+        t_bad = torch.stack([torch.tensor(col), torch.tensor([1, 0, 1, 0])], 1)
+        assert math.isnan(classification_metrics(p4, t_bad, "multilabel")["auc"]), col
+
+
+def test_roc_curve_names_and_skipped_classes():
+    p, t = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.6]), torch.tensor([0, 0, 1, 1, 0])
+    assert set(roc_curves(p, t, "binary")) == {"positive"}
+    assert set(roc_curves(p, t, "binary", class_names=["only"])) == {"positive"}
+    c = roc_curves(p, t, "binary", class_names=["normal", "pneumonia"])["pneumonia"]
+    # Rounded to 5 decimals: FPR steps of 1/3 (three negatives).
+    # Scores in descending order 0.8 (pos) 0.6 0.4 (neg) 0.35 (pos) 0.1 (neg).
+    assert c["fpr"] == [0.0, 0.0, 0.33333, 0.66667, 0.66667, 1.0]
+    assert c["tpr"] == [0.0, 0.5, 0.5, 0.5, 1.0, 1.0]
+    assert c["auc"] == pytest.approx(_naive_auc(p, t))
+    three = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1], [0.3, 0.6, 0.1]])
+    named = roc_curves(three, torch.tensor([0, 1, 0, 1]), "multiclass", class_names=["a", "b", "c"])
+    assert set(named) == {"a", "b"}  # class c never occurs: no curve
+    assert set(roc_curves(three, torch.tensor([0, 1, 0, 1]), "multiclass", class_names=["a", "b"])) == {"0", "1"}
+    # Multi-label: an all-negative label, then an all-positive one, then a valid one.
+    ml = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 1, 0]])
+    curves = roc_curves(three, ml, "multilabel")
+    assert set(curves) == {"2"}
+    assert curves["2"]["auc"] == pytest.approx(_naive_auc(three[:, 2], ml[:, 2]))
+
+
+def test_roc_curve_thinning_keeps_evenly_spaced_points_and_both_ends():
+    g = torch.Generator().manual_seed(0)
+    t = (torch.rand(600, generator=g) < 0.4).long()
+    p = torch.rand(600, generator=g) * 0.6 + 0.4 * t
+    full_fpr, full_tpr, _ = binary_roc(p, t)
+    n = len(full_fpr)
+    assert n > 300
+    for max_points, kw in ((200, {}), (50, {"max_points": 50})):
+        c = roc_curves(p, t, "binary", **kw)["positive"]
+        idx = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
+        assert len(c["fpr"]) == len(c["tpr"]) == max_points
+        assert c["fpr"] == [round(float(full_fpr[i]), 5) for i in idx]
+        assert c["tpr"] == [round(float(full_tpr[i]), 5) for i in idx]
+        assert c["fpr"][0] == c["tpr"][0] == 0.0 and c["fpr"][-1] == c["tpr"][-1] == 1.0
+    small = roc_curves(p[:20], t[:20], "binary", max_points=len(binary_roc(p[:20], t[:20])[0]))["positive"]
+    assert len(small["fpr"]) == len(binary_roc(p[:20], t[:20])[0])  # at the limit nothing is dropped
+
+
+def _mean_of_targets(pp, tt):
+    return {"m": float(tt.float().mean())}
+
+
+def test_bootstrap_defaults_validation_and_threshold():
+    t = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
+    p = torch.full((8,), 0.4)
+    default = bootstrap_ci(p, t, "binary", metric_fn=_mean_of_targets)
+    assert default["m"]["n"] == 1000
+    assert default == bootstrap_ci(p, t, "binary", metric_fn=_mean_of_targets, seed=0, n_boot=1000, alpha=0.05)
+    assert bootstrap_ci(p, t, "binary", metric_fn=_mean_of_targets, n_boot=1)["m"]["n"] == 1
+    for kw in ({"n_boot": 0}, {"alpha": 0.0}, {"alpha": 1.0}, {"alpha": 1.5}):
+        with pytest.raises(ValueError, match=r"^bootstrap needs n_boot >= 1 and 0 < alpha < 1, got "
+                                             rf"{kw.get('n_boot', 1000)}, {kw.get('alpha', 0.05)}$"):
+            bootstrap_ci(p, t, "binary", **kw)
+    # Every probability is 0.4: at threshold 0.3 every resample predicts all positive, at 0.5 none.
+    low = bootstrap_ci(p, t, "binary", n_boot=20, threshold=0.3)
+    assert low["sensitivity"] == {"low": 1.0, "high": 1.0, "n": 20}
+    assert bootstrap_ci(p, t, "binary", n_boot=20)["sensitivity"] == {"low": 0.0, "high": 0.0, "n": 20}
+
+
+def test_bootstrap_undefined_metrics():
+    calls = []
+
+    def fn(pp, tt):
+        calls.append(1)
+        return {"never": math.nan, "once": 0.25 if len(calls) == 1 else math.nan, "always": 0.5}
+
+    ci = bootstrap_ci(torch.rand(6), torch.tensor([0, 1, 0, 1, 0, 1]), "binary", n_boot=10, metric_fn=fn)
+    assert math.isnan(ci["never"]["low"]) and math.isnan(ci["never"]["high"]) and ci["never"]["n"] == 0
+    assert set(ci["never"]) == {"low", "high", "n"}
+    assert ci["once"] == {"low": 0.25, "high": 0.25, "n": 1}
+    assert ci["always"] == {"low": 0.5, "high": 0.5, "n": 10}
+
+
+def test_aggregate_keys_and_missing_metrics():
+    runs = [{"auc": 0.8, "f1": 0.5}, {"auc": 0.9, "f1": 0.7}, {"auc": 1.0}, {"auc": 0.7, "f1": None}]
+    agg = aggregate(runs)
+    assert agg["f1"]["n"] == 2 and agg["f1"]["std"] == pytest.approx(float(np.std([0.5, 0.7], ddof=1)))
+    assert agg["auc"]["n"] == 4 and agg["auc"]["mean"] == pytest.approx(0.85)
+    only = aggregate(runs, keys=["f1", "loss"])
+    assert list(only) == ["f1", "loss"]
+    assert only["loss"]["n"] == 0 and math.isnan(only["loss"]["mean"]) and math.isnan(only["loss"]["std"])
+
+
+def test_epochs_to_fraction_edge_cases():
+    assert epochs_to_fraction_of_best([0.7]) == 1
+    assert epochs_to_fraction_of_best([float("nan"), float("nan")]) is None
+    assert epochs_to_fraction_of_best([float("nan"), 0.0]) == 2  # a NaN epoch never reaches the target
+    assert epochs_to_fraction_of_best([0.5, 0.6, 1.0], fraction=0.5) == 1
+
+
+# Segmentation metrics
+
+# A 2x3 image: targets 1 1 1 / 0 0 0; at 0.5 the predictions are 1 1 0 / 1 0 1: TP 2, FN 1, FP 2, TN 1.
+SEG_P = torch.tensor([[0.9, 0.55, 0.2], [0.7, 0.1, 0.6]])
+SEG_T = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+
+
+def test_metric_names():
+    assert metric_names("segmentation") == SEG_METRICS == ("dice", "jaccard", "sensitivity", "specificity", "auc")
+    assert metric_names("binary") == metric_names("multilabel") == METRICS
+    assert METRICS == ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+
+
+def test_segmentation_metrics_hand_computed():
+    m = segmentation_metrics(SEG_P, SEG_T)
+    assert m == pytest.approx({"dice": 4 / 7, "jaccard": 2 / 5, "sensitivity": 2 / 3, "specificity": 1 / 3,
+                               "auc": 5 / 9})
+    assert list(m) == list(SEG_METRICS)
+    # numpy inputs, soft targets binarised at 0.5, threshold 0.65: predictions 1 0 0 / 1 0 0: TP 1, FP 1, FN 2.
+    soft = segmentation_metrics(SEG_P.numpy(), (SEG_T * 0.8 + 0.1).numpy(), threshold=0.65)
+    assert soft == pytest.approx({"dice": 2 / 5, "jaccard": 1 / 4, "sensitivity": 1 / 3, "specificity": 2 / 3,
+                                  "auc": 5 / 9})
+
+
+def test_segmentation_metrics_roi_and_shape_errors():
+    roi = torch.tensor([[1, 1, 0], [0, 1, 1]])  # keeps 0.9 (T), 0.55 (T), 0.1 (F), 0.6 (F): TP 2, FP 1, TN 1
+    m = segmentation_metrics(SEG_P, SEG_T, roi)
+    assert m == pytest.approx({"dice": 4 / 5, "jaccard": 2 / 3, "sensitivity": 1.0, "specificity": 1 / 2,
+                               "auc": 3 / 4})
+    assert segmentation_metrics(SEG_P, SEG_T, roi.float() * 0.6)["dice"] == pytest.approx(4 / 5)
+    with pytest.raises(ValueError, match=r"^probs \(2, 3\) and target \(3, 2\) differ in shape$"):
+        segmentation_metrics(SEG_P, SEG_T.T)
+    with pytest.raises(ValueError, match=r"^roi \(3,\) and probs \(2, 3\) differ in shape$"):
+        segmentation_metrics(SEG_P, SEG_T, roi[0])
+
+
+def test_segmentation_metrics_undefined_cases():
+    z = torch.zeros(2, 3)
+    empty = segmentation_metrics(z, z)  # nothing predicted, nothing there
+    assert empty["dice"] == 1.0 and empty["jaccard"] == 1.0 and empty["specificity"] == 1.0
+    assert math.isnan(empty["sensitivity"]) and math.isnan(empty["auc"])
+    full = segmentation_metrics(torch.ones(2, 3), torch.ones(2, 3))  # no negatives
+    assert full["dice"] == 1.0 and full["sensitivity"] == 1.0
+    assert math.isnan(full["specificity"]) and math.isnan(full["auc"])
+    missed = segmentation_metrics(z, SEG_T)  # vessels there, none predicted
+    assert missed["dice"] == 0.0 and missed["jaccard"] == 0.0 and missed["sensitivity"] == 0.0
+
+
+def test_segmentation_auc_subsample_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    t = (torch.rand(30, generator=g) < 0.4).float()
+    p = torch.rand(30, generator=g) * 0.7 + 0.3 * t
+    assert segmentation_metrics(p, t)["auc"] == pytest.approx(_naive_auc(p, t), abs=1e-6)
+    assert segmentation_metrics(p, t, auc_max_pixels=30)["auc"] == pytest.approx(_naive_auc(p, t), abs=1e-6)
+    for seed in (0, 3):
+        idx = torch.randperm(30, generator=torch.Generator().manual_seed(seed))[:12]
+        got = segmentation_metrics(p, t, auc_max_pixels=12, seed=seed)["auc"]
+        assert got == pytest.approx(_naive_auc(p[idx], t[idx]), abs=1e-6), seed
+    assert segmentation_metrics(p, t, auc_max_pixels=12)["auc"] == pytest.approx(
+        segmentation_metrics(p, t, auc_max_pixels=12, seed=0)["auc"])
+
+
+def test_per_image_and_mean_metrics():
+    z = torch.zeros(2, 3)
+    rows = per_image_metrics([SEG_P, z], [SEG_T, SEG_T])
+    assert rows == [segmentation_metrics(SEG_P, SEG_T), segmentation_metrics(z, SEG_T)]
+    roi = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    with_roi = per_image_metrics([SEG_P], [SEG_T], [roi], threshold=0.65)
+    assert with_roi == [segmentation_metrics(SEG_P, SEG_T, roi, threshold=0.65)]
+    with pytest.raises(ValueError):
+        per_image_metrics([SEG_P, z], [SEG_T])
+    nan = float("nan")
+    table = [{"dice": 0.2, "jaccard": nan, "sensitivity": 0.5, "specificity": 0.9, "auc": 0.8},
+             {"dice": 0.6, "jaccard": nan, "sensitivity": nan, "specificity": 0.7, "auc": 0.6}]
+    mean = mean_metrics(table)
+    assert list(mean) == list(SEG_METRICS)
+    assert mean["dice"] == pytest.approx(0.4) and mean["sensitivity"] == pytest.approx(0.5)
+    assert math.isnan(mean["jaccard"])
+    assert mean_metrics(table, keys=["auc"]) == {"auc": pytest.approx(0.7)}
+
+
+def test_bootstrap_images_against_loops():
+    nan = float("nan")
+    rows = [{"dice": d, "sensitivity": s, "jaccard": nan} for d, s in
+            ((0.2, 0.5), (0.4, nan), (0.9, 0.7), (0.5, 0.1), (0.3, nan))]
+    ci = bootstrap_images(rows, n_boot=300, seed=4, level=0.9, keys=["dice", "sensitivity", "jaccard"])
+    idx = np.random.default_rng(4).integers(0, 5, size=(300, 5))
+    for k in ("dice", "sensitivity"):
+        means = []
+        for draw in idx:
+            vals = [rows[i][k] for i in draw if not math.isnan(rows[i][k])]
+            if vals:
+                means.append(sum(vals) / len(vals))
+        assert ci[k]["low"] == pytest.approx(np.quantile(means, 0.05)), k
+        assert ci[k]["high"] == pytest.approx(np.quantile(means, 0.95)), k
+    assert math.isnan(ci["jaccard"]["low"]) and math.isnan(ci["jaccard"]["high"])
+    seg_rows = [segmentation_metrics(SEG_P, SEG_T), segmentation_metrics(torch.zeros(2, 3), SEG_T)]
+    default = bootstrap_images(seg_rows)
+    assert set(default) == set(SEG_METRICS)
+    assert default == bootstrap_images(seg_rows, n_boot=1000, seed=0, level=0.95)
+    with pytest.raises(ValueError, match=r"^bootstrap_images needs at least one image$"):
+        bootstrap_images([])
