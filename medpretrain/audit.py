@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medpretrain.config import ConfigError
 from medpretrain.data.errors import DataError
 from medpretrain.data.transforms import resize, to_channels
 from medpretrain.knn import extract_features  # the one feature pass (re-exported here)
@@ -313,7 +314,7 @@ def memorisation(fake_pixels: Tensor, train_pixels: Tensor, heldout_pixels: Tens
     duplicates = held_pixel <= DUPLICATE_TOL
     keep = ~duplicates
     if int(keep.sum()) < 2:
-        raise ValueError(f"memorisation needs at least 2 held-out images that are not copies of training images, "
+        raise ConfigError(f"memorisation needs at least 2 held-out images that are not copies of training images, "
                          f"got {int(keep.sum())} of {len(hp)}")
     result = MemorisationResult(quantile, rule, duplicates)
     result.spaces["pixel"] = _space(fp, tp, hp, quantile, keep)
@@ -478,7 +479,7 @@ def cross_fit_discriminator(make_backbone: Callable[[], nn.Module], real: Tensor
     if folds < 2:
         raise ValueError(f"cross-fitting needs folds >= 2, got {folds}")
     if min(len(real), len(fake)) < folds:
-        raise ValueError(f"need at least {folds} real and fake images for {folds} folds, "
+        raise ConfigError(f"need at least {folds} real and fake images for {folds} folds, "
                          f"got {len(real)} and {len(fake)}")
     gen = torch.Generator().manual_seed(seed)
     real_fold, fake_fold = _folds(len(real), folds, gen), _folds(len(fake), folds, gen)

@@ -279,10 +279,9 @@ def load_backbone(
     """
     state, meta = load_backbone_state(path)
     if arch is not None and arch != meta.arch:
-        raise ValueError(f"{path}: checkpoint holds arch {meta.arch!r}, but arch {arch!r} was requested")
+        raise CheckpointError(path, f"checkpoint holds arch {meta.arch!r}, but arch {arch!r} was requested")
     if in_channels is not None and in_channels != meta.in_channels:
-        raise ValueError(
-            f"{path}: checkpoint has in_channels={meta.in_channels}, but in_channels={in_channels} was requested"
+        raise CheckpointError(path, f"checkpoint has in_channels={meta.in_channels}, but in_channels={in_channels} was requested"
         )
     if image_size is not None:
         check_image_size(meta.arch, meta.stem, image_size)

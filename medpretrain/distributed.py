@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from medpretrain.cli import UserError
+
 
 def world_size() -> int:
     """Processes the launcher started (``WORLD_SIZE``; 1 when run with plain ``python``)."""
@@ -27,5 +29,5 @@ def cpu_group_needed() -> bool:
 def check_world(accelerator: Any) -> None:
     """Raise ``RuntimeError`` when accelerate's group differs from what the launcher started."""
     if accelerator.num_processes != world_size():
-        raise RuntimeError(f"launched {world_size()} processes but accelerate formed a group of "
+        raise UserError(f"launched {world_size()} processes but accelerate formed a group of "
                            f"{accelerator.num_processes}; check the launcher and the accelerate config")

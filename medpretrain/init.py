@@ -45,6 +45,7 @@ from torch import Tensor
 from medpretrain import backbones
 from medpretrain.backbones import Backbone, build_backbone, resolve_stem, torchvision_head_prefixes
 from medpretrain.checkpoint import BackboneMeta, CheckpointError, load_backbone_state, load_exact, read_meta
+from medpretrain.config import ConfigError
 from medpretrain.methods.registry import StageInfo, selfsup_methods, stages
 from medpretrain.utils import PROJECT_ROOT, sha256_file
 
@@ -113,7 +114,7 @@ def imagenet_weights(arch: str) -> list[torchvision.models.WeightsEnum]:
     Raises ``ValueError`` for architectures without ImageNet weights (the CBR nets).
     """
     if arch not in backbones.torchvision_archs():
-        raise ValueError(
+        raise ConfigError(
             f"no ImageNet weights exist for {arch!r}; ImageNet init is available for {backbones.torchvision_archs()}"
         )
     entries = list(torchvision.models.get_model_weights(arch))
@@ -226,9 +227,9 @@ def read_torchvision_state(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with non-tensor objects, a zip error, a truncated file ...
-        raise ValueError(f"{path}: cannot read as a torch state dict with weights_only=True ({e})") from None
+        raise CheckpointError(path, f"cannot read as a torch state dict with weights_only=True ({e})") from None
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors, got {type(obj).__name__}")
+        raise CheckpointError(path, f"expected a mapping of parameter names to tensors, got {type(obj).__name__}")
     state: dict[str, Tensor] = {}
     for k, v in obj.items():
         m = _DENSENET_OLD_KEY.match(k)  # as torchvision.models.densenet._load_state_dict does
@@ -347,10 +348,9 @@ def _load_export(
 ) -> tuple[Backbone, InitInfo]:
     state, meta = load_backbone_state(path)
     if meta.arch != arch:
-        raise ValueError(f"{path}: checkpoint holds arch {meta.arch!r}, but arch {arch!r} was requested")
+        raise CheckpointError(path, f"checkpoint holds arch {meta.arch!r}, but arch {arch!r} was requested")
     if stem != "auto" and resolve_stem(stem, image_size, arch) != meta.stem:
-        raise ValueError(
-            f"{path}: checkpoint was built with stem={meta.stem!r}, but stem={stem!r} was requested; "
+        raise CheckpointError(path, f"checkpoint was built with stem={meta.stem!r}, but stem={stem!r} was requested; "
             f"use stem={meta.stem!r} or 'auto'"
         )
     notes: list[str] = []
@@ -359,8 +359,7 @@ def _load_export(
     elif meta.in_channels == 3 and in_channels == 1:
         pass  # adapted below by summing, as for ImageNet
     else:
-        raise ValueError(
-            f"{path}: checkpoint has in_channels={meta.in_channels}, but in_channels={in_channels} was requested "
+        raise CheckpointError(path, f"checkpoint has in_channels={meta.in_channels}, but in_channels={in_channels} was requested "
             "(only 3 -> 1 is adapted, by summing the first conv over its input channels)"
         )
     if image_size is not None:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medpretrain.config import ConfigError
+
 STAGES: dict[str, list[list[str]]] = {
     "resnet": [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
     "densenet": [
@@ -68,7 +70,7 @@ def parse_regime(text: str) -> Regime:
     """Parse ``linear``, ``full``, ``freeze:<k>`` or ``reinit:<k>``; raise ``ValueError`` otherwise."""
     m = re.fullmatch(r"(linear|full)|(freeze|reinit):(\d+)", text.strip())
     if not m:
-        raise ValueError(f"unknown regime {text!r}; expected linear, full, freeze:<k> or reinit:<k>")
+        raise ConfigError(f"unknown regime {text!r}; expected linear, full, freeze:<k> or reinit:<k>")
     if m.group(1):
         return Regime(m.group(1))
     return Regime(m.group(2), int(m.group(3)))
@@ -155,7 +157,7 @@ def apply_regime(
     stages = backbone_stages(backbone)
     n = len(stages)
     if reg.k is not None and not 0 <= reg.k <= n:
-        raise ValueError(f"regime {reg}: k must be between 0 and {n} (stages: {stages})")
+        raise ConfigError(f"regime {reg}: k must be between 0 and {n} (stages: {stages})")
     frozen_idx = list(range(n)) if reg.kind == "linear" else list(range(reg.k or 0)) if reg.kind == "freeze" else []
     reinit_idx = list(range(reg.k or 0, n)) if reg.kind == "reinit" else []
 

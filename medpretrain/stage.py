@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medpretrain.checkpoint import BackboneMeta, save_backbone
+from medpretrain.checkpoint import BackboneMeta, CheckpointError, save_backbone
 from medpretrain.cli import UserError
 from medpretrain.config import config_to_dict, save_config
 from medpretrain.distributed import check_world, cpu_group_needed
@@ -118,7 +118,7 @@ class Stage:
             step = load_checkpoint(acc, self.resume_from, state)
             held = getattr(step_of, "value", step)
             if held != step:
-                raise RuntimeError(f"{self.resume_from}: step counter {held} != marker {step}")
+                raise CheckpointError(self.resume_from, f"step counter {held} != marker {step}")
             self.last_checkpoint = self.resume_from
         if self.is_main:
             # resumed: rows after the checkpoint go; fresh start in an existing folder: every old row goes

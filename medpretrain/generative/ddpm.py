@@ -7,6 +7,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from medpretrain.config import ConfigError
+
 
 def ddpm_levels(image_size: int, max_levels: int = 4) -> int:
     """Resolution levels of the DDPM UNet: the most (2..``max_levels``) that divide ``image_size`` evenly
@@ -14,7 +16,7 @@ def ddpm_levels(image_size: int, max_levels: int = 4) -> int:
     for levels in range(max_levels, 1, -1):
         if image_size % 2 ** (levels - 1) == 0 and image_size // 2 ** (levels - 1) >= 4:
             return levels
-    raise ValueError(f"DDPM UNet needs an even image size of at least 8, got {image_size}")
+    raise ConfigError(f"DDPM UNet needs an even image size of at least 8, got {image_size}")
 
 
 def build_ddpm_unet(image_size: int, channels: int = 1, base_channels: int = 32) -> nn.Module:

@@ -10,6 +10,8 @@ import math
 
 from torch import Tensor
 
+from medpretrain.config import ConfigError
+
 MAX_CHANNELS = 512
 
 
@@ -20,7 +22,7 @@ def upsampling_plan(image_size: int) -> tuple[int, int]:
     Raises ``ValueError`` below 8 px.
     """
     if image_size < 8:
-        raise ValueError(f"image_size must be at least 8, got {image_size}")
+        raise ConfigError(f"image_size must be at least 8, got {image_size}")
     n_up = max(1, int(math.floor(math.log2(image_size / 4))))
     start = math.ceil(image_size / 2**n_up)
     return start, n_up

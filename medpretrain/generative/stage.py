@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from medpretrain.checkpoint import save_state_dict
-from medpretrain.config import DataConfig, config_to_dict
+from medpretrain.config import ConfigError, DataConfig, config_to_dict
 from medpretrain.data import MedicalDataset, build_dataset
 from medpretrain.data.loader import image_loader
 from medpretrain.faults import fault_hook
@@ -56,7 +56,7 @@ def load_split(data: DataConfig, split: str) -> tuple[MedicalDataset, int]:
     ds = build_dataset(data, split, unlabeled=True)
     h, w = ds[0]["image"].shape[-2:]
     if h != w:
-        raise ValueError(f"{data.dataset}: generative models need square images, got {h}x{w}; set data.image_size")
+        raise ConfigError(f"{data.dataset}: generative models need square images, got {h}x{w}; set data.image_size")
     return ds, int(h)
 
 

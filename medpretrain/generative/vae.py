@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medpretrain.config import ConfigError
 from medpretrain.generative.geometry import center_crop, check_positive, level_channels, upsampling_plan
 
 
@@ -188,7 +189,7 @@ class BetaSchedule:
 
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "linear", "cyclical"):
-            raise ValueError(f"beta schedule must be constant, linear or cyclical, got {self.kind!r}")
+            raise ConfigError(f"beta schedule must be constant, linear or cyclical, got {self.kind!r}")
         if self.beta < 0 or self.warmup_steps < 0 or self.cycle_steps < 0:
             raise ValueError("beta, warmup_steps and cycle_steps must be non-negative")
         if self.kind == "cyclical" and self.cycle_steps < 2:

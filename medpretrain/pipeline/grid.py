@@ -136,8 +136,8 @@ def launch(cfg: CompareConfig, argv: list[str], log_path: Path) -> int:
     """One run; its output goes to ``log_path`` (``inprocess``: to this process's streams). Returns the exit code."""
     if cfg.launcher == "inprocess":
         return run_inprocess(argv, log_path)
-    module = "torch.distributed.run" if cfg.launcher == "torchrun" else "accelerate.commands.launch"
-    cmd = [sys.executable, "-m", module, *cfg.launch_args, str(FINETUNE_SCRIPT), *argv]
+    which = ["--torchrun"] if cfg.launcher == "torchrun" else []  # medpretrain.launch: the child's exit status
+    cmd = [sys.executable, "-m", "medpretrain.launch", *which, *cfg.launch_args, str(FINETUNE_SCRIPT), *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as fh:
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode

@@ -107,10 +107,12 @@ def launcher_cmd(launch: LaunchSpec, script: str) -> list[str]:
     py = sys.executable
     if launch.launcher == "python":
         return [py, str(ROOT / script)]
+    # medpretrain.launch runs accelerate's / torchrun's own launcher and exits with the child's status, so a
+    # stage's expected error stays one line in its log (no launcher traceback after it).
     if launch.launcher == "torchrun":
-        return [py, "-m", "torch.distributed.run", *launch.args, str(ROOT / script)]
+        return [py, "-m", "medpretrain.launch", "--torchrun", *launch.args, str(ROOT / script)]
     cfg_args = ["--config_file", str(ROOT / launch.config_file)] if launch.config_file else []
-    return [py, "-m", "accelerate.commands.launch", *cfg_args, *launch.args, str(ROOT / script)]
+    return [py, "-m", "medpretrain.launch", *cfg_args, *launch.args, str(ROOT / script)]
 
 
 def run_logged(cmd: list[str], log: Path, console: Console = None) -> int:
