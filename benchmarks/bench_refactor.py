@@ -43,7 +43,7 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
             for k, v in row.items():
-                if v not in ("", None) and k not in ("time_s", "images_per_s", "epoch_s", "step_s", "wall_s"):
+                if v not in ("", None) and k not in ("time_s", "images_per_s", "epoch_s", "step_s", "wall_s", "elapsed_s"):
                     try:
                         out.setdefault(k, []).append(float(v))
                     except ValueError:
@@ -94,6 +94,8 @@ def write_markdown(data: dict[str, dict]) -> None:
              "CPU fp32, `OMP_NUM_THREADS=1`, seed 0 (settings in `benchmarks/bench_refactor.py`).", "",
              "| run | series | " + " | ".join(f"{k} ({data[k]['commit']})" for k in labels) + " | max abs diff |",
              "|---|---|" + "---|" * len(labels) + "---|"]
+    lines[3:3] = ["MoCo runs with `moco.split_bn=off` after the change: split-batch BatchNorm is the new single-process "
+                  "default (an intended change of issue 13), so the old full-batch BatchNorm is what is compared.", ""]
     for name in RUNS:
         series: dict[str, list[list[float]]] = {}
         for k in labels:
@@ -105,8 +107,8 @@ def write_markdown(data: dict[str, dict]) -> None:
             for s, v in rec.get("final", {}).items():
                 series.setdefault(f"final {s}", []).append([v])
         for s, cols in series.items():
-            diff = (max(abs(a - b) for a, b in zip(cols[0], cols[1], strict=True))
-                    if len(cols) == 2 and len(cols[0]) == len(cols[1]) else float("nan"))
+            diff = (max((0.0 if a != a and b != b else abs(a - b)) for a, b in zip(cols[0], cols[1], strict=True))
+                    if len(cols) == 2 and len(cols[0]) == len(cols[1]) else float("nan"))  # nan == nan here
             cells = [", ".join(f"{v:.5g}" for v in c) for c in cols]
             lines.append(f"| {name} | {s} | " + " | ".join(cells) + f" | {diff:.3g} |")
     (RESULTS / "refactor.md").write_text("\n".join(lines) + "\n")
