@@ -25,6 +25,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 TRAIN = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=6", "train.log_every=1",
          "train.checkpoint_every=0", "train.seed=0"]
+TIMING = ("time_s", "images_per_s", "epoch_s", "step_s", "wall_s", "elapsed_s")  # machine-dependent: not compared
 RUNS: dict[str, tuple[str, list[str]]] = {
     "simclr": ("pretrain/simclr.py", [*TRAIN, "train.knn_every=0"]),
     # moco.split_bn=off: the full-batch BatchNorm of the 'before' commit (split-batch BN is the new default
@@ -43,7 +44,7 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
             for k, v in row.items():
-                if v not in ("", None) and k not in ("time_s", "images_per_s", "epoch_s", "step_s", "wall_s", "elapsed_s"):
+                if v not in ("", None) and k not in TIMING:
                     try:
                         out.setdefault(k, []).append(float(v))
                     except ValueError:
@@ -101,7 +102,7 @@ def write_markdown(data: dict[str, dict]) -> None:
         for k in labels:
             rec = data[k]["runs"][name]
             for s, vals in rec["metrics"].items():
-                if s in ("step", "epoch", "lr"):
+                if s in ("step", "epoch", "lr", *TIMING):
                     continue
                 series.setdefault(s, []).append(vals)
             for s, v in rec.get("final", {}).items():
