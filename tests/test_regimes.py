@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medpretrain.backbones import build_backbone
-from medpretrain.regimes import Classifier, apply_regime, backbone_stages, parse_regime
+from medpretrain.regimes import Classifier, Regime, apply_regime, backbone_stages, parse_regime
 from medpretrain.utils import default_data_root
 
 
@@ -135,3 +135,110 @@ def test_full_param_groups_lr_and_weight_decay():
 def test_k_out_of_range():
     with pytest.raises(ValueError, match="k must be between 0 and 5"):
         apply_regime(_model(), "freeze:6", lr=0.1)
+
+
+# Mutation-testing gaps (benchmarks/results/mutation.md): each test below kills mutants that survived.
+
+
+class _Declared(torch.nn.Module):
+    """A backbone that declares its stages (one as a bare name) and has a module outside every stage."""
+
+    num_features = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 3, 1)
+        self.norm = torch.nn.BatchNorm2d(3)
+        self.body = torch.nn.Conv2d(3, 3, 1)
+        self.extra = torch.nn.BatchNorm2d(3)  # in no stage
+        self.stages = [["stem", "norm"], "body"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extra(self.body(self.norm(self.stem(x)))).mean((2, 3))
+
+
+class _Plain(torch.nn.Module):
+    """No ``arch`` and no declared stages: the children with parameters are the stages."""
+
+    num_features = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(2, 2)
+        self.act = torch.nn.ReLU()
+        self.second = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.act(self.first(x)))
+
+
+def test_declared_and_fallback_stages():
+    assert backbone_stages(_Declared()) == [["stem", "norm"], ["body"]]
+    assert backbone_stages(_Plain()) == [["first"], ["second"]]
+
+
+def test_regime_str_and_regime_object_accepted():
+    assert str(Regime("full")) == "full" and str(parse_regime(" linear ")) == "linear"
+    assert str(Regime("reinit", 0)) == "reinit:0"
+    _, info = apply_regime(_model(), Regime("freeze", 1), lr=0.1)
+    assert info.regime == "freeze:1" and info.frozen_stages == [0]
+
+
+def test_classifier_defaults_and_validation():
+    b = build_backbone("cbr_tiny", 1)
+    model = Classifier(b, 1)
+    assert model.dropout.p == 0.0 and model.head.out_features == 1 and model.frozen == []
+    assert model.train() is model and model.training  # nothing frozen yet
+    assert Classifier(b, 2, dropout=0.0).dropout.p == 0.0
+    with pytest.raises(ValueError, match=r"^num_outputs must be >= 1, got 0$"):
+        Classifier(b, 0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"^dropout must be in \[0, 1\), got {bad}$"):
+            Classifier(b, 2, dropout=bad)
+
+
+def test_linear_freezes_modules_outside_the_stages_too():
+    model = Classifier(_Declared(), 2)
+    groups, info = apply_regime(model, "linear", lr=0.1)
+    assert info.frozen_stages == [0, 1] and info.reinit_stages == []
+    assert model.frozen == ["stem", "norm", "body", "extra"]
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model.train()
+    assert not model.backbone.extra.training and model.head.training
+    assert info.frozen_params == sum(p.numel() for p in model.backbone.parameters())
+    assert info.trainable_params == 3 * 2 + 2
+
+
+def test_freeze_and_reinit_at_the_bounds():
+    _, none = apply_regime(_model(), "freeze:0", lr=0.1)
+    assert none.frozen_stages == [] and none.frozen_params == 0
+    model = _model()
+    _, every = apply_regime(model, "freeze:5", lr=0.1)
+    assert every.frozen_stages == [0, 1, 2, 3, 4]
+    assert every.trainable_params == 512 * 2 + 2
+    model = _model()
+    before = _snapshot(model.backbone)
+    _, all_new = apply_regime(model, "reinit:0", lr=0.1)
+    assert all_new.reinit_stages == [0, 1, 2, 3, 4]
+    assert not torch.equal(before["conv1.weight"], model.backbone.state_dict()["conv1.weight"])
+    with pytest.raises(ValueError, match=r"^regime reinit:6: k must be between 0 and 5 \(stages: \[\['conv1', "
+                                         r"'bn1'\], \['layer1'\]"):
+        apply_regime(_model(), "reinit:6", lr=0.1)
+
+
+def test_default_lr_and_weight_decay_and_info():
+    model = _model()
+    groups, info = apply_regime(model, "full", lr=0.01)
+    assert {g["lr"] for g in groups} == {0.01} and {g["weight_decay"] for g in groups} == {0.0}
+    assert info.backbone_lr == 0.01 and info.head_lr == 0.01
+    model = _model()
+    groups, info = apply_regime(model, "freeze:2", lr=0.01, backbone_lr_mult=0.1, weight_decay=0.5)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert by_id[id(model.head.weight)]["weight_decay"] == 0.5  # a matrix: decayed
+    assert by_id[id(model.head.bias)]["weight_decay"] == 0.0
+    assert info.regime == "freeze:2" and info.stages == backbone_stages(model.backbone)
+    assert info.backbone_lr == pytest.approx(0.001) and info.head_lr == 0.01
+    frozen = sum(p.numel() for m in (model.backbone.conv1, model.backbone.bn1, model.backbone.layer1)
+                 for p in m.parameters())
+    assert info.frozen_params == frozen
+    assert info.trainable_params == sum(p.numel() for p in model.parameters()) - frozen
