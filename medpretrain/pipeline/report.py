@@ -21,7 +21,7 @@ from medpretrain.results import RunResult, headline_metric
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version, cpu_model
 
 if TYPE_CHECKING:
-    from medpretrain.pipeline.experiment import ExperimentConfig
+    from medpretrain.pipeline.schema import ExperimentConfig
 
 
 def machine() -> dict[str, Any]:

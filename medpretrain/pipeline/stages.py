@@ -42,7 +42,7 @@ from medpretrain.resume import list_checkpoints
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text
 
 if TYPE_CHECKING:
-    from medpretrain.pipeline.experiment import ExperimentConfig, GridSpec, LaunchSpec
+    from medpretrain.pipeline.schema import ExperimentConfig, GridSpec, LaunchSpec
 
 ROOT = PROJECT_ROOT
 AUDIT_SCRIPT = "scripts/audit_synthetic.py"
