@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from medpretrain.config import DataConfig
 from medpretrain.data import build_dataset, make_splits, subsample_train
+from medpretrain.data.splits import _round_counts, strata
 
 
 def pneu(root, **kw) -> DataConfig:
@@ -83,3 +86,173 @@ def test_multilabel_stratifies_by_first_positive():
     parts = make_splits(labels, 100, val_fraction=0.1, test_fraction=0.2)
     first = np.where(labels.any(1), labels.argmax(1), 3)
     assert np.bincount(first[parts["test"]], minlength=4).tolist() == [6, 6, 0, 8]
+
+
+# Mutation-testing gaps (benchmarks/results/mutation.md): each test below kills mutants that survived. The
+# references are written-out loops of the documented algorithm, so a seed's split is pinned (published
+# results name their split seed).
+
+
+def _ref_round_counts(sizes, fraction):
+    """Largest remainder, ties to the lower class index."""
+    exact = [s * fraction for s in sizes]
+    counts = [int(np.floor(e)) for e in exact]
+    short = int(round(fraction * sum(sizes))) - sum(counts)
+    for i in sorted(range(len(sizes)), key=lambda i: -(exact[i] - counts[i]))[:max(short, 0)]:
+        counts[i] += 1
+    return counts
+
+
+def _ref_stratified(key, fractions, seed):
+    """Per class (ascending) one permutation from stream [seed, 0]; each fraction takes the next counts."""
+    rng = np.random.default_rng([seed, 0])
+    classes = sorted(set(key.tolist()))
+    perms = [rng.permutation(np.flatnonzero(key == c)) for c in classes]
+    sizes = [len(p) for p in perms]
+    parts, start = [], [0] * len(classes)
+    for f in fractions:
+        counts = _ref_round_counts(sizes, f)
+        parts.append(sorted(i for ci, p in enumerate(perms) for i in p[start[ci]:start[ci] + counts[ci]]))
+        start = [a + b for a, b in zip(start, counts, strict=True)]
+    parts.append(sorted(i for ci, p in enumerate(perms) for i in p[start[ci]:]))
+    return parts
+
+
+def _ref_grouped(key, groups, fractions, seed):
+    """Biggest group first (ties in seeded order), each to the active split whose class deficit it fills best."""
+    names = list(fractions)
+    uniq = sorted(set(groups.tolist()))
+    classes = sorted(set(key.tolist()))
+    counts = [[0] * len(classes) for _ in uniq]
+    for g, c in zip(groups.tolist(), key.tolist(), strict=True):
+        counts[uniq.index(g)][classes.index(c)] += 1
+    target = [[fractions[s] * sum(row[c] for row in counts) for c in range(len(classes))] for s in names]
+    current = [[0.0] * len(classes) for _ in names]
+    perm = np.random.default_rng([seed, 0]).permutation(len(uniq)).tolist()
+    assign = {}
+    for g in sorted(perm, key=lambda g: -sum(counts[g])):
+        def rank(s, g=g):
+            need = [target[s][c] - current[s][c] for c in range(len(classes))]
+            score = sum(n * k for n, k in zip(need, counts[g], strict=True)) / sum(counts[g])
+            return (score if fractions[names[s]] > 0 else -math.inf, sum(need))
+        best = max(range(len(names)), key=rank)
+        assign[uniq[g]] = best
+        current[best] = [a + b for a, b in zip(current[best], counts[g], strict=True)]
+    return {s: [i for i, g in enumerate(groups.tolist()) if assign[g] == k] for k, s in enumerate(names)}
+
+
+def test_strata_keys_are_int64_class_indices():
+    for labels, want in ((None, [0, 0, 0]), (np.array([2.0, 0.0, 1.0]), [2, 0, 1]),
+                         (np.array([[0, 1], [1, 1], [0, 0]]), [1, 0, 2])):
+        key = strata(labels, 3)
+        assert key.dtype == np.int64 and key.tolist() == want
+
+
+def test_round_counts_largest_remainder_ties_by_class():
+    assert _round_counts(np.array([5, 3, 2]), 0.3).tolist() == [1, 1, 1]  # remainders .5 .9 .6: two extra
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # many classes and tied remainders
+        sizes = rng.integers(1, 6, size=30)
+        for f in (0.5, 0.25, 0.1):
+            got = _round_counts(sizes, f)
+            assert got.tolist() == _ref_round_counts(sizes.tolist(), f), (sizes, f)
+            assert got.sum() == round(f * sizes.sum())
+
+
+def test_stratified_split_matches_reference_and_default_seed():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 20, size=300)  # 20 classes: tied remainders
+    for seed in (0, 7):
+        parts = make_splits(labels, 300, val_fraction=0.1, test_fraction=0.25, seed=seed)
+        test, val, train = _ref_stratified(labels, [0.25, 0.1], seed)
+        assert parts["test"].tolist() == test and parts["val"].tolist() == val and parts["train"].tolist() == train
+        assert all(parts[s].dtype == np.int64 for s in parts)
+    default = make_splits(labels, 300)
+    explicit = make_splits(labels, 300, val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert all(np.array_equal(default[s], explicit[s]) for s in ("train", "val", "test"))
+    empty = make_splits(None, 0)
+    assert all(empty[s].shape == (0,) and empty[s].dtype == np.int64 for s in ("train", "val", "test"))
+
+
+def test_grouped_split_matches_reference_and_keeps_class_balance():
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 5, size=64)  # 64 patients of 1-4 images: many ties in size
+    groups = np.repeat(np.arange(64), sizes)
+    labels = np.repeat((np.arange(64) % 4 == 0).astype(np.int64), sizes)  # a rare class (one patient in 4)
+    fr = {"test": 0.25, "val": 0.125, "train": 0.625}
+    for seed in (0, 1):
+        parts = make_splits(labels, len(labels), groups=groups, val_fraction=0.125, test_fraction=0.25, seed=seed)
+        ref = _ref_grouped(labels, groups, fr, seed)
+        assert {s: parts[s].tolist() for s in ("train", "val", "test")} == {s: ref[s] for s in ("train", "val", "test")}
+    for s, f in fr.items():  # per class within two patients' worth of the target
+        per_class = np.bincount(labels[parts[s]], minlength=2)
+        assert np.all(np.abs(per_class - f * np.bincount(labels)) <= 8), (s, per_class)
+    # Image-level labels (patients with both classes): a split with fraction 0 still gets nothing.
+    mixed = np.random.default_rng(4).integers(0, 3, size=len(groups))
+    for seed in range(4):
+        no_val = make_splits(mixed, len(mixed), groups=groups, val_fraction=0.0, test_fraction=0.25, seed=seed)
+        assert len(no_val["val"]) == 0 and len(no_val["train"]) + len(no_val["test"]) == len(mixed)
+        ref = _ref_grouped(mixed, groups, {"test": 0.25, "val": 0.0, "train": 0.75}, seed)
+        assert no_val["test"].tolist() == ref["test"], seed
+
+
+def test_fraction_validation_messages():
+    labels = np.array([0, 1] * 10)
+    for kw, msg in (({"val_fraction": 1.0}, r"^val_fraction must be in \[0, 1\), got 1\.0$"),
+                    ({"test_fraction": -0.1}, r"^test_fraction must be in \[0, 1\), got -0\.1$"),
+                    ({"test_fraction": 1.5}, r"^test_fraction must be in \[0, 1\), got 1\.5$"),
+                    ({"val_fraction": 0.5, "test_fraction": 0.5},
+                     r"^val_fraction \+ test_fraction must be < 1, got 0\.5 \+ 0\.5$"),
+                    ({"val_fraction": 0.6, "test_fraction": 0.5},
+                     r"^val_fraction \+ test_fraction must be < 1, got 0\.6 \+ 0\.5$")):
+        with pytest.raises(ValueError, match=msg):
+            make_splits(labels, 20, **kw)
+
+
+def test_official_splits_edge_cases():
+    parts = make_splits(None, 6, official={"train": [4, 0, 2], "val": [], "test": [5, 1, 3]})
+    assert parts["train"].tolist() == [0, 2, 4] and parts["val"].tolist() == [] and parts["test"].tolist() == [1, 3, 5]
+    assert all(parts[s].dtype == np.int64 for s in parts)
+    no_test = make_splits(None, 2, official={"train": np.array([0, 1]), "val": np.array([], np.int64)})
+    assert no_test["test"].shape == (0,) and no_test["test"].dtype == np.int64
+    two = make_splits(None, 2, official={"train": np.array([0, 1])})
+    assert len(two["val"]) == 1 and sorted(two["val"].tolist() + two["train"].tolist()) == [0, 1]
+    with pytest.raises(ValueError, match=r"^official train split too small to carve a validation split from$"):
+        make_splits(None, 1, official={"train": np.array([0])})
+    # One validation sample carved out of 20: nothing lost, nothing shared.
+    carved = make_splits(None, 20, official={"train": np.arange(20)}, val_fraction=0.05)
+    assert len(carved["val"]) == 1 and sorted(carved["val"].tolist() + carved["train"].tolist()) == list(range(20))
+
+
+def _ref_subsample(train, labels, fraction=None, per_class=None, seed=0):
+    rng = np.random.default_rng([seed, 1])
+    key = np.zeros(int(train.max()) + 1, np.int64) if labels is None else labels
+    keep = []
+    for c in sorted(set(key[train].tolist())):
+        members = rng.permutation(train[key[train] == c])
+        k = min(len(members), per_class) if per_class is not None else max(1, round(fraction * len(members)))
+        keep += members[:k].tolist()
+    return sorted(keep)
+
+
+def test_subsample_matches_reference_and_validates():
+    labels = np.random.default_rng(1).integers(0, 3, size=100)
+    train = np.arange(0, 100, 2)
+    for kw in ({"fraction": 0.3}, {"fraction": 0.3, "seed": 4}, {"per_class": 1}, {"per_class": 4, "seed": 2}):
+        assert subsample_train(train, labels, **kw).tolist() == _ref_subsample(train, labels, **kw), kw
+    assert np.array_equal(subsample_train(train, labels, fraction=0.3), subsample_train(train, labels, fraction=0.3,
+                                                                                        seed=0))
+    images = subsample_train(train, None, fraction=0.5, seed=3)  # segmentation: a fraction of the images
+    assert images.tolist() == _ref_subsample(train, None, fraction=0.5, seed=3) and len(images) == 25
+    assert subsample_train(train, labels, fraction=1.0) is train
+    assert subsample_train(train, labels) is train
+    empty = np.zeros(0, np.int64)
+    assert subsample_train(empty, labels, fraction=0.5).tolist() == []
+    assert subsample_train(empty, None, fraction=0.5).tolist() == []
+    for kw, msg in (({"fraction": 1.5}, r"^label_fraction must be in \(0, 1\], got 1\.5$"),
+                    ({"per_class": 0}, r"^labels_per_class must be >= 1, got 0$"),
+                    ({"fraction": 0.5, "per_class": 2}, r"^set either label_fraction or labels_per_class, not both$")):
+        with pytest.raises(ValueError, match=msg):
+            subsample_train(train, labels, **kw)
+    with pytest.raises(ValueError, match=r"^labels_per_class needs a labelled \(classification\) dataset$"):
+        subsample_train(train, None, per_class=2)
