@@ -4,6 +4,20 @@ batch, in value and in gradients (``torchrun --nproc_per_node 2``, gloo on the C
 The reference is lightly's ``NTXentLoss`` on one process over the whole batch, and a naive loop over
 SimCLR's Algorithm 1. The same check on an ``accelerator.gather`` version (no gradient through the
 gathered negatives) must fail: that is why the scripts use ``gather_distributed=True``.
+
+The project's own step is checked the same way: the SimCLR method of :mod:`medpretrain.methods` (backbone,
+projection head and its NT-Xent, as :func:`medpretrain.pretrain.main` builds it) on each process's half
+batch, prepared by accelerate (DDP), gives after DDP's all-reduce the parameter gradients of the whole batch
+on one process (:func:`test_project_simclr_step_gradients_equal_single_process_full_batch`). Mutations
+applied by hand to ``medpretrain/methods/simclr.py`` on a scratch copy (``PYTHONPATH`` first), each making
+that test fail:
+
+* ``NTXentLoss(..., gather_distributed=False)``: per-process losses 1.94 against 2.70 on the full batch
+  (the loss assertion fails), and the largest parameter-gradient difference is 0.12 of the largest gradient
+  (the gradient assertion allows 1e-4; the gathering step measures 1.4e-6);
+* the gathered negatives without gradient (the criterion on ``accelerator.gather``; kept in the suite by
+  :func:`test_project_simclr_step_without_gradient_through_the_gather_is_wrong`): the same loss, but
+  gradients off by 0.65 of the largest one.
 """
 
 from __future__ import annotations
@@ -113,3 +127,42 @@ def test_accelerate_gather_without_gradient_is_wrong(results):
     assert abs(torch.stack([r["bad_loss"] for r in results]).mean().item() - full.item()) < 1e-5
     got = torch.cat([r["bad_grad0"] for r in results]) / 2
     assert (got - z0.grad).abs().max().item() > 1e-3
+
+
+def test_project_simclr_step_gradients_equal_single_process_full_batch(results):
+    """The project's SimCLR module and loss, half a batch per process: every parameter gradient after DDP's
+    all-reduce equals the single-process gradient on the full batch (the gather carries gradients)."""
+    from dist_ntxent_worker import simclr_model, simclr_views
+
+    model = simclr_model()
+    x0, x1 = simclr_views()
+    loss = model(x0, x1)
+    loss.backward()
+    ref = {k: p.grad for k, p in model.named_parameters()}
+    assert len(ref) > 10 and all(g is not None for g in ref.values())
+    scale = max(g.abs().max().item() for g in ref.values())
+    assert scale > 1e-3  # a real gradient, not a vanishing one
+    for r in results:
+        got = r["simclr"]
+        assert abs(torch.stack([x["simclr"]["loss"] for x in results]).mean().item() - loss.item()) < 1e-5
+        assert {k[len("grad."):] for k in got if k.startswith("grad.")} == set(ref)
+        worst = max((got[f"grad.{k}"] - g).abs().max().item() for k, g in ref.items())
+        assert worst < 1e-4 * scale, (worst, scale)
+    # the processes hold the same (all-reduced) gradients
+    assert all(torch.equal(results[0]["simclr"][k], results[1]["simclr"][k]) for k in results[0]["simclr"]
+               if k.startswith("grad."))
+
+
+def test_project_simclr_step_without_gradient_through_the_gather_is_wrong(results):
+    """The same step with the gathered copies detached: the loss is the same, the gradients are not."""
+    from dist_ntxent_worker import simclr_model, simclr_views
+
+    model = simclr_model()
+    x0, x1 = simclr_views()
+    loss = model(x0, x1)
+    loss.backward()
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    bad = results[0]["simclr_no_grad_gather"]
+    assert abs(torch.stack([x["simclr_no_grad_gather"]["loss"] for x in results]).mean().item() - loss.item()) < 1e-5
+    worst = max((bad[f"grad.{k}"] - p.grad).abs().max().item() for k, p in model.named_parameters())
+    assert worst > 0.05 * scale, (worst, scale)
