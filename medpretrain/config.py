@@ -66,6 +66,28 @@ class DataConfig:
     """Fraction of the training labels to keep, drawn stratified (1.0 = all)."""
     labels_per_class: int | None = None
     """Alternative to ``label_fraction``: this many training labels per class."""
+    subset_seed: int | None = None
+    """Seed of the label subset (``label_fraction`` / ``labels_per_class``). ``None``: the run's seed
+    (fine-tuning's ``seed``), so every seed draws its own subset, of the same size and class counts, from
+    the same training split (the split itself follows ``split_seed``); without a run seed, ``split_seed``."""
+    dedup: Literal["pixels", "phash", "none"] = "pixels"
+    """Near-duplicate grouping before splitting (``folder:`` and ``segpairs:`` sources; sources with an
+    official split and DICOM / NIfTI / MedMNIST ignore it): ``pixels`` (RMS difference of 32x32 grey
+    thumbnails), ``phash`` (perceptual hash, Hamming distance) or ``none``. See
+    :mod:`medpretrain.data.duplicates`."""
+    dedup_threshold: float | None = None
+    """Largest distance that makes two images near-duplicates; ``None``: 0.05 (``pixels``) or 8 bits
+    (``phash``)."""
+    group_regex: str | None = None
+    """Group key from each sample's path (relative to the dataset folder, e.g. ``benign/sub-01_a.png``):
+    ``re.search``'s group ``group``, else its first group, else the whole match, e.g.
+    ``(?P<group>sub-\\d+)_``. A path it does not match is a DataError naming it. Combines with patient keys
+    and near-duplicates."""
+    cv_folds: int = 0
+    """k-fold cross-validation when > 1: fold ``cv_fold`` is the test set, ``val_fraction`` of the rest
+    validates (grouped and stratified); ``test_fraction`` is then unused. 0 = a single split."""
+    cv_fold: int = 0
+    """Which fold (0..cv_folds-1) is the test set."""
     skip_bad: bool = False
     """Skip unreadable files (counted and reported) instead of failing on the first one."""
     max_pixels: int = 2**28

@@ -31,6 +31,10 @@ class Source:
     official_splits: split name -> sample indices, when the source defines them (MedMNIST, DRIVE).
     files: every file read, for the dataset fingerprint.
     skipped: ``(file, reason)`` for files skipped under ``skip_bad``.
+    thumbs: ``[N, 32, 32]`` float32 grey thumbnails of the native images, for near-duplicate grouping
+    (:mod:`medpretrain.data.duplicates`); ``None`` where a reader keeps none.
+    paths: per sample, its path relative to the dataset folder (posix) or as written in a manifest, which
+    ``data.group_regex`` is matched against; ``None``: ``names``.
     """
 
     images: list[np.ndarray] | np.ndarray
@@ -44,6 +48,8 @@ class Source:
     groups: np.ndarray | None = None
     official_splits: dict[str, np.ndarray] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    thumbs: np.ndarray | None = None
+    paths: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)

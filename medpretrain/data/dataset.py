@@ -31,7 +31,7 @@ from medpretrain.data.base import Source, Task
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.privacy import project_salt
 from medpretrain.data.spec import data_root, parse_spec
-from medpretrain.data.splits import make_splits, subsample_train
+from medpretrain.data.splits import group_samples, make_splits, subsample_train
 from medpretrain.utils import hash_files, sha256_file
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
 
 _SOURCE_CACHE: dict[tuple, Source] = {}
 _HASH_CACHE: dict[tuple, str] = {}
+_GROUP_CACHE: dict[tuple, tuple[Source, np.ndarray | None, dict[str, Any]]] = {}
 
 
 def _cache_key(cfg: DataConfig) -> tuple:
@@ -48,8 +49,9 @@ def _cache_key(cfg: DataConfig) -> tuple:
 
 
 def clear_source_cache() -> None:
-    """Forget decoded sources (tests; or to free memory between experiments)."""
+    """Forget decoded sources and their groups (tests; or to free memory between experiments)."""
     _SOURCE_CACHE.clear()
+    _GROUP_CACHE.clear()
 
 
 def _decode(cfg: DataConfig) -> Source:
@@ -155,12 +157,65 @@ def data_stamp(cfg: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def source_groups(source: Source, cfg: DataConfig) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Group keys of ``source`` for splitting (patient keys, ``data.group_regex``, near-duplicates by
+    ``data.dedup``) and what was found (:func:`medpretrain.data.splits.group_samples`).
+
+    Computed once per source and grouping options (cached beside the decoded source); sources with an
+    official split are not grouped. Raises ConfigError for bad options, DataError for a path the regex misses.
+    """
+    if source.official_splits:
+        return source.groups, {"dedup": "none", "dedup_skipped": "official split", "group_regex": None}
+    key = (id(source), cfg.dedup, cfg.dedup_threshold, cfg.group_regex)
+    hit = _GROUP_CACHE.get(key)
+    if hit is None or hit[0] is not source:
+        keys, info = group_samples(
+            len(source), groups=source.groups, paths=source.paths if source.paths is not None else source.names,
+            group_regex=cfg.group_regex, thumbs=source.thumbs, dedup=cfg.dedup, dedup_threshold=cfg.dedup_threshold,
+        )
+        if cfg.dedup != "none" and source.thumbs is None:
+            info["dedup_skipped"] = "this reader keeps no thumbnails (grouped by patient / volume keys only)"
+        if info["near_duplicate_pairs"]:
+            log.info("%s: %d near-duplicate pair(s) (%s <= %g) -> %d group(s), %d image(s) in %d multi-image "
+                     "group(s), %.2fs", cfg.dataset, info["near_duplicate_pairs"], info["dedup"],
+                     info["dedup_threshold"], info["groups"], info["images_in_multi_image_groups"],
+                     info["multi_image_groups"], info["seconds"])
+        _GROUP_CACHE[key] = hit = (source, keys, info)
+    return hit[1], dict(hit[2])
+
+
 def split_indices(source: Source, cfg: DataConfig) -> dict[str, np.ndarray]:
-    """``train`` / ``val`` / ``test`` indices of ``source`` under ``cfg`` (see :mod:`.splits`)."""
-    return make_splits(
-        source.labels, len(source), groups=source.groups, official=source.official_splits,
-        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
-    )
+    """``train`` / ``val`` / ``test`` indices of ``source`` under ``cfg`` (see :mod:`.splits`).
+
+    Raises ConfigError for bad fractions or folds.
+    """
+    groups, _ = source_groups(source, cfg)
+    try:
+        return make_splits(
+            source.labels, len(source), groups=groups, official=source.official_splits,
+            val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+            cv_folds=cfg.cv_folds, cv_fold=cfg.cv_fold,
+        )
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def split_info(source: Source, cfg: DataConfig, parts: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How ``source`` was split under ``cfg``, as plain values for results files and reports: ``method``
+    (``official`` / ``stratified`` / ``grouped`` / ``cv``), ``split_seed``, ``cv_folds``, ``cv_fold``,
+    ``sizes``, and the grouping counts of :func:`source_groups` (``groups``, ``multi_image_groups``,
+    ``images_in_multi_image_groups``, ``largest_group``, ``near_duplicate_pairs``, ``dedup``, ...)."""
+    groups, info = source_groups(source, cfg)
+    if source.official_splits:
+        method = "official"
+    elif cfg.cv_folds > 1:
+        method = "cv"
+    else:
+        method = "stratified" if groups is None else "grouped"
+    return {"method": method, "split_seed": cfg.split_seed, "cv_folds": cfg.cv_folds, "cv_fold": cfg.cv_fold,
+            "sizes": {s: int(len(v)) for s, v in parts.items()}, **info}
 
 
 class MedicalDataset(Dataset):
@@ -169,12 +224,14 @@ class MedicalDataset(Dataset):
     Attributes: ``task`` (``unlabeled`` when built unlabeled), ``num_classes`` (segmentation: 1,
     the foreground), ``class_names``, ``in_channels``, ``labels`` (this split's, or None), ``fingerprint``,
     ``spec``, ``split``, ``skipped`` (``(file, reason)`` pairs skipped at decode), ``mean``, ``std``,
-    ``names``, ``indices`` (into the source).
+    ``names``, ``indices`` (into the source), ``split_info`` (how the source was split and grouped, and
+    for a label subset its ``subset_seed`` and ``subset_size``; see :func:`split_info`).
     """
 
     def __init__(self, source: Source, indices: np.ndarray, *, spec: str, split: str, in_channels: int,
                  mean: float, std: float, unlabeled: bool = False, normalize: bool = True,
-                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 split_info: dict[str, Any] | None = None):
         if std <= 0:
             raise ValueError(f"data.std must be positive, got {std}")
         self.source = source
@@ -191,6 +248,7 @@ class MedicalDataset(Dataset):
         self.labels = source.labels[self.indices] if has_labels else None  # type: ignore[index]
         self.names = [source.names[i] for i in self.indices]
         self.skipped = list(source.skipped)
+        self.split_info: dict[str, Any] = dict(split_info or {})
         self._fingerprint: str | None = None
 
     @property
@@ -234,28 +292,42 @@ class MedicalDataset(Dataset):
                 f"classes={self.num_classes}, channels={self.in_channels})")
 
 
+def subset_seed(cfg: DataConfig, seed: int | None = None) -> int:
+    """The seed of the label subset: ``data.subset_seed`` if set, else the run's ``seed``, else ``split_seed``."""
+    if cfg.subset_seed is not None:
+        return cfg.subset_seed
+    return seed if seed is not None else cfg.split_seed
+
+
 def build_dataset(cfg: DataConfig, split: str, *, unlabeled: bool = False, normalize: bool = True,
-                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> MedicalDataset:
+                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                  seed: int | None = None) -> MedicalDataset:
     """The ``split`` (train / val / test / all) of ``cfg.dataset`` as a :class:`MedicalDataset`.
 
     ``all`` is train + val (never test), for pretraining. ``label_fraction`` / ``labels_per_class``
-    shrink the labelled ``train`` split only (not when ``unlabeled``). Raises ValueError for an unknown
-    split or bad options, and DataError for bad data or an empty split.
+    shrink the labelled ``train`` split only (not when ``unlabeled``), drawn by :func:`subset_seed`:
+    ``data.subset_seed``, else ``seed`` (the run's seed: fine-tuning passes ``seed=cfg.seed``), else
+    ``split_seed``. The split itself follows ``split_seed`` only. Raises ValueError for an unknown split or
+    bad options, and DataError for bad data or an empty split.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     source = read_source(cfg)
     parts = split_indices(source, cfg)
+    info = split_info(source, cfg, parts)
     if split == "all":
         indices = np.sort(np.concatenate([parts["train"], parts["val"]]))
     else:
         indices = parts[split]
     if split == "train" and not unlabeled and source.task != "unlabeled":
+        drawn_by = subset_seed(cfg, seed)
         indices = subsample_train(indices, source.labels, fraction=cfg.label_fraction,
-                                  per_class=cfg.labels_per_class, seed=cfg.split_seed)
+                                  per_class=cfg.labels_per_class, seed=drawn_by)
+        if cfg.label_fraction is not None or cfg.labels_per_class is not None:
+            info.update(subset_seed=drawn_by, subset_size=int(len(indices)))
     if len(indices) == 0:
         raise DataError(cfg.dataset, f"split '{split}' is empty (val_fraction={cfg.val_fraction}, "
                                      f"test_fraction={cfg.test_fraction}, {len(source)} samples)")
     return MedicalDataset(source, indices, spec=cfg.dataset, split=split, in_channels=cfg.channels,
                           mean=cfg.mean, std=cfg.std, unlabeled=unlabeled, normalize=normalize,
-                          transform=transform)
+                          transform=transform, split_info=info)

@@ -18,6 +18,9 @@ else an error; 1-bit images as {0, 1}; float TIFF min-max per image (constant ->
 Colour: RGB(A) images become grey by ITU-R 601 luma when ``channels == 1`` (exactly, when R = G = B);
 grey is repeated when ``channels == 3``; alpha is dropped.
 Size: resized to ``image_size`` (default 224), bilinear with antialiasing; aspect ratio is not kept.
+Grouped splits: every sample keeps a 32x32 thumbnail of its native image (``Source.thumbs``, for
+near-duplicate grouping, ``data.dedup``) and its path relative to the folder, or as written in the
+manifest (``Source.paths``, for ``data.group_regex``); see :mod:`medpretrain.data.splits`.
 Limit: an image of more than ``max_pixels`` pixels (``data.max_pixels``, read from the header before
 decoding; 0 = no limit) is a DataError naming the file, in place of PIL's DecompressionBombError.
 """
@@ -39,6 +42,7 @@ from tqdm import tqdm
 
 from medpretrain.config import DataConfig
 from medpretrain.data.base import Source
+from medpretrain.data.duplicates import thumbnail
 from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.privacy import salted_key
 from medpretrain.data.transforms import resize, to_channels
@@ -181,12 +185,15 @@ def stack_if_same(images: list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
     return images
 
 
-def _decode_all(files: list[Path], cfg: DataConfig, skips: SkipLog, desc: str) -> list[np.ndarray | None]:
+def _decode_all(files: list[Path], cfg: DataConfig, skips: SkipLog,
+                desc: str) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per file: (image resized to the configured size, 32x32 thumbnail of the native image), or None."""
     size = cfg.image_size or DEFAULT_CLASSIFICATION_SIZE
-    out: list[np.ndarray | None] = []
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
     for f in progress(files, desc):
         try:
-            out.append(resize(load_image(f, cfg.channels, cfg.max_pixels), size))
+            native = load_image(f, cfg.channels, cfg.max_pixels)
+            out.append((resize(native, size), thumbnail(native)))
         except DataError as err:
             skips.handle(err)
             out.append(None)
@@ -194,12 +201,13 @@ def _decode_all(files: list[Path], cfg: DataConfig, skips: SkipLog, desc: str) -
 
 
 def _labelled_source(files: list[Path], labels: list[int] | None, class_names: list[str],
-                     groups: list[str] | None, cfg: DataConfig, skips: SkipLog, desc: str) -> Source:
+                     groups: list[str] | None, cfg: DataConfig, skips: SkipLog, desc: str,
+                     paths: list[str]) -> Source:
     decoded = _decode_all(files, cfg, skips, desc)
     keep = [i for i, im in enumerate(decoded) if im is not None]
     if not keep:
         raise DataError(desc, f"none of the {len(files)} image(s) could be read")
-    images = stack_if_same([decoded[i] for i in keep])  # type: ignore[misc]
+    images = stack_if_same([decoded[i][0] for i in keep])  # type: ignore[index]
     lab = np.asarray([labels[i] for i in keep], dtype=np.int64) if labels is not None else None
     task = "unlabeled" if lab is None else ("binary" if len(class_names) == 2 else "multiclass")
     return Source(
@@ -211,6 +219,8 @@ def _labelled_source(files: list[Path], labels: list[int] | None, class_names: l
         class_names=class_names if lab is not None else [],
         groups=np.asarray([groups[i] for i in keep]) if groups is not None else None,
         skipped=list(skips.skipped),
+        thumbs=np.stack([decoded[i][1] for i in keep]),  # type: ignore[index]
+        paths=[paths[i] for i in keep],
     )
 
 
@@ -233,7 +243,8 @@ def read_folder_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
         class_names = sorted(per_class)
         files = [f for c in class_names for f in per_class[c]]
         labels = [i for i, c in enumerate(class_names) for _ in per_class[c]]
-        return _labelled_source(files, labels, class_names, None, cfg, skips, str(path))
+        rel = [f.relative_to(path).as_posix() for f in files]
+        return _labelled_source(files, labels, class_names, None, cfg, skips, str(path), rel)
     files = list_images(path)
     if not files and per_class:
         (only,) = per_class.values()
@@ -241,7 +252,8 @@ def read_folder_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
         files = only
     if not files:
         raise DataError(path, f"no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return _labelled_source(files, None, [], None, cfg, skips, str(path))
+    rel = [f.relative_to(path).as_posix() for f in files]
+    return _labelled_source(files, None, [], None, cfg, skips, str(path), rel)
 
 
 def _parse_labels(raw: list[str], rows: list[int], manifest: Path,
@@ -293,6 +305,7 @@ def read_manifest_source(manifest: Path, cfg: DataConfig, skips: SkipLog) -> Sou
     files: list[Path] = []
     keep_labels: list[int] = []
     groups: list[str] = []
+    written: list[str] = []
     for i, r in enumerate(rows):
         rel = (r.get("image_path") or "").strip()
         if not rel:
@@ -303,13 +316,14 @@ def read_manifest_source(manifest: Path, cfg: DataConfig, skips: SkipLog) -> Sou
             continue
         p = Path(rel).expanduser()
         files.append(p if p.is_absolute() else base / p)
+        written.append(rel)
         keep_labels.append(label)
         groups.append(salted_group((r.get("patient") or "").strip() or f"row{i}"))
     if not files:
         raise DataError(manifest, "no usable rows")
     source = _labelled_source(
         files, keep_labels if labels is not None else None, class_names,
-        groups if "patient" in header else None, cfg, skips, str(manifest),
+        groups if "patient" in header else None, cfg, skips, str(manifest), written,
     )
     source.files.append(manifest)
     return source

@@ -11,6 +11,11 @@ ITU-R 601 luma when ``channels == 1``). Masks and rois: any non-zero pixel is 1 
 left unset (the dataset then reports an all-ones roi). Size: native unless ``image_size`` is set
 (then square; bilinear antialiased for images, nearest for masks / rois).
 
+Grouped splits: each pair keeps a 32x32 thumbnail of its native image (``Source.thumbs``, near-duplicate
+grouping by ``data.dedup``) and its image file name (``Source.paths``, matched by ``data.group_regex``, e.g.
+``(?P<group>sub-\\d+)_`` keeps ``sub-01_t1.png`` and ``sub-01_t2.png`` together); see
+:mod:`medpretrain.data.splits`. DRIVE has an official split, so neither applies there.
+
 DRIVE (Staal et al., IEEE TMI 2004): ``<path>/{training,test}/{images,1st_manual,mask}``; the
 official 20 / 20 split; the field-of-view ``mask/`` is the roi (DRIVE scores inside it). The
 validation images are carved out of training by :func:`medpretrain.data.splits.make_splits`.
@@ -25,6 +30,7 @@ import numpy as np
 
 from medpretrain.config import DataConfig
 from medpretrain.data.base import Source
+from medpretrain.data.duplicates import thumbnail
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.folder import (
     IMAGE_EXTENSIONS,
@@ -89,7 +95,7 @@ def read_segpairs_source(image_dir: Path, mask_dir: Path, roi_dir: Path | None, 
     images = _listing(image_dir, "image")
     mask_of = pair_files(images, _listing(mask_dir, "mask"), "mask", skips)
     roi_of = pair_files(images, _listing(roi_dir, "roi"), "roi", skips) if roi_dir is not None else None
-    xs, ms, rs, names, files = [], [], [], [], []
+    xs, ms, rs, thumbs, names, files = [], [], [], [], [], []
     for img in progress(images, str(image_dir)):
         if img not in mask_of or (roi_of is not None and img not in roi_of):
             continue
@@ -105,6 +111,7 @@ def read_segpairs_source(image_dir: Path, mask_dir: Path, roi_dir: Path | None, 
         except DataError as err:
             skips.handle(err)
             continue
+        thumbs.append(thumbnail(x))  # of the native image: the groups do not depend on image_size
         if cfg.image_size:
             x = resize(x, cfg.image_size)
             m = resize(m, cfg.image_size, nearest=True)
@@ -121,7 +128,7 @@ def read_segpairs_source(image_dir: Path, mask_dir: Path, roi_dir: Path | None, 
         images=stack_if_same(xs), task="segmentation", names=names, files=files,
         masks=stack_if_same(ms),  # type: ignore[arg-type]
         rois=stack_if_same(rs) if roi_of is not None else None,  # type: ignore[arg-type]
-        class_names=["foreground"], skipped=list(skips.skipped),
+        class_names=["foreground"], skipped=list(skips.skipped), thumbs=np.stack(thumbs), paths=list(names),
     )
 
 
@@ -147,4 +154,5 @@ def read_drive_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
         class_names=["vessel"],
         official_splits={"train": np.arange(n_train), "test": np.arange(n_train, n_train + len(test))},
         skipped=list(skips.skipped),
+        thumbs=np.concatenate([train.thumbs, test.thumbs]),  # type: ignore[list-item]
     )

@@ -12,14 +12,36 @@ Splits (:func:`make_splits`):
 The stratification key is the class index; multi-label samples use their first positive label
 (``K`` when none is positive); unlabeled and segmentation samples form one stratum.
 
+Groups (:func:`group_samples`) join samples that must stay on one side: the source's patient keys
+(a manifest's ``patient`` column, DICOM PatientID, a NIfTI volume), a key taken from each sample's path by
+``data.group_regex``, and near-duplicate images (:mod:`medpretrain.data.duplicates`, ``data.dedup``),
+merged transitively (union-find). Without patient keys or a regex, and when no near-duplicates are found,
+the split is the plain stratified one above (so such a source splits exactly as before grouping existed).
+
+k-fold cross-validation (``cv_folds = k > 1``, :func:`make_splits`): the (grouped) samples are dealt into
+``k`` folds by the same greedy per-class rule, one partition per ``split_seed`` whatever the fold; fold
+``cv_fold`` is the test set, ``val_fraction`` of the other folds' samples (grouped, stratified) is the
+validation set, the rest trains. ``test_fraction`` is not used. Official splits and folds do not mix.
+
 Label fractions (:func:`subsample_train`) come from the train split only, stratified per class
-(``max(1, round(fraction * n_c))`` or ``min(n_c, labels_per_class)``), seeded by ``split_seed``.
-For one seed the draws are nested: the 1 % subset is inside the 10 % subset.
+(``max(1, round(fraction * n_c))`` or ``min(n_c, labels_per_class)``), seeded by the subset seed
+(``data.subset_seed``; by default the run's seed, see :func:`medpretrain.data.build_dataset`): every seed
+draws a subset of the same size and class counts, the split (``split_seed``) stays fixed. For one seed the
+draws are nested: the 1 % subset is inside the 10 % subset.
 """
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+
+from medpretrain.config import ConfigError
+from medpretrain.data.duplicates import DEDUP_METHODS, key_pairs, near_pairs, threshold_for, union_find
+from medpretrain.data.errors import DataError
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
@@ -95,15 +117,25 @@ def _grouped(key: np.ndarray, groups: np.ndarray, fractions: dict[str, float],
 
 def make_splits(labels: np.ndarray | None, n: int, *, groups: np.ndarray | None = None,
                 official: dict[str, np.ndarray] | None = None, val_fraction: float = 0.1,
-                test_fraction: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
+                test_fraction: float = 0.2, seed: int = 0, cv_folds: int = 0,
+                cv_fold: int = 0) -> dict[str, np.ndarray]:
     """Sorted sample indices for ``train``, ``val`` and ``test`` (disjoint, covering all samples).
 
-    Raises ValueError for fractions outside [0, 1) or summing to 1 or more.
+    ``cv_folds > 1``: fold ``cv_fold`` of a k-fold partition is ``test`` (see the module docstring).
+    Raises ValueError for fractions outside [0, 1) or summing to 1 or more, and for folds that do not fit.
     """
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= f < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {f}")
     key = strata(labels, n)
+    if cv_folds < 0:
+        raise ValueError(f"data.cv_folds must be 0 (off) or at least 2, got {cv_folds}")
+    if cv_folds <= 1 and cv_fold != 0:
+        raise ValueError(f"data.cv_fold={cv_fold} needs data.cv_folds > 1 (got {cv_folds})")
+    if cv_folds > 1:
+        if official:
+            raise ValueError("data.cv_folds needs a source without official splits (this one has them)")
+        return _cv_splits(key, n, groups, cv_folds, cv_fold, val_fraction, seed)
     rng = _rng(seed, 0)
     if official:
         out = {s: np.sort(np.asarray(official.get(s, np.zeros(0, np.int64)), dtype=np.int64)) for s in SPLIT_NAMES}
@@ -125,6 +157,113 @@ def make_splits(labels: np.ndarray | None, n: int, *, groups: np.ndarray | None 
         return {s: parts[s] for s in SPLIT_NAMES}
     test, val, train = _stratified(np.arange(n), key, [test_fraction, val_fraction], rng)
     return {"train": train, "val": val, "test": test}
+
+
+def _cv_splits(key: np.ndarray, n: int, groups: np.ndarray | None, folds: int, fold: int,
+               val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Fold ``fold`` of ``folds`` as test, validation from the other folds (see the module docstring)."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"data.cv_fold must be in 0..{folds - 1} for data.cv_folds={folds}, got {fold}")
+    gid = np.asarray(groups) if groups is not None else np.arange(n)
+    n_groups = len(np.unique(gid))
+    if n_groups < folds:
+        raise ValueError(f"data.cv_folds={folds} needs at least {folds} groups, the data has {n_groups}")
+    assign = fold_ids(key, gid, folds, seed)
+    test = np.flatnonzero(assign == fold)
+    rest = np.flatnonzero(assign != fold)
+    rng = np.random.default_rng([seed, 3, fold])
+    if groups is None:
+        val, train = _stratified(rest, key, [val_fraction], rng)
+    else:
+        parts = _grouped(key[rest], gid[rest], {"val": val_fraction, "train": 1.0 - val_fraction}, rng)
+        val, train = rest[parts["val"]], rest[parts["train"]]
+    return {"train": train, "val": val, "test": test}
+
+
+def fold_ids(key: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """``[N]`` fold index per sample: whole groups dealt into ``folds`` equal parts, per class (greedy)."""
+    parts = _grouped(key, np.asarray(groups), {str(i): 1.0 / folds for i in range(folds)}, _rng(seed, 2))
+    out = np.empty(len(key), dtype=np.int64)
+    for i in range(folds):
+        out[parts[str(i)]] = i
+    return out
+
+
+def compile_group_regex(pattern: str) -> re.Pattern[str]:
+    """``data.group_regex`` compiled; raises ConfigError when it is not a valid regular expression."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"data.group_regex {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def regex_keys(paths: Sequence[str], pattern: str) -> np.ndarray:
+    """The group key of each path: ``re.search(pattern, path)``'s group ``group``, else its first group,
+    else the whole match. Raises DataError naming the first path that does not match."""
+    rx = compile_group_regex(pattern)
+    which: int | str = "group" if "group" in rx.groupindex else (1 if rx.groups else 0)
+    keys = []
+    for p in paths:
+        m = rx.search(p)
+        if m is None or m.group(which) is None:
+            raise DataError(p, f"does not match data.group_regex {pattern!r} (every sample needs a group key; "
+                               "widen the regex, e.g. with an alternative)")
+        keys.append(m.group(which))
+    return np.asarray(keys, dtype=str)
+
+
+def group_samples(n: int, *, groups: np.ndarray | None = None, paths: Sequence[str] | None = None,
+                  group_regex: str | None = None, thumbs: np.ndarray | None = None, dedup: str = "none",
+                  dedup_threshold: float | None = None) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Group key per sample for :func:`make_splits`, and what was found (see the module docstring).
+
+    ``groups``: the source's patient keys; ``paths``: what ``group_regex`` is matched against;
+    ``thumbs``: ``[N, 32, 32]`` thumbnails for ``dedup`` (``pixels`` / ``phash`` / ``none``).
+    Returns ``(keys, info)``: ``keys`` is ``None`` when nothing groups any two samples and no patient keys
+    or regex were given (the split is then the plain stratified one); the patient keys themselves when
+    the other keys add no link; else ``[N]`` int64 component labels. ``info`` holds plain numbers for
+    results files: ``groups``, ``multi_image_groups``, ``images_in_multi_image_groups``, ``largest_group``,
+    ``near_duplicate_pairs``, ``dedup``, ``dedup_threshold``, ``group_regex``, ``patient_keys``, ``seconds``.
+    Raises ConfigError for an unknown method or a bad regex, DataError for a path the regex misses.
+    """
+    t0 = time.perf_counter()
+    if dedup not in DEDUP_METHODS:
+        raise ConfigError(f"data.dedup must be one of {', '.join(DEDUP_METHODS)}, got {dedup!r}")
+    links = []
+    if groups is not None:
+        links.append(key_pairs(groups))
+    if group_regex:
+        if paths is None or len(paths) != n:
+            raise ValueError(f"group_regex needs one path per sample ({n}), got {0 if paths is None else len(paths)}")
+        links.append(key_pairs(regex_keys(paths, group_regex)))
+    n_dup = 0
+    thr: float | None = None
+    if dedup != "none" and thumbs is not None:
+        try:
+            thr = threshold_for(dedup, dedup_threshold)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        dup = near_pairs(thumbs, dedup, thr)
+        n_dup = len(dup)
+        links.append(dup)
+    pairs = np.concatenate(links) if links else np.zeros((0, 2), np.int64)
+    labels = union_find(n, pairs)
+    sizes = np.bincount(labels, minlength=n)
+    sizes = sizes[sizes > 0]
+    info: dict[str, Any] = {
+        "groups": int(len(sizes)), "multi_image_groups": int((sizes > 1).sum()),
+        "images_in_multi_image_groups": int(sizes[sizes > 1].sum()), "largest_group": int(sizes.max(initial=0)),
+        "near_duplicate_pairs": n_dup, "dedup": dedup if thr is not None else "none", "dedup_threshold": thr,
+        "group_regex": group_regex or None, "patient_keys": groups is not None,
+    }
+    if groups is not None and info["groups"] == len(np.unique(groups)):
+        keys: np.ndarray | None = np.asarray(groups)  # nothing added to the patient keys: split as before
+    elif groups is None and not group_regex and info["multi_image_groups"] == 0:
+        keys = None
+    else:
+        keys = labels
+    info["seconds"] = round(time.perf_counter() - t0, 4)
+    return keys, info
 
 
 def subsample_train(train: np.ndarray, labels: np.ndarray | None, *, fraction: float | None = None,
