@@ -53,7 +53,7 @@ def run_experiment(cfg: Any, console: Console = None) -> Path:
         save_config(cfg, exp_dir, name="experiment.yaml")
 
     stages: list[Stage] = []
-    exports: dict[str, Stage] = {}
+    exports: dict[str, list[Stage]] = {}  # a training stage's replicates (one per seed of its section)
 
     def done(stage: Stage) -> None:
         stages.append(stage)
@@ -65,23 +65,25 @@ def run_experiment(cfg: Any, console: Console = None) -> Path:
     trained = registry.stages()
     for name in trained:
         if getattr(cfg, name).enabled:
-            say(console, f"[experiment] {name} ...")
-            exports[name] = train_stage(cfg, exp_dir, name, console)
-            done(exports[name])
+            exports[name] = []
+            for seed in getattr(cfg, name).seeds or [None]:
+                say(console, f"[experiment] {name}{'' if seed is None else f' (seed {seed})'} ...")
+                exports[name].append(train_stage(cfg, exp_dir, name, console, seed=seed))
+                done(exports[name][-1])
 
     if cfg.audit.enabled:
         feat = cfg.audit.features
         if feat in trained:
             if feat not in exports:
                 raise ConfigError(f"audit.features={feat!r} but stage {feat} is not enabled")
-            feat = exports[feat].output
+            feat = exports[feat][0].output  # the first replicate
         generators = registry.generators()
         for gen in cfg.audit.generators or [g for g in generators if g in exports]:
             if gen not in generators:
                 raise ConfigError(f"audit.generators: {gen!r} is not a generator stage ({list(generators)})")
             if gen in exports:
                 say(console, f"[experiment] samples + audit of {gen} ...")
-                for s in sample_and_audit(cfg, exp_dir, gen, exports[gen], feat, console):
+                for s in sample_and_audit(cfg, exp_dir, gen, exports[gen][0], feat, console):
                     done(s)
 
     grids: dict[str, list[RunResult]] = {}

@@ -98,8 +98,18 @@ def grid(cfg: CompareConfig) -> list[list[str]]:
     """Every cell's arguments, in report order: inits, regimes, budgets, seeds."""
     task = base_task(cfg)
     budgets: list[float] = [float(n) for n in cfg.n_train_images] if task == "segmentation" else cfg.label_fractions
-    return [cell_argv(cfg, i, r, f, s, task) for i in cfg.inits for r in cfg.regimes for f in budgets
-            for s in cfg.seeds]
+    return [cell_argv(cfg, replicate(i, k), r, f, s, task) for i in cfg.inits for r in cfg.regimes for f in budgets
+            for k, s in enumerate(cfg.seeds)]
+
+
+def replicate(init: str, k: int) -> str:
+    """``<label>=<path0>|<path1>|...`` (an arm pretrained with several seeds) -> the replicate that fine-tune
+    seed number ``k`` starts from (``k mod n``); any other init is returned as it is."""
+    label, sep, paths = init.partition("=")
+    if not sep or "|" not in paths:
+        return init
+    reps = paths.split("|")
+    return f"{label}={reps[k % len(reps)]}"
 
 
 def previous(run_cfg: FinetuneConfig, status: tuple[str, ...] = ("complete",)) -> RunResult | None:

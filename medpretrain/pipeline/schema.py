@@ -27,6 +27,10 @@ class StageSpec:
     """The stage script's config file (default: the stage's registered config, ``configs/<stage>.yaml``)."""
     overrides: list[str] = field(default_factory=list)
     """``key=value`` for the stage script, after ``common``."""
+    seeds: list[int] = field(default_factory=list)
+    """Pretraining replicates: one run per seed (``train.seed=<s>``); fine-tune seed number ``i`` of a grid
+    starts from replicate ``i mod len(seeds)``, so the seed spread of a cell includes the pretraining's.
+    Empty: one run at the config's own seed."""
 
 
 @dataclass

@@ -146,17 +146,20 @@ def previous_wall(exp_dir: Path, name: str, h: str) -> float:
     return float(old.get("wall_s", 0.0)) if old.get("hash") == h else 0.0
 
 
-def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Console = None) -> Stage:
-    """Pretraining / generative stage ``name`` (a registered stage): reuse its export, resume it, or run it.
-    Raises :class:`StageFailed` when it fails."""
+def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Console = None,
+                seed: int | None = None) -> Stage:
+    """Pretraining / generative stage ``name`` (a registered stage): reuse its export, resume it, or run it;
+    ``seed``: one replicate (``train.seed=<seed>``, recorded as ``<name>_seed<seed>``). Raises
+    :class:`StageFailed` when it fails."""
     info = registry.stage(name)
     spec = getattr(cfg, name)
     config_file = spec.config or info.config
-    overrides = [*cfg.common, *spec.overrides]
+    overrides = [*cfg.common, *spec.overrides, *([f"train.seed={seed}"] if seed is not None else [])]
     conf = stage_config(info, config_file, overrides)
     h = stage_hash(info.script, conf, data_stamp(data_of(conf)))
     run_dir = exp_dir / name / h
-    stage = Stage(name, h, str(run_dir / "backbone.safetensors"), log=str(exp_dir / "logs" / f"{name}.log"))
+    label = name if seed is None else f"{name}_seed{seed}"
+    stage = Stage(label, h, str(run_dir / "backbone.safetensors"), log=str(exp_dir / "logs" / f"{label}.log"))
     if (run_dir / "backbone.safetensors").is_file():
         stage.status, stage.wall_s = "reused", previous_wall(exp_dir, name, h)
         return stage
@@ -175,7 +178,7 @@ def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Consol
     if code != 0 or not (run_dir / "backbone.safetensors").is_file():
         stage.status, stage.detail = "failed", f"exit code {code}; log {stage.log}"
         record(exp_dir, stage)
-        raise StageFailed(f"stage {name} failed (exit code {code}); see {stage.log}. Run the same command "
+        raise StageFailed(f"stage {label} failed (exit code {code}); see {stage.log}. Run the same command "
                           "again to resume it from its last checkpoint.")
     return stage
 
@@ -224,7 +227,7 @@ def sample_and_audit(cfg: ExperimentConfig, exp_dir: Path, gen: str, gen_stage: 
     return [samples, audit]
 
 
-def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, Stage]) -> CompareConfig:
+def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, list[Stage]]) -> CompareConfig:
     """The fine-tune grid of ``task`` as a validated :class:`CompareConfig`: the grid file, the experiment's
     launcher (a launcher in ``grid`` wins), ``grid``, then the inits (training stages become their exports)
     and every run's overrides (the grid file's, ``common``, the task's, ``resume=auto``)."""
@@ -236,7 +239,7 @@ def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[s
             if init not in exports:
                 raise ConfigError(f"{task}.inits has {init!r} but stage {init} is not enabled; enable it or "
                                   f"give {init}=<path to backbone.safetensors>")
-            inits.append(f"{init}={exports[init].output}")
+            inits.append(f"{init}=" + "|".join(st.output for st in exports[init]))  # replicates: see grid()
         else:
             inits.append(init)
     launch = (["launcher=inprocess"] if cfg.launch.launcher == "python" else
@@ -253,7 +256,7 @@ def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[s
     return ccfg
 
 
-def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, Stage],
+def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, list[Stage]],
                console: Console = None) -> tuple[Stage, list[RunResult]]:
     """The fine-tune grid of ``task`` (:func:`medpretrain.pipeline.grid.run_grid`; cells reused by their own
     hash). Returns the stage record and every cell's results (none for a dry run)."""
