@@ -256,3 +256,216 @@ def test_subsample_matches_reference_and_validates():
             subsample_train(train, labels, **kw)
     with pytest.raises(ValueError, match=r"^labels_per_class needs a labelled \(classification\) dataset$"):
         subsample_train(train, None, per_class=2)
+
+
+# Leakage-free splits (issue 14, item 8) and label subsets drawn by the run's seed (item 3).
+
+
+def _smooth(seed: int, size: int = 40) -> np.ndarray:
+    """A smooth random 8-bit image (a 5x5 random field upsampled): distinct images are far apart."""
+    from PIL import Image
+
+    field = np.random.default_rng(seed).integers(0, 256, (5, 5), dtype=np.uint8)
+    return np.asarray(Image.fromarray(field).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _folder(tmp_path, n_per_class: int = 12, classes=("a", "b")):
+    from PIL import Image
+
+    for ci, c in enumerate(classes):
+        (tmp_path / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(_smooth(100 * ci + i)).save(tmp_path / c / f"{c}{i:02d}.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("method", ["pixels", "phash"])
+def test_planted_near_duplicate_ends_in_one_split_for_every_seed(tmp_path, method):
+    from PIL import Image
+
+    root = _folder(tmp_path)
+    original = _smooth(3)
+    noise = np.random.default_rng(9).integers(-3, 4, original.shape)
+    Image.fromarray(np.clip(original.astype(int) + noise, 0, 255).astype(np.uint8)).save(root / "a" / "a03 copy.png")
+    separated = 0
+    for seed in range(10):
+        cfg = DataConfig(dataset=f"folder:{root}", image_size=16, dedup=method, split_seed=seed,
+                         val_fraction=0.2, test_fraction=0.3)
+        sides = {s: set(build_dataset(cfg, s).names) for s in ("train", "val", "test")}
+        assert sum("a03.png" in v and "a03 copy.png" in v for v in sides.values()) == 1, (seed, sides)
+        info = build_dataset(cfg, "test").split_info
+        assert (info["groups"], info["multi_image_groups"], info["images_in_multi_image_groups"],
+                info["near_duplicate_pairs"], info["method"], info["dedup"]) == (24, 1, 2, 1, "grouped", method)
+        plain = DataConfig(dataset=f"folder:{root}", image_size=16, dedup="none", split_seed=seed,
+                           val_fraction=0.2, test_fraction=0.3)
+        sides = {s: set(build_dataset(plain, s).names) for s in ("train", "val", "test")}
+        separated += not any("a03.png" in v and "a03 copy.png" in v for v in sides.values())
+    assert separated > 0  # without grouping some seed splits the pair: the check above can fail
+
+
+def _busi_rms(src) -> np.ndarray:
+    t = src.thumbs.reshape(len(src), -1).astype(np.float64)
+    sq = (t ** 2).sum(1)
+    return np.sqrt(np.maximum((sq[:, None] + sq[None] - 2 * t @ t.T) / t.shape[1], 0))
+
+
+def test_busi_grouped_split_leaves_no_test_image_near_a_training_image(data_root):
+    from medpretrain.data import read_source
+    from medpretrain.data.dataset import split_indices
+
+    cfg = DataConfig(dataset="folder:busi", root=str(data_root), image_size=64)  # dedup=pixels by default
+    src = read_source(cfg)
+    dist = _busi_rms(src)
+    info = build_dataset(cfg, "test").split_info
+    # Measured on BUSI (780 images): 215 pairs within RMS 0.05 join 320 images into 142 groups.
+    assert (info["groups"], info["multi_image_groups"], info["images_in_multi_image_groups"], info["largest_group"],
+            info["near_duplicate_pairs"], info["dedup_threshold"]) == (602, 142, 320, 7, 215, 0.05)
+    assert int((dist[np.triu_indices(len(dist), 1)] <= 0.05).sum()) == 215  # the pairs, recounted naively
+    for seed in (0, 1, 2):
+        parts = split_indices(src, DataConfig(dataset="folder:busi", root=str(data_root), image_size=64,
+                                              split_seed=seed))
+        seen = np.concatenate([parts["train"], parts["val"]])
+        assert int((dist[np.ix_(parts["test"], seen)].min(1) <= 0.05).sum()) == 0, seed
+        assert int((dist[np.ix_(parts["val"], parts["train"])].min(1) <= 0.05).sum()) == 0, seed
+        assert [np.bincount(src.labels[parts[s]]).tolist() for s in ("train", "val", "test")] == \
+            [[306, 147, 93], [44, 21, 13], [87, 42, 27]]  # still stratified to the sample
+    plain = split_indices(src, DataConfig(dataset="folder:busi", root=str(data_root), image_size=64, dedup="none"))
+    seen = np.concatenate([plain["train"], plain["val"]])
+    assert int((dist[np.ix_(plain["test"], seen)].min(1) <= 0.05).sum()) == 47  # the leak without grouping
+    ph = build_dataset(DataConfig(dataset="folder:busi", root=str(data_root), image_size=64, dedup="phash"),
+                       "test").split_info
+    assert (ph["groups"], ph["multi_image_groups"], ph["near_duplicate_pairs"], ph["dedup_threshold"]) == (600, 144,
+                                                                                                          217, 8)
+
+
+def test_group_regex_keeps_a_subject_together(tmp_path):
+    from PIL import Image
+
+    from medpretrain.config import ConfigError
+    from medpretrain.data import DataError
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+    for s in range(10):
+        for k in range(3):  # three distinct images per subject, subject's class = s % 2
+            Image.fromarray(_smooth(10 * s + k)).save(tmp_path / "ab"[s % 2] / f"sub-{s:02d}_scan{k}.png")
+    for pattern in (r"(?P<group>sub-\d+)_", r"(sub-\d+)_", r"sub-\d+"):
+        for seed in range(5):
+            cfg = DataConfig(dataset=f"folder:{tmp_path}", image_size=8, dedup="none", group_regex=pattern,
+                             split_seed=seed, val_fraction=0.2, test_fraction=0.3)
+            subjects = {s: {n.split("_")[0] for n in build_dataset(cfg, s).names} for s in ("train", "val", "test")}
+            assert sum(len(v) for v in subjects.values()) == 10, (pattern, seed, subjects)
+            info = build_dataset(cfg, "train").split_info
+            assert (info["groups"], info["multi_image_groups"], info["method"]) == (10, 10, "grouped")
+    stray = tmp_path / "with stray"
+    for c in ("a", "b"):
+        (stray / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(_smooth(50 + i)).save(stray / c / f"sub-0{i}_{c}.png")
+    Image.fromarray(_smooth(999)).save(stray / "a" / "stray.png")
+    with pytest.raises(DataError, match=r"^a/stray\.png: does not match data\.group_regex"):
+        build_dataset(DataConfig(dataset=f"folder:{stray}", image_size=8, group_regex=r"(sub-\d+)_"), "train")
+    with pytest.raises(ConfigError, match=r"data\.group_regex '\(sub' is not a valid regular expression"):
+        build_dataset(DataConfig(dataset=f"folder:{stray}", image_size=8, group_regex="(sub"), "train")
+
+
+def test_groups_merge_patient_keys_regex_and_duplicates():
+    from medpretrain.data.splits import group_samples
+
+    thumbs = np.stack([np.full((32, 32), v, np.float32) for v in (0.0, 0.01, 0.5, 0.9, 0.2, 0.7)])
+    patients = np.array(["p", "q", "q", "r", "s", "t"])
+    paths = ["x_0", "y_1", "y_2", "y_3", "z_4", "w_5"]
+    keys, info = group_samples(6, groups=patients, paths=paths, group_regex=r"^(\w)_", thumbs=thumbs,
+                               dedup="pixels")
+    # 0~1 (RMS 0.01), 1~2 (patient q), 2~3 (regex y): one chain of four; 4 and 5 alone.
+    assert keys.tolist() == [0, 0, 0, 0, 4, 5]
+    assert (info["groups"], info["multi_image_groups"], info["images_in_multi_image_groups"],
+            info["largest_group"], info["near_duplicate_pairs"]) == (3, 1, 4, 4, 1)
+    alone, info = group_samples(6, thumbs=thumbs, dedup="none")
+    assert alone is None and info["groups"] == 6  # nothing groups: the plain stratified split
+    same, _ = group_samples(6, groups=patients, thumbs=thumbs, dedup="pixels", dedup_threshold=0.001)
+    assert same is patients or same.tolist() == patients.tolist()  # patient keys unchanged: split as before
+    with pytest.raises(ValueError, match="data.dedup must be one of pixels, phash, none, got 'md5'"):
+        group_samples(6, thumbs=thumbs, dedup="md5")
+
+
+def test_cv_folds_partition_grouped_and_stratified():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 4, 90)
+    groups = np.repeat(np.arange(90), sizes)
+    labels = np.repeat(np.arange(90) % 3, sizes)
+    n = len(labels)
+    for g in (None, groups):
+        tests = []
+        for fold in range(5):
+            parts = make_splits(labels, n, groups=g, val_fraction=0.1, seed=4, cv_folds=5, cv_fold=fold)
+            assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(n))  # each fold covers all
+            if g is not None:
+                sets = {s: set(g[parts[s]]) for s in parts}
+                assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) \
+                    and not (sets["val"] & sets["test"])
+            tests.append(parts["test"])
+            val_share = len(parts["val"]) / (n - len(parts["test"]))
+            assert abs(val_share - 0.1) < 0.03, val_share
+        assert sorted(np.concatenate(tests).tolist()) == list(range(n))  # the test folds partition the data
+        per_class = np.array([np.bincount(labels[t], minlength=3) for t in tests])
+        target = np.bincount(labels) / 5
+        assert np.all(np.abs(per_class - target) <= (1 if g is None else 3)), per_class
+    with pytest.raises(ValueError, match=r"^data\.cv_fold must be in 0\.\.4 for data\.cv_folds=5, got 5$"):
+        make_splits(labels, n, cv_folds=5, cv_fold=5)
+    with pytest.raises(ValueError, match=r"^data\.cv_fold=2 needs data\.cv_folds > 1 \(got 0\)$"):
+        make_splits(labels, n, cv_fold=2)
+    with pytest.raises(ValueError, match="needs a source without official splits"):
+        make_splits(None, 4, official={"train": np.arange(2), "test": np.arange(2, 4)}, cv_folds=2)
+    with pytest.raises(ValueError, match="data.cv_folds=5 needs at least 5 groups, the data has 2"):
+        make_splits(labels[:6], 6, groups=np.array([0, 0, 0, 1, 1, 1]), cv_folds=5)
+
+
+def test_busi_cv_folds_keep_near_duplicates_together(data_root):
+    from medpretrain.data import read_source
+    from medpretrain.data.dataset import split_indices
+
+    src = read_source(DataConfig(dataset="folder:busi", root=str(data_root), image_size=64))
+    dist = _busi_rms(src)
+    tests = []
+    for fold in range(5):
+        cfg = DataConfig(dataset="folder:busi", root=str(data_root), image_size=64, cv_folds=5, cv_fold=fold)
+        parts = split_indices(src, cfg)
+        seen = np.concatenate([parts["train"], parts["val"]])
+        assert int((dist[np.ix_(parts["test"], seen)].min(1) <= 0.05).sum()) == 0, fold
+        assert np.all(np.abs(np.bincount(src.labels[parts["test"]]) - np.array([437, 210, 133]) / 5) <= 1)
+        tests.append(parts["test"])
+    assert sorted(np.concatenate(tests).tolist()) == list(range(780))
+    assert build_dataset(cfg, "test").split_info["method"] == "cv"
+
+
+def test_seed_draws_the_label_subset_and_split_stays(data_root):
+    subsets = {}
+    for seed in (0, 1, 2):
+        ds = build_dataset(pneu(data_root, label_fraction=0.01), "train", seed=seed)
+        subsets[seed] = ds.indices
+        assert np.bincount(ds.labels).tolist() == [4, 35]  # same size and class counts for every seed
+        assert (ds.split_info["subset_seed"], ds.split_info["subset_size"]) == (seed, 39)
+    assert not np.array_equal(subsets[0], subsets[1]) and not np.array_equal(subsets[1], subsets[2])
+    assert np.array_equal(build_dataset(pneu(data_root, label_fraction=0.01), "train", seed=1).indices, subsets[1])
+    full = build_dataset(pneu(data_root), "train")
+    others = np.concatenate([build_dataset(pneu(data_root), s).indices for s in ("val", "test")])
+    for idx in subsets.values():
+        assert set(idx) <= set(full.indices) and not set(idx) & set(others)  # never val / test
+    # data.subset_seed overrides the run's seed; without either, split_seed draws it (as before).
+    pinned = build_dataset(pneu(data_root, label_fraction=0.01, subset_seed=2), "train", seed=0)
+    assert np.array_equal(pinned.indices, subsets[2])
+    assert np.array_equal(build_dataset(pneu(data_root, label_fraction=0.01), "train").indices, subsets[0])
+
+
+def test_subset_seed_on_a_folder_source_keeps_the_split(tmp_path):
+    root = _folder(tmp_path, n_per_class=20)
+    base = {"dataset": f"folder:{root}", "image_size": 8, "split_seed": 3}
+    pool = set(build_dataset(DataConfig(**base), "train").indices)  # 28 of 40: 14 per class
+    held_out = set(build_dataset(DataConfig(**base), "val").indices) | set(build_dataset(DataConfig(**base), "test").indices)
+    draws = [build_dataset(DataConfig(**base, label_fraction=0.25), "train", seed=s) for s in range(4)]
+    for ds in draws:
+        assert np.bincount(ds.labels).tolist() == [4, 4] and set(ds.indices) <= pool and not set(ds.indices) & held_out
+    assert len({tuple(ds.indices) for ds in draws}) == 4  # four seeds, four subsets
+    other_split = build_dataset(DataConfig(**{**base, "split_seed": 4}, label_fraction=0.25), "train", seed=0)
+    assert not set(other_split.indices) <= pool  # the pool itself follows split_seed
