@@ -300,6 +300,12 @@ def test_written_header_is_sorted_json_with_format_and_logged(tmp_path: Path,
                   '"path": "runs/x", "scalar": 0.5, "zeta": 1}'}
     assert load_state_dict(path)[1] == {"alpha": {"a": 1, "b": 2}, "array": [0, 1, 2], "np": [[1.5], [2.0]],
                                         "np_scalar": 0.25, "path": "runs/x", "scalar": 0.5, "zeta": 1}
+    class Scalar:  # duck-typed scalar without .tolist()
+        def item(self) -> int:
+            return 7
+
+    save_state_dict(tmp_path / "duck.safetensors", {"w": torch.zeros(1)}, {"s": Scalar()})
+    assert load_state_dict(tmp_path / "duck.safetensors")[1] == {"s": 7}
     with pytest.raises(TypeError, match=r"^metadata value of type object is not JSON-serialisable: <object"):
         save_state_dict(tmp_path / "obj.safetensors", {"w": torch.zeros(1)}, {"o": object()})
     with pytest.raises(TypeError, match=r"^state_dict\['n'\] is a int, not a tensor$"):

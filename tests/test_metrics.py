@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from torchmetrics.functional.classification import binary_roc
+from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from medpretrain.metrics import (
     METRICS,
@@ -182,6 +182,9 @@ def test_binary_threshold_and_auc_with_one_positive_or_none():
                                threshold=0.3)
     assert m == pytest.approx({"auc": 0.75, "accuracy": 3 / 4, "sensitivity": 1.0, "specificity": 1 / 2,
                                "precision": 2 / 3, "f1": 2 * (2 / 3) / (2 / 3 + 1)})
+    low = classification_metrics(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]), "binary",
+                                 threshold=0.05)  # everything predicted positive
+    assert low["accuracy"] == pytest.approx(1 / 2) and low["specificity"] == 0.0
     # Exactly one positive: AUC is defined (2 of the 3 negatives score below it).
     one = classification_metrics(torch.tensor([0.2, 0.6, 0.4, 0.5]), torch.tensor([0, 0, 0, 1]), "binary")
     assert one["auc"] == pytest.approx(2 / 3)
@@ -376,6 +379,18 @@ def test_segmentation_auc_subsample_is_seeded():
         assert got == pytest.approx(_naive_auc(p[idx], t[idx]), abs=1e-6), seed
     assert segmentation_metrics(p, t, auc_max_pixels=12)["auc"] == pytest.approx(
         segmentation_metrics(p, t, auc_max_pixels=12, seed=0)["auc"])
+    one = torch.tensor([0.2, 0.9, 0.4, 0.95])  # a single foreground pixel: AUC is defined
+    assert segmentation_metrics(one, torch.tensor([0, 1, 0, 0]))["auc"] == pytest.approx(2 / 3)
+
+
+def test_segmentation_auc_subsamples_above_200k_pixels_by_default():
+    g = torch.Generator().manual_seed(1)
+    n = 200_001  # one pixel over the default limit (a DRIVE image has 329,960)
+    t = (torch.rand(n, generator=g) < 0.1).long()
+    p = torch.rand(n, generator=g) * 0.8 + 0.2 * t
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:200_000]
+    assert segmentation_metrics(p, t)["auc"] == float(binary_auroc(p[idx], t[idx]))
+    assert segmentation_metrics(p, t)["auc"] != float(binary_auroc(p, t))
 
 
 def test_per_image_and_mean_metrics():
@@ -412,9 +427,12 @@ def test_bootstrap_images_against_loops():
         assert ci[k]["low"] == pytest.approx(np.quantile(means, 0.05)), k
         assert ci[k]["high"] == pytest.approx(np.quantile(means, 0.95)), k
     assert math.isnan(ci["jaccard"]["low"]) and math.isnan(ci["jaccard"]["high"])
-    seg_rows = [segmentation_metrics(SEG_P, SEG_T), segmentation_metrics(torch.zeros(2, 3), SEG_T)]
+    g = torch.Generator().manual_seed(2)
+    seg_rows = [segmentation_metrics(torch.rand(2, 3, generator=g), SEG_T) for _ in range(7)]
     default = bootstrap_images(seg_rows)
     assert set(default) == set(SEG_METRICS)
     assert default == bootstrap_images(seg_rows, n_boot=1000, seed=0, level=0.95)
+    for kw in ({"n_boot": 1001}, {"seed": 1}):
+        assert default != bootstrap_images(seg_rows, **kw), kw
     with pytest.raises(ValueError, match=r"^bootstrap_images needs at least one image$"):
         bootstrap_images([])
