@@ -80,7 +80,8 @@ class DataConfig:
     (``phash``)."""
     group_regex: str | None = None
     """Group key from each sample's path (relative to the dataset folder, e.g. ``benign/sub-01_a.png``):
-    ``re.search``'s group ``group``, else its first group, else the whole match, e.g.
+    ``re.search``'s group ``group``, else its first group, else (no group, or one outside the matching
+    alternative) the whole match, e.g.
     ``(?P<group>sub-\\d+)_``. A path it does not match is a DataError naming it. Combines with patient keys
     and near-duplicates."""
     cv_folds: int = 0

@@ -85,3 +85,39 @@ def test_empty_split_and_bad_options(tmp_path):
         build_dataset(cfg, "val")
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         read_source(DataConfig(dataset=f"folder:{tmp_path}", channels=2))
+
+
+def test_groups_are_found_once_per_source(tmp_path, monkeypatch):
+    import medpretrain.data.splits as splits
+
+    calls = []
+    real = splits.near_pairs
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(splits, "near_pairs", counting)
+    for i in range(6):
+        Image.fromarray(np.full((5, 5), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    Image.fromarray(np.full((5, 5), 41, np.uint8)).save(tmp_path / "1b.png")  # RMS 1/255 from 1.png
+    cfg = DataConfig(dataset=f"folder:{tmp_path}", image_size=8)
+    parts = [build_dataset(cfg, s) for s in ("train", "val", "test", "train")]
+    assert len(calls) == 1  # four datasets, one near-duplicate search
+    assert parts[0].split_info == parts[2].split_info | {"sizes": parts[0].split_info["sizes"]}
+    assert parts[0].split_info["near_duplicate_pairs"] == 1 and parts[0].split_info["groups"] == 6
+    build_dataset(DataConfig(dataset=f"folder:{tmp_path}", image_size=8, dedup_threshold=0.5), "train")
+    assert len(calls) == 2  # another threshold, another search; the decoded source is reused
+    info = build_dataset(DataConfig(dataset=f"folder:{tmp_path}", image_size=8, dedup_threshold=0.5), "train").split_info
+    assert len(calls) == 2 and info["groups"] == 1 and info["dedup_threshold"] == 0.5 and info["sizes"]["train"] == 7
+    with pytest.raises(DataError, match=r"split 'val' is empty \(.*, 7 samples in 1 group\(s\)\)"):
+        build_dataset(DataConfig(dataset=f"folder:{tmp_path}", image_size=8, dedup_threshold=0.5), "val")
+
+
+def test_sources_without_thumbnails_are_not_deduplicated(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "medpretrain.data.dicom",
+                        types.SimpleNamespace(read_dicom_source=lambda path, cfg, log: fake_source()))
+    info = build_dataset(DataConfig(dataset="dicom:scans", root=str(tmp_path)), "test").split_info
+    assert (info["method"], info["dedup"], info["groups"]) == ("stratified", "none", 10)
+    assert "keeps no thumbnails" in info["dedup_skipped"]
+    clear_source_cache()

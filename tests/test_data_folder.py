@@ -185,3 +185,42 @@ def test_manifest_label_out_of_range_and_missing_column(tmp_path):
     missing = write_manifest(tmp_path / "missing.csv", ["0.png,a", "gone.png,b"], header="image_path,label")
     with pytest.raises(DataError, match="gone.png: cannot read file"):
         read_source(DataConfig(dataset=f"folder:{missing}"))
+
+
+def test_thumbnails_and_paths_for_grouped_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    save(tmp_path / "a" / "sub-1" / "x.png", colour)
+    save(tmp_path / "a" / "y.png", grey(40, 36, seed=1))
+    save(tmp_path / "b" / "z.png", grey(40, 36, seed=2))
+    src = read_source(DataConfig(dataset=f"folder:{tmp_path}", image_size=8))
+    assert src.paths == ["a/sub-1/x.png", "a/y.png", "b/z.png"] and src.names == ["x.png", "y.png", "z.png"]
+    assert src.thumbs.shape == (3, 32, 32) and src.thumbs.dtype == np.float32
+    # Thumbnails come from the native image: the same whatever image_size and channels (so every stage of an
+    # experiment finds the same groups and the same test set).
+    for kw in ({"image_size": 64}, {"image_size": 8, "channels": 3}):
+        np.testing.assert_allclose(read_source(DataConfig(dataset=f"folder:{tmp_path}", **kw)).thumbs, src.thumbs,
+                                   atol=1e-6)
+    luma = colour.astype(np.float64) @ [0.299, 0.587, 0.114] / 255
+    assert abs(src.thumbs[0].mean() - luma.mean()) < 2e-3  # grey by luma, area-preserving resize
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_path,label\n" + "a/y.png,0\n" + f"{tmp_path / 'b' / 'z.png'},1\n")
+    src = read_source(DataConfig(dataset=f"folder:{manifest}", image_size=8))
+    assert src.paths == ["a/y.png", str(tmp_path / "b" / "z.png")]  # as written in the manifest
+
+
+def test_manifest_patients_combine_with_near_duplicates(tmp_path):
+    rows = []
+    for i in range(12):
+        save(tmp_path / "img" / f"s{i}.png", grey(seed=i))
+        rows.append(f"img/s{i}.png,{i % 2},P{i // 2}")
+    save(tmp_path / "img" / "s0 again.png", grey(seed=0))  # patient P5's image is a copy of P0's
+    rows.append("img/s0 again.png,0,P5")
+    cfg = DataConfig(dataset="folder:" + str(write_manifest(tmp_path / "m.csv", rows)), image_size=8,
+                     val_fraction=0.17, test_fraction=0.17)
+    info = build_dataset(cfg, "train").split_info
+    assert (info["groups"], info["near_duplicate_pairs"], info["largest_group"], info["patient_keys"]) == (5, 1, 5, True)
+    for seed in range(6):
+        sides = [set(build_dataset(DataConfig(**{**cfg.__dict__, "split_seed": seed}), s).names)
+                 for s in ("train", "val", "test")]
+        assert sum({"s0.png", "s1.png", "s10.png", "s11.png", "s0 again.png"} <= side for side in sides) == 1

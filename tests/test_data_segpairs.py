@@ -96,3 +96,34 @@ def test_missing_folders(tmp_path):
         read_source(DataConfig(dataset="drive:nowhere", root=str(tmp_path)))
     with pytest.raises(DataError, match="image folder not found"):
         read_source(DataConfig(dataset="segpairs:a,b", root=str(tmp_path)))
+
+
+def test_drive_official_split_is_not_grouped(data_root):
+    info = build_dataset(DataConfig(dataset="drive:", root=str(data_root)), "test").split_info
+    assert (info["method"], info["dedup"], info["dedup_skipped"], info["sizes"]) == \
+        ("official", "none", "official split", {"train": 18, "val": 2, "test": 20})
+
+
+def test_segpairs_group_regex_and_planted_duplicate(tmp_path):
+    rng = np.random.default_rng(1)
+    for s in range(6):
+        for k in range(2):
+            stem = f"sub-{s:02d}_slice{k}"
+            save(tmp_path / "img" / f"{stem}.png", rng.integers(0, 256, (12, 10), dtype=np.uint8))
+            save(tmp_path / "msk" / f"{stem}.png", (rng.random((12, 10)) > 0.7).astype(np.uint8) * 255)
+    copy = np.asarray(Image.open(tmp_path / "img" / "sub-00_slice0.png")).astype(int) + rng.integers(-2, 3, (12, 10))
+    save(tmp_path / "img" / "extra.png", np.clip(copy, 0, 255).astype(np.uint8))  # a near-copy, no subject
+    save(tmp_path / "msk" / "extra.png", np.zeros((12, 10), np.uint8))
+    src = read_source(DataConfig(dataset="segpairs:img,msk", root=str(tmp_path)))
+    assert src.thumbs.shape == (13, 32, 32) and src.paths == src.names
+    for seed in range(5):
+        cfg = DataConfig(dataset="segpairs:img,msk", root=str(tmp_path), group_regex=r"(sub-\d+)_|^extra",
+                         split_seed=seed, val_fraction=0.2, test_fraction=0.3)
+        sides = [set(build_dataset(cfg, s).names) for s in ("train", "val", "test")]
+        for s in range(6):
+            assert sum({f"sub-{s:02d}_slice0.png", f"sub-{s:02d}_slice1.png"} <= side for side in sides) == 1
+        assert sum({"extra.png", "sub-00_slice0.png"} <= side for side in sides) == 1  # the near-copy joins
+        info = build_dataset(cfg, "test").split_info
+        assert (info["groups"], info["near_duplicate_pairs"], info["largest_group"]) == (6, 1, 3)
+    with pytest.raises(DataError, match=r"^extra\.png: does not match data\.group_regex"):
+        build_dataset(DataConfig(dataset="segpairs:img,msk", root=str(tmp_path), group_regex=r"(sub-\d+)_"), "train")

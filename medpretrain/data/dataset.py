@@ -326,8 +326,9 @@ def build_dataset(cfg: DataConfig, split: str, *, unlabeled: bool = False, norma
         if cfg.label_fraction is not None or cfg.labels_per_class is not None:
             info.update(subset_seed=drawn_by, subset_size=int(len(indices)))
     if len(indices) == 0:
+        grouped = f" in {info['groups']} group(s)" if info["method"] in ("grouped", "cv") else ""
         raise DataError(cfg.dataset, f"split '{split}' is empty (val_fraction={cfg.val_fraction}, "
-                                     f"test_fraction={cfg.test_fraction}, {len(source)} samples)")
+                                     f"test_fraction={cfg.test_fraction}, {len(source)} samples{grouped})")
     return MedicalDataset(source, indices, spec=cfg.dataset, split=split, in_channels=cfg.channels,
                           mean=cfg.mean, std=cfg.std, unlabeled=unlabeled, normalize=normalize,
                           transform=transform, split_info=info)

@@ -198,17 +198,18 @@ def compile_group_regex(pattern: str) -> re.Pattern[str]:
 
 
 def regex_keys(paths: Sequence[str], pattern: str) -> np.ndarray:
-    """The group key of each path: ``re.search(pattern, path)``'s group ``group``, else its first group,
-    else the whole match. Raises DataError naming the first path that does not match."""
+    """The group key of each path: ``re.search(pattern, path)``'s group ``group``, else its first group
+    (the whole match when there is no group, or when that group took no part in the match, as in the
+    alternative of ``(sub-\\d+)_|^extra``). Raises DataError naming the first path that does not match."""
     rx = compile_group_regex(pattern)
     which: int | str = "group" if "group" in rx.groupindex else (1 if rx.groups else 0)
     keys = []
     for p in paths:
         m = rx.search(p)
-        if m is None or m.group(which) is None:
+        if m is None:
             raise DataError(p, f"does not match data.group_regex {pattern!r} (every sample needs a group key; "
                                "widen the regex, e.g. with an alternative)")
-        keys.append(m.group(which))
+        keys.append(m.group(which) if m.group(which) is not None else m.group(0))
     return np.asarray(keys, dtype=str)
 
 
