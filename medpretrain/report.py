@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from medpretrain import stats
 from medpretrain.metrics import METRIC_LABELS, METRICS, aggregate, metric_names
-from medpretrain.results import RunResult, headline_metric
+from medpretrain.results import Predictions, RunResult, headline_metric, load_predictions
 from medpretrain.utils import atomic_path, atomic_write_text
 
 Result = Mapping[str, Any]
@@ -88,27 +89,160 @@ def _frac(f: float) -> str:
     return f"{f:g}"
 
 
-def summarize(results: Sequence[Result], headline: str = "auc") -> list[dict[str, Any]]:
-    """One row per (init, regime, label budget) over the completed runs: mean/sd of every test metric,
-    epochs to 95% of the best validation score, seconds per epoch, and the per-seed bootstrap CIs of the
-    ``headline`` metric (key ``auc_ci`` whatever the metric, for the table code)."""
-    metrics = _metrics_of(results)
-    groups: dict[tuple[str, str, float], list[Result]] = defaultdict(list)
+# ------------------------------------------------------------------------------------------------
+# Cells and the guard against nonsense
+# ------------------------------------------------------------------------------------------------
+
+CHANCE_AUC = 0.5
+"""A headline AUC at or below this is no finding: the model ranks test cases no better than a coin."""
+
+CellKey = tuple[str, str, float, float]
+
+
+def run_lr(r: Result) -> float | None:
+    """The run's (head) learning rate, ``config.optim.lr`` (``None`` when not recorded)."""
+    lr = ((r.get("config") or {}).get("optim") or {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def _cell_key(r: Result) -> CellKey:
+    lr = run_lr(r)
+    return (str(r["init_label"]), str(r["regime"]), budget(r), -1.0 if lr is None else lr)
+
+
+def _cells(results: Sequence[Result]) -> dict[CellKey, list[Result]]:
+    """Complete runs grouped by (init, regime, budget, learning rate), each group sorted by seed."""
+    groups: dict[CellKey, list[Result]] = defaultdict(list)
     for r in results:
         if r.get("status") == "complete":
-            groups[_key(r)].append(r)
+            groups[_cell_key(r)].append(r)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in sorted(groups.items())}
+
+
+def _predictions_path(r: Result) -> Path | None:
+    path = Path(str(r.get("run_dir") or "")) / "predictions.npz"
+    return path if r.get("run_dir") and path.is_file() else None
+
+
+def _load(path: Path) -> Predictions | None:
+    try:
+        return load_predictions(path)
+    except (OSError, ValueError):  # an unreadable file: the caller falls back to the per-seed metrics
+        return None
+
+
+def _dice_per_image(probs: np.ndarray, masks: np.ndarray, rois: np.ndarray, threshold: float) -> np.ndarray:
+    """Per-image Dice inside the roi at ``threshold`` (1.0 when prediction and mask are both empty), as
+    :func:`medpretrain.metrics.segmentation_metrics` counts it. ``probs``, ``masks``, ``rois``: ``[N, H, W]``."""
+    roi = rois > 0.5
+    pred, true = (probs >= threshold) & roi, (masks > 0.5) & roi
+    tp = (pred & true).sum(axis=(1, 2)).astype(np.float64)
+    fp = (pred & ~true).sum(axis=(1, 2))
+    fn = (~pred & true).sum(axis=(1, 2))
+    den = 2 * tp + fp + fn
+    return np.divide(2 * tp, den, out=np.ones_like(tp), where=den > 0)
+
+
+def trivial_dice(masks: np.ndarray, rois: np.ndarray) -> tuple[float, str]:
+    """Mean per-image Dice of the better constant mask inside the roi: all background (1 on an image whose
+    mask is empty, else 0) or all foreground (``2 |T| / (|T| + |roi|)``). Returns ``(dice, "background" |
+    "foreground")``."""
+    roi = rois > 0.5
+    pos = ((masks > 0.5) & roi).sum(axis=(1, 2)).astype(np.float64)
+    area = roi.sum(axis=(1, 2)).astype(np.float64)
+    background = float(np.mean(pos == 0))
+    den = pos + area
+    foreground = float(np.mean(np.divide(2 * pos, den, out=np.ones_like(pos), where=den > 0)))
+    return (background, "background") if background >= foreground else (foreground, "foreground")
+
+
+_TRIVIAL: dict[tuple[str, int], tuple[float, str]] = {}
+
+
+def chance_level(runs: Sequence[Result]) -> tuple[float | None, str]:
+    """The score a cell must beat to be a finding, and what it is: ``(0.5, "chance")`` for classification;
+    for segmentation the :func:`trivial_dice` of the cell's test masks (from the first run with a
+    ``predictions.npz``), ``(None, "unknown ...")`` when no run saved its predictions."""
+    if not runs or not is_segmentation(runs[0]):
+        return CHANCE_AUC, "chance"
+    for r in runs:
+        path = _predictions_path(r)
+        if path is None:
+            continue
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in _TRIVIAL:
+            pred = _load(path)
+            if pred is None or pred.masks is None or pred.rois is None:
+                continue
+            _TRIVIAL[key] = trivial_dice(pred.masks, pred.rois)
+        value, kind = _TRIVIAL[key]
+        return value, f"all-{kind} mask"
+    return None, "unknown (no predictions.npz)"
+
+
+def failed_check(regime: str, metric: str, test: Mapping[str, Mapping[str, float]], chance: float | None,
+                 chance_kind: str) -> str | None:
+    """Why a cell is no finding, or ``None``: its mean headline ``metric`` is undefined, or at or below the
+    ``chance`` level (AUC 0.5; the better constant mask's Dice). Segmentation without a known baseline: a Dice,
+    sensitivity or specificity of 0 (a constant mask). The text names the likely causes."""
+    value = test[metric]["mean"]
+    if not math.isfinite(value):
+        return f"{_LABELS.get(metric, metric)} undefined on the test set (a class missing from it?)"
+    if metric == "dice":
+        if chance is None:
+            sens, spec = test.get("sensitivity", {}).get("mean"), test.get("specificity", {}).get("mean")
+            if value > 0 and sens != 0 and spec != 0:
+                return None
+            why = f"Dice {value:.3f} from a constant mask (sensitivity or specificity 0)"
+        elif value > chance:
+            return None
+        else:
+            why = f"Dice {value:.3f} at or below the {chance_kind}'s {chance:.3f}"
+        return (why + ": the model does no better than predicting one class; check the optimiser steps at this "
+                "label budget, the loss balance (seg.dice_loss_weight) and the threshold")
+    if metric == "auc" and value <= CHANCE_AUC:
+        frozen = regime == "linear" or regime.startswith("freeze")
+        causes = (["the frozen BatchNorm statistics (re-estimate them on the training images)",
+                   "the optimiser steps at this label budget"] if frozen else
+                  ["the optimiser steps at this label budget", "the frozen BatchNorm statistics"])
+        return (f"AUC {value:.3f} at or below chance (0.5): check " + ", ".join(causes)
+                + " and the class prior (train vs test prevalence)")
+    return None
+
+
+def summarize(results: Sequence[Result], headline: str = "auc") -> list[dict[str, Any]]:
+    """One row per (init, regime, label budget, learning rate) over the completed runs: mean/sd of every test
+    metric, of the best validation ``headline`` (``val``), epochs to 95% of the best validation score, seconds
+    per epoch, and the per-seed bootstrap CIs of the ``headline`` metric (key ``auc_ci`` whatever the metric,
+    for the table code).
+
+    ``lr``: the learning rate (``None`` if not recorded); ``regime_label``: the regime, with ``@ lr <lr>`` when
+    the runs hold several learning rates for it. The guard: ``chance`` / ``chance_kind`` (:func:`chance_level`)
+    and ``failed`` (:func:`failed_check`: the reason the cell is no finding, else ``None``), ``n_below_chance``
+    (seeds at or below it)."""
+    metrics = _metrics_of(results)
+    cells = _cells(results)
+    lrs: dict[tuple[str, str], set[float]] = defaultdict(set)
+    for init, regime, _, lr in cells:
+        lrs[(init, regime)].add(lr)
     rows = []
-    for (init, regime, frac), runs in sorted(groups.items()):
-        runs = sorted(runs, key=lambda r: r["seed"])
+    for (init, regime, frac, lr), runs in cells.items():
         agg = aggregate([r["metrics"]["test"] for r in runs], metrics)
         conv = aggregate([{"e95": r.get("epochs_to_95") or math.nan, "s": r["timing"]["mean_epoch_s"],
                            "best": r.get("best_epoch") or math.nan} for r in runs])
+        val = aggregate([{headline: (r["metrics"].get("val_best") or {}).get(headline, math.nan)} for r in runs])
+        chance, chance_kind = chance_level(runs)
+        failed = failed_check(regime, headline, agg, chance, chance_kind)
+        below = sum(1 for r in runs if chance is not None and not r["metrics"]["test"][headline] > chance)
         rows.append({
             "kind": "single", "init": init, "regime": regime, "label_fraction": frac,
-            "seeds": [r["seed"] for r in runs], "n": len(runs), "metrics": agg,
+            "lr": None if lr < 0 else lr,
+            "regime_label": regime if len(lrs[(init, regime)]) < 2 else f"{regime} @ lr {lr:g}",
+            "seeds": [r["seed"] for r in runs], "n": len(runs), "metrics": agg, "val": val[headline],
             "auc_ci": [(r["ci"][headline]["low"], r["ci"][headline]["high"]) for r in runs if r.get("ci")],
             "epochs_to_95": conv["e95"], "epoch_s": conv["s"], "best_epoch": conv["best"],
             "train_size": runs[0]["data"].get("train_size"),
+            "chance": chance, "chance_kind": chance_kind, "failed": failed, "n_below_chance": below,
         })
     return rows
 
@@ -400,6 +534,8 @@ def build_report(
                   "budget is the number of annotated training images (seeded draw).")
     md += [f"- {n}" for n in notes]
     md.append("")
+    if rows:
+        md += ["## Which initialisation?", "", *recommendation_markdown(recommend(results, metric), seg=seg), ""]
 
     md += ["## Comparison (test set)", "",
            f"Mean ± sample sd over seeds; per-seed 95% percentile-bootstrap CIs of the test {_LABELS[metric]}; "
@@ -413,32 +549,31 @@ def build_report(
     ens_by_key = {(e["init"], e["regime"], float(e["label_fraction"])): e for e in ensembles}
     for s in rows:
         cis = "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s["auc_ci"])
-        md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} ({s['train_size']}) | "
-                  f"single (n={s['n']}) | " + " | ".join(_pm(s["metrics"][m]) for m in metrics)
+        md.append(f"| {s['init']} | {s['regime_label']} | {_frac(s['label_fraction'])} ({s['train_size']}) | "
+                  f"single (n={s['n']}){' ✗ failed' if s['failed'] else ''} | "
+                  + " | ".join(_pm(s["metrics"][m]) for m in metrics)
                   + f" | {cis} | {_pm(s['epochs_to_95'], 1)} | {_fmt(s['epoch_s']['mean'], 1)} |")
         e = ens_by_key.get((s["init"], s["regime"], s["label_fraction"]))
         if e:
             md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | ensemble of {e['n']} | "
                       + " | ".join(_fmt(e["metrics"][m]) for m in metrics)
                       + f" | [{e['ci'][metric]['low']:.3f}, {e['ci'][metric]['high']:.3f}] | | |")
+    bad = [s for s in rows if s["failed"]]
+    if bad:
+        md += ["", "✗ failed cells, not findings (left out of the recommendation and the label-efficiency plot):"]
+        md += [f"- {s['init']} / {s['regime_label']} / {_frac(s['label_fraction'])}: {s['failed']}"
+               + (f" ({s['n_below_chance']} of {s['n']} seeds)" if s["n"] > 1 else "") + "." for s in bad]
     md.append("")
 
     if rows:
-        fracs = sorted({s["label_fraction"] for s in rows})
         md += ["## Label efficiency", "",
                f"Test {_LABELS[metric]} (mean ± sd over seeds) against "
                + ("the number of annotated training images (seeded draws)." if seg
                   else "the fraction of training labels (stratified, seeded subsets)."), "",
-               "| init | regime | " + " | ".join(_frac(f) for f in fracs) + " |",
-               "|---|---|" + "---|" * len(fracs)]
-        for init, regime in sorted({(s["init"], s["regime"]) for s in rows}):
-            cells = []
-            for f in fracs:
-                match = [s for s in rows if (s["init"], s["regime"], s["label_fraction"]) == (init, regime, f)]
-                cells.append(_pm(match[0]["metrics"][metric]) if match else "-")
-            md.append(f"| {init} | {regime} | " + " | ".join(cells) + " |")
+               *efficiency_markdown(rows, metric, seg=seg)]
         md += ["", f"![label efficiency]({PLOTS[0]})", ""]
-        plot_label_efficiency(rows, out / PLOTS[0], metric,
+        plot_label_efficiency([{**s, "regime": s["regime_label"]} for s in rows if not s["failed"]], out / PLOTS[0],
+                              metric,
                               xlabel="annotated training images" if seg else "label fraction")
 
         head_frac, head_regime = _headline(results)
@@ -513,81 +648,257 @@ def build_report(
 # The answer: which init at which label budget, and how sure
 # --------------------------------------------------------------------------------------------
 
+LEVEL = 0.95
+"""Confidence level of the gap's interval; the family-wise error rate of the "clear" verdicts is 1 - LEVEL."""
 
-def _arm_se(row: Mapping[str, Any], metric: str) -> float:
-    """Standard error of an arm's mean test metric: seed spread (sd / sqrt(n)) combined with test-set
-    sampling (the mean per-seed 95% bootstrap half-width / 1.96, averaged over seeds, so / sqrt(n))."""
-    agg = row["metrics"][metric]
-    seed_var = agg["std"] ** 2 / agg["n"] if agg["n"] > 1 and math.isfinite(agg["std"]) else 0.0
-    halves = [(hi - lo) / 2 / 1.96 for lo, hi in row["auc_ci"] if math.isfinite(lo) and math.isfinite(hi)]
-    test_var = (float(np.mean(halves)) ** 2 / len(halves)) if halves else 0.0
-    return math.sqrt(seed_var + test_var)
+STATS_METHOD = (
+    "For each label budget, the init to use and how sure that is:",
+    "- *choice*: each init's regime (and learning rate) is the one with the best mean validation {name} over "
+    "seeds, never test; the inits are ranked by the test {name} of that choice;",
+    "- *gap*: winner - runner-up in mean test {name} over seeds; var = var_boot + var_seeds / n_seeds, var_boot "
+    "from a paired bootstrap of the seed-averaged predictions over the same test {unit} for both arms, var_seeds "
+    "the spread of the per-seed gaps (paired by seed; Welch when the arms ran different seeds); 95% CI = gap ± "
+    "t(df) · sqrt(var), df = n_seeds - 1 (Welch-Satterthwaite unpaired; normal quantiles with one seed). Without "
+    "saved predictions the test-set variance comes from each run's bootstrap CI, the arms taken as independent "
+    "(conservative);",
+    "- *verdict*: p-values Holm-adjusted over the label budgets; **clear**: the adjusted p < 0.05; **likely**: the "
+    "unadjusted 95% CI excludes 0; else **not distinguishable**. DeLong p: a cross-check of the two AUCs of the "
+    "seed-averaged probabilities (binary tasks).",
+)
+"""The lines that say how :func:`recommend` decides (``{name}``: the metric, ``{unit}``: cases or images)."""
 
 
-def recommend(results: Sequence[Result | RunResult], metric: str | None = None) -> list[dict[str, Any]]:
-    """Per label budget, the inits ranked by their best regime's mean test ``metric`` (AUC, or Dice for
-    segmentation), and a verdict on the gap between the best and the runner-up init.
+def run_threshold(r: Result) -> float:
+    """The threshold a segmentation run binarised its test maps at: the run's ``threshold`` (chosen on
+    validation) when recorded as a number, else ``config.seg.threshold``, else 0.5."""
+    if isinstance(r.get("threshold"), (int, float)):
+        return float(r["threshold"])
+    t = ((r.get("config") or {}).get("seg") or {}).get("threshold")
+    return float(t) if isinstance(t, (int, float)) else 0.5
 
-    Each row: ``budget``, ``metric``, ``ranking`` (``init, regime, mean, std, n, se`` best first),
-    ``winner``, ``runner_up``, ``margin`` (winner mean - runner-up mean), ``uncertainty``
-    (sqrt(se_w^2 + se_r^2)), ``verdict``: ``clear`` (margin > 2 x uncertainty), ``likely`` (> 1 x),
-    ``not distinguishable``, or ``only one init`` ; ``single_seed`` when an arm of the two has one seed
-    (its seed-to-seed spread is then not measured and the uncertainty counts test-set sampling only),
-    ``unavailable``: inits that could not be measured (e.g. ImageNet weights missing).
+
+def _seed_metrics(runs: Sequence[Result], metric: str) -> dict[int, float]:
+    out = {}
+    for r in runs:
+        v = r["metrics"]["test"].get(metric, math.nan)
+        if v is not None and math.isfinite(v):
+            out[int(r["seed"])] = float(v)
+    return out
+
+
+def _ci_var(runs: Sequence[Result], metric: str, level: float) -> float:
+    """Test-sampling variance of one arm from its runs' percentile-bootstrap CIs: (mean half-width / z)^2. Not
+    divided by the number of seeds: every seed is scored on the same test cases."""
+    z = float(stats.t_interval(0.0, 1.0, math.inf, level)[1])
+    halves = [(r["ci"][metric]["high"] - r["ci"][metric]["low"]) / 2 / z for r in runs
+              if r.get("ci") and metric in r["ci"] and math.isfinite(r["ci"][metric]["high"] - r["ci"][metric]["low"])]
+    return float(np.mean(halves)) ** 2 if halves else 0.0
+
+
+def _arm_predictions(runs: Sequence[Result]) -> list[Predictions] | None:
+    preds = []
+    for r in runs:
+        path = _predictions_path(r)
+        pred = _load(path) if path is not None else None
+        if pred is None:
+            return None
+        preds.append(pred)
+    return preds
+
+
+def compare_arms(runs_a: Sequence[Result], runs_b: Sequence[Result], metric: str, *, n_boot: int = 2000,
+                 seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
+    """The test-set comparison of two cells (each: the runs of one init's chosen configuration, one per seed).
+
+    Gap of the seed means with :func:`medpretrain.stats.combine_with_seeds`; its test-sampling variance from
+    :func:`medpretrain.stats.paired_bootstrap` of the seed-averaged predictions (``predictions.npz`` of every
+    run, the same test cases in both arms; segmentation: per-image Dice of the averaged maps at the runs' mean
+    threshold), else from the runs' bootstrap CIs (:func:`_ci_var`, arms independent). Classification AUC of a
+    binary task adds :func:`medpretrain.stats.delong` on the seed-averaged probabilities as a cross-check.
+    Returns the JSON-ready fields of a :func:`recommend` row."""
+    ma, mb = _seed_metrics(runs_a, metric), _seed_metrics(runs_b, metric)
+    paired = sorted(ma) == sorted(mb) and len(ma) > 1
+    a = [ma[s] for s in sorted(ma)]
+    b = [mb[s] for s in sorted(mb)]
+    pa, pb = _arm_predictions(runs_a), _arm_predictions(runs_b)
+    boot = dl = None
+    usable = pa is not None and pb is not None and all(p.same_cases(pa[0]) for p in [*pa, *pb])
+    if usable and metric in ("auc", "dice"):
+        assert pa is not None and pb is not None
+        ref = pa[0]
+        if metric == "dice" and ref.masks is not None and ref.rois is not None:
+            thr_a = float(np.mean([run_threshold(r) for r in runs_a]))
+            thr_b = float(np.mean([run_threshold(r) for r in runs_b]))
+            da = _dice_per_image(np.mean([p.probs for p in pa], axis=0), ref.masks, ref.rois, thr_a)
+            db = _dice_per_image(np.mean([p.probs for p in pb], axis=0), ref.masks, ref.rois, thr_b)
+            boot = stats.paired_bootstrap(da, db, None, "dice", n_boot=n_boot, seed=seed, level=level)
+            unit = f"{len(da)} test images, per-image Dice"
+        elif metric == "auc" and ref.labels is not None:
+            avg_a, avg_b = np.mean([p.probs for p in pa], axis=0), np.mean([p.probs for p in pb], axis=0)
+            try:
+                boot = stats.paired_bootstrap(avg_a, avg_b, ref.labels, "auc", n_boot=n_boot, seed=seed, level=level)
+            except ValueError:
+                boot = None  # AUC undefined on every resample: fall back to the per-seed metrics
+            unit = f"{len(ref.labels)} test cases"
+            if boot is not None and np.asarray(ref.labels).ndim == 1 and np.isin(ref.labels, (0, 1)).all():
+                try:
+                    dl = stats.delong(avg_a, avg_b, ref.labels)
+                except ValueError:
+                    dl = None
+    if boot is not None:
+        est = stats.combine_with_seeds(boot.var, a, b, paired=paired, level=level)
+        test = f"paired bootstrap ({boot.n_boot} resamples of the {unit}) of the seed-averaged predictions"
+        kind = "paired bootstrap + seeds"
+    else:
+        est = stats.combine_with_seeds(_ci_var(runs_a, metric, level) + _ci_var(runs_b, metric, level), a, b,
+                                       paired=paired, level=level)
+        test = "per-seed test metrics (no usable predictions.npz); test-set variance from each run's bootstrap CI, " \
+               "arms independent"
+        kind = "per-seed metrics"
+    spread = ("no seed spread (one seed each): normal quantiles" if math.isinf(est.df)
+              else f"seed spread {'paired by seed' if paired else 'unpaired (Welch)'}, t with {est.df:.3g} df")
+    return {
+        "gap": est.gap, "ci": [est.low, est.high], "se": est.se, "df": est.df, "p_value": est.p_value,
+        "var_test": est.var_test, "var_seed": est.var_seed, "paired_seeds": paired, "n_seeds": list(est.n_seeds),
+        "test": f"{test}; {spread}", "test_kind": kind,
+        "bootstrap": boot.to_dict() if boot is not None else None,
+        "delong": dl.to_dict() if dl is not None else None,
+    }
+
+
+def _choose(cells: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The configuration of one init with the best mean validation score (ties: more seeds, then the regime
+    label); never the test score."""
+    def key(s: Mapping[str, Any]) -> tuple[float, int, str]:
+        v = s["val"]["mean"]
+        return (-(v if math.isfinite(v) else -math.inf), -s["n"], str(s["regime_label"]))
+    return sorted(cells, key=key)[0]
+
+
+def recommend(results: Sequence[Result | RunResult], metric: str | None = None, *, n_boot: int = 2000,
+              seed: int = 0, level: float = LEVEL) -> list[dict[str, Any]]:
+    """Per label budget: which init to use, chosen and judged as a reviewer would accept.
+
+    1. Cells that fail the guard (:func:`failed_check`: AUC at or below chance, Dice at or below the better
+       constant mask, undefined) are listed in ``failed_cells`` and take no part.
+    2. Each init's configuration (regime, and learning rate when the runs hold several) is the one with the
+       best mean over seeds of ``metrics["val_best"][metric]`` (validation, never test; ``alternatives`` lists the
+       others with their validation means).
+    3. The inits are ranked by the mean test ``metric`` of their chosen cell; the winner and the runner-up are
+       compared with :func:`compare_arms` (paired bootstrap + seed spread with t quantiles).
+    4. The p-values of the budgets' comparisons are Holm-adjusted (:func:`medpretrain.stats.holm`).
+       ``verdict``: ``clear`` (adjusted p < 1 - ``level``), ``likely`` (the unadjusted CI excludes 0),
+       ``not distinguishable``, ``only one init`` or ``no valid cell``.
+
+    Each row: ``budget``, ``metric``, ``selection`` (``"validation"``), ``ranking`` (per init: ``init, regime,
+    lr, regime_label, mean, std, n`` (test, over seeds), ``val_mean, val_n, seeds, alternatives``), ``winner``,
+    ``runner_up``, ``gap`` (= ``margin``), ``ci`` [low, high], ``se`` (= ``uncertainty``), ``df``, ``p_value``,
+    ``p_holm``, ``test`` (what was computed), ``test_kind``, ``var_test``, ``var_seed``, ``paired_seeds``,
+    ``n_seeds``, ``bootstrap`` (the :class:`~medpretrain.stats.BootstrapGap` of the seed-averaged predictions or
+    ``None``), ``delong`` (:class:`~medpretrain.stats.DeLongResult` or ``None``), ``verdict``, ``single_seed``
+    (an arm of the two has one seed), ``failed_cells`` (``init, regime, regime_label, lr, mean, n, chance,
+    chance_kind, n_below_chance, cause``), ``unavailable`` (inits that could not be measured).
     """
     results = as_mappings(results)
     metric = metric or headline_metric(report_task(results))
     rows = summarize(results, headline=metric)
+    runs_of = _cells(results)  # keyed like the rows: (init, regime, budget, lr or -1)
     unavailable = sorted({str(r.get("init_label")) for r in results if r.get("status") == "unavailable"})
-    out = []
+    out: list[dict[str, Any]] = []
     for b in sorted({s["label_fraction"] for s in rows}):
-        best: dict[str, dict[str, Any]] = {}
-        for s in rows:
-            if s["label_fraction"] != b or not math.isfinite(s["metrics"][metric]["mean"]):
-                continue
-            arm = {"init": s["init"], "regime": s["regime"], "mean": s["metrics"][metric]["mean"],
-                   "std": s["metrics"][metric]["std"], "n": s["metrics"][metric]["n"], "se": _arm_se(s, metric)}
-            if s["init"] not in best or arm["mean"] > best[s["init"]]["mean"]:
-                best[s["init"]] = arm
-        ranking = sorted(best.values(), key=lambda a: -a["mean"])
-        if not ranking:
-            continue
-        row: dict[str, Any] = {"budget": b, "metric": metric, "ranking": ranking, "winner": ranking[0],
-                               "runner_up": None, "margin": math.nan, "uncertainty": math.nan,
-                               "verdict": "only one init", "single_seed": ranking[0]["n"] < 2,
-                               "unavailable": [u for u in unavailable if u not in best]}
+        here = [s for s in rows if s["label_fraction"] == b]
+        failed = [{"init": s["init"], "regime": s["regime"], "regime_label": s["regime_label"], "lr": s["lr"],
+                   "mean": s["metrics"][metric]["mean"], "n": s["n"], "chance": s["chance"],
+                   "chance_kind": s["chance_kind"], "n_below_chance": s["n_below_chance"], "cause": s["failed"]}
+                  for s in here if s["failed"]]
+        ok = [s for s in here if not s["failed"]]
+        ranking = []
+        for init in sorted({s["init"] for s in ok}):
+            mine = [s for s in ok if s["init"] == init]
+            c = _choose(mine)
+            agg = c["metrics"][metric]
+            ranking.append({
+                "init": init, "regime": c["regime"], "lr": c["lr"], "regime_label": c["regime_label"],
+                "mean": agg["mean"], "std": agg["std"], "n": agg["n"], "val_mean": c["val"]["mean"],
+                "val_n": c["val"]["n"], "seeds": c["seeds"],
+                "alternatives": [{"regime_label": s["regime_label"], "val_mean": s["val"]["mean"]}
+                                 for s in mine if s is not c],
+            })
+        ranking.sort(key=lambda a: -a["mean"])
+        row: dict[str, Any] = {
+            "budget": b, "metric": metric, "selection": "validation", "ranking": ranking,
+            "winner": ranking[0] if ranking else None, "runner_up": None, "gap": math.nan, "margin": math.nan,
+            "ci": [math.nan, math.nan], "se": math.nan, "uncertainty": math.nan, "df": math.nan,
+            "p_value": math.nan, "p_holm": math.nan, "test": "", "test_kind": "", "bootstrap": None, "delong": None,
+            "verdict": "only one init" if ranking else "no valid cell",
+            "single_seed": bool(ranking) and ranking[0]["n"] < 2, "failed_cells": failed,
+            "unavailable": [u for u in unavailable if u not in {a["init"] for a in ranking}],
+        }
         if len(ranking) > 1:
             w, r = ranking[0], ranking[1]
-            margin, unc = w["mean"] - r["mean"], math.sqrt(w["se"] ** 2 + r["se"] ** 2)
-            verdict = ("clear" if margin > 2 * unc else "likely" if margin > unc else "not distinguishable")
-            row.update(runner_up=r, margin=margin, uncertainty=unc, verdict=verdict,
+            key_w = (w["init"], w["regime"], b, -1.0 if w["lr"] is None else w["lr"])
+            key_r = (r["init"], r["regime"], b, -1.0 if r["lr"] is None else r["lr"])
+            cmp = compare_arms(runs_of[key_w], runs_of[key_r], metric, n_boot=n_boot, seed=seed, level=level)
+            row.update(cmp, runner_up=r, margin=cmp["gap"], uncertainty=cmp["se"],
                        single_seed=w["n"] < 2 or r["n"] < 2)
         out.append(row)
+    tested = [row for row in out if math.isfinite(row["p_value"])]
+    adjusted = stats.holm([row["p_value"] for row in tested], alpha=1 - level).adjusted
+    for row, p in zip(tested, adjusted, strict=True):
+        lo, hi = row["ci"]
+        row["p_holm"] = float(p)
+        row["holm_m"] = len(tested)
+        row["verdict"] = ("clear" if p < 1 - level else "likely" if lo > 0 or hi < 0 else "not distinguishable")
     return out
 
 
+def _p(x: Any) -> str:
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "-"
+    return f"{x:.2g}" if x >= 0.001 else "<0.001"
+
+
 def recommendation_markdown(rows: Sequence[Mapping[str, Any]], seg: bool = False) -> list[str]:
-    """The recommendation table of :func:`recommend` with a line on how to read it (``seg``: budgets are
-    numbers of annotated images, 0 = all)."""
+    """The recommendation table of :func:`recommend`, how it was computed, and the failed cells left out
+    (``seg``: budgets are numbers of annotated images, 0 = all). Rows of an older ``experiment.json`` (gap ±
+    uncertainty, no CI) are shown as they were computed."""
     if not rows:
         return ["No complete runs: nothing to recommend yet."]
     name = _LABELS[rows[0]["metric"]]
-    md = [f"For each label budget: the init whose best regime has the highest mean test {name} over seeds, the "
-          f"runner-up init, and the gap with its uncertainty (seed spread and test-set bootstrap combined; "
-          f"*clear*: gap > 2x uncertainty, *likely*: > 1x, else *not distinguishable*).", "",
-          f"| {'annotated images' if seg else 'label fraction'} | use | test {name} | runner-up | gap ± uncertainty "
-          "| verdict |", "|---|---|---|---|---|---|"]
+    unit = "images (per-image Dice)" if seg else "cases"
+    md = [*(line.format(name=name, unit=unit) for line in STATS_METHOD), "",
+          f"| {'annotated images' if seg else 'label fraction'} | use | test {name} | runner-up | gap [95% CI] "
+          "| p (Holm) | DeLong p | verdict |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        w, ru = r["winner"], r["runner_up"]
+        w, ru = r.get("winner"), r.get("runner_up")
         budget_text = ("all" if r["budget"] == 0 else f"{r['budget']:g}") if seg else f"{r['budget']:g}"
-        win = f"**{w['init']}** ({w['regime']})"
+        if w is None:
+            md.append(f"| {budget_text} | - | - | - | - | - | - | {r['verdict']} |")
+            continue
+        win = f"**{w['init']}** ({w.get('regime_label', w['regime'])})"
         score = _pm({"mean": w["mean"], "std": w["std"], "n": w["n"]}) + f" (n={w['n']})"
         if ru is None:
-            md.append(f"| {budget_text} | {win} | {score} | - | - | {r['verdict']} |")
+            md.append(f"| {budget_text} | {win} | {score} | - | - | - | - | {r['verdict']} |")
             continue
         verdict = r["verdict"] + (" (single seed)" if r["single_seed"] else "")
-        md.append(f"| {budget_text} | {win} | {score} | {ru['init']} ({ru['regime']}) {ru['mean']:.3f} | "
-                  f"{r['margin']:+.3f} ± {r['uncertainty']:.3f} | {verdict} |")
+        if "ci" in r:
+            lo, hi = r["ci"]
+            gap = f"{r['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            p = f"{_p(r['p_value'])} ({_p(r.get('p_holm'))})"
+            dl = _p(r["delong"]["p_value"]) if r.get("delong") else "-"
+        else:  # an experiment.json written before the CIs
+            gap, p, dl = f"{r['margin']:+.3f} ± {r['uncertainty']:.3f}", "-", "-"
+        md.append(f"| {budget_text} | {win} | {score} | {ru['init']} ({ru.get('regime_label', ru['regime'])}) "
+                  f"{ru['mean']:.3f} | {gap} | {p} | {dl} | {verdict} |")
+    tests = sorted({r["test"] for r in rows if r.get("test")})
+    if tests:
+        md += ["", "Test used: " + "; ".join(f"*{t}*" for t in tests) + "."]
+    failed = [(r["budget"], f) for r in rows for f in r.get("failed_cells", [])]
+    if failed:
+        md += ["", "Failed cells, left out of the recommendation (not findings):"]
+        for b, f in failed:
+            bt = ("all" if b == 0 else f"{b:g}") if seg else f"{b:g}"
+            md.append(f"- {bt}: {f['init']} / {f['regime_label']} (n={f['n']}): {f['cause']}.")
     missing = sorted({u for r in rows for u in r["unavailable"]})
     if missing:
         md += ["", f"Not measured (unavailable, never replaced by random weights): {', '.join(missing)}; "
@@ -597,15 +908,26 @@ def recommendation_markdown(rows: Sequence[Mapping[str, Any]], seg: bool = False
 
 def efficiency_markdown(rows: Sequence[Mapping[str, Any]], metric: str, seg: bool = False) -> list[str]:
     """Label-efficiency table from :func:`summarize` rows: one line per (init, regime), test ``metric``
-    mean ± sd over seeds at each budget."""
+    mean ± sd over seeds at each budget; a failed cell (:func:`failed_check`) is marked ✗ and explained below."""
     budgets = sorted({float(s["label_fraction"]) for s in rows})
     head = [("all" if b == 0 else f"{b:g}") if seg else _frac(b) for b in budgets]
     md = [f"| init | regime | {' | '.join(head)} |", "|---|---|" + "---|" * len(budgets)]
-    for init, regime in sorted({(s["init"], s["regime"]) for s in rows}):
+    notes = []
+    for init, regime in sorted({(s["init"], s.get("regime_label", s["regime"])) for s in rows}):
         cells = []
-        for b in budgets:
-            match = [s for s in rows if (s["init"], s["regime"], float(s["label_fraction"])) == (init, regime, b)]
-            cells.append(_pm(match[0]["metrics"][metric]) + f" (n={match[0]['metrics'][metric]['n']})"
-                         if match else "-")
+        for b, bt in zip(budgets, head, strict=True):
+            match = [s for s in rows if (s["init"], s.get("regime_label", s["regime"]), float(s["label_fraction"]))
+                     == (init, regime, b)]
+            if not match:
+                cells.append("-")
+                continue
+            s = match[0]
+            text = _pm(s["metrics"][metric]) + f" (n={s['metrics'][metric]['n']})"
+            if s.get("failed"):
+                text += " ✗"
+                notes.append(f"- ✗ {init} / {regime} at {bt}: {s['failed']}.")
+            cells.append(text)
         md.append(f"| {init} | {regime} | " + " | ".join(cells) + " |")
+    if notes:
+        md += ["", "✗ failed cell, not a finding:", *notes]
     return md

@@ -180,3 +180,193 @@ def test_compare_grid_for_segmentation_uses_image_budgets():
     assert len(cells) == 3 * 2 * 3 * 2
     assert sum("seg.n_train_images=2" in c for c in cells) == 12
     assert not any(a.startswith("data.label_fraction") for c in cells for a in c)
+
+
+# ------------------------------------------------------------------------------------------------
+# recommend: validation chooses, test reports; honest uncertainty; the guard against nonsense
+# ------------------------------------------------------------------------------------------------
+
+
+def _cell(init: str, regime: str, frac: float, seed: int, test: float, val: float, ci: float = 0.02,
+          run_dir: Path | None = None) -> dict:
+    r = _fake(init, frac, seed, test, regime)
+    r["metrics"]["val_best"] = {"auc": val}
+    r["ci"]["auc"] = {"low": test - ci, "high": test + ci, "n": 100}
+    r["config"]["optim"] = {"lr": 1e-3}
+    if run_dir is not None:
+        r["run_dir"] = str(run_dir)
+    return r
+
+
+def test_recommend_chooses_the_regime_on_validation_not_test():
+    from medpretrain.report import recommend
+
+    results = [
+        # selfsup: full is better on validation, linear would win on test
+        *[_cell("selfsup", "full", 0.1, s, t, v) for s, t, v in [(0, 0.80, 0.90), (1, 0.81, 0.91)]],
+        *[_cell("selfsup", "linear", 0.1, s, t, v) for s, t, v in [(0, 0.95, 0.85), (1, 0.96, 0.84)]],
+        *[_cell("scratch", "full", 0.1, s, t, v) for s, t, v in [(0, 0.70, 0.80), (1, 0.72, 0.79)]],
+    ]
+    [row] = recommend(results)
+    w = row["winner"]
+    assert row["selection"] == "validation"
+    assert (w["init"], w["regime"]) == ("selfsup", "full")
+    assert w["mean"] == pytest.approx(0.805) and w["val_mean"] == pytest.approx(0.905)
+    assert w["alternatives"] == [{"regime_label": "linear", "val_mean": pytest.approx(0.845)}]
+    assert row["runner_up"]["init"] == "scratch" and row["gap"] == pytest.approx(0.805 - 0.71)
+    # no predictions: per-seed metrics; paired by seed (0, 1): d = (0.10, 0.09), df = 1; test variance from each
+    # arm's CI half-width 0.02 / z (not divided by the seeds: they share the test set), arms independent
+    z = 1.959963984540054
+    var = 2 * (0.02 / z) ** 2 + np.var([0.10, 0.09], ddof=1) / 2
+    assert row["test_kind"] == "per-seed metrics" and row["paired_seeds"] and row["df"] == 1
+    assert row["se"] == pytest.approx(np.sqrt(var)) and row["uncertainty"] == row["se"]
+    assert row["ci"][0] == pytest.approx(0.095 - 12.706204736 * np.sqrt(var))
+    assert row["verdict"] == "not distinguishable"  # 2 seeds: t with 1 df
+
+
+def test_recommend_with_an_lr_grid_chooses_the_lr_on_validation():
+    from medpretrain.report import recommend, summarize
+
+    results = []
+    for lr, test, val in [(1e-3, 0.90, 0.70), (1e-2, 0.70, 0.90)]:
+        for s in (0, 1):
+            r = _cell("selfsup", "full", 1.0, s, test, val)
+            r["config"]["optim"] = {"lr": lr}
+            results.append(r)
+    results += [_cell("scratch", "full", 1.0, s, 0.6, 0.6) for s in (0, 1)]
+    labels = {s["regime_label"] for s in summarize(results)}
+    assert labels == {"full @ lr 0.001", "full @ lr 0.01", "full"}
+    [row] = recommend(results)
+    assert row["winner"]["lr"] == 1e-2 and row["winner"]["regime_label"] == "full @ lr 0.01"
+    assert row["winner"]["mean"] == pytest.approx(0.70)
+
+
+def test_sub_chance_cell_is_flagged_not_recommended(tmp_path):
+    from medpretrain.report import efficiency_markdown, recommend, recommendation_markdown, summarize
+
+    results = [
+        *[_cell("scratch", "linear", 0.05, s, t, 0.9) for s, t in [(0, 0.244), (1, 0.234)]],  # best on validation
+        *[_cell("scratch", "full", 0.05, s, t, 0.6) for s, t in [(0, 0.70), (1, 0.72)]],
+        *[_cell("simclr", "linear", 0.05, s, t, 0.8) for s, t in [(0, 0.45), (1, 0.47)]],
+    ]
+    rows = summarize(results)
+    bad = next(s for s in rows if (s["init"], s["regime"]) == ("scratch", "linear"))
+    assert bad["failed"].startswith("AUC 0.239 at or below chance (0.5): check the frozen BatchNorm statistics")
+    assert bad["n_below_chance"] == 2
+    assert not next(s for s in rows if s["regime"] == "full")["failed"]
+    [row] = recommend(results)
+    # scratch falls back to its valid regime; simclr has no valid cell left
+    assert [(a["init"], a["regime"]) for a in row["ranking"]] == [("scratch", "full")]
+    assert row["verdict"] == "only one init"
+    assert {(f["init"], f["regime"]) for f in row["failed_cells"]} == {("scratch", "linear"), ("simclr", "linear")}
+    md = "\n".join(recommendation_markdown([row]))
+    assert "Failed cells, left out of the recommendation" in md and "- 0.05: simclr / linear (n=2): AUC 0.460" in md
+    eff = "\n".join(efficiency_markdown(rows, "auc"))
+    assert "0.239 ± 0.007 (n=2) ✗" in eff and "✗ scratch / linear at 0.05: AUC 0.239 at or below chance" in eff
+    text = build_report(results, tmp_path / "rep").read_text()
+    assert "## Which initialisation?" in text and "single (n=2) ✗ failed" in text
+    assert "- scratch / linear / 0.05: AUC 0.239 at or below chance" in text and "(2 of 2 seeds)" in text
+
+
+def _pred_runs(tmp_path: Path, init: str, sep: float, frac: float = 0.1, seeds=(0, 1, 2)) -> list[dict]:
+    """Runs whose predictions.npz hold scores sep * y + N(0, 1) on one shared test set of 300 cases."""
+    from medpretrain.results import save_predictions
+    from medpretrain.stats import auc_score
+
+    y = (np.random.default_rng(0).random(300) < 0.4).astype(int)
+    runs = []
+    for s in seeds:
+        rng = np.random.default_rng(1000 * s + int(sep * 100) + len(init))
+        probs = 1 / (1 + np.exp(-(sep * y + rng.normal(size=300))))
+        d = tmp_path / init / f"{frac}" / f"seed{s}"
+        save_predictions(d / "predictions.npz", probs.astype(np.float32), index=np.arange(300), labels=y)
+        auc = auc_score(probs, y)
+        runs.append(_cell(init, "full", frac, s, auc, auc, run_dir=d))
+    return runs
+
+
+def test_verdict_follows_the_paired_bootstrap_and_changes_when_the_gap_shrinks(tmp_path):
+    from medpretrain.report import recommend, recommendation_markdown
+
+    [row] = recommend(_pred_runs(tmp_path / "wide", "selfsup", 2.0) + _pred_runs(tmp_path / "wide", "scratch", 0.8))
+    assert row["winner"]["init"] == "selfsup" and row["test_kind"] == "paired bootstrap + seeds"
+    assert row["test"].startswith("paired bootstrap (2000 resamples of the 300 test cases)")
+    assert "paired by seed, t with 2 df" in row["test"]
+    assert row["ci"][0] > 0 and row["p_holm"] == row["p_value"] < 0.05 and row["verdict"] == "clear"
+    assert row["bootstrap"]["n_boot"] == 2000 and row["bootstrap"]["var"] == pytest.approx(row["var_test"])
+    assert row["delong"]["p_value"] < 0.001 and row["delong"]["diff"] > 0.1
+    md = "\n".join(recommendation_markdown([row]))
+    assert f"{row['gap']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]" in md and "| clear |" in md
+    assert "Holm" in md and "Test used: *paired bootstrap" in md
+
+    [row] = recommend(_pred_runs(tmp_path / "close", "selfsup", 1.0) + _pred_runs(tmp_path / "close", "scratch", 0.95))
+    assert row["ci"][0] < 0 < row["ci"][1] and row["verdict"] == "not distinguishable"
+
+
+def test_holm_over_budgets_turns_clear_into_likely():
+    """One seed per arm, no predictions: gap 0.1, se = sqrt(2) x 0.06748 / 1.96 -> z = 2.054, p = 0.040 at each
+    budget. One budget alone: clear; two budgets: Holm-adjusted p = 0.08 at both, so only *likely*."""
+    from medpretrain.report import recommend
+
+    def pair(frac: float) -> list[dict]:
+        return [_cell("a", "full", frac, 0, 0.9, 0.9, ci=0.06748), _cell("b", "full", frac, 0, 0.8, 0.8, ci=0.06748)]
+
+    [one] = recommend(pair(0.1))
+    assert one["p_value"] == pytest.approx(0.040, abs=5e-4) and one["verdict"] == "clear" and one["single_seed"]
+    rows = recommend(pair(0.1) + pair(1.0))
+    assert [r["p_holm"] for r in rows] == pytest.approx([0.080, 0.080], abs=1e-3)
+    assert [r["verdict"] for r in rows] == ["likely", "likely"] and rows[0]["holm_m"] == 2
+
+
+def test_segmentation_guard_uses_the_trivial_mask_dice(tmp_path):
+    from medpretrain.metrics import segmentation_metrics
+    from medpretrain.report import _dice_per_image, summarize, trivial_dice
+    from medpretrain.results import save_predictions
+
+    rng = np.random.default_rng(0)
+    masks = (rng.random((3, 33, 34)) < 0.3).astype(np.uint8)
+    rois = np.ones_like(masks)
+    rois[:, :, :4] = 0
+    probs = np.clip(masks * 0.6 + rng.random(masks.shape) * 0.5, 0, 1)
+    dice = _dice_per_image(probs, masks, rois, 0.5)
+    assert dice == pytest.approx([segmentation_metrics(p, m, r)["dice"]
+                                  for p, m, r in zip(probs, masks, rois, strict=True)])
+    value, kind = trivial_dice(masks, rois)
+    pos, area = (masks * rois).sum((1, 2)), rois.sum((1, 2))
+    assert kind == "foreground" and value == pytest.approx(np.mean(2 * pos / (pos + area)))
+    assert trivial_dice(np.zeros_like(masks), rois) == (1.0, "background")
+    save_predictions(tmp_path / "predictions.npz", probs, masks, rois, index=np.arange(3))
+    low = _fake_seg("scratch", 2, 0, 0.30, tmp_path)  # below the all-foreground mask's Dice (~0.46)
+    good = _fake_seg("simclr", 2, 0, 0.70, tmp_path)
+    rows = {s["init"]: s for s in summarize([low, good], headline="dice")}
+    assert rows["scratch"]["chance"] == pytest.approx(value) and rows["scratch"]["chance_kind"] == "all-foreground mask"
+    assert rows["scratch"]["failed"].startswith(f"Dice 0.300 at or below the all-foreground mask's {value:.3f}")
+    assert rows["simclr"]["failed"] is None
+    # no predictions file: only a constant mask (Dice, sensitivity or specificity 0) is caught
+    blind = {s["init"]: s for s in summarize([_fake_seg("x", 2, 0, 0.0, tmp_path / "none"),
+                                               _fake_seg("y", 2, 0, 0.3, tmp_path / "none")], headline="dice")}
+    assert blind["x"]["failed"] and blind["y"]["failed"] is None and blind["y"]["chance"] is None
+
+
+def test_segmentation_comparison_bootstraps_the_per_image_dice_of_averaged_maps(tmp_path):
+    from medpretrain.report import _dice_per_image, recommend
+    from medpretrain.results import load_predictions, save_predictions
+
+    rng = np.random.default_rng(3)
+    masks = (rng.random((6, 20, 21)) < 0.25).astype(np.uint8)
+    rois = np.ones_like(masks)
+    runs = []
+    for init, noise in (("simclr", 0.3), ("scratch", 0.9)):
+        for s in (0, 1):
+            d = tmp_path / init / f"seed{s}"
+            probs = np.clip(masks * 0.5 + 0.25 + rng.normal(scale=noise, size=masks.shape) * 0.3, 0, 1)
+            save_predictions(d / "predictions.npz", probs, masks, rois, index=np.arange(6))
+            dice = float(_dice_per_image(probs, masks, rois, 0.5).mean())
+            runs.append(_fake_seg(init, 2, s, dice, d) | {"threshold": 0.5})
+    [row] = recommend(runs)
+    assert row["winner"]["init"] == "simclr" and row["test_kind"] == "paired bootstrap + seeds"
+    assert "6 test images, per-image Dice" in row["test"] and row["delong"] is None
+    maps = {i: np.mean([load_predictions(tmp_path / i / f"seed{s}" / "predictions.npz").probs for s in (0, 1)], 0)
+            for i in ("simclr", "scratch")}
+    gap = (_dice_per_image(maps["simclr"], masks, rois, 0.5) - _dice_per_image(maps["scratch"], masks, rois, 0.5)).mean()
+    assert row["bootstrap"]["gap"] == pytest.approx(gap) and row["bootstrap"]["metric"] == "dice"

@@ -70,10 +70,11 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
            f"lightly {info['lightly']}, monai {info['monai']}; code {info['code_version']}. "
            f"Compute time of all stages: {computed / 60:.1f} min (this invocation: "
            f"{(time.time() - started) / 60:.1f} min).", ""]
+    recommendations = {task: recommend(results) for task, results in grids.items() if results}
     for task, results in grids.items():
         if not results:
             continue
-        rows = recommend(results)
+        rows = recommendations[task]
         md += [f"## Which initialisation? ({task})", ""]
         md += recommendation_markdown(rows, seg=task == "segmentation")
         metric = headline_metric(task)
@@ -108,7 +109,7 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
     summary = {"name": cfg.name, "title": cfg.title, "machine": info, "compute_s": computed,
                "invocation_s": time.time() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "stages": [dataclasses.asdict(s) for s in stages],
-               "recommendations": {t: recommend(r) for t, r in grids.items() if r},
+               "recommendations": recommendations,
                "summary": {t: {"metric": headline_metric(t), "rows": summarize(r, headline=headline_metric(t))}
                            for t, r in grids.items() if r}}
     atomic_write_text(exp_dir / "experiment.json", json.dumps(summary, indent=2, default=str) + "\n")
