@@ -289,7 +289,8 @@ def _summary_csv(rows: list[dict[str, Any]], ensembles: Sequence[Mapping[str, An
         for m in metrics:
             row[f"{m}_mean"] = s["metrics"][m]["mean"]
             row[f"{m}_std"] = s["metrics"][m]["std"]
-        row.update(epochs_to_95_mean=s["epochs_to_95"]["mean"], epoch_s_mean=s["epoch_s"]["mean"])
+        row.update(epochs_to_95_mean=s["epochs_to_95"]["mean"], epoch_s_mean=s["epoch_s"]["mean"],
+                   val_mean=s["val"]["mean"], lr=s["lr"], failed=s["failed"] or "")
         out.append(row)
     for e in ensembles:
         row = {"kind": "ensemble", "init": e["init"], "regime": e["regime"], budget_name: e["label_fraction"],
