@@ -756,7 +756,7 @@ def compare_arms(runs_a: Sequence[Result], runs_b: Sequence[Result], metric: str
         test = "per-seed test metrics (no usable predictions.npz); test-set variance from each run's bootstrap CI, " \
                "arms independent"
         kind = "per-seed metrics"
-    spread = ("no seed spread (one seed each): normal quantiles" if math.isinf(est.df)
+    spread = ("no seed spread measured (one seed, or equal per-seed gaps): normal quantiles" if math.isinf(est.df)
               else f"seed spread {'paired by seed' if paired else 'unpaired (Welch)'}, t with {est.df:.3g} df")
     return {
         "gap": est.gap, "ci": [est.low, est.high], "se": est.se, "df": est.df, "p_value": est.p_value,
