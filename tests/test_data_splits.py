@@ -303,41 +303,6 @@ def test_planted_near_duplicate_ends_in_one_split_for_every_seed(tmp_path, metho
     assert separated > 0  # without grouping some seed splits the pair: the check above can fail
 
 
-def _busi_rms(src) -> np.ndarray:
-    t = src.thumbs.reshape(len(src), -1).astype(np.float64)
-    sq = (t ** 2).sum(1)
-    return np.sqrt(np.maximum((sq[:, None] + sq[None] - 2 * t @ t.T) / t.shape[1], 0))
-
-
-def test_busi_grouped_split_leaves_no_test_image_near_a_training_image(data_root):
-    from medpretrain.data import read_source
-    from medpretrain.data.dataset import split_indices
-
-    cfg = DataConfig(dataset="folder:busi", root=str(data_root), image_size=64)  # dedup=pixels by default
-    src = read_source(cfg)
-    dist = _busi_rms(src)
-    info = build_dataset(cfg, "test").split_info
-    # Measured on BUSI (780 images): 215 pairs within RMS 0.05 join 320 images into 142 groups.
-    assert (info["groups"], info["multi_image_groups"], info["images_in_multi_image_groups"], info["largest_group"],
-            info["near_duplicate_pairs"], info["dedup_threshold"]) == (602, 142, 320, 7, 215, 0.05)
-    assert int((dist[np.triu_indices(len(dist), 1)] <= 0.05).sum()) == 215  # the pairs, recounted naively
-    for seed in (0, 1, 2):
-        parts = split_indices(src, DataConfig(dataset="folder:busi", root=str(data_root), image_size=64,
-                                              split_seed=seed))
-        seen = np.concatenate([parts["train"], parts["val"]])
-        assert int((dist[np.ix_(parts["test"], seen)].min(1) <= 0.05).sum()) == 0, seed
-        assert int((dist[np.ix_(parts["val"], parts["train"])].min(1) <= 0.05).sum()) == 0, seed
-        assert [np.bincount(src.labels[parts[s]]).tolist() for s in ("train", "val", "test")] == \
-            [[306, 147, 93], [44, 21, 13], [87, 42, 27]]  # still stratified to the sample
-    plain = split_indices(src, DataConfig(dataset="folder:busi", root=str(data_root), image_size=64, dedup="none"))
-    seen = np.concatenate([plain["train"], plain["val"]])
-    assert int((dist[np.ix_(plain["test"], seen)].min(1) <= 0.05).sum()) == 47  # the leak without grouping
-    ph = build_dataset(DataConfig(dataset="folder:busi", root=str(data_root), image_size=64, dedup="phash"),
-                       "test").split_info
-    assert (ph["groups"], ph["multi_image_groups"], ph["near_duplicate_pairs"], ph["dedup_threshold"]) == (600, 144,
-                                                                                                          217, 8)
-
-
 def test_group_regex_keeps_a_subject_together(tmp_path):
     from PIL import Image
 
@@ -419,24 +384,6 @@ def test_cv_folds_partition_grouped_and_stratified():
         make_splits(None, 4, official={"train": np.arange(2), "test": np.arange(2, 4)}, cv_folds=2)
     with pytest.raises(ValueError, match="data.cv_folds=5 needs at least 5 groups, the data has 2"):
         make_splits(labels[:6], 6, groups=np.array([0, 0, 0, 1, 1, 1]), cv_folds=5)
-
-
-def test_busi_cv_folds_keep_near_duplicates_together(data_root):
-    from medpretrain.data import read_source
-    from medpretrain.data.dataset import split_indices
-
-    src = read_source(DataConfig(dataset="folder:busi", root=str(data_root), image_size=64))
-    dist = _busi_rms(src)
-    tests = []
-    for fold in range(5):
-        cfg = DataConfig(dataset="folder:busi", root=str(data_root), image_size=64, cv_folds=5, cv_fold=fold)
-        parts = split_indices(src, cfg)
-        seen = np.concatenate([parts["train"], parts["val"]])
-        assert int((dist[np.ix_(parts["test"], seen)].min(1) <= 0.05).sum()) == 0, fold
-        assert np.all(np.abs(np.bincount(src.labels[parts["test"]]) - np.array([437, 210, 133]) / 5) <= 1)
-        tests.append(parts["test"])
-    assert sorted(np.concatenate(tests).tolist()) == list(range(780))
-    assert build_dataset(cfg, "test").split_info["method"] == "cv"
 
 
 def test_seed_draws_the_label_subset_and_split_stays(data_root):
