@@ -270,3 +270,125 @@ class BatchViews(torch.nn.Module):
         """Two independent views of every image (one batched call over ``2B`` samples)."""
         both = self(torch.cat([x, x], dim=0), generator=generator)
         return both[: x.shape[0]], both[x.shape[0] :]
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning augmentation
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainAugmentConfig:
+    """One fine-tuning augmentation level (:data:`TRAIN_AUGMENT_LEVELS`); every sample draws its own values.
+
+    Geometry (one affine resample): horizontal / vertical flips, rotation in ``[-rotation_deg, rotation_deg]``,
+    translation by up to ``translate`` of the image side, isotropic scale in ``[1 - scale, 1 + scale]``.
+    Intensity (images only, on the [0, 1] scale before normalisation): brightness factor in
+    ``[1 - brightness, 1 + brightness]`` and contrast around each image's mean in ``[1 - contrast, 1 + contrast]``.
+    No crop: a fine-tuning view must keep the finding the label is about.
+    """
+
+    hflip_p: float = 0.0
+    vflip_p: float = 0.0
+    rotation_deg: float = 0.0
+    translate: float = 0.0
+    scale: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    @property
+    def geometric(self) -> bool:
+        return bool(self.hflip_p or self.vflip_p or self.rotation_deg or self.translate or self.scale)
+
+    @property
+    def photometric(self) -> bool:
+        return bool(self.brightness or self.contrast)
+
+
+TRAIN_AUGMENT_LEVELS: dict[str, TrainAugmentConfig] = {
+    "none": TrainAugmentConfig(),
+    # The seed studies' fine-tuning recipe (flip, small rotation and shift, mild contrast) for every init.
+    "light": TrainAugmentConfig(hflip_p=0.5, rotation_deg=10.0, translate=0.05, brightness=0.1, contrast=0.1),
+    "strong": TrainAugmentConfig(hflip_p=0.5, vflip_p=0.5, rotation_deg=20.0, translate=0.1, scale=0.1,
+                                 brightness=0.25, contrast=0.25),
+}
+"""``optim.augment`` levels of fine-tuning: ``none`` (no augmentation), ``light``, ``strong``."""
+
+
+def train_affine_matrices(n: int, cfg: TrainAugmentConfig, aspect: float = 1.0, device: torch.device | str = "cpu",
+                          generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample ``[n, 2, 3]`` ``affine_grid`` matrices: flips, rotation (rigid in pixel space, ``aspect`` =
+    height / width), scale and translation (normalised coordinates, so ``translate=0.05`` is 5 % of the side)."""
+    device = torch.device(device)
+    fx = torch.where(_bernoulli(n, cfg.hflip_p, device, generator), -1.0, 1.0)
+    fy = torch.where(_bernoulli(n, cfg.vflip_p, device, generator), -1.0, 1.0)
+    angle = _uniform(n, -cfg.rotation_deg, cfg.rotation_deg, device, generator) * (math.pi / 180)
+    s = 1.0 / _uniform(n, 1 - cfg.scale, 1 + cfg.scale, device, generator)  # output -> input: zoom in for s < 1
+    tx = _uniform(n, -2 * cfg.translate, 2 * cfg.translate, device, generator)  # [-1, 1] spans the side: x2
+    ty = _uniform(n, -2 * cfg.translate, 2 * cfg.translate, device, generator)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.empty(n, 2, 3, device=device)
+    theta[:, 0, 0] = cos * s * fx
+    theta[:, 0, 1] = -sin * aspect * s * fy
+    theta[:, 1, 0] = sin / aspect * s * fx
+    theta[:, 1, 1] = cos * s * fy
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    return theta
+
+
+class TrainAugment(torch.nn.Module):
+    """Batched fine-tuning augmentation on the batch's device, the same for every init (``optim.augment``).
+
+    ``forward(batch, generator)`` takes a training batch (``{"image": [B, C, H, W]`` normalised as
+    ``(x - mean) / std``, optionally ``"mask"`` / ``"roi"`` ``[B, 1, H, W]`` in {0, 1}, anything else passed
+    through``}``) and returns a new dict: every sample gets its own random geometry, applied to the image and,
+    for segmentation, to its mask and roi by the same sampling grid (so they stay aligned; masks are
+    resampled bilinearly and re-binarised at 0.5, all with reflection padding so a reflected image keeps its
+    reflected labels), then intensity jitter on the image only. ``level="none"`` returns the batch unchanged
+    (no random numbers drawn). Raises ``ValueError`` for an unknown level.
+    """
+
+    def __init__(self, level: str = "none", mean: float = 0.5, std: float = 0.5,
+                 cfg: TrainAugmentConfig | None = None):
+        super().__init__()
+        if cfg is None:
+            if level not in TRAIN_AUGMENT_LEVELS:
+                raise ValueError(f"augment level {level!r}: expected one of {list(TRAIN_AUGMENT_LEVELS)}")
+            cfg = TRAIN_AUGMENT_LEVELS[level]
+        if std <= 0:
+            raise ValueError(f"normalisation std must be > 0, got {std}")
+        self.level, self.cfg, self.mean, self.std = level, cfg, float(mean), float(std)
+
+    @property
+    def active(self) -> bool:
+        return self.cfg.geometric or self.cfg.photometric
+
+    @torch.no_grad()
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        if not self.active:
+            return batch
+        x = batch["image"]
+        if x.ndim != 4:
+            raise ValueError(f"TrainAugment expects images [B, C, H, W], got shape {tuple(x.shape)}")
+        out = dict(batch)
+        b, _, h, w = x.shape
+        y = x.float()
+        if self.cfg.geometric:
+            theta = train_affine_matrices(b, self.cfg, aspect=h / w, device=x.device, generator=generator)
+            grid = _affine_grid(theta, h, w)
+            y = F.grid_sample(y, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            for key in ("mask", "roi"):
+                if key in batch:
+                    m = F.grid_sample(batch[key].float(), grid, mode="bilinear", padding_mode="reflection",
+                                      align_corners=False)
+                    out[key] = (m > 0.5).to(batch[key].dtype)
+        if self.cfg.photometric:
+            bright = _uniform(b, 1 - self.cfg.brightness, 1 + self.cfg.brightness, x.device, generator)
+            contrast = _uniform(b, 1 - self.cfg.contrast, 1 + self.cfg.contrast, x.device, generator)
+            raw = (y * self.std + self.mean).mul_(bright.view(b, 1, 1, 1)).clamp_(0, 1)
+            mu = raw.mean(dim=(1, 2, 3), keepdim=True)
+            raw = raw.sub_(mu).mul_(contrast.view(b, 1, 1, 1)).add_(mu).clamp_(0, 1)
+            y = (raw - self.mean) / self.std
+        out["image"] = y.to(x.dtype)
+        return out

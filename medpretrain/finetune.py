@@ -6,8 +6,10 @@
 * :func:`build_encoder`: the init backbone (:func:`medpretrain.init.init_backbone`; a missing init raises
   :class:`InitUnavailable`, never random weights) with the checkpoint's data options taken over
   (:func:`reconcile_with_init`);
-* :func:`build_optimizer`: regime, optimizer and step-decay scheduler; :class:`Progress`: epoch, best
-  validation score and history, checkpointed without pickle;
+* :func:`build_optimizer`: regime, optimizer and LR schedule (:func:`build_scheduler`: step decay or cosine,
+  in optimiser steps under a step budget); :class:`Budget` / :func:`budget_of`: the optimiser steps of a run
+  (``optim.steps``: the same for every label fraction, drawn by :class:`StepBatches`) and its validation
+  periods; :class:`Progress`: period, best validation score and history, checkpointed without pickle;
 * the two tasks' data, losses and predictions: :func:`build_dataloaders` / :func:`classification_loss` /
   :func:`predict` (labels), :func:`build_seg_dataloaders` / :func:`seg_loss` / :func:`predict_images`
   (masks, sliding-window inference), :func:`save_overlays`;
@@ -53,24 +55,68 @@ class OptimConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
     """Head (and re-initialised stages) learning rate."""
-    backbone_lr_mult: float = 0.1
-    """Pre-trained backbone weights train at ``lr * backbone_lr_mult`` (ignored for ``init=scratch``)."""
+    backbone_lr_mult: float = 1.0
+    """Backbone weights kept from the init train at ``lr * backbone_lr_mult``, for every init alike (scratch
+    included): the same hyper-parameters for every init, so no init is favoured by its learning rate."""
     weight_decay: float = 0.0
     momentum: float = 0.9
+    steps: int = 0
+    """Budget in optimiser steps (> 0): every label fraction gets exactly this many steps, the loader cycling
+    over the budget's training images in seeded passes (:class:`StepBatches`); the epochs follow from it.
+    0: ``epochs`` passes over the training images (the older protocol: small fractions get fewer steps)."""
+    eval_every: int = 0
+    """With ``steps``: validate, keep the best checkpoint and write a resume checkpoint every this many steps
+    (0: ten times over the budget)."""
     epochs: int = 20
+    """Passes over the training images when ``steps`` is 0."""
     batch_size: int = 128
     eval_batch_size: int = 256
+    schedule: Literal["step", "cosine"] = "step"
+    """``step``: decay by ``gamma`` at ``milestones``; ``cosine``: cosine annealing from ``lr`` to 0."""
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    """Step decay at these fractions of ``epochs`` (the MedMNIST v2 protocol)."""
+    """Step decay at these fractions of ``steps`` (of ``epochs`` when ``steps`` is 0; the MedMNIST v2 protocol)."""
     gamma: float = 0.1
     grad_clip: float = 0.0
     """Clip the gradient norm to this (0 = off)."""
     dropout: float = 0.0
     """Dropout before the linear head."""
     patience: int = 0
-    """Early stopping: stop after this many epochs without a better validation AUC (0 = off)."""
+    """Early stopping: stop after this many validations without a better validation AUC (0 = off)."""
     max_steps_per_epoch: int = 0
-    """Smoke tests only: cap the optimizer steps per epoch (0 = the whole training split)."""
+    """Smoke tests only, ``steps`` = 0: cap the optimizer steps per epoch (0 = the whole training split)."""
+    augment: Literal["none", "light", "strong"] = "none"
+    """Training augmentation on whole batches on the device, the same for every init
+    (:class:`medpretrain.augment.TrainAugment`; segmentation: the same geometry for image and mask)."""
+
+    def __post_init__(self) -> None:
+        from medpretrain.config import ConfigError
+
+        if self.steps < 0 or self.eval_every < 0:
+            raise ConfigError(f"optim.steps and optim.eval_every must be >= 0, got {self.steps} and {self.eval_every}")
+        if self.steps == 0 and self.epochs < 1:
+            raise ConfigError(f"optim.epochs must be >= 1 when optim.steps is 0, got {self.epochs}")
+        if any(not 0 < m <= 1 for m in self.milestones):
+            raise ConfigError(f"optim.milestones are fractions of the budget in (0, 1], got {self.milestones}")
+
+
+@dataclass
+class EvalConfig:
+    """How test metrics that need a decision are computed (classification)."""
+
+    threshold: str = "youden"
+    """Decision threshold of sensitivity, specificity, precision, F1 and accuracy, chosen on validation (with
+    the selected checkpoint) and applied to test: ``youden`` (Youden's J), ``sensitivity:<x>`` /
+    ``specificity:<x>`` (the threshold reaching that target on validation) or a fixed number such as ``0.5``.
+    Binary: one threshold; multi-label: one per label; multi-class: the arg-max (no threshold)."""
+
+    def __post_init__(self) -> None:
+        from medpretrain.config import ConfigError
+        from medpretrain.metrics import parse_threshold_rule
+
+        try:
+            parse_threshold_rule(self.threshold)
+        except ValueError as e:
+            raise ConfigError(f"eval.threshold: {e}") from None
 
 
 @dataclass
@@ -86,6 +132,11 @@ class SegConfig:
     sw_batch_size: int = 16
     sw_overlap: float = 0.25
     threshold: float = 0.5
+    """Binarisation threshold of the per-period validation Dice (model selection), and of test with
+    ``threshold_rule=fixed``."""
+    threshold_rule: Literal["dice", "fixed"] = "dice"
+    """``dice``: the test threshold is the one in 0.05..0.95 that maximises the mean validation Dice of the
+    selected checkpoint (:func:`medpretrain.metrics.dice_threshold`); ``fixed``: ``threshold``."""
     dice_loss_weight: float = 1.0
     """Loss = BCE + this * soft Dice (vessels are ~12 % of the field of view; BCE alone predicts background)."""
     n_overlays: int = 3
@@ -106,8 +157,10 @@ class FinetuneConfig:
     task: Literal["classification", "segmentation"] = "classification"
     regime: str = "full"
     seed: int = 0
+    """Head initialisation, batch order, augmentation draws and (unless ``data.subset_seed``) the label subset."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str | None = None
     """Default: ``<runs_dir>/finetune/<task>/<init>/<regime>/<fraction>/seed<seed>``."""
     n_bootstrap: int = 1000
@@ -185,15 +238,15 @@ def build_init(cfg: FinetuneConfig, in_channels: int, stem: str, image_size: int
     ``ImageNetUnavailable`` is a ``FileNotFoundError``, as is a missing pretraining export: neither ever
     falls back to random weights.
     """
-    from medpretrain.backbones import torchvision_archs
-    from medpretrain.init import init_backbone
+    from medpretrain.init import imagenet_archs, init_backbone
 
-    if cfg.init == "imagenet" and cfg.backbone.arch not in torchvision_archs():
+    if cfg.init == "imagenet" and cfg.backbone.arch not in imagenet_archs():
         raise InitUnavailable(f"ImageNet weights do not exist for {cfg.backbone.arch!r} (only for "
-                              f"{torchvision_archs()})")
+                              f"{imagenet_archs()})")
     try:
         return init_backbone(cfg.init, cfg.backbone.arch, in_channels, stem, image_size=image_size,
-                             weights=cfg.weights, runs_dir=cfg.runs_dir)
+                             weights=cfg.weights, runs_dir=cfg.runs_dir, data_mean=cfg.data.mean,
+                             data_std=cfg.data.std)
     except FileNotFoundError as e:
         raise InitUnavailable(str(e)) from e
 
@@ -267,9 +320,11 @@ def build_encoder(cfg: FinetuneConfig, source_size: int) -> Encoder:
 
 
 class Progress:
-    """Epoch counter, best validation score (the task's headline metric) and history: checkpointed with the model.
+    """Period counter, best validation score (the task's headline metric) and history: checkpointed with the model.
 
-    ``best_auc`` keeps its name (it is in saved resume states); for segmentation it holds the best Dice.
+    A period ("epoch" in ``metrics.csv`` and the checkpoints) is one pass over the training images, or
+    ``optim.eval_every`` steps under a step budget (:class:`Budget`). ``best_auc`` keeps its name (it is in
+    saved resume states); for segmentation it holds the best Dice.
     """
 
     def __init__(self) -> None:
@@ -303,20 +358,125 @@ class Progress:
         return self.history[self.best_epoch - 1]["val"]
 
 
-def build_optimizer(model: torch.nn.Module, regime: Any, cfg: FinetuneConfig,
-                    stem: str) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.MultiStepLR, Any]:
-    """``apply_regime`` on ``model.backbone`` (``reinit`` draws a scratch backbone seeded ``seed + 1``), the
-    ``optim.optimizer`` over its parameter groups, and the step decay at ``optim.milestones``.
+@dataclass(frozen=True)
+class Budget:
+    """The optimiser steps of a run and its validation periods.
 
-    The scheduler is stepped once per epoch and not passed to ``prepare()`` (accelerate steps prepared
-    schedulers once per process per call, which suits per-batch schedules only); it is checkpointed by
-    ``save_checkpoint(state=...)``. Returns ``(optimizer, scheduler, regime_info)``.
+    ``optim.steps > 0``: ``total_steps = optim.steps`` whatever the label fraction, in ``periods`` of
+    ``period_steps`` (``optim.eval_every``; the last one may be shorter), the LR schedule stepped every step.
+    ``optim.steps = 0``: one period per epoch of ``period_steps`` batches (the loader's length, capped by
+    ``optim.max_steps_per_epoch``), the schedule stepped per epoch.
+    """
+
+    total_steps: int
+    period_steps: int
+    periods: int
+    in_steps: bool
+
+    def steps_before(self, period: int) -> int:
+        """Optimiser steps done when period ``period`` (1-based) starts."""
+        return min(self.total_steps, (period - 1) * self.period_steps)
+
+    def steps_in(self, period: int) -> int:
+        """Optimiser steps of period ``period`` (1-based)."""
+        return min(self.total_steps, period * self.period_steps) - self.steps_before(period)
+
+
+def budget_of(optim: OptimConfig, loader_len: int) -> Budget:
+    """The :class:`Budget` of ``optim`` for a training loader of ``loader_len`` batches per pass (epochs mode)."""
+    if optim.steps > 0:
+        every = optim.eval_every or max(1, math.ceil(optim.steps / 10))
+        every = min(every, optim.steps)
+        return Budget(optim.steps, every, math.ceil(optim.steps / every), True)
+    per_epoch = min(loader_len, optim.max_steps_per_epoch or loader_len)
+    return Budget(per_epoch * optim.epochs, per_epoch, optim.epochs, False)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler of a step budget: ``total_steps`` batches of ``batch_size`` indices into ``n`` training
+    items, read off an endless stream of passes, pass ``p`` being a permutation of ``range(n)`` drawn from
+    ``numpy.random.SeedSequence([seed, p])`` (so a budget larger than the data cycles over it, a batch may
+    span two passes, and every index appears once per pass).
+
+    Iterating yields the batches of the current period only (:attr:`period`, 1-based, set before each
+    period: steps ``[(period - 1) * period_steps, period * period_steps)``), ``num_processes`` batches per
+    step (accelerate's ``BatchSamplerShard`` hands each process its own). The batches depend only on the
+    seed and the period, so a run resumed at a period boundary draws exactly the batches of the
+    uninterrupted one. Raises ``ValueError`` for empty data or non-positive sizes.
+    """
+
+    def __init__(self, n: int, batch_size: int, budget: Budget, seed: int, num_processes: int = 1):
+        if n < 1 or batch_size < 1 or num_processes < 1:
+            raise ValueError(f"StepBatches needs n, batch_size, num_processes >= 1, got {n}, {batch_size}, "
+                             f"{num_processes}")
+        self.n, self.batch_size, self.budget, self.seed = n, batch_size, budget, seed
+        self.num_processes = num_processes
+        self.period = 1
+        self._passes: dict[int, np.ndarray] = {}
+
+    def _pass(self, p: int) -> np.ndarray:
+        if p not in self._passes:
+            if len(self._passes) > 64:  # only a few passes are live at a time
+                self._passes.clear()
+            self._passes[p] = np.random.default_rng(np.random.SeedSequence([self.seed, p])).permutation(self.n)
+        return self._passes[p]
+
+    def batch(self, b: int) -> list[int]:
+        """Global batch ``b`` (0-based; ``num_processes`` of them per step)."""
+        start = b * self.batch_size
+        pos = np.arange(start, start + self.batch_size)
+        passes, offsets = pos // self.n, pos % self.n
+        return [int(self._pass(int(p))[o]) for p, o in zip(passes, offsets, strict=True)]
+
+    def __len__(self) -> int:
+        return self.budget.steps_in(self.period) * self.num_processes
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        first = self.budget.steps_before(self.period) * self.num_processes
+        for b in range(first, first + len(self)):
+            yield self.batch(b)
+
+
+def train_loader(ds: Any, cfg: FinetuneConfig, num_processes: int = 1) -> DataLoader:
+    """The training loader: ``optim.steps`` > 0: :class:`StepBatches` seeded by ``seed`` (the same number of
+    steps for every label fraction); else shuffled by a generator seeded by ``seed``, ``drop_last`` when the
+    split holds more than one batch (epochs mode, as before)."""
+    if cfg.optim.steps > 0:
+        sampler = StepBatches(len(ds), cfg.optim.batch_size, budget_of(cfg.optim, 0), cfg.seed, num_processes)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=cfg.data.num_workers)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, generator=g,
+                      num_workers=cfg.data.num_workers, drop_last=len(ds) > cfg.optim.batch_size)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The LR schedule over the budget: step decay by ``gamma`` at ``milestones`` or cosine annealing to 0.
+
+    Under a step budget it is defined in optimiser steps (milestone ``m`` decays after ``int(m * steps)``
+    steps; cosine spans ``steps``) and stepped after every step; otherwise in epochs and stepped per epoch.
+    """
+    length = optim.steps if optim.steps > 0 else optim.epochs
+    if optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=length, eta_min=0.0)
+    milestones = sorted({max(1, int(m * length)) for m in optim.milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=optim.gamma)
+
+
+def build_optimizer(model: torch.nn.Module, regime: Any, cfg: FinetuneConfig,
+                    stem: str) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, Any]:
+    """``apply_regime`` on ``model.backbone`` (``reinit`` draws a scratch backbone seeded ``seed + 1``), the
+    ``optim.optimizer`` over its parameter groups, and the LR schedule (:func:`build_scheduler`).
+
+    ``optim.backbone_lr_mult`` applies to the kept backbone weights of every init, scratch included.
+    The scheduler is not passed to ``prepare()`` (accelerate steps prepared schedulers once per process
+    per call); it is checkpointed by ``save_checkpoint(state=...)``. Returns ``(optimizer, scheduler, regime_info)``.
     """
     torch.manual_seed(cfg.seed + 1)  # the re-init weights: a scratch backbone of the same architecture
     fresh = build_backbone(cfg.backbone.arch, cfg.data.channels, stem) if regime.kind == "reinit" else None
+    # pretrained=True for every init: the multiplier is a hyper-parameter of the protocol, not of the init.
     groups, regime_info = apply_regime(
         model, regime, lr=cfg.optim.lr, backbone_lr_mult=cfg.optim.backbone_lr_mult,  # type: ignore[arg-type]
-        weight_decay=cfg.optim.weight_decay, pretrained=cfg.init != "scratch", fresh_backbone=fresh,
+        weight_decay=cfg.optim.weight_decay, pretrained=True, fresh_backbone=fresh,
     )
     optimizer: torch.optim.Optimizer
     if cfg.optim.optimizer == "sgd":
@@ -325,9 +485,7 @@ def build_optimizer(model: torch.nn.Module, regime: Any, cfg: FinetuneConfig,
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
     else:
         optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
-    milestones = sorted({max(1, int(m * cfg.optim.epochs)) for m in cfg.optim.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.optim.gamma)
-    return optimizer, scheduler, regime_info
+    return optimizer, build_scheduler(optimizer, cfg.optim), regime_info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,10 +498,12 @@ class TaskParts:
     """What a task gives the training loop of ``finetune/run.py``.
 
     ``loss(logits, batch)``; ``predict(model, loader)`` -> arrays over a whole split (gathered);
-    ``evaluate(pred)`` -> ``(mean metrics, per-case rows or None)``; ``val_columns``: the validation metrics
-    logged per epoch (the headline first); ``test_fields(pred, rows)`` -> the task's own
+    ``evaluate(pred, threshold)`` -> ``(mean metrics, per-case rows or None)`` (``threshold=None``: the
+    selection-time default, 0.5 / ``seg.threshold``); ``choose_threshold(val_pred)`` -> ``(threshold, rule in
+    words)`` chosen on validation for test; ``val_columns``: the validation metrics logged per period (the
+    headline first); ``test_fields(pred, rows, threshold)`` -> the task's own
     :class:`~medpretrain.results.RunResult` fields (``ci``, ``roc`` / ``per_image``, ...);
-    ``save_outputs(out, pred)`` writes ``predictions.npz`` (and overlays).
+    ``save_outputs(out, pred, threshold)`` writes ``predictions.npz`` (and overlays).
     """
 
     label_task: str
@@ -352,9 +512,10 @@ class TaskParts:
     loaders: dict[str, DataLoader]
     loss: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
     predict: Callable[[torch.nn.Module, Any], dict[str, np.ndarray]]
-    evaluate: Callable[[dict[str, np.ndarray]], tuple[dict[str, float], list[dict[str, float]] | None]]
-    test_fields: Callable[[dict[str, np.ndarray], list[dict[str, float]] | None], dict[str, Any]]
-    save_outputs: Callable[[Path, dict[str, np.ndarray]], None]
+    evaluate: Callable[[dict[str, np.ndarray], Any], tuple[dict[str, float], list[dict[str, float]] | None]]
+    choose_threshold: Callable[[dict[str, np.ndarray]], tuple[Any, str]]
+    test_fields: Callable[[dict[str, np.ndarray], list[dict[str, float]] | None, Any], dict[str, Any]]
+    save_outputs: Callable[[Path, dict[str, np.ndarray], Any], None]
     val_columns: tuple[str, ...]
     budget: str
     """The label budget in words, for the start-up line."""
@@ -374,13 +535,13 @@ class TaskParts:
         return headline_metric(self.label_task)
 
 
-def build_dataloaders(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Classification: shuffled, seeded train loader; val / test at ``optim.eval_batch_size``."""
-    ds = {split: build_dataset(cfg.data, split) for split in ("train", "val", "test")}
-    g = torch.Generator().manual_seed(cfg.seed)
+def build_dataloaders(cfg: FinetuneConfig, num_processes: int = 1) -> dict[str, Any]:
+    """Classification: the label subset drawn by ``seed`` (unless ``data.subset_seed``), the seeded train loader
+    (:func:`train_loader`); val / test at ``optim.eval_batch_size``."""
+    ds = {split: build_dataset(cfg.data, split, **({"seed": cfg.seed} if split == "train" else {}))
+          for split in ("train", "val", "test")}
     loaders = {
-        "train": DataLoader(ds["train"], batch_size=cfg.optim.batch_size, shuffle=True, generator=g,
-                            num_workers=cfg.data.num_workers, drop_last=len(ds["train"]) > cfg.optim.batch_size),
+        "train": train_loader(ds["train"], cfg, num_processes),
         "val": DataLoader(ds["val"], batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers),
         "test": DataLoader(ds["test"], batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers),
     }
@@ -408,7 +569,7 @@ def predict(model: torch.nn.Module, loader: Any, task: str, accelerator: Any) ->
     return {"probs": torch.cat(probs).numpy(), "labels": torch.cat(labels).numpy(), "index": torch.cat(index).numpy()}
 
 
-def build_seg_dataloaders(cfg: FinetuneConfig) -> dict[str, Any]:
+def build_seg_dataloaders(cfg: FinetuneConfig, num_processes: int = 1) -> dict[str, Any]:
     """Patch loader over ``seg.n_train_images`` seeded training images; whole-image val / test loaders.
 
     Raises ``ValueError`` (a ``ConfigError``) when the budget exceeds the training split.
@@ -428,10 +589,8 @@ def build_seg_dataloaders(cfg: FinetuneConfig) -> dict[str, Any]:
     # Each chosen image appears patches_per_image times per epoch, each time with a fresh random crop.
     train = Subset(full_train, np.repeat(chosen, cfg.seg.patches_per_image).tolist())
     ds = {"train": full_train, "val": build_dataset(cfg.data, "val"), "test": build_dataset(cfg.data, "test")}
-    g = torch.Generator().manual_seed(cfg.seed)
     loaders = {
-        "train": DataLoader(train, batch_size=cfg.optim.batch_size, shuffle=True, generator=g,
-                            num_workers=cfg.data.num_workers, drop_last=len(train) > cfg.optim.batch_size),
+        "train": train_loader(train, cfg, num_processes),
         "val": DataLoader(ds["val"], batch_size=1, num_workers=cfg.data.num_workers),
         "test": DataLoader(ds["test"], batch_size=1, num_workers=cfg.data.num_workers),
     }
@@ -514,15 +673,18 @@ def save_overlays(path: Path, pred: dict[str, np.ndarray], dataset: Any, n: int,
 
 def complete_result(cfg: FinetuneConfig, parts: TaskParts, enc: Encoder, regime: Any, regime_info: Any,
                     progress: Progress, test_metrics: dict[str, float], task_fields: dict[str, Any], *,
-                    requested_hash: str, t_run: float, accelerator: Any, out: Path) -> RunResult:
-    """The :class:`RunResult` of a finished run (``task_fields`` from :attr:`TaskParts.test_fields`)."""
+                    requested_hash: str, t_run: float, accelerator: Any, out: Path,
+                    val_metrics: dict[str, float] | None = None) -> RunResult:
+    """The :class:`RunResult` of a finished run (``task_fields`` from :attr:`TaskParts.test_fields`, with
+    ``optimizer_steps``, ``threshold`` and ``threshold_rule``). ``val_metrics``: validation metrics of the
+    selected checkpoint at the chosen threshold (default: those logged when it was selected)."""
     history = progress.history
     return RunResult(
         status="complete", task=cfg.task, label_task=parts.label_task, init=cfg.init,
         init_label=init_label(cfg.init, cfg.init_name), init_info=jsonable(enc.info), init_warnings=enc.warnings,
         regime=str(regime), regime_info=jsonable(regime_info), label_fraction=parts.label_fraction,
         n_train_images=parts.n_train_images, seed=cfg.seed,
-        metrics={"test": test_metrics, "val_best": progress.val_best},
+        metrics={"test": test_metrics, "val_best": val_metrics if val_metrics is not None else progress.val_best},
         best_epoch=progress.best_epoch, epochs_run=progress.epoch,
         epochs_to_95=epochs_to_fraction_of_best([h[f"val_{parts.headline}"] for h in history], 0.95),
         history=[{k: v for k, v in h.items() if k != "val"} for h in history],
@@ -556,8 +718,9 @@ def failed_result(cfg: FinetuneConfig, reason: str, log_tail: str = "") -> RunRe
 
 
 __all__ = [
-    "EXIT_UNAVAILABLE", "SCRIPT", "Encoder", "FinetuneConfig", "InitUnavailable", "OptimConfig", "Progress",
-    "SegConfig", "TaskParts", "build_dataloaders", "build_encoder", "build_init", "build_optimizer",
+    "EXIT_UNAVAILABLE", "SCRIPT", "Budget", "Encoder", "EvalConfig", "FinetuneConfig", "InitUnavailable",
+    "OptimConfig", "Progress", "SegConfig", "StepBatches", "TaskParts", "budget_of", "build_dataloaders",
+    "build_encoder", "build_init", "build_optimizer", "build_scheduler", "train_loader",
     "build_seg_dataloaders", "classification_loss", "complete_result", "failed_result", "init_label",
     "label_fraction", "main_in_process", "output_dir", "predict", "predict_images", "reconcile_with_init",
     "run_hash", "save_overlays", "seg_loss", "unavailable_result",

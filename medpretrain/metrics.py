@@ -9,13 +9,17 @@ Every function takes *probabilities* (not logits) and integer / {0, 1} targets:
 The six reported metrics (:data:`METRICS`) are AUC (ROC AUC; macro one-vs-rest for multi-class, macro
 over labels for multi-label), accuracy (fraction of correct predictions; element-wise for multi-label),
 sensitivity (= recall), specificity, precision and F1, the last four macro-averaged over classes /
-labels when there are more than two. Binary and multi-label predictions threshold at ``threshold``;
-multi-class predictions take the arg-max.
+labels when there are more than two. Binary and multi-label predictions threshold at ``threshold`` (one
+per label for multi-label, if given as a list); multi-class predictions take the arg-max.
+:func:`operating_threshold` chooses that threshold on validation (Youden's J, a target sensitivity or
+specificity, or a fixed value: :func:`parse_threshold_rule`) to be applied to test.
 
 Binary segmentation metrics (:data:`SEG_METRICS`, :func:`segmentation_metrics`) take probability maps,
 binary targets and an optional region of interest (DRIVE scores inside the field of view): Dice, Jaccard,
 sensitivity, specificity, pixel AUC; :func:`per_image_metrics`, :func:`mean_metrics` and
-:func:`bootstrap_images` score a test set image by image. :func:`metric_names` gives a task's metrics.
+:func:`bootstrap_images` score a test set image by image; :func:`dice_threshold` picks the binarisation
+threshold that maximises the mean per-image Dice (on validation images). :func:`metric_names` gives a
+task's metrics.
 """
 
 from __future__ import annotations
@@ -89,12 +93,31 @@ def classification_metrics(
     target: torch.Tensor | np.ndarray,
     task: str,
     *,
-    threshold: float = 0.5,
+    threshold: float | Sequence[float] | None = 0.5,
 ) -> dict[str, float]:
-    """The six :data:`METRICS` for one set of predictions (floats; AUC is NaN if a class is absent)."""
+    """The six :data:`METRICS` for one set of predictions (floats; AUC is NaN if a class is absent).
+
+    ``threshold``: positive if ``prob >= threshold`` (binary; multi-label: one number for every label or one
+    per label); ignored for multi-class (arg-max). ``None`` means 0.5.
+    """
     p, t = _as_tensors(probs, target)
     n = _check(p, t, task)
+    if threshold is None:
+        threshold = 0.5
     kw: dict[str, Any]
+    if task == "binary" and not isinstance(threshold, (int, float)):
+        raise ValueError(f"binary metrics take one threshold, got {threshold!r}")
+    if task == "multilabel" and not isinstance(threshold, (int, float)):
+        per_label = torch.as_tensor([float(v) for v in threshold])
+        if per_label.shape != (n,):
+            raise ValueError(f"multilabel metrics need one threshold per label ({n}), got {list(threshold)}")
+        # Decisions per label, then torchmetrics on the 0/1 decisions (>= 0.5 keeps them as they are);
+        # AUC still takes the probabilities.
+        decided = (p >= per_label[None, :]).float()
+        out = classification_metrics(decided, t, task, threshold=0.5)
+        out["auc"] = classification_metrics(p, t, task)["auc"]
+        return out
+    threshold = float(threshold)  # type: ignore[arg-type]
     if task == "binary":
         kw = {"threshold": threshold}
         out = {
@@ -129,6 +152,60 @@ def classification_metrics(
             "f1": C.multilabel_f1_score(p, t, **kw),
         }
     return {k: float(v) for k, v in out.items()}
+
+
+def parse_threshold_rule(rule: str | float) -> tuple[str, float | None]:
+    """``eval.threshold`` -> ``(kind, value)``: ``youden`` -> ``("youden", None)``; ``sensitivity:<x>`` /
+    ``specificity:<x>`` (``x`` in [0, 1]) -> ``("sensitivity" | "specificity", x)``; a number in [0, 1] ->
+    ``("fixed", x)``. Raises ``ValueError`` naming the accepted forms."""
+    text = str(rule).strip()
+    forms = "youden, a number in [0, 1], sensitivity:<x> or specificity:<x>"
+    if text == "youden":
+        return "youden", None
+    kind, sep, value = text.partition(":")
+    try:
+        x = float(value if sep else kind)
+    except ValueError:
+        raise ValueError(f"threshold rule {text!r}: expected {forms}") from None
+    if sep and kind not in ("sensitivity", "specificity"):
+        raise ValueError(f"threshold rule {text!r}: expected {forms}")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"threshold rule {text!r}: the value must lie in [0, 1]")
+    return (kind if sep else "fixed"), x
+
+
+def _binary_threshold(p: np.ndarray, y: np.ndarray, kind: str, value: float | None) -> tuple[float, str]:
+    from medpretrain.stats import threshold_for, youden_threshold
+
+    if kind == "fixed":
+        return float(value), f"fixed {value:g}"  # type: ignore[arg-type]
+    if not 0 < int(y.sum()) < len(y):
+        return 0.5, f"{kind} undefined on validation (one class only): 0.5"
+    if kind == "youden":
+        return youden_threshold(p, y), "youden on validation"
+    t = threshold_for(p, y, **{kind: value})
+    return t, f"{kind} >= {value:g} on validation"
+
+
+def operating_threshold(probs: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, task: str,
+                        rule: str | float = "youden") -> tuple[float | list[float] | None, str]:
+    """The decision threshold chosen on these (validation) predictions by ``rule`` (:func:`parse_threshold_rule`),
+    to be applied unchanged to test: ``(threshold, rule in words)``.
+
+    Binary: one threshold (:func:`medpretrain.stats.youden_threshold` / :func:`~medpretrain.stats.threshold_for`;
+    0.5 when validation has one class only). Multi-label: one per label, each chosen on its own column.
+    Multi-class: ``(None, "argmax")`` (the arg-max takes no threshold).
+    """
+    kind, value = parse_threshold_rule(rule)
+    p, t = _as_tensors(probs, target)
+    _check(p, t, task)
+    if task == "multiclass":
+        return None, "argmax"
+    if task == "binary":
+        return _binary_threshold(p.numpy(), t.numpy(), kind, value)
+    chosen = [_binary_threshold(p[:, k].numpy(), t[:, k].numpy(), kind, value) for k in range(p.shape[1])]
+    rules = sorted({r for _, r in chosen})
+    return [thr for thr, _ in chosen], "; ".join(rules) + " (per label)"
 
 
 def roc_curves(
@@ -291,6 +368,36 @@ def segmentation_metrics(probs: Tensor | np.ndarray, target: Tensor | np.ndarray
     else:
         out["auc"] = nan
     return out
+
+
+SEG_THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
+"""Candidate binarisation thresholds of :func:`dice_threshold`: 0.05, 0.10, ..., 0.95."""
+
+
+def dice_threshold(probs: Sequence[Tensor | np.ndarray], targets: Sequence[Tensor | np.ndarray],
+                   rois: Sequence[Tensor | np.ndarray | None] | None = None,
+                   grid: Sequence[float] = SEG_THRESHOLD_GRID) -> float:
+    """The threshold in ``grid`` that maximises the mean per-image Dice (as :func:`segmentation_metrics` counts
+    it, inside each roi) over these images: choose it on validation and apply it to test. Ties go to the
+    threshold nearest 0.5, then the lower one. Raises ``ValueError`` for an empty grid or no images."""
+    cand = np.asarray(sorted(float(g) for g in grid), dtype=float)
+    if cand.size == 0 or len(probs) == 0:
+        raise ValueError("dice_threshold needs at least one image and one candidate threshold")
+    rois_: Sequence[Tensor | np.ndarray | None] = rois if rois is not None else [None] * len(probs)
+    dice = np.zeros((len(probs), cand.size))
+    for i, (p, t, r) in enumerate(zip(probs, targets, rois_, strict=True)):
+        pf, tf = _flat(p, t, r)
+        pos = np.sort(pf[tf.bool()].numpy())
+        neg = np.sort(pf[~tf.bool()].numpy())
+        # Pixels with prob >= c: counted from the sorted scores (one pass per image for every candidate).
+        tp = pos.size - np.searchsorted(pos, cand, side="left")
+        fp = neg.size - np.searchsorted(neg, cand, side="left")
+        fn = pos.size - tp
+        denom = 2 * tp + fp + fn
+        dice[i] = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
+    mean = dice.mean(0)
+    best = np.flatnonzero(np.isclose(mean, mean.max(), rtol=0, atol=1e-12))
+    return float(cand[best[np.argmin(np.abs(cand[best] - 0.5))]])
 
 
 def per_image_metrics(probs: Sequence[Tensor | np.ndarray], targets: Sequence[Tensor | np.ndarray],

@@ -108,6 +108,11 @@ class RunResult:
     best_epoch: int | None = None
     epochs_run: int | None = None
     optimizer_steps: int | None = None
+    threshold: float | list[float] | None = None
+    """Decision threshold chosen on validation and applied to test (binary: one; multi-label: one per label;
+    segmentation: the binarisation threshold; ``None`` for multi-class, which takes the arg-max)."""
+    threshold_rule: str | None = None
+    """How ``threshold`` was chosen, in words (``youden on validation``, ``fixed 0.5``, ``argmax``, ...)."""
     epochs_to_95: int | None = None
     """First epoch whose validation headline metric reaches 95% of the best (``None``: no finite epoch)."""
     history: list[dict[str, Any]] | None = None
