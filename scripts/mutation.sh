@@ -2,7 +2,10 @@
 # Mutation testing of the numerical core (issue 20): mutmut mutates the modules listed under
 # [tool.mutmut] in pyproject.toml and runs their unit tests against each mutant, then
 # benchmarks/mutation_report.py writes benchmarks/results/mutation.md (killed / survived / reviewed).
-# About 30 min on one core of the 2-core CI machine. Extra arguments go to `mutmut run`.
+# About 30 min on one core of the 2-core CI machine. Extra arguments go to `mutmut run` (mutant names re-run
+# only those, e.g. the survivors after new tests). Run it in a clean worktree of the commit to measure
+# (`git worktree add /tmp/mut HEAD`): mutmut writes mutants/ and mutmut-stats.json beside the sources, and the
+# report names the commit. Surviving mutants are reviewed in benchmarks/mutation_review.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
