@@ -162,7 +162,9 @@ class FinetuneConfig:
     seg: SegConfig = field(default_factory=SegConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str | None = None
-    """Default: ``<runs_dir>/finetune/<task>/<init>/<regime>/<fraction>/seed<seed>``."""
+    """Default: ``<runs_dir>/finetune/<task>/<init>/<regime>[/<run_tag>]/<fraction>/seed<seed>``."""
+    run_tag: str = ""
+    """An extra folder level after the regime (a grid's LR axis sets ``lr<lr>``); empty: none."""
     n_bootstrap: int = 1000
     resume: str = ""
     """``auto``: continue from the newest complete epoch checkpoint of this output folder."""
@@ -195,13 +197,14 @@ def label_fraction(cfg: FinetuneConfig) -> float:
 
 
 def output_dir(cfg: FinetuneConfig) -> Path:
-    """``output_dir``, else ``<runs_dir>/finetune/<task>/<init label>/<regime>/<budget>/seed<seed>`` (budget: the
-    label fraction, or ``n<images>`` for segmentation)."""
+    """``output_dir``, else ``<runs_dir>/finetune/<task>/<init label>/<regime>[/<run_tag>]/<budget>/seed<seed>``
+    (budget: the label fraction, or ``n<images>`` for segmentation)."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
     budget = f"n{cfg.seg.n_train_images or 'all'}" if cfg.task == "segmentation" else f"{label_fraction(cfg):g}"
+    regime = Path(cfg.regime.replace(":", "-")) / cfg.run_tag if cfg.run_tag else Path(cfg.regime.replace(":", "-"))
     return (Path(cfg.runs_dir) / "finetune" / cfg.task / init_label(cfg.init, cfg.init_name)
-            / cfg.regime.replace(":", "-") / budget / f"seed{cfg.seed}")
+            / regime / budget / f"seed{cfg.seed}")
 
 
 def main_in_process(argv: list[str] | None = None) -> int:

@@ -355,3 +355,22 @@ def test_defaults_and_shipped_configs_give_every_init_the_same_hyper_parameters(
         cfg = load_config(FinetuneConfig, ["--config", str(ROOT / "configs" / name)])
         assert cfg.optim.backbone_lr_mult == 1.0, name
         assert cfg.optim.steps > 0 and cfg.optim.augment == "light", name
+
+
+def test_lr_axis_runs_every_init_at_every_lr(tmp_path):
+    """``lrs``: each init gets each LR in its own folder; the LR is in the cell's config for the report."""
+    from medpretrain.finetune import output_dir
+    from medpretrain.pipeline.grid import CompareConfig, cell_config, grid
+
+    cfg = CompareConfig(base_config=str(ROOT / "configs/finetune.yaml"), inits=["scratch", "simclr"],
+                        regimes=["full"], label_fractions=[0.1], seeds=[0], lrs=[1e-3, 3e-4],
+                        overrides=["optim.lr=0.5"], runs_dir=str(tmp_path))
+    cells = [cell_config(a) for a in grid(cfg)]
+    assert [(c.init, c.optim.lr) for c in cells] == [("scratch", 1e-3), ("scratch", 3e-4), ("simclr", 1e-3),
+                                                     ("simclr", 3e-4)]
+    dirs = {output_dir(c) for c in cells}
+    assert len(dirs) == 4 and tmp_path / "finetune/classification/scratch/full/lr0.0003/0.1/seed0" in dirs
+    # Without the axis: one cell per init at the base LR, the folder layout of before.
+    plain = [cell_config(a) for a in grid(CompareConfig(**{**cfg.__dict__, "lrs": []}))]
+    assert [c.optim.lr for c in plain] == [0.5, 0.5]
+    assert output_dir(plain[0]) == tmp_path / "finetune/classification/scratch/full/0.1/seed0"

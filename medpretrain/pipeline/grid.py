@@ -56,6 +56,9 @@ class CompareConfig:
     n_train_images: list[int] = field(default_factory=lambda: [2, 5, 0])
     """Segmentation only: label budgets as numbers of annotated training images (0 = all)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    lrs: list[float] = field(default_factory=list)
+    """Optional learning-rate axis: every init runs every LR (``optim.lr``, folder level ``lr<lr>``); the report
+    picks each init's LR on validation (``metrics.val_best``). Empty: the base config's ``optim.lr`` only."""
     overrides: list[str] = field(default_factory=list)
     """Extra ``key=value`` overrides passed to every run (e.g. ``optim.epochs=5``)."""
     runs_dir: str = "runs"
@@ -84,22 +87,25 @@ def base_task(cfg: CompareConfig) -> str:
 
 
 def cell_argv(cfg: CompareConfig, init: str, regime: str, fraction: float, seed: int,
-              task: str = "classification") -> list[str]:
-    """``finetune/run.py`` arguments of one cell (``fraction``: the number of images for segmentation)."""
+              task: str = "classification", lr: float | None = None) -> list[str]:
+    """``finetune/run.py`` arguments of one cell (``fraction``: the number of images for segmentation; ``lr``:
+    a point of the LR axis, after the overrides so that it wins)."""
     budget = f"seg.n_train_images={int(fraction)}" if task == "segmentation" else f"data.label_fraction={fraction}"
     label, sep, path = init.partition("=")
     named = [f"init={path}", f"init_name={label}"] if sep else [f"init={init}"]
     # resume=auto: the grid owns its cells' folders, so a killed cell continues from its last epoch
     return ["--config", cfg.base_config, *named, f"regime={regime}", budget,
-            f"seed={seed}", f"runs_dir={cfg.runs_dir}", *cfg.overrides, "resume=auto"]
+            f"seed={seed}", f"runs_dir={cfg.runs_dir}", *cfg.overrides,
+            *([f"optim.lr={lr}", f"run_tag=lr{lr:g}"] if lr is not None else []), "resume=auto"]
 
 
 def grid(cfg: CompareConfig) -> list[list[str]]:
-    """Every cell's arguments, in report order: inits, regimes, budgets, seeds."""
+    """Every cell's arguments, in report order: inits, regimes, LRs (when ``lrs`` is set), budgets, seeds."""
     task = base_task(cfg)
     budgets: list[float] = [float(n) for n in cfg.n_train_images] if task == "segmentation" else cfg.label_fractions
-    return [cell_argv(cfg, replicate(i, k), r, f, s, task) for i in cfg.inits for r in cfg.regimes for f in budgets
-            for k, s in enumerate(cfg.seeds)]
+    lrs: list[float | None] = list(cfg.lrs) if cfg.lrs else [None]
+    return [cell_argv(cfg, replicate(i, k), r, f, s, task, lr) for i in cfg.inits for r in cfg.regimes for lr in lrs
+            for f in budgets for k, s in enumerate(cfg.seeds)]
 
 
 def replicate(init: str, k: int) -> str:
