@@ -33,6 +33,7 @@ regimes derived from ``feature_info`` (:attr:`TimmBackbone.stages`). timm is imp
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -409,7 +410,7 @@ class TimmBackbone(Backbone):
 
         name = arch[len(TIMM_PREFIX):]
         if not timm.is_model(name):
-            near = timm.list_models(f"*{name}*")[:8]
+            near = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.8)
             raise ValueError(f"unknown timm model {name!r} (arch {arch!r}){'; similar: ' + ', '.join(near) if near else ''}")
         if stem != "standard":
             raise ValueError(f"{arch} has only its published stem; use stem='standard' (got {stem!r})")

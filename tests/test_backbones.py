@@ -179,3 +179,140 @@ def test_clear_errors() -> None:
         build_backbone("cbr_tiny", 1)(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="at least 32x32, got 28x28"):
         build_backbone("vgg16_bn", 1, "standard", image_size=28)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timm backbones (timm:<name>)
+# ---------------------------------------------------------------------------------------------------------
+
+LITE0 = "timm:tf_efficientnet_lite0"
+LITE0_STAGES = [["net.conv_stem", "net.bn1"], ["net.blocks.0"], ["net.blocks.1"], ["net.blocks.2"],
+                ["net.blocks.3", "net.blocks.4"], ["net.blocks.5", "net.blocks.6", "net.conv_head", "net.bn2"]]
+
+
+@pytest.fixture(scope="module")
+def timm_module():
+    from conftest import require_module
+
+    return require_module("timm", "pip install -e '.[dev]' (scripts/setup.sh) installs it")
+
+
+@pytest.mark.parametrize("in_ch", [1, 3])
+def test_timm_backbone_shapes_keys_and_stages(timm_module, in_ch: int) -> None:
+    from medpretrain.regimes import backbone_stages
+
+    torch.manual_seed(0)
+    b = build_backbone(LITE0, in_ch, "auto", image_size=28).eval()
+    assert (b.arch, b.in_channels, b.stem, b.num_features) == (LITE0, in_ch, "standard", 1280)
+    assert b.feature_channels == [16, 24, 40, 112, 1280] and b.feature_strides == [2, 4, 8, 16, 32]
+    assert (b.first_conv_key, b.first_norm_key) == ("net.conv_stem.weight", "net.bn1")
+    assert backbone_stages(b) == LITE0_STAGES
+    # Keys: timm's own minus the classifier, under "net."; first conv adapted to the input channels.
+    full = timm_module.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    sd = b.state_dict()
+    assert set(sd) == {f"net.{k}" for k in full if not k.startswith("classifier.")}
+    assert sd["net.conv_stem.weight"].shape == (32, in_ch, 3, 3)
+    for h, w in [(33, 47), (28, 28)]:
+        x = torch.randn(2, in_ch, h, w)
+        with torch.no_grad():
+            y, maps = b(x), b.forward_features(x)
+        # TensorFlow "same" padding: every stride-s level is ceil(n / s).
+        assert [tuple(m.shape[-2:]) for m in maps] == [(math.ceil(h / s), math.ceil(w / s)) for s in b.feature_strides]
+        assert [m.shape[1] for m in maps] == b.feature_channels
+        torch.testing.assert_close(y, maps[-1].mean(dim=(2, 3)))
+        with torch.no_grad():  # the pooled output is timm's own pre-logits
+            torch.testing.assert_close(y, b.net.forward_head(b.net.forward_features(x), pre_logits=True))
+
+
+def test_timm_stems_and_errors(timm_module) -> None:
+    assert resolve_stem("auto", 28, LITE0) == "standard"
+    with pytest.raises(ValueError, match=r"timm:tf_efficientnet_lite0 has no small stem .*data\.image_size"):
+        build_backbone(LITE0, 1, "small")
+    with pytest.raises(ValueError, match=r"unknown timm model 'tf_efficientnet_lite9'.*similar: .*tf_efficientnet_lite0"):
+        build_backbone("timm:tf_efficientnet_lite9", 1)
+    with pytest.raises(ValueError, match=r"timm:vit_tiny_patch16_224: cannot run as a CNN backbone on a 64x64 input"):
+        build_backbone("timm:vit_tiny_patch16_224", 1)
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet19'.* or timm:<name>"):
+        build_backbone("resnet19")
+
+
+def test_timm_backbone_checkpoint_round_trip(timm_module, tmp_path) -> None:
+    import safetensors
+    import safetensors.torch
+
+    from medpretrain.checkpoint import BackboneMeta, load_backbone, save_backbone
+
+    torch.manual_seed(1)
+    b = build_backbone(LITE0, 1, "standard")
+    for m in b.modules():  # non-default BN statistics, so a silently re-initialised tensor would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    meta = BackboneMeta(arch=LITE0, in_channels=1, stem="standard", image_size=64, method="simclr")
+    path = save_backbone(tmp_path / "bb.safetensors", b, meta)
+    loaded, got = load_backbone(path, arch=LITE0)
+    assert got.arch == LITE0 and isinstance(loaded, Backbone)
+    assert list(loaded.state_dict()) == list(b.state_dict())
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # One tensor missing: refused, naming it.
+    with safetensors.safe_open(str(path), "pt") as fh:
+        header = fh.metadata()
+    tensors = safetensors.torch.load_file(str(path))
+    del tensors["net.blocks.5.2.bn3.running_var"]
+    safetensors.torch.save_file(tensors, str(tmp_path / "short.safetensors"), metadata=header)
+    with pytest.raises(ValueError, match=r"short\.safetensors: keys do not match TimmBackbone timm:tf_efficientnet_lite0: "
+                       r"missing \['net\.blocks\.5\.2\.bn3\.running_var'\] \(1\), unexpected \[\] \(0\)"):
+        load_backbone(tmp_path / "short.safetensors")
+
+
+def test_timm_freeze_k_freezes_the_named_stages_only(timm_module) -> None:
+    from medpretrain.regimes import Classifier, apply_regime
+
+    torch.manual_seed(2)
+    model = Classifier(build_backbone(LITE0, 1, "standard"), 2)
+    _, info = apply_regime(model, "freeze:2", lr=0.1)
+    frozen_prefixes = ("backbone.net.conv_stem.", "backbone.net.bn1.", "backbone.net.blocks.0.")
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (not name.startswith(frozen_prefixes)), name
+    assert model.frozen == ["net.conv_stem", "net.bn1", "net.blocks.0"]
+    assert info.frozen_stages == [0, 1] and info.stages == LITE0_STAGES
+    assert info.frozen_params == sum(p.numel() for n, p in model.named_parameters() if n.startswith(frozen_prefixes))
+    # A training step moves the rest and neither the frozen weights nor their BatchNorm statistics.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    assert not model.backbone.net.bn1.training and model.backbone.net.blocks[1].training
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 32, 32)), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith(frozen_prefixes):
+            assert torch.equal(after[k], v), k
+    for k in ("backbone.net.blocks.6.0.conv_pwl.weight", "backbone.net.blocks.1.0.bn1.running_mean", "head.weight"):
+        assert not torch.equal(after[k], before[k]), k
+    with pytest.raises(ValueError, match=r"k must be between 0 and 6"):
+        apply_regime(Classifier(build_backbone(LITE0, 1, "standard"), 2), "freeze:7", lr=0.1)
+
+
+@pytest.mark.slow
+def test_simclr_pretrains_a_timm_backbone_and_exports(timm_module, data_root, tmp_path, monkeypatch) -> None:
+    from medpretrain.checkpoint import load_backbone, read_meta
+    from medpretrain.init import init_backbone
+    from medpretrain.pretrain import main
+
+    monkeypatch.setenv("MEDPRETRAIN_DATA", str(data_root))
+    main("simclr", [f"backbone.arch={LITE0}", "data.image_size=32", "train.batch_size=8", "train.max_steps=3",
+                    "train.log_every=1", "train.checkpoint_every=3", "train.knn_every=-1", f"out_dir={tmp_path}",
+                    "run_name=lite0"])
+    export = tmp_path / "lite0" / "backbone.safetensors"
+    meta = read_meta(export)
+    assert (meta.arch, meta.in_channels, meta.stem, meta.image_size, meta.method, meta.steps) == (
+        LITE0, 1, "standard", 32, "simclr", 3)
+    loaded, _ = load_backbone(export)
+    # Trained: BatchNorm statistics start at 0 / 1 and moved in the three steps.
+    assert loaded.state_dict()["net.bn2.num_batches_tracked"].item() == 3
+    assert loaded.state_dict()["net.bn2.running_mean"].abs().max() > 0
+    b, info = init_backbone("simclr", LITE0, 1, "auto", image_size=32, runs_dir=tmp_path)
+    assert info.source == str(export)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in b.state_dict().items())

@@ -11,8 +11,8 @@ from medpretrain.checkpoint import BackboneMeta, load_backbone_state, save_backb
 from medpretrain.config import DataConfig
 from medpretrain.data import build_dataset
 from medpretrain.data.transforms import Compose, PairedRandomCrop, PairedRandomFlip
-from medpretrain.regimes import Classifier, apply_regime
 from medpretrain.metrics import bootstrap_images, mean_metrics, segmentation_metrics
+from medpretrain.regimes import Classifier, apply_regime
 from medpretrain.unet import UNet
 
 
@@ -26,6 +26,26 @@ def test_unet_output_at_input_resolution(arch, stem, size):
         y = net(torch.randn(2, 3, *size))
     assert y.shape == (2, 2, *size)
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("in_ch", [1, 3])
+def test_unet_on_a_timm_encoder_at_odd_sizes(in_ch):
+    from conftest import require_module
+
+    require_module("timm", "pip install -e '.[dev]' (scripts/setup.sh) installs it")
+    torch.manual_seed(0)
+    encoder = build_backbone("timm:tf_efficientnet_lite0", in_ch, "auto", image_size=33)
+    net = UNet(encoder, num_classes=1)
+    assert net.encoder is encoder and net.up[0][0].in_channels == 24 + 16  # decoder level 1 (24) + skip 0 (16)
+    net.eval()
+    for size in [(33, 47), (64, 64), (20, 29)]:
+        with torch.no_grad():
+            y = net(torch.randn(2, in_ch, *size))
+        assert y.shape == (2, 1, *size) and torch.isfinite(y).all()
+    # Training: every encoder parameter gets a gradient (the deepest map is the head conv's output).
+    net.train()
+    net(torch.randn(2, in_ch, 33, 47)).mean().backward()
+    assert all(p.grad is not None for p in net.encoder.parameters())
 
 
 def test_contract_checkpoint_loads_into_unet_encoder_and_classifier_exactly(tmp_path):
