@@ -5,7 +5,9 @@
 
 ``--init`` is ``scratch``, ``imagenet``, ``selfsup`` / ``simclr`` / ``moco`` / ``vae`` / ``dcgan`` (the
 latest export under ``runs_dir``) or a path to a backbone checkpoint (:mod:`medpretrain.init`).
-``--regime`` is ``linear``, ``freeze:<k>``, ``full`` or ``reinit:<k>`` (:mod:`medpretrain.regimes`).
+``--regime`` is ``linear``, ``knn`` / ``knn:<k>``, ``freeze:<k>``, ``full`` or ``reinit:<k>``
+(:mod:`medpretrain.regimes`); ``linear`` and ``knn`` classification runs are read-outs fitted on
+cached frozen features (:mod:`medpretrain.probe`), frozen BatchNorm statistics are re-estimated.
 The config is :class:`medpretrain.finetune.FinetuneConfig`.
 
 Model selection uses the validation split only (best validation headline metric: AUC, Dice for
@@ -46,6 +48,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from tqdm.auto import tqdm
 
+from medpretrain import probe
 from medpretrain.checkpoint import load_exact, load_state_dict, save_state_dict
 from medpretrain.config import ConfigError, config_to_dict, load_config, save_config
 from medpretrain.data import read_source
@@ -191,6 +194,17 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
     parts = TASKS[cfg.task](cfg, enc, accelerator)
     # The regimes act on model.backbone (the U-Net's encoder; its decoder always trains at optim.lr).
     optimizer, scheduler, regime_info = build_optimizer(parts.model, regime, cfg, enc.stem)
+    # ---- frozen read-outs (medpretrain.probe, issue 14 item 1) ---------------------------------------------
+    # linear / knn on classification: BN re-estimated, a read-out fitted on cached features, no training loop.
+    if probe.is_readout(cfg.task, regime):
+        return probe.run_probe(cfg, stage, parts, enc, regime, regime_info, requested_hash=requested_hash,
+                               t_run=t_run)
+    # Any other frozen part (freeze:<k>, a segmentation linear encoder): its BN statistics re-estimated on the
+    # training images first (nothing happens for full / reinit).
+    probe.reestimate_frozen_bn(parts.model, parts.loaders["train"].dataset, accelerator.device,
+                               batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
+                               regime_info=regime_info)
+    # ---- end of frozen read-outs ---------------------------------------------------------------------------
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         parts.model, optimizer, parts.loaders["train"], parts.loaders["val"], parts.loaders["test"]
     )
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(FinetuneConfig, argv)
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is not implemented; available: {sorted(TASKS)}")
-    parse_regime(cfg.regime)  # fail on a bad regime before any work
+    probe.check_regime(cfg.task, cfg.regime)  # fail on a bad regime (knn: classification only) before any work
     # Bad data fails here, before the run folder is touched (config.yaml of an earlier run stays); decoded
     # once per process: train() gets it from the cache.
     source = read_source(cfg.data)

@@ -3,7 +3,11 @@
 The regimes follow the medical transfer-learning studies the project reproduces:
 
 * ``linear``: linear probe / feature extraction. The whole backbone is frozen *and kept in eval mode*,
-  so BatchNorm running statistics do not move either; only the head trains.
+  so BatchNorm running statistics do not move either; only the head trains (for classification a
+  logistic regression fitted to convergence on cached features, :mod:`medpretrain.probe`).
+* ``knn`` / ``knn:<k>``: the whole backbone frozen as for ``linear``, read out by a weighted cosine kNN vote
+  over the training features (``knn``: ``k`` in 20 / 200 chosen on validation; ``knn:<k>``: that ``k``);
+  classification only (:mod:`medpretrain.probe`).
 * ``freeze:<k>``: the first ``k`` stages are frozen (weights and BN statistics), the rest trains.
 * ``full``: everything trains; pre-trained backbone weights use ``lr * backbone_lr_mult``.
 * ``reinit:<k>``: keep the first ``k`` stages, re-initialise the stages above them and train all
@@ -14,11 +18,15 @@ so ``freeze:1`` freezes the stem only and ``reinit:1`` keeps only the stem. A ba
 own stages with a ``stages`` attribute (a list of lists of top-level module names); otherwise the
 per-architecture table :data:`STAGES` is used, and otherwise the top-level children that hold
 parameters, in order.
+
+Frozen BatchNorm statistics are re-estimated on the run's training images before a frozen regime
+(``linear``, ``knn``, ``freeze:<k>`` with ``k > 0``): :func:`reestimate_bn`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +65,8 @@ def backbone_stages(backbone: nn.Module) -> list[list[str]]:
 
 @dataclass(frozen=True)
 class Regime:
-    """A parsed regime string: ``kind`` in linear / freeze / full / reinit, ``k`` for freeze and reinit."""
+    """A parsed regime string: ``kind`` in linear / knn / freeze / full / reinit; ``k``: stages for freeze and
+    reinit, neighbours for knn (``None``: chosen on validation)."""
 
     kind: str
     k: int | None = None
@@ -66,11 +75,18 @@ class Regime:
         return self.kind if self.k is None else f"{self.kind}:{self.k}"
 
 
+    @property
+    def frozen_readout(self) -> bool:
+        """``linear`` or ``knn``: the whole backbone is frozen and only read out."""
+        return self.kind in ("linear", "knn")
+
+
 def parse_regime(text: str) -> Regime:
-    """Parse ``linear``, ``full``, ``freeze:<k>`` or ``reinit:<k>``; raise ``ValueError`` otherwise."""
-    m = re.fullmatch(r"(linear|full)|(freeze|reinit):(\d+)", text.strip())
-    if not m:
-        raise ConfigError(f"unknown regime {text!r}; expected linear, full, freeze:<k> or reinit:<k>")
+    """Parse ``linear``, ``knn``, ``knn:<k>`` (``k >= 1``), ``full``, ``freeze:<k>`` or ``reinit:<k>``;
+    raise ``ValueError`` (a ``ConfigError``) otherwise."""
+    m = re.fullmatch(r"(linear|full|knn)|(freeze|reinit|knn):(\d+)", text.strip())
+    if not m or (m.group(2) == "knn" and int(m.group(3)) < 1):
+        raise ConfigError(f"unknown regime {text!r}; expected linear, knn, knn:<k>, full, freeze:<k> or reinit:<k>")
     if m.group(1):
         return Regime(m.group(1))
     return Regime(m.group(2), int(m.group(3)))
@@ -118,6 +134,11 @@ class RegimeInfo:
     frozen_params: int = 0
     backbone_lr: float = 0.0
     head_lr: float = 0.0
+    bn_reestimated: bool = False
+    """Frozen BatchNorm statistics were re-estimated on the training images (:func:`reestimate_bn`)."""
+    readout: dict[str, Any] = field(default_factory=dict)
+    """``linear`` / ``knn`` read-outs (:mod:`medpretrain.probe`): what was fitted and chosen (C or k, the
+    validation score of every candidate, solver iterations)."""
 
 
 def _reset(module: nn.Module, fresh: nn.Module | None) -> None:
@@ -156,13 +177,13 @@ def apply_regime(
     backbone = model.backbone
     stages = backbone_stages(backbone)
     n = len(stages)
-    if reg.k is not None and not 0 <= reg.k <= n:
+    if reg.kind in ("freeze", "reinit") and reg.k is not None and not 0 <= reg.k <= n:
         raise ConfigError(f"regime {reg}: k must be between 0 and {n} (stages: {stages})")
-    frozen_idx = list(range(n)) if reg.kind == "linear" else list(range(reg.k or 0)) if reg.kind == "freeze" else []
+    frozen_idx = list(range(n)) if reg.frozen_readout else list(range(reg.k or 0)) if reg.kind == "freeze" else []
     reinit_idx = list(range(reg.k or 0, n)) if reg.kind == "reinit" else []
 
     frozen_names = [name for i in frozen_idx for name in stages[i]]
-    if reg.kind == "linear":
+    if reg.frozen_readout:
         frozen_names = [name for name, _ in backbone.named_children()]
     for name in frozen_names:
         for p in backbone.get_submodule(name).parameters():
@@ -196,3 +217,63 @@ def apply_regime(
         head_lr=lr,
     )
     return groups, info
+
+
+def _frozen_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """BatchNorm layers inside ``model.backbone``'s frozen submodules (``model.frozen``), each once."""
+    seen: dict[int, nn.modules.batchnorm._BatchNorm] = {}
+    for name in getattr(model, "frozen", []):
+        for m in model.backbone.get_submodule(name).modules():  # type: ignore[operator, union-attr]
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str) -> int:
+    """Re-estimate the running statistics of the frozen BatchNorm layers of ``model.backbone`` on ``batches``
+    (``{"image": [B, C, H, W]}``, the run's training images); returns how many layers were re-estimated.
+
+    Why: a frozen BN layer in eval mode normalises with its stored statistics. Those of a random network are
+    the initial mean 0 / variance 1, so every BN layer is the identity plus its affine (1, 0) and the conv
+    stack is positively homogeneous (``f(2x) = 2 f(x)``): features scale with image intensity, and a head on
+    them ranks images by brightness (the sub-chance linear probes of issue 14). A pre-trained network's
+    statistics belong to its pretraining data, not to the downstream images. The remedy is the one of SWA's
+    ``torch.optim.swa_utils.update_bn``: reset the statistics, set ``momentum=None`` (a cumulative average over
+    the batches), run the images through the backbone with those layers in train mode and no gradients, then
+    put them back in eval mode, where they stay (:class:`Classifier` keeps frozen parts in eval). Only the
+    frozen layers' statistics change: the other modules are in eval mode during the pass and the weights never
+    change. The layers upstream of a BN normalise with their batch statistics during the pass (as in
+    ``update_bn``), so the result is exact for the first BN and close for the others.
+    """
+    layers = _frozen_batchnorms(model)
+    if not layers:
+        return 0
+    backbone = model.backbone
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]  # restored if no batch came
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    n = 0
+    try:
+        for batch in batches:
+            x = batch["image"].to(device)
+            if len(x) < 2:  # a one-image batch has no batch variance (BatchNorm raises for it)
+                continue
+            backbone(x)  # type: ignore[operator]
+            n += 1
+    finally:
+        for m, mom in zip(layers, momenta, strict=True):
+            m.momentum = mom
+        model.train(was_training)  # Classifier / UNet put the frozen parts back in eval mode
+        for m in layers:
+            m.eval()
+    if n == 0:
+        for m, state in zip(layers, saved, strict=True):
+            m.load_state_dict(state)
+        raise ValueError("reestimate_bn got no batch of at least two images (the statistics are left as they were)")
+    return len(layers)

@@ -121,8 +121,13 @@ def test_linear_probe_keeps_selfsup_backbone_bit_identical(tmp_path):
     from medpretrain.checkpoint import load_backbone_state
 
     initial, _ = load_backbone_state(export)
+    stats = ("running_mean", "running_var", "num_batches_tracked")
     for k, v in initial.items():
-        assert torch.equal(trained[f"backbone.{k}"], v), k  # weights and BN running stats unchanged
+        if not k.endswith(stats):
+            assert torch.equal(trained[f"backbone.{k}"], v), k  # weights unchanged
+    # BN statistics re-estimated on the 194 training images (one batch of 512), not the export's any more.
+    assert not torch.equal(trained["backbone.blocks.0.bn.running_mean"], initial["blocks.0.bn.running_mean"])
+    assert int(trained["backbone.blocks.0.bn.num_batches_tracked"]) == 1 and res["regime_info"]["bn_reestimated"]
     assert not torch.equal(trained["head.weight"], torch.zeros_like(trained["head.weight"]))
     assert res["regime_info"]["trainable_params"] == 128 * 2 + 2
 

@@ -125,3 +125,80 @@ def test_warmup_cosine_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="none of the columns"):
         plot_curves(tmp_path / "m.csv", tmp_path / "x.png", ("missing",))
+
+
+# kNN read-out probabilities and the monitor's report (issue 14: monitors that inform).
+
+
+def naive_scores(query, bank, targets, num_classes, k, t):
+    """Each class's share of the summed exp(sim / t) weight of the k nearest bank samples (multi-hot: per label)."""
+    q, b = F.normalize(query, dim=1), F.normalize(bank, dim=1)
+    out = []
+    for i in range(len(q)):
+        sims = sorted(((float(q[i] @ b[j]), j) for j in range(len(b))), key=lambda s: -s[0])[:k]
+        total = sum(math.exp(s / t) for s, _ in sims)
+        row = [0.0] * num_classes
+        for s, j in sims:
+            labels = [int(targets[j])] if targets.ndim == 1 else [c for c in range(num_classes) if targets[j, c] > 0]
+            for c in labels:
+                row[c] += math.exp(s / t) / total
+        out.append(row)
+    return torch.tensor(out)
+
+
+def test_knn_scores_are_vote_shares():
+    from medpretrain.knn import knn_scores
+
+    g = torch.Generator().manual_seed(3)
+    bank, query = torch.randn(41, 5, generator=g), torch.randn(13, 5, generator=g)
+    labels = torch.randint(0, 3, (41,), generator=g)
+    p = knn_scores(query, bank, labels, 3, k=6, t=0.2, chunk=4)
+    torch.testing.assert_close(p, naive_scores(query, bank, labels, 3, 6, 0.2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.sum(1), torch.ones(13))
+    assert torch.equal(p.argmax(1), knn_predict(query, bank, labels, 3, k=6, t=0.2))
+    multi = (torch.rand(41, 3, generator=g) > 0.5).float()
+    torch.testing.assert_close(knn_scores(query, bank, multi, 3, k=6, t=0.2),
+                               naive_scores(query, bank, multi, 3, 6, 0.2), rtol=1e-5, atol=1e-6)
+    assert knn_scores(query, bank, labels, 3, k=500).shape == (13, 3)  # k clipped to the bank
+    with pytest.raises(ValueError, match=r"bank targets must be \[N\] or \[N, 3\]"):
+        knn_scores(query, bank, multi[:, :2], 3)
+
+
+def test_knn_report_against_naive_numbers():
+    from sklearn.metrics import roc_auc_score
+
+    from medpretrain.knn import knn_report, knn_scores
+
+    g = torch.Generator().manual_seed(4)
+    y = (torch.rand(300, generator=g) < 0.75).long()  # 3:1 prior, like PneumoniaMNIST's validation split
+    x = torch.randn(300, 8, generator=g) + 0.8 * y[:, None]
+    r = knn_report(x, y, k=20)
+    pred = knn_predict(x, x, y, 2, k=20, exclude_self=True)
+    assert r["accuracy"] == pytest.approx(float((pred == y).float().mean()))
+    recall = [float((pred[y == c] == c).float().mean()) for c in (0, 1)]
+    assert r["balanced_accuracy"] == pytest.approx(sum(recall) / 2)
+    assert r["majority_baseline"] == pytest.approx(float((y == 1).float().mean()))
+    scores = knn_scores(x, x, y, 2, k=20, exclude_self=True)[:, 1]
+    assert r["auc"] == pytest.approx(roc_auc_score(y.numpy(), scores.numpy()), abs=1e-5)
+    # Noise features: plain accuracy sits near the majority baseline, balanced accuracy and AUC near chance.
+    noise = knn_report(torch.randn(300, 8, generator=g), y, k=20)
+    assert abs(noise["balanced_accuracy"] - 0.5) < 0.1 and abs(noise["auc"] - 0.5) < 0.1
+    assert noise["accuracy"] > 0.6
+
+
+def test_knn_monitor_reports_balanced_accuracy_and_majority(monkeypatch):
+    from medpretrain.backbones import build_backbone
+    from medpretrain.config import DataConfig
+    from medpretrain.knn import KNNMonitor
+
+    monitor = KNNMonitor(DataConfig(dataset="medmnist:pneumoniamnist"), "val", k=20, t=0.07)
+    assert monitor.last == {} and monitor.columns() == {}
+    torch.manual_seed(0)
+    acc = monitor(build_backbone("cbr_tiny", 1, "small"), torch.device("cpu"))
+    last = monitor.last
+    assert acc == last["accuracy"] and set(last) == {"accuracy", "balanced_accuracy", "auc", "majority_baseline"}
+    assert last["majority_baseline"] == pytest.approx(389 / 524)  # 0.742: PneumoniaMNIST's validation prior
+    assert 0.0 < last["balanced_accuracy"] < 1.0 and 0.5 < last["auc"] <= 1.0
+    assert monitor.columns() == {"knn_balanced_acc": last["balanced_accuracy"], "knn_auc": last["auc"],
+                                 "knn_majority": last["majority_baseline"]}
+    assert tuple(monitor.columns()) == KNNMonitor.REPORT_COLUMNS

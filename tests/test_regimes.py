@@ -242,3 +242,51 @@ def test_default_lr_and_weight_decay_and_info():
                  for p in m.parameters())
     assert info.frozen_params == frozen
     assert info.trainable_params == sum(p.numel() for p in model.parameters()) - frozen
+
+
+# Frozen read-outs (issue 14): the knn regime and BatchNorm re-estimation of frozen layers.
+
+
+def test_knn_regime_parsed_and_frozen_like_linear():
+    from medpretrain.config import ConfigError
+
+    assert parse_regime("knn") == Regime("knn") and parse_regime("knn:200") == Regime("knn", 200)
+    assert str(parse_regime("knn:20")) == "knn:20"
+    assert [Regime(k).frozen_readout for k in ("linear", "knn", "full")] == [True, True, False]
+    assert not Regime("freeze", 5).frozen_readout
+    for bad in ("knn:0", "knn:", "knn:x"):
+        with pytest.raises(ConfigError, match=r"^unknown regime .*expected linear, knn, knn:<k>, full, freeze:<k> or "
+                                              r"reinit:<k>$"):
+            parse_regime(bad)
+    model = _model()
+    groups, info = apply_regime(model, "knn:200", lr=0.1)  # k counts neighbours, not stages: no range error
+    assert model.frozen == [name for name, _ in model.backbone.named_children()]
+    assert info.frozen_stages == [0, 1, 2, 3, 4] and not any(p.requires_grad for p in model.backbone.parameters())
+    assert info.bn_reestimated is False and info.readout == {}
+
+
+def test_reestimate_bn_of_frozen_stem_against_naive_statistics():
+    from medpretrain.regimes import reestimate_bn
+
+    x, _ = _batch(16)
+    model = _model()
+    apply_regime(model, "freeze:1", lr=0.1)
+    model.train()
+    assert reestimate_bn(model, [{"image": x[:8]}, {"image": x[8:]}, {"image": x[:1]}], "cpu") == 1
+    with torch.no_grad():
+        pre = model.backbone.conv1(x)  # [16, 64, 28, 28]: what enters bn1
+    bn1 = model.backbone.bn1
+    # Two equal batches (the one-image batch is skipped): the mean over all, the average of the batch variances.
+    torch.testing.assert_close(bn1.running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    batch_var = [p.transpose(0, 1).flatten(1).var(1) for p in (pre[:8], pre[8:])]
+    torch.testing.assert_close(bn1.running_var, (batch_var[0] + batch_var[1]) / 2, rtol=1e-4, atol=1e-6)
+    assert int(bn1.num_batches_tracked) == 2 and bn1.momentum == 0.1
+    # Frozen stays eval, the rest keeps the model's mode; unfrozen BN layers keep their statistics.
+    assert not bn1.training and model.training and model.backbone.layer1.training
+    assert torch.equal(model.backbone.layer1[0].bn1.running_mean, torch.zeros(64))
+    assert int(model.backbone.layer1[0].bn1.num_batches_tracked) == 0
+    kept = bn1.running_mean.clone()
+    with pytest.raises(ValueError, match="no batch of at least two images"):
+        reestimate_bn(model, [{"image": x[:1]}], "cpu")
+    assert torch.equal(bn1.running_mean, kept) and int(bn1.num_batches_tracked) == 2  # left as they were
+    assert reestimate_bn(_model(), [{"image": x}], "cpu") == 0  # nothing frozen: nothing to do
