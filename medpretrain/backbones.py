@@ -37,6 +37,7 @@ import difflib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -404,6 +405,8 @@ class TimmBackbone(Backbone):
     Raises ``ValueError`` for an unknown timm name or a model without 4-D feature maps (transformers).
     """
 
+    net: Any  # the timm model (typed loosely: timm's methods are not in nn.Module's stubs)
+
     def __init__(self, arch: str, in_channels: int, stem: str) -> None:
         super().__init__()
         import timm  # the architecture zoo; imported only when a timm backbone is built
@@ -444,7 +447,7 @@ class TimmBackbone(Backbone):
             raise ValueError(f"{arch}: timm model does not give 4-D feature maps {[list(m.shape) for m in maps]}")
         chans = [int(m.shape[1]) for m in maps]
         strides = [int(f["reduction"]) for f in info]
-        self._set_info(arch, in_channels, stem, int(net.num_features), chans, strides, f"net.{first}.weight",
+        self._set_info(arch, in_channels, stem, int(self.net.num_features), chans, strides, f"net.{first}.weight",
                        f"net.{norm}" if norm else None)
 
     def _maps(self, x: Tensor) -> list[Tensor]:
@@ -459,7 +462,7 @@ class TimmBackbone(Backbone):
         return [*taps, last]
 
     def _last_map(self, x: Tensor) -> Tensor:
-        return self.net.forward_features(x)  # type: ignore[no-any-return]
+        return self.net.forward_features(x)
 
 
 # ------------------------------------------------------------------------------------------------

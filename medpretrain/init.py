@@ -331,7 +331,8 @@ def _pretrained_size(arch: str) -> int:
     if backbones.is_timm_arch(arch):
         import timm
 
-        return int(timm.models.get_pretrained_cfg(arch.split(":", 1)[1]).input_size[-1])
+        cfg = timm.models.get_pretrained_cfg(arch.split(":", 1)[1])
+        return int(cfg.input_size[-1]) if cfg is not None else 224
     return 299 if arch == "inception_v3" else 224
 
 
