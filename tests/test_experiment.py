@@ -229,7 +229,11 @@ def test_generator_samples_and_audit_stages(tmp_path: Path) -> None:
     with np.load(st["samples_dcgan"]["output"]) as npz:
         assert npz["images"].shape == (64, 28, 28) and npz["images"].dtype == np.uint8
     audit = json.loads(Path(st["audit_dcgan"]["output"]).with_name("audit.json").read_text())
-    assert audit["fake"]["n_used"] == 64 and 0.0 <= audit["discriminator"]["auc"] <= 1.0
+    assert audit["fake"]["n_used"] == 64
+    # 3-step DCGAN samples are told from real images every time (1.0 here; chance is 0.5 +- chance_sd)
+    disc = audit["discriminator"]
+    assert disc["auc"] > 0.9 and disc["auc"] > 0.5 + 5 * disc["chance_sd"], disc
+    assert disc["auc"] == pytest.approx(np.mean(disc["fold_auc"])) and len(disc["fold_auc"]) == 2
     report = (exp_dir / "report.md").read_text()
     assert "## Synthetic images (audit)" in report and "| dcgan | " in report
     again = run(config)

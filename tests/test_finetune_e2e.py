@@ -29,7 +29,8 @@ from medpretrain.results import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = ["backbone.arch=cbr_tiny", "optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=32",
+# optim.steps=0: the epoch protocol (the YAMLs budget 1000 steps), 2 steps per epoch
+TINY = ["backbone.arch=cbr_tiny", "optim.steps=0", "optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=32",
         "optim.eval_batch_size=512", "n_bootstrap=100"]
 
 

@@ -14,8 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from medpretrain.config import DataConfig
+from medpretrain.data import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -49,6 +53,11 @@ def loss_rows(path: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["loss"]) for r in rows}
 
 
+def logged_losses(path: Path) -> list[tuple[str, str, str]]:
+    """``(step, loss, lr)`` of every loss row, as written."""
+    return [(r["step"], r["loss"], r["lr"]) for r in read_csv(path) if r["loss"] != ""]
+
+
 @pytest.fixture(scope="module")
 def simclr_run(tmp_path_factory, data_root) -> Path:
     out = tmp_path_factory.mktemp("simclr")
@@ -79,7 +88,12 @@ def test_export_loads_into_classifier(method, simclr_run, moco_run):
     assert meta.dataset == "medmnist:pneumoniamnist" and len(meta.dataset_hash) >= 8
     assert (meta.mean, meta.std, meta.image_size, meta.in_channels) == (0.5, 0.5, 28, 1)
     assert meta.config["train"]["max_steps"] == 6 and meta.config["backbone"]["arch"] == "cbr_tiny"
-    assert 0.0 <= meta.extra["knn_acc"] <= 1.0  # final kNN on the labelled val split
+    # the final kNN on the labelled val split: the value logged last, above the majority class (0.742)
+    knn_logged = [float(r["knn_acc"]) for r in read_csv(run / "metrics.csv") if r["knn_acc"] != ""]
+    assert meta.extra["knn_acc"] == pytest.approx(knn_logged[-1], abs=1e-6)
+    val = build_dataset(DataConfig(dataset="medmnist:pneumoniamnist"), "val")
+    majority = np.bincount(val.labels).max() / len(val)
+    assert meta.extra["knn_acc"] > majority + 0.05, (meta.extra["knn_acc"], majority)
 
     backbone, _ = load_backbone(run / "backbone.safetensors", arch="cbr_tiny", in_channels=1)
     classifier = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, 2)).eval()
@@ -124,17 +138,14 @@ def test_kill_and_resume_matches_uninterrupted_run(method, simclr_run, moco_run,
     assert (run / "backbone.safetensors").is_file()
     resumed = loss_rows(run / "metrics.csv")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # step 5 re-done once, no gap, no duplicate
-    reference = loss_rows(ref / "metrics.csv")
-    for s in range(1, 7):
-        assert abs(resumed[s] - reference[s]) < 1e-4 * max(1.0, abs(reference[s])), (s, resumed[s], reference[s])
-    from medpretrain.checkpoint import load_backbone, read_meta
+    # Exact on the CPU: the same losses as written (every digit) and bit-identical weights and buffers.
+    assert logged_losses(run / "metrics.csv") == logged_losses(ref / "metrics.csv")
+    from medpretrain.checkpoint import load_backbone_state, read_meta
 
     assert read_meta(run / "backbone.safetensors").steps == 6
-    a, _ = load_backbone(run / "backbone.safetensors")
-    b, _ = load_backbone(ref / "backbone.safetensors")
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        if va.is_floating_point():
-            assert torch.allclose(va, vb, atol=1e-4, rtol=1e-4), k
+    (a, _), (b, _) = load_backbone_state(run / "backbone.safetensors"), load_backbone_state(ref / "backbone.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_nan_loss_stops_with_step_and_last_checkpoint(data_root, tmp_path):

@@ -3,7 +3,8 @@
 ``MEDPRETRAIN_FAULT_EXIT_IN_CHECKPOINT=k`` hard-exits (``os._exit(137)``, no cleanup, like SIGKILL) after
 accelerate wrote the state files of the step-``k`` checkpoint but before its ``COMPLETE`` marker. The
 resumed run must ignore that folder, continue from step ``k - checkpoint_every``, finish with the same
-number of steps and, on the CPU where SimCLR is deterministic, end with the uninterrupted run's weights.
+number of steps and, on the CPU where SimCLR is deterministic, end with the uninterrupted run's weights
+and logged losses, bit for bit (``torch.equal``).
 The same holds for fine-tuning (killed between epochs) and for DCGAN (a generative run, whose checkpoint
 also carries the mode-collapse monitor).
 """
@@ -20,7 +21,7 @@ import pytest
 import torch
 from reliability_record import record
 
-from medpretrain.checkpoint import load_backbone, read_meta
+from medpretrain.checkpoint import load_backbone_state, read_meta
 from medpretrain.resume import COMPLETE_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,18 @@ def simclr(args: list[str], data_root: Path, env_extra: dict[str, str] | None = 
 def steps(path: Path) -> list[int]:
     with open(path, newline="") as fh:
         return [int(r["step"]) for r in csv.DictReader(fh) if r["loss"] != ""]
+
+
+def loss_rows(path: Path) -> list[tuple[str, str]]:
+    """``(step, loss)`` of every loss row, as written."""
+    with open(path, newline="") as fh:
+        return [(r["step"], r["loss"]) for r in csv.DictReader(fh) if r["loss"] != ""]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference over the tensors of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 @pytest.mark.slow
@@ -57,19 +70,17 @@ def test_kill_during_checkpoint_write_resumes_from_previous(data_root, tmp_path)
     assert "at step 2/6" in resumed.stdout, resumed.stdout[-2000:]
     assert steps(run / "metrics.csv") == [1, 2, 3, 4, 5, 6]
     assert read_meta(run / "backbone.safetensors").steps == 6
-    a, _ = load_backbone(run / "backbone.safetensors")
-    b, _ = load_backbone(tmp_path / "ref" / "backbone.safetensors")
-    diff = max((va - vb).abs().max().item() for va, vb in zip(a.state_dict().values(), b.state_dict().values(),
-                                                                 strict=True) if va.is_floating_point())
-    assert diff < 1e-5, diff
-    assert all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
-               if not va.is_floating_point())
+    (a, _), (b, _) = load_backbone_state(run / "backbone.safetensors"), load_backbone_state(
+        tmp_path / "ref" / "backbone.safetensors")
+    diff = max_difference(a, b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [], diff  # bit-identical weights and buffers
+    assert loss_rows(run / "metrics.csv") == loss_rows(tmp_path / "ref" / "metrics.csv")
     record("fault injected", "SIGKILL-like exit inside the step-4 checkpoint write (SimCLR)",
            f"resumed from step 2, 6/6 steps, max weight difference to the uninterrupted run {diff:.1e}")
 
 
 FT = [str(ROOT / "finetune" / "run.py"), "--config", str(ROOT / "configs" / "finetune.yaml"),
-      "backbone.arch=cbr_tiny", "optim.epochs=3", "optim.max_steps_per_epoch=2", "optim.batch_size=32",
+      "backbone.arch=cbr_tiny", "optim.steps=0", "optim.epochs=3", "optim.max_steps_per_epoch=2", "optim.batch_size=32",
       "optim.eval_batch_size=512", "n_bootstrap=20", "data.label_fraction=0.05", "init=scratch", "regime=full"]
 
 
@@ -94,9 +105,10 @@ def test_finetune_killed_between_epochs_in_checkpoint_write_resumes_exactly(data
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "after epoch 1" in resumed.stdout + resumed.stderr
     (a, _), (b, _) = load_state_dict(out / "model.safetensors"), load_state_dict(tmp_path / "ref" / "model.safetensors")
-    assert a.keys() == b.keys()
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert diff < 1e-5, diff
+    diff = max_difference(a, b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [], diff  # bit-identical
+    ref_rows = [r.split(",")[:-1] for r in (tmp_path / "ref" / "metrics.csv").read_text().splitlines()]
+    assert [r.split(",")[:-1] for r in (out / "metrics.csv").read_text().splitlines()] == ref_rows  # header and rows, all but epoch_s
     record("fault injected", "exit inside the epoch-2 checkpoint write of fine-tuning (between epochs)",
            f"resumed after epoch 1, 3/3 epochs, max weight difference to the uninterrupted run {diff:.1e}")
 
@@ -141,9 +153,12 @@ def test_dcgan_killed_during_checkpoint_write_resumes_from_previous(data_root, t
     assert read_meta(run / "backbone.safetensors").steps == 6
     (a, meta), (b, _) = load_state_dict(run / "generator.safetensors"), load_state_dict(tmp_path / "ref" /
                                                                                        "generator.safetensors")
-    assert meta["steps"] == 6 and a.keys() == b.keys()
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert diff < 1e-5, diff
+    assert meta["steps"] == 6
+    diff = max_difference(a, b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [], diff  # bit-identical generator
+    (da, _), (db, _) = load_state_dict(run / "backbone.safetensors"), load_state_dict(tmp_path / "ref" /
+                                                                                      "backbone.safetensors")
+    assert [k for k in da if not torch.equal(da[k], db[k])] == []  # and discriminator trunk
     record("fault injected", "exit inside the step-4 checkpoint write (DCGAN, collapse monitor every step)",
            f"resumed from step 2, 6/6 steps, same losses and diversity ratios, max generator weight difference "
            f"to the uninterrupted run {diff:.1e}")

@@ -1,14 +1,20 @@
-"""Reliability: a table of broken inputs through the public entries (``read_source`` / ``build_dataset`` /
-``load_config`` / ``finetune/run.py``).
+"""Reliability: a table of broken inputs, through the library (``read_source`` / ``load_config``) and through
+the real entry scripts (``pretrain/simclr.py``, ``finetune/run.py``, ``generative/vae.py``).
 
-Each case must give one line naming the file and the reason, a counted skip under ``data.skip_bad`` where
-the bad item is one file among good ones, and leave an earlier output in the run folder byte-identical.
-Outcomes are recorded for ``benchmarks/results/reliability.md`` (see ``tests/reliability_record.py``).
+In the library each case must raise one line naming the file and the reason, and become one counted skip
+under ``data.skip_bad`` where the bad item is one file among good ones. Through a script, run as
+``python <script>`` (its exit status is the script's own; ``accelerate launch`` would add its traceback and
+exit 1, see README's "Errors"), the whole of stderr must be exactly that one line, ``error: <message>``,
+the exit status 2, and the run folder the invocation is given (an earlier interrupted run of the same
+script with its ``config.yaml``, ``metrics.csv`` and checkpoints, continued with ``resume=auto``) must be
+byte-identical afterwards, file for file. Outcomes are recorded for ``benchmarks/results/reliability.md``
+(see ``tests/reliability_record.py``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -216,41 +222,46 @@ class Case:
     reason: str
     skippable: bool  # one bad file among good ones: skip_bad turns it into a counted skip
     kw: dict = field(default_factory=dict)
+    n_left: int = 6  # samples left under skip_bad (6 good files; 2 NIfTI volumes x 4 slices; 3 image/mask pairs)
+    script: str = "finetune"  # the entry script that reads it (EARLIER), with the run folder it is given
+    extra: tuple[str, ...] = ()  # its further options
 
 
 CASES = {
-    "truncated DICOM": Case(dicom_truncated, "truncated pixel data", True),
-    "corrupt DICOM (garbage after the DICM marker)": Case(dicom_corrupt, "no pixel data", True),
-    "DICOM without pixel data": Case(dicom_no_pixels, "no pixel data", True),
+    "truncated DICOM": Case(dicom_truncated, "truncated pixel data", True, script="simclr"),
+    "corrupt DICOM (garbage after the DICM marker)": Case(dicom_corrupt, "no pixel data", True, script="simclr"),
+    "DICOM without pixel data": Case(dicom_no_pixels, "no pixel data", True, script="vae"),
     "unsupported transfer syntax": Case(dicom_unsupported_syntax, "unsupported transfer syntax", True),
     "zero-byte PNG": Case(png_zero_bytes, "empty file (0 bytes)", True),
     "text file named .png": Case(png_text_file, "not a readable image", True),
-    "NaN image": Case(tiff_nan, "NaN or infinite", True),
-    "constant NIfTI volume": Case(nifti_constant_volume, "constant", True),
+    "NaN image": Case(tiff_nan, "NaN or infinite", True, script="vae"),
+    "constant NIfTI volume": Case(nifti_constant_volume, "constant", True, n_left=8, script="simclr"),
     "label out of range": Case(manifest_label_out_of_range, "label 7 out of range", True),
-    "mask size differs from image": Case(mask_size_mismatch, "differs from image", True),
-    "wrong-shaped .npz": Case(npz_wrong_shape, "train_images has shape", False),
-    "empty folder": Case(empty_folder, "no images found", False),
+    "mask size differs from image": Case(mask_size_mismatch, "differs from image", True, n_left=3,
+                                         extra=("task=segmentation",)),
+    "wrong-shaped .npz": Case(npz_wrong_shape, "train_images has shape", False, script="vae"),
+    "empty folder": Case(empty_folder, "no images found", False, script="simclr"),
     "decompression bomb PNG (30000x30000, 110 kB)": Case(
         png_bomb, "bomb.png: image has 900000000 pixels, above the limit of 268435456 (data.max_pixels)", True),
     "image above data.max_pixels": Case(
         png_above_limit, "large.png: image has 1600 pixels, above the limit of 500 (data.max_pixels)", True,
-        {"max_pixels": 500}),
+        {"max_pixels": 500}, script="vae"),
     "DICOM header claiming 30000x30000": Case(
         dicom_bomb_header, "huge.dcm: image has 900000000 pixels, above the limit of 268435456 (data.max_pixels)",
-        True),
+        True, script="simclr"),
     "NIfTI header claiming 4096^3 voxels": Case(
         nifti_bomb_header, "huge.nii: volume has 68719476736 voxels, above the limit of 268435456 (data.max_pixels)",
-        True),
+        True, n_left=8, script="vae"),
 }
 
 
-def _earlier_output(tmp_path: Path) -> tuple[Path, bytes]:
-    run = tmp_path / "run"
-    run.mkdir()
-    old = run / "metrics.csv"
-    old.write_bytes(b"step,loss\n1,0.5\n2,0.4\n")
-    return old, old.read_bytes()
+def library_error(spec: str, root: Path, kw: dict) -> str:
+    """The one-line ``DataError`` message of reading ``spec`` in this process."""
+    clear_source_cache()
+    cfg = DataConfig(dataset=spec, root=str(root), image_size=8, val_fraction=0.2, test_fraction=0.2, **kw)
+    with pytest.raises(DataError) as e:
+        read_source(cfg)
+    return str(e.value)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -259,84 +270,142 @@ def test_broken_input_one_line_named_and_skippable(tmp_path, name):
     root = tmp_path / "data"
     root.mkdir()
     spec, bad = case.build(root)
-    old, before = _earlier_output(tmp_path)
-    clear_source_cache()
-    cfg = DataConfig(dataset=spec, root=str(root), image_size=8, val_fraction=0.2, test_fraction=0.2, **case.kw)
-    with pytest.raises(DataError) as e:
-        read_source(cfg)
-    msg = str(e.value)
+    msg = library_error(spec, root, case.kw)
     assert "\n" not in msg and bad in msg and case.reason in msg, msg
-    outcome = "error naming file and reason"
     if case.skippable:
         clear_source_cache()
         src = read_source(DataConfig(dataset=spec, root=str(root), image_size=8, skip_bad=True, **case.kw))
         assert [Path(p).name for p, _ in src.skipped] == [bad], src.skipped
-        assert len(src) > 0
-        outcome += "; skip_bad: 1 counted skip"
-    assert old.read_bytes() == before
-    record("bad input", name, outcome, message=msg[-160:])
+        assert len(src) == case.n_left, len(src)  # everything but the bad item
 
 
-@pytest.mark.parametrize("name, text, fragments", [
-    ("unknown config key", "data:\n  imagesize: 32\n", ["data.imagesize", "unknown"]),
-    ("wrong config type", "data:\n  image_size: large\n", ["data.image_size", "is not int"]),
-    ("YAML python object", "seed: !!python/object/apply:os.system ['echo pwned']\n", ["not valid YAML"]),
-])
-def test_bad_config_file_named(tmp_path, name, text, fragments):
+BAD_CONFIGS = {  # name: (YAML text, the script given it, fragments of its one line)
+    "unknown config key": ("data:\n  imagesize: 32\n", "finetune", ["data.imagesize", "unknown"]),
+    "wrong config type": ("data:\n  image_size: large\n", "simclr", ["data.image_size", "is not int"]),
+    "YAML python object": ("seed: !!python/object/apply:os.system ['echo pwned']\n", "vae",
+                           ["bad_config.yaml", "not valid YAML"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_file_named(tmp_path, name):
     @dataclass
     class Cfg:
         data: DataConfig = field(default_factory=DataConfig)
         backbone: BackboneConfig = field(default_factory=BackboneConfig)
         seed: int = 0
 
+    text, _, fragments = BAD_CONFIGS[name]
     path = tmp_path / "bad_config.yaml"
     path.write_text(text)
-    old, before = _earlier_output(tmp_path)
     with pytest.raises(ConfigError) as e:
         load_config(Cfg, ["--config", str(path)])
     msg = str(e.value)
     assert "\n" not in msg and all(f in msg for f in fragments), msg
-    if name != "YAML python object":  # a key error names the key; a parse error names the file
-        assert "bad_config.yaml" in msg or fragments[0] in msg
-    else:
-        assert "bad_config.yaml" in msg
-    assert old.read_bytes() == before
-    record("bad input", name, "ConfigError naming key/file", message=msg[-160:])
 
 
-def _finetune(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(ROOT / "finetune/run.py"), *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120, env=env)
+# --------------------------------------------------------------------------------------------
+# Through the entry scripts, into the folder of an earlier interrupted run
+# --------------------------------------------------------------------------------------------
+
+TINY_STEPS = ["train.batch_size=16", "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2"]
+SCRIPTS = {  # name: (entry script, tiny options, options naming the run folder <parent>/<name>, resume option)
+    "simclr": ("pretrain/simclr.py", ["backbone.arch=cbr_tiny", *TINY_STEPS, "train.knn_every=-1"],
+               lambda run: [f"out_dir={run.parent}", f"run_name={run.name}"], "train.resume=auto"),
+    "vae": ("generative/vae.py", ["backbone.arch=cbr_tiny", *TINY_STEPS, "train.grid_size=4", "train.log_with=none"],
+            lambda run: [f"out_dir={run.parent}", f"run_name={run.name}"], "train.resume=auto"),
+    "finetune": ("finetune/run.py", ["backbone.arch=cbr_tiny", "optim.steps=0", "optim.epochs=2", "optim.max_steps_per_epoch=2",
+                                     "optim.batch_size=32", "optim.eval_batch_size=512", "n_bootstrap=10",
+                                     "data.label_fraction=0.05"],
+                 lambda run: [f"output_dir={run}"], "resume=auto"),
+}
 
 
-def test_script_fails_with_one_line_and_keeps_earlier_outputs(tmp_path):
-    """Through the entry script: a text file named .png stops fine-tuning before any output is touched."""
+def run_script(name: str, run: Path, args: list[str], data_root: Path,
+               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python <script> <tiny options> <run folder> <args>``: the script's own stderr and exit status."""
+    script, tiny, where, _ = SCRIPTS[name]
+    env = {**os.environ, "MEDPRETRAIN_DATA": str(data_root), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env.pop("MEDPRETRAIN_DEBUG", None)
+    return subprocess.run([sys.executable, str(ROOT / script), *tiny, *where(run), *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=run.parent)
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (``None``) under ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory, data_root) -> Callable[[str], Path]:
+    """``earlier(script)``: the folder of a run of ``script`` on PneumoniaMNIST killed after step 3 (its
+    step-2 / epoch-1 checkpoint complete), made once per module; tests work on copies."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            run = tmp_path_factory.mktemp(f"earlier_{name}") / "earlier"
+            proc = run_script(name, run, [], data_root, {"MEDPRETRAIN_FAULT_EXIT_AT_STEP": "3"})
+            assert proc.returncode == 137, proc.stdout[-2000:] + proc.stderr[-3000:]
+            names = {p.name for p in run.iterdir()}
+            assert {"config.yaml", "metrics.csv", "checkpoints"} <= names, names
+            assert any((run / "checkpoints").iterdir())
+            made[name] = run
+        return made[name]
+
+    return get
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "runs" / run.name
+    shutil.copytree(run, dst)
+    return dst
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, line: str) -> None:
+    """The whole of stderr is ``line`` and the exit status 2 (no warning, no traceback, nothing else)."""
+    assert (proc.returncode, proc.stderr) == (2, line + "\n"), (proc.returncode, proc.stderr[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_script_stops_with_exactly_one_line_and_keeps_the_run_folder(name, tmp_path, earlier, data_root):
+    """The case's entry script, asked to continue an earlier interrupted run on the broken data, prints only
+    ``error: <the library's message>``, exits 2 and leaves that run's folder byte-identical."""
+    case = CASES[name]
     root = tmp_path / "data"
     root.mkdir()
-    spec, bad = png_text_file(root)
-    out = tmp_path / "run"
-    out.mkdir()
-    # config.yaml too: the script reads the data before it saves the config of the attempt
-    keep = {n: f"earlier {n}\n".encode() for n in ("results.json", "metrics.csv", "model.safetensors", "config.yaml")}
-    for n, b in keep.items():
-        (out / n).write_bytes(b)
-    proc = _finetune([f"data.dataset={spec}", "data.image_size=8", "backbone.arch=cbr_tiny",
-                      f"output_dir={out}", "optim.epochs=1"], tmp_path)
-    assert proc.returncode != 0
-    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
-    assert bad in last and "not a readable image" in last, proc.stderr[-2000:]
-    assert {n: (out / n).read_bytes() for n in keep} == keep
-    assert sorted(p.name for p in out.iterdir()) == sorted(keep)
-    record("bad input", "text .png through finetune/run.py", "exit != 0, last line names file and reason, "
-           "earlier outputs unchanged", message=last[-160:])
+    spec, bad = case.build(root)
+    msg = library_error(spec, root, case.kw)
+    run = copy_of(earlier(case.script), tmp_path)
+    before = tree(run)
+    proc = run_script(case.script, run, [f"data.dataset={spec}", f"data.root={root}", "data.val_fraction=0.2",
+                                         "data.test_fraction=0.2", *(f"data.{k}={v}" for k, v in case.kw.items()),
+                                         *case.extra, SCRIPTS[case.script][3]], data_root)
+    assert_one_line(proc, f"error: {msg}")
+    assert tree(run) == before
+    outcome = "error naming file and reason"
+    if case.skippable:
+        outcome += "; skip_bad: 1 counted skip"
+    record("bad input", name, f"{outcome}; through {SCRIPTS[case.script][0]}: stderr exactly that line, exit 2, "
+           "the earlier run's folder byte-identical", message=msg[-160:])
 
-    proc = _finetune(["data.imagesize=8", f"output_dir={out}"], tmp_path)
-    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
-    assert proc.returncode != 0 and "data.imagesize" in last, proc.stderr[-2000:]
-    assert {n: (out / n).read_bytes() for n in keep} == keep
-    record("bad input", "unknown key through finetune/run.py", "exit != 0, key named, outputs unchanged",
-           message=last[-160:])
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_script_with_bad_config_file_stops_with_exactly_one_line(name, tmp_path, earlier, data_root):
+    text, script, fragments = BAD_CONFIGS[name]
+    path = tmp_path / "bad_config.yaml"
+    path.write_text(text)
+    run = copy_of(earlier(script), tmp_path)
+    before = tree(run)
+    proc = run_script(script, run, ["--config", str(path), SCRIPTS[script][3]], data_root)
+    line = proc.stderr.removesuffix("\n")
+    assert "\n" not in line and line.startswith("error: ") and all(f in line for f in fragments), proc.stderr[-3000:]
+    assert_one_line(proc, line)
+    assert tree(run) == before
+    record("bad input", name, f"ConfigError naming key/file; through {SCRIPTS[script][0]}: stderr exactly that "
+           "line, exit 2, the earlier run's folder byte-identical", message=line[-160:])
 
 
 def test_pixel_limit_is_inclusive_zero_disables_it_and_pil_keeps_its_own(tmp_path):
