@@ -29,7 +29,7 @@ from medpretrain.config import ConfigError, config_hash, load_config
 from medpretrain.data import build_dataset
 from medpretrain.data.loader import image_loader
 from medpretrain.faults import fault_hook, inject_nan
-from medpretrain.knn import knn_monitor
+from medpretrain.knn import KNNMonitor, knn_monitor
 from medpretrain.methods.base import method_spec
 from medpretrain.methods.registry import stage as stage_info
 from medpretrain.resume import Counter
@@ -38,7 +38,8 @@ from medpretrain.schedules import warmup_cosine
 from medpretrain.stage import start_stage
 from medpretrain.utils import PROJECT_ROOT
 
-METRICS = ["step", "epoch", "loss", "lr", "images_per_s", "knn_acc", "time_s"]
+# knn_acc, then what makes it readable: balanced accuracy, AUC and the validation majority baseline
+METRICS = ["step", "epoch", "loss", "lr", "images_per_s", "knn_acc", *KNNMonitor.REPORT_COLUMNS, "time_s"]
 
 
 def main(name: str, argv: list[str] | None = None) -> None:
@@ -99,7 +100,7 @@ def main(name: str, argv: list[str] | None = None) -> None:
         acc = None
         if monitor is not None and accelerator.is_main_process:
             acc = monitor(method.backbone, accelerator.device)
-            stage.log({"epoch": epoch, "knn_acc": acc}, step.value)
+            stage.log({"epoch": epoch, "knn_acc": acc, **monitor.columns()}, step.value)
         accelerator.wait_for_everyone()
         return acc
 
@@ -169,10 +170,13 @@ def main(name: str, argv: list[str] | None = None) -> None:
     knn_final = run_knn(epochs) if monitor is not None else None
     if accelerator.is_main_process:
         out = stage.export_backbone(method.backbone, ds, name, image_size, steps=step.value, epochs=epochs,
-                                    extra={"knn_acc": knn_final, "processes": accelerator.num_processes})
+                                    extra={"knn_acc": knn_final, **(monitor.columns() if monitor else {}),
+                                           "processes": accelerator.num_processes})
         run_dir = stage.run_dir
-        plot_curves(run_dir / "metrics.csv", run_dir / "loss.png", ("loss", "knn_acc"),
+        plot_curves(run_dir / "metrics.csv", run_dir / "loss.png", ("loss", "knn_acc", "knn_balanced_acc"),
                     title=f"{method.title} {run_dir.name}")
         accelerator.print(f"backbone: {out}\nplots:    {run_dir / 'loss.png'}\nmetrics:  {run_dir / 'metrics.csv'}"
-                          + (f"\nkNN accuracy (val): {knn_final:.4f}" if knn_final is not None else ""))
+                          + (f"\nkNN accuracy (val): {knn_final:.4f} (balanced {monitor.last['balanced_accuracy']:.4f}, "
+                             f"AUC {monitor.last['auc']:.4f}; majority baseline {monitor.last['majority_baseline']:.4f})"
+                             if knn_final is not None and monitor is not None else ""))
     stage.finish()

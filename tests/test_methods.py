@@ -141,6 +141,12 @@ def test_added_method_trains_exports_and_monitors(method_run):
     knn = [float(r["knn_acc"]) for r in read_csv(run / "metrics.csv") if r["knn_acc"] != ""]
     assert len(knn) == 2 and all(0.5 < a <= 1.0 for a in knn)  # before training and at the end
     assert meta.extra["knn_acc"] == pytest.approx(knn[-1], abs=1e-5)
+    # The monitor says what the accuracy means: the validation majority baseline (PneumoniaMNIST val: 0.742)
+    # and balanced accuracy / AUC beside it.
+    rows = [r for r in read_csv(run / "metrics.csv") if r["knn_acc"] != ""]
+    assert [float(r["knn_majority"]) for r in rows] == pytest.approx([0.7424] * 2, abs=1e-3)
+    assert all(0.5 < float(r["knn_auc"]) <= 1 and float(r["knn_balanced_acc"]) < float(r["knn_acc"]) for r in rows)
+    assert meta.extra["knn_balanced_acc"] == pytest.approx(float(rows[-1]["knn_balanced_acc"]), abs=1e-5)
 
 
 @pytest.mark.slow
