@@ -122,6 +122,9 @@ def test_heavy_blur_is_spotted(script, real, data_root, tmp_path):
 
 def test_missing_selfsup_export_fails_clearly(script, data_root, tmp_path):
     fake = write_npz(tmp_path / "x.npz", torch.rand(8, 1, 28, 28))
-    with pytest.raises(SystemExit, match="backbone=scratch"):
+    from medpretrain.cli import UserError
+
+    # A UserError (cli.run prints it as one line and exits 2) that names the remedy.
+    with pytest.raises(UserError, match=r"backbone='selfsup': not available .*backbone=scratch"):
         script.main([f"data.root={data_root}", f"fake={fake}", f"runs_dir={tmp_path / 'empty'}",
                      f"out={tmp_path / 'a'}"])
