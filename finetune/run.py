@@ -10,9 +10,14 @@ latest export under ``runs_dir``) or a path to a backbone checkpoint (:mod:`medp
 cached frozen features (:mod:`medpretrain.probe`), frozen BatchNorm statistics are re-estimated.
 The config is :class:`medpretrain.finetune.FinetuneConfig`.
 
+The budget is ``optim.steps`` optimiser steps whatever the label fraction (validation every
+``optim.eval_every`` steps; ``optim.steps=0``: ``optim.epochs`` passes, the older protocol), with the LR
+schedule in steps and ``optim.augment`` (none / light / strong) applied to whole batches on the device.
 Model selection uses the validation split only (best validation headline metric: AUC, Dice for
-segmentation; optional early stopping); the test split is evaluated exactly once, at the end, with the
-selected weights. Output folder (default ``runs/finetune/<task>/<init>/<regime>/<fraction>/seed<k>``):
+segmentation; optional early stopping); the decision threshold is then chosen on validation for the
+selected weights (``eval.threshold``, Youden's J by default; ``seg.threshold_rule``: the Dice-maximising
+threshold) and the test split is evaluated exactly once, at the end, with the selected weights and that
+threshold. Output folder (default ``runs/finetune/<task>/<init>/<regime>/<fraction>/seed<k>``):
 
 * ``results.json``: a :class:`medpretrain.results.RunResult` (test metrics, bootstrap CIs, ROC points,
   per-epoch history, config + hash, init info, data fingerprint, timings); ``status`` is ``complete`` or
@@ -49,6 +54,7 @@ from accelerate.utils import DataLoaderConfiguration
 from tqdm.auto import tqdm
 
 from medpretrain import probe
+from medpretrain.augment import TrainAugment
 from medpretrain.checkpoint import load_exact, load_state_dict, save_state_dict
 from medpretrain.config import ConfigError, config_to_dict, load_config, save_config
 from medpretrain.data import read_source
@@ -60,6 +66,7 @@ from medpretrain.finetune import (
     InitUnavailable,
     Progress,
     TaskParts,
+    budget_of,
     build_dataloaders,
     build_encoder,
     build_optimizer,
@@ -80,7 +87,9 @@ from medpretrain.metrics import (
     bootstrap_ci,
     bootstrap_images,
     classification_metrics,
+    dice_threshold,
     mean_metrics,
+    operating_threshold,
     per_image_metrics,
     roc_curves,
 )
@@ -97,7 +106,7 @@ VAL_COLUMNS = {"classification": ("auc", "accuracy"), "segmentation": ("dice", "
 
 def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) -> TaskParts:
     """Labelled images -> :class:`~medpretrain.regimes.Classifier`; metrics, CIs and ROC over test cases."""
-    parts = build_dataloaders(cfg)
+    parts = build_dataloaders(cfg, accelerator.num_processes)
     ds = parts["datasets"]
     train_ds = ds["train"]
     task = train_ds.task
@@ -107,15 +116,19 @@ def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) 
     counts = (np.bincount(train_ds.labels, minlength=num_outputs).tolist() if task != "multilabel"
               else np.asarray(train_ds.labels).sum(0).tolist())
 
-    def evaluate(pred: dict[str, np.ndarray]) -> tuple[dict[str, float], None]:
-        return classification_metrics(pred["probs"], pred["labels"], task), None
+    def evaluate(pred: dict[str, np.ndarray], threshold: Any = None) -> tuple[dict[str, float], None]:
+        return classification_metrics(pred["probs"], pred["labels"], task, threshold=threshold), None
 
-    def test_fields(pred: dict[str, np.ndarray], rows: None) -> dict[str, Any]:
-        return {"ci": bootstrap_ci(pred["probs"], pred["labels"], task, n_boot=cfg.n_bootstrap, seed=cfg.seed),
+    def choose_threshold(val: dict[str, np.ndarray]) -> tuple[Any, str]:
+        return operating_threshold(val["probs"], val["labels"], task, cfg.eval.threshold)
+
+    def test_fields(pred: dict[str, np.ndarray], rows: None, threshold: Any) -> dict[str, Any]:
+        return {"ci": bootstrap_ci(pred["probs"], pred["labels"], task, n_boot=cfg.n_bootstrap, seed=cfg.seed,
+                                   threshold=threshold),
                 "ci_method": f"percentile bootstrap over test cases, n={cfg.n_bootstrap}, seed={cfg.seed}, 95%",
                 "roc": roc_curves(pred["probs"], pred["labels"], task, class_names=ds["test"].class_names)}
 
-    def save_outputs(out: Path, pred: dict[str, np.ndarray]) -> None:
+    def save_outputs(out: Path, pred: dict[str, np.ndarray], threshold: Any) -> None:
         save_predictions(out / "predictions.npz", pred["probs"], index=pred["index"], labels=pred["labels"])
 
     return TaskParts(
@@ -123,7 +136,8 @@ def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) 
         datasets=ds, loaders=parts["loaders"],
         loss=lambda logits, batch: classification_loss(logits, batch["label"], task),
         predict=lambda model, loader: predict(model, loader, task, accelerator),
-        evaluate=evaluate, test_fields=test_fields, save_outputs=save_outputs, val_columns=VAL_COLUMNS["classification"],
+        evaluate=evaluate, choose_threshold=choose_threshold, test_fields=test_fields, save_outputs=save_outputs,
+        val_columns=VAL_COLUMNS["classification"],
         budget=f"labels {cfg.data.label_fraction or 1.0:g} ({len(train_ds)} train)",
         summary=f"{task}, {num_outputs} outputs", cases=f"{len(ds['test'])}",
         label_fraction=label_fraction(cfg), n_train_images=None,
@@ -136,7 +150,7 @@ def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) 
 
 def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) -> TaskParts:
     """Masks -> :class:`~medpretrain.unet.UNet` on the backbone; per-image metrics inside the roi."""
-    parts = build_seg_dataloaders(cfg)
+    parts = build_seg_dataloaders(cfg, accelerator.num_processes)
     ds = parts["datasets"]
     train_ds, test_ds = ds["train"], ds["test"]
     if train_ds.task != "segmentation":
@@ -144,22 +158,28 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
     n_images = len(parts["chosen"])
     names = test_ds.names
 
-    def evaluate(pred: dict[str, np.ndarray]) -> tuple[dict[str, float], list[dict[str, float]]]:
-        rows = per_image_metrics(pred["probs"], pred["masks"], pred["rois"], threshold=cfg.seg.threshold,
-                                 seed=cfg.seed)
+    def evaluate(pred: dict[str, np.ndarray], threshold: Any = None) -> tuple[dict[str, float], list[dict[str, float]]]:
+        rows = per_image_metrics(pred["probs"], pred["masks"], pred["rois"],
+                                 threshold=cfg.seg.threshold if threshold is None else threshold, seed=cfg.seed)
         return mean_metrics(rows), rows
 
-    def test_fields(pred: dict[str, np.ndarray], rows: list[dict[str, float]] | None) -> dict[str, Any]:
+    def choose_threshold(val: dict[str, np.ndarray]) -> tuple[Any, str]:
+        if cfg.seg.threshold_rule == "fixed":
+            return cfg.seg.threshold, f"fixed {cfg.seg.threshold:g}"
+        return dice_threshold(val["probs"], val["masks"], val["rois"]), "dice-maximising on validation (0.05..0.95)"
+
+    def test_fields(pred: dict[str, np.ndarray], rows: list[dict[str, float]] | None, threshold: Any) -> dict[str, Any]:
         assert rows is not None
         return {"per_image": [{"name": names[int(i)] if names is not None else int(i), **r}
                               for i, r in zip(pred["index"], rows, strict=True)],
                 "ci": bootstrap_images(rows, n_boot=cfg.n_bootstrap, seed=cfg.seed),
                 "ci_method": f"percentile bootstrap over test images, n={cfg.n_bootstrap}, seed={cfg.seed}, 95%",
-                "metric_protocol": f"per-image pixel metrics inside the roi (threshold {cfg.seg.threshold}), mean "
-                                   "over test images; pixel AUC on at most 200000 roi pixels per image"}
+                "metric_protocol": f"per-image pixel metrics inside the roi (threshold {threshold:g}, chosen on "
+                                   "validation), mean over test images; pixel AUC on at most 200000 roi pixels "
+                                   "per image"}
 
-    def save_outputs(out: Path, pred: dict[str, np.ndarray]) -> None:
-        save_overlays(out / "overlays.png", pred, test_ds, cfg.seg.n_overlays, cfg.seg.threshold)
+    def save_outputs(out: Path, pred: dict[str, np.ndarray], threshold: Any) -> None:
+        save_overlays(out / "overlays.png", pred, test_ds, cfg.seg.n_overlays, threshold)
         save_predictions(out / "predictions.npz", pred["probs"], pred["masks"], pred["rois"], pred["index"],
                          [names[int(i)] for i in pred["index"]] if names is not None else None)
 
@@ -167,7 +187,8 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
         label_task="segmentation", model=UNet(enc.backbone, num_classes=1), datasets=ds, loaders=parts["loaders"],
         loss=lambda logits, batch: seg_loss(logits, batch["mask"], cfg.seg.dice_loss_weight),
         predict=lambda model, loader: predict_images(model, loader, cfg, accelerator),
-        evaluate=evaluate, test_fields=test_fields, save_outputs=save_outputs, val_columns=VAL_COLUMNS["segmentation"],
+        evaluate=evaluate, choose_threshold=choose_threshold, test_fields=test_fields, save_outputs=save_outputs,
+        val_columns=VAL_COLUMNS["segmentation"],
         budget=f"{n_images} annotated images", summary=f"segmentation, {cfg.seg.patch_size}px patches",
         cases=f"{len(test_ds)} images", label_fraction=n_images / len(train_ds), n_train_images=n_images,
         data={"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": n_images,
@@ -180,8 +201,16 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
 TASKS = {"classification": classification, "segmentation": segmentation}
 
 
+def augment_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The augmentation draws of global step ``step``: a function of (seed, step) only, so a resumed run
+    draws what the uninterrupted one drew."""
+    g = torch.Generator(device=device)
+    return g.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1))
+
+
 def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
-    """Fine-tune, select the best validation epoch, evaluate the test split once, write the outputs."""
+    """Fine-tune for the step budget, select the best validation period, choose the threshold on validation,
+    evaluate the test split once, write the outputs."""
     accelerator, out = stage.accelerator, stage.run_dir
     t_run = time.perf_counter()
     regime = parse_regime(cfg.regime)
@@ -208,31 +237,39 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         parts.model, optimizer, parts.loaders["train"], parts.loaders["val"], parts.loaders["test"]
     )
+    step_sampler = parts.loaders["train"].batch_sampler if cfg.optim.steps > 0 else None  # StepBatches
+    budget = budget_of(cfg.optim, len(train_loader))
+    augment = TrainAugment(cfg.optim.augment, mean=cfg.data.mean, std=cfg.data.std)
     progress = Progress()
     ckpt_state = {"scheduler": scheduler, "progress": progress}  # saved without pickle (save_checkpoint)
-    # Checkpoints are per epoch (marker step = epoch); begin() restores them and drops later metric rows.
+    # Checkpoints are per period (marker step = period, the "epoch" column); begin() restores them and drops
+    # later metric rows.
     if stage.begin(ckpt_state):
         accelerator.print(f"resumed from {stage.resume_from} after epoch {progress.epoch}")
     best_path = out / "best_model.safetensors"
     unwrapped = accelerator.unwrap_model(model)
     headline, label = parts.headline, METRIC_LABELS[parts.headline]
     accelerator.print(f"{cfg.init} / {regime} / {parts.budget} / seed {cfg.seed}: {parts.summary}, "
-                      f"{regime_info.trainable_params} trainable params")
+                      f"{regime_info.trainable_params} trainable params, {budget.total_steps} steps "
+                      f"(validation every {budget.period_steps}), augment {cfg.optim.augment}")
 
-    # Global step count (loss guard, fault hook, results): a resumed run continues from its finished epochs.
-    steps_per_epoch = min(len(train_loader), cfg.optim.max_steps_per_epoch or len(train_loader))
-    step = progress.epoch * steps_per_epoch
-    for epoch in range(progress.epoch + 1, cfg.optim.epochs + 1):
+    # Global step count (loss guard, fault hook, results): a resumed run continues from its finished periods.
+    step = budget.steps_before(progress.epoch + 1)
+    for epoch in range(progress.epoch + 1, budget.periods + 1):
         t0 = time.perf_counter()
         model.train()
-        if hasattr(train_loader, "set_epoch"):
+        if step_sampler is not None:
+            step_sampler.period = epoch  # the batches of steps [(epoch - 1) * eval_every, epoch * eval_every)
+        elif hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         total, count = torch.zeros((), device=accelerator.device), 0
         lr = optimizer.param_groups[0]["lr"]
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not accelerator.is_local_main_process)
         for i, batch in enumerate(bar):
-            if cfg.optim.max_steps_per_epoch and i >= cfg.optim.max_steps_per_epoch:
+            if i >= budget.period_steps:  # epochs mode: optim.max_steps_per_epoch
                 break
+            if augment.active:
+                batch = augment(batch, augment_generator(cfg.seed, step, accelerator.device))
             with accelerator.accumulate(model):
                 loss = parts.loss(model(batch["image"]), batch)
                 stage.guard.update(loss, step)
@@ -241,29 +278,32 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad()
+                if budget.in_steps and accelerator.sync_gradients:
+                    scheduler.step()  # the schedule is defined in optimiser steps
             step += 1
             fault_hook(step)  # test-only: MEDPRETRAIN_FAULT_EXIT_AT_STEP kills the run mid-epoch
             total += loss.detach() * len(batch["image"])
             count += len(batch["image"])
-        scheduler.step()
+        if not budget.in_steps:
+            scheduler.step()
         stage.check_finite()
         train_loss = float(accelerator.gather(total.reshape(1)).sum()) / max(1, count * accelerator.num_processes)
 
         val_m, _ = parts.evaluate(parts.predict(model, val_loader))
         epoch_s = time.perf_counter() - t0
         val_row = {f"val_{c}": val_m[c] for c in parts.val_columns}
-        row = {"epoch": epoch, "train_loss": train_loss, **val_row, "lr": lr, "epoch_s": epoch_s}
+        row = {"epoch": epoch, "train_loss": train_loss, **val_row, "lr": lr, "epoch_s": epoch_s, "step": step}
         improved, stop = progress.record(row, val_m, val_m[headline], cfg.optim.patience)
         if improved and accelerator.is_main_process:
             save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, f"val_{headline}": val_m[headline]})
         stage.log({k: v for k, v in row.items() if k != "epoch"}, epoch)
-        accelerator.print(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} val "
+        accelerator.print(f"epoch {epoch}/{budget.periods} step {step} loss {train_loss:.4f} val "
                           + " ".join(f"{METRIC_LABELS[c]} {val_m[c]:.4f}" for c in parts.val_columns)
                           + f" lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
         accelerator.wait_for_everyone()
         stage.checkpoint(epoch, ckpt_state)
         if stop:
-            accelerator.print(f"early stopping: no better validation {label} for {cfg.optim.patience} epochs")
+            accelerator.print(f"early stopping: no better validation {label} for {cfg.optim.patience} validations")
             break
 
     # Model selection is over: load the best-validation weights and touch the test split once.
@@ -272,19 +312,24 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
                            "was removed after a finished run; resume needs keep_checkpoints=true)")
     state, _ = load_state_dict(best_path)
     load_exact(unwrapped, state, source=best_path)
+    # The operating point is chosen on validation with the selected weights, then applied to test as it is.
+    val = parts.predict(model, val_loader)
+    threshold, rule = parts.choose_threshold(val)
+    val_m, _ = parts.evaluate(val, threshold)
     test = parts.predict(model, test_loader)
-    test_m, rows = parts.evaluate(test)
-    fields = parts.test_fields(test, rows)
+    test_m, rows = parts.evaluate(test, threshold)
+    fields = parts.test_fields(test, rows, threshold)
     result = complete_result(cfg, parts, enc, regime, regime_info, progress, test_m,
-                             {**fields, "optimizer_steps": step}, requested_hash=requested_hash, t_run=t_run,
-                             accelerator=accelerator, out=out)
+                             {**fields, "optimizer_steps": step, "threshold": threshold, "threshold_rule": rule},
+                             requested_hash=requested_hash, t_run=t_run, accelerator=accelerator, out=out,
+                             val_metrics=val_m)
     if accelerator.is_main_process:
         save_state_dict(out / "model.safetensors", unwrapped.state_dict(),
                         {"config": config_to_dict(cfg), "task": parts.label_task, "arch": cfg.backbone.arch,
                          "stem": enc.stem, "in_channels": cfg.data.channels, "mean": cfg.data.mean,
                          "std": cfg.data.std, "best_epoch": progress.best_epoch, "init": cfg.init,
                          **parts.model_meta})
-        parts.save_outputs(out, test)
+        parts.save_outputs(out, test, threshold)
         write_results(out, result)
         if not cfg.keep_checkpoints:  # the best-epoch weights belong to the resume state
             shutil.rmtree(stage.ckpt_dir, ignore_errors=True)
@@ -313,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     stage = start_stage("finetune", cfg, out_dir=str(out.parent), run_name=out.name, resume=cfg.resume,
                         seed=cfg.seed, step_key="epoch", log_with=None, done_file="results.json",
                         folder_key="output_dir", resume_key="resume",
-                        fields=["epoch", "train_loss", *(f"val_{c}" for c in VAL_COLUMNS[cfg.task]), "lr", "epoch_s"],
+                        fields=["epoch", "train_loss", *(f"val_{c}" for c in VAL_COLUMNS[cfg.task]), "lr", "epoch_s",
+                                "step"],
                         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     accelerator = stage.accelerator
     try:

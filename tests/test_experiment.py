@@ -36,7 +36,7 @@ def tiny_experiment(tmp_path: Path, launch: dict, name: str = "tiny") -> Path:
         "moco": {"enabled": False}, "vae": {"enabled": False}, "dcgan": {"enabled": False},
         "classification": {"enabled": True, "inits": ["scratch", "simclr"],
                            "grid": ["label_fractions=[0.05]", "seeds=[0]", "regimes=[linear]"],
-                           "overrides": ["optim.epochs=1", "optim.batch_size=32", "optim.max_steps_per_epoch=2",
+                           "overrides": ["optim.steps=0", "optim.epochs=1", "optim.batch_size=32", "optim.max_steps_per_epoch=2",
                                          "n_bootstrap=20"]},
         "audit": {"enabled": False},
     }

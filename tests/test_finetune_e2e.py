@@ -64,7 +64,7 @@ def test_accelerate_launch_pneumonia_outputs_and_resume(tmp_path):
     # The reported test metrics are those of the saved predictions, AUC equal to sklearn's.
     pred = np.load(out / "predictions.npz")
     assert pred["test_probs"].shape == (624,)
-    again = classification_metrics(pred["test_probs"], pred["test_labels"], "binary")
+    again = classification_metrics(pred["test_probs"], pred["test_labels"], "binary", threshold=res["threshold"])
     assert again == pytest.approx(res["metrics"]["test"])
     assert res["metrics"]["test"]["auc"] == pytest.approx(roc_auc_score(pred["test_labels"], pred["test_probs"]), abs=1e-5)
     ci = res["ci"]["auc"]

@@ -271,7 +271,7 @@ def test_guard_catches_accelerates_pickled_custom_state(tmp_path):
 
 PRETRAIN = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.max_steps=4", "train.log_every=1",
             "train.checkpoint_every=2", "train.knn_every=-1", "data.image_size=28", "moco.queue_size=64"]
-FINETUNE = ["--config", str(ROOT / "configs" / "finetune.yaml"), "backbone.arch=cbr_tiny", "optim.epochs=3",
+FINETUNE = ["--config", str(ROOT / "configs" / "finetune.yaml"), "backbone.arch=cbr_tiny", "optim.steps=0", "optim.epochs=3",
             "optim.max_steps_per_epoch=2", "optim.batch_size=32", "optim.eval_batch_size=512", "n_bootstrap=20",
             "data.label_fraction=0.05", "init=scratch", "regime=full"]
 

@@ -100,7 +100,7 @@ def test_compare_grid_real_data_with_unavailable_arm_and_skip(tmp_path, monkeypa
     argv = ["base_config=" + str(ROOT / "configs/finetune.yaml"), "inits=[scratch, selfsup, imagenet]",
             "regimes=[linear]", "label_fractions=[0.05, 0.1]", "seeds=[0, 1]", f"runs_dir={runs}",
             "launcher=inprocess", "n_bootstrap=50", "name=t",
-            'overrides=["backbone.arch=cbr_tiny", "optim.epochs=2", "optim.max_steps_per_epoch=2", '
+            'overrides=["backbone.arch=cbr_tiny", "optim.steps=0", "optim.epochs=2", "optim.max_steps_per_epoch=2", '
             '"optim.batch_size=32", "n_bootstrap=50"]']
     report = compare(argv)
     text = report.read_text()
