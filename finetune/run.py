@@ -143,7 +143,7 @@ def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) 
         label_fraction=label_fraction(cfg), n_train_images=None,
         data={"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": len(train_ds),
               "val_size": len(ds["val"]), "test_size": len(ds["test"]), "class_names": train_ds.class_names,
-              "train_class_counts": counts},
+              "train_class_counts": counts, "split": train_ds.split_info},
         model_meta={"class_names": train_ds.class_names, "image_size": enc.image_size},
     )
 
@@ -193,7 +193,8 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
         cases=f"{len(test_ds)} images", label_fraction=n_images / len(train_ds), n_train_images=n_images,
         data={"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": n_images,
               "train_pool_size": len(train_ds), "train_images": parts["chosen_names"], "val_size": len(ds["val"]),
-              "test_size": len(test_ds), "image_size": enc.image_size, "patch_size": cfg.seg.patch_size},
+              "test_size": len(test_ds), "image_size": enc.image_size, "patch_size": cfg.seg.patch_size,
+              "split": train_ds.split_info},
         model_meta={"patch_size": cfg.seg.patch_size},
     )
 

@@ -64,15 +64,19 @@ def ensembles(results: Sequence[Run], n_boot: int) -> list[dict[str, Any]]:
     The budget is the label fraction, or for segmentation the number of annotated images (:func:`seg_ensemble`).
     Raises ``ValueError`` when the seeds of a group disagree on the test set.
     """
-    groups: dict[tuple[str, str, float], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str, float, float], list[Mapping[str, Any]]] = {}
     for r in map(_as_dict, results):
         if r.get("status") == "complete":
             budget = float(r["n_train_images"]) if r.get("task") == "segmentation" else float(r["label_fraction"])
-            groups.setdefault((r["init_label"], r["regime"], budget), []).append(r)
+            lr = float(((r.get("config") or {}).get("optim") or {}).get("lr") or 0.0)
+            groups.setdefault((r["init_label"], r["regime"], budget, lr), []).append(r)
+    several_lrs = len({k[3] for k in groups}) > 1
     rows = []
-    for (init, regime, frac), runs in sorted(groups.items()):
+    for (init, regime, frac, lr), runs in sorted(groups.items()):
         if len(runs) < 2:
             continue
+        if several_lrs:  # an LR grid: one ensemble per (init, regime, budget, learning rate)
+            regime = f"{regime} @ lr {lr:g}"
         if runs[0].get("task") == "segmentation":
             row = seg_ensemble(init, regime, frac, runs, n_boot)
             if row is not None:
