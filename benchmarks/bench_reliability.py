@@ -91,9 +91,12 @@ def write_report(rows: list[dict], tests: list[dict], rc: int, seconds: float, t
         f"Faults injected: {faults} ({len(e2e)} of them by the existing end-to-end tests: kill after a step "
         "and NaN loss; all ended as the tests require: a clear non-zero exit, then a resume to the same "
         "steps and weights where one applies). "
-        f"Bad inputs tried: {len(bad)}: {len(bad)} stopped with one line naming "
-        f"the file (or key) and the reason, {skips} of them also became exactly one counted skip under "
-        "`data.skip_bad=true`; earlier outputs unchanged in all (`config.yaml` included).",
+        f"Bad inputs tried: {len(bad)}, each through an entry script (`python pretrain/simclr.py`, "
+        "`finetune/run.py` or `generative/vae.py`) asked to continue an earlier interrupted run "
+        "(`resume=auto`): in all, the whole of stderr was one line, `error: <file or key>: <reason>`, the exit "
+        "status 2, and that run's folder (`config.yaml`, `metrics.csv`, checkpoints) byte-identical afterwards; "
+        f"{skips} of them also became exactly one counted skip under `data.skip_bad=true` (the other samples "
+        "all kept).",
         "",
         f"Tests: {status.get('passed', 0)} passed, {status.get('failed', 0)} failed, "
         f"{status.get('error', 0)} errors, {status.get('skipped', 0)} skipped "

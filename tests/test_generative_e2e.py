@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from medpretrain.checkpoint import load_backbone, load_state_dict
+from medpretrain.checkpoint import load_backbone, load_backbone_state, load_state_dict
 from medpretrain.config import DataConfig
 from medpretrain.data import build_dataset
 from medpretrain.init import init_backbone
@@ -95,8 +95,8 @@ def test_vae_trains_exports_and_resumes_exactly(tmp_path, data_root):
     assert dec_meta["kind"] == "vae_decoder" and dec_meta["method"] == "vae"
     assert resumed_dec.keys() == straight.keys()
     assert all(torch.equal(resumed_dec[k], v) for k, v in straight.items())  # bit-identical on the CPU
-    enc_straight, _ = load_state_dict(out / "straight" / "backbone.safetensors")
-    enc_resumed, _ = load_state_dict(run / "backbone.safetensors")
+    enc_straight, _ = load_backbone_state(out / "straight" / "backbone.safetensors")
+    enc_resumed, _ = load_backbone_state(run / "backbone.safetensors")
     assert enc_resumed.keys() == enc_straight.keys()
     assert all(torch.equal(enc_resumed[k], v) for k, v in enc_straight.items())
     # and the logged losses, as written (the step-5 row of the killed run was dropped and re-done)

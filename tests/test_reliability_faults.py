@@ -107,8 +107,12 @@ def test_finetune_killed_between_epochs_in_checkpoint_write_resumes_exactly(data
     (a, _), (b, _) = load_state_dict(out / "model.safetensors"), load_state_dict(tmp_path / "ref" / "model.safetensors")
     diff = max_difference(a, b)
     assert [k for k in a if not torch.equal(a[k], b[k])] == [], diff  # bit-identical
-    ref_rows = [r.split(",")[:-1] for r in (tmp_path / "ref" / "metrics.csv").read_text().splitlines()]
-    assert [r.split(",")[:-1] for r in (out / "metrics.csv").read_text().splitlines()] == ref_rows  # header and rows, all but epoch_s
+
+    def logged(path: Path) -> list[dict[str, str]]:  # every column as written but the wall time
+        with open(path, newline="") as fh:
+            return [{k: v for k, v in r.items() if k != "epoch_s"} for r in csv.DictReader(fh)]
+
+    assert logged(out / "metrics.csv") == logged(tmp_path / "ref" / "metrics.csv")
     record("fault injected", "exit inside the epoch-2 checkpoint write of fine-tuning (between epochs)",
            f"resumed after epoch 1, 3/3 epochs, max weight difference to the uninterrupted run {diff:.1e}")
 
@@ -156,8 +160,8 @@ def test_dcgan_killed_during_checkpoint_write_resumes_from_previous(data_root, t
     assert meta["steps"] == 6
     diff = max_difference(a, b)
     assert [k for k in a if not torch.equal(a[k], b[k])] == [], diff  # bit-identical generator
-    (da, _), (db, _) = load_state_dict(run / "backbone.safetensors"), load_state_dict(tmp_path / "ref" /
-                                                                                      "backbone.safetensors")
+    (da, _), (db, _) = load_backbone_state(run / "backbone.safetensors"), load_backbone_state(
+        tmp_path / "ref" / "backbone.safetensors")
     assert [k for k in da if not torch.equal(da[k], db[k])] == []  # and discriminator trunk
     record("fault injected", "exit inside the step-4 checkpoint write (DCGAN, collapse monitor every step)",
            f"resumed from step 2, 6/6 steps, same losses and diversity ratios, max generator weight difference "

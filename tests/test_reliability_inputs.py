@@ -273,10 +273,15 @@ def test_broken_input_one_line_named_and_skippable(tmp_path, name):
     msg = library_error(spec, root, case.kw)
     assert "\n" not in msg and bad in msg and case.reason in msg, msg
     if case.skippable:
-        clear_source_cache()
-        src = read_source(DataConfig(dataset=spec, root=str(root), image_size=8, skip_bad=True, **case.kw))
-        assert [Path(p).name for p, _ in src.skipped] == [bad], src.skipped
-        assert len(src) == case.n_left, len(src)  # everything but the bad item
+        assert_one_counted_skip(case, spec, root, bad)
+
+
+def assert_one_counted_skip(case: Case, spec: str, root: Path, bad: str) -> None:
+    """Under ``data.skip_bad`` the bad item is the one skip and every other sample is kept."""
+    clear_source_cache()
+    src = read_source(DataConfig(dataset=spec, root=str(root), image_size=8, skip_bad=True, **case.kw))
+    assert [Path(p).name for p, _ in src.skipped] == [bad], src.skipped
+    assert len(src) == case.n_left, len(src)  # everything but the bad item
 
 
 BAD_CONFIGS = {  # name: (YAML text, the script given it, fragments of its one line)
@@ -386,6 +391,7 @@ def test_script_stops_with_exactly_one_line_and_keeps_the_run_folder(name, tmp_p
     assert tree(run) == before
     outcome = "error naming file and reason"
     if case.skippable:
+        assert_one_counted_skip(case, spec, root, bad)
         outcome += "; skip_bad: 1 counted skip"
     record("bad input", name, f"{outcome}; through {SCRIPTS[case.script][0]}: stderr exactly that line, exit 2, "
            "the earlier run's folder byte-identical", message=msg[-160:])
