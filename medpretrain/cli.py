@@ -51,7 +51,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [UserError, ConfigError, DataError, FileNotFoundError, FileExistsError]
     # Modules that import torch count only once loaded: an error cannot be of a type never imported.
-    for module, name in (("medpretrain.checkpoint", "CheckpointError"), ("medpretrain.init", "WeightsHashMismatch")):
+    # NonFiniteLossError: the run stopped on a NaN/inf loss; the line names the step, the last good checkpoint
+    # and the usual causes.
+    for module, name in (("medpretrain.checkpoint", "CheckpointError"), ("medpretrain.init", "WeightsHashMismatch"),
+                         ("medpretrain.faults", "NonFiniteLossError")):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)

@@ -151,9 +151,8 @@ class Stage:
         acc = self.accelerator
         try:
             self.guard.check(self.last_checkpoint, reduce=lambda f: acc.gather(f).max())
-        except NonFiniteLossError as err:
-            acc.print(f"ERROR: {err}")
-            acc.end_training()
+        except NonFiniteLossError:
+            acc.end_training()  # trackers flushed; medpretrain.cli prints the one line
             raise
 
     def progress(self, total: int, initial: int = 0, desc: str | None = None) -> Any:
