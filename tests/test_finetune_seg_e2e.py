@@ -25,7 +25,7 @@ from medpretrain.results import read_results
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY = ["--config", str(ROOT / "configs/finetune_drive.yaml"), "backbone.arch=cbr_tiny", "seg.patch_size=64",
-        "seg.n_train_images=2", "seg.patches_per_image=4", "optim.batch_size=4", "optim.epochs=2",
+        "seg.n_train_images=2", "seg.patches_per_image=4", "optim.batch_size=4", "optim.steps=0", "optim.epochs=2",
         "seg.sw_batch_size=64", "seg.sw_overlap=0", "n_bootstrap=100", "seg.n_overlays=2"]
 
 
