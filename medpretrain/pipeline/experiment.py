@@ -16,12 +16,14 @@ group with the experiment's launcher:
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from medpretrain.config import ConfigError, save_config
 from medpretrain.methods import registry
 from medpretrain.pipeline.console import Console, say
+from medpretrain.pipeline.grid import grid_report
 from medpretrain.pipeline.report import write_report
 from medpretrain.pipeline.schema import (  # noqa: F401  (the schema, re-exported for callers)
     DEFAULT_ENABLED,
@@ -31,11 +33,39 @@ from medpretrain.pipeline.schema import (  # noqa: F401  (the schema, re-exporte
     GridSpec,
     LaunchSpec,
     StageSpec,
+    VariantSpec,
     _experiment_config,
 )
-from medpretrain.pipeline.stages import Stage, grid_stage, record, sample_and_audit, train_stage
+from medpretrain.pipeline.stages import (
+    Stage,
+    grid_config,
+    grid_stage,
+    record,
+    sample_and_audit,
+    train_stage,
+    variant_label,
+    variant_note,
+)
 from medpretrain.results import RunResult
 from medpretrain.utils import PROJECT_ROOT
+
+
+def check_variants(cfg: Any, trained: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a variant without a usable name, a name used twice, or a stage that is not
+    an enabled training stage."""
+    seen: set[str] = set()
+    for i, v in enumerate(cfg.variants):
+        if not v.name or any(c in v.name for c in "/=|@ ") or v.name in seen:
+            raise ConfigError(f"variants[{i}].name={v.name!r}: give each variant its own short name "
+                              "(no '/', '=', '|', '@' or spaces)")
+        seen.add(v.name)
+        for name in v.stages:
+            if name not in trained or not getattr(cfg, name).enabled:
+                raise ConfigError(f"variants[{v.name}].stages has {name!r}, not an enabled training stage "
+                                  f"(enabled: {[n for n in trained if getattr(cfg, n).enabled]})")
+        for init in v.inits:
+            if init in trained and init not in v.stages:
+                raise ConfigError(f"variants[{v.name}].inits has {init!r}: add it to variants[{v.name}].stages")
 
 
 def run_experiment(cfg: Any, console: Console = None) -> Path:
@@ -63,13 +93,15 @@ def run_experiment(cfg: Any, console: Console = None) -> Path:
             record(exp_dir, stage)
 
     trained = registry.stages()
-    for name in trained:
-        if getattr(cfg, name).enabled:
-            exports[name] = []
+    check_variants(cfg, trained)
+    for variant in [None, *cfg.variants]:
+        for name in (variant.stages if variant else [n for n in trained if getattr(cfg, n).enabled]):
+            label = variant_label(name, variant)
+            exports[label] = []
             for seed in getattr(cfg, name).seeds or [None]:
-                say(console, f"[experiment] {name}{'' if seed is None else f' (seed {seed})'} ...")
-                exports[name].append(train_stage(cfg, exp_dir, name, console, seed=seed))
-                done(exports[name][-1])
+                say(console, f"[experiment] {label}{'' if seed is None else f' (seed {seed})'} ...")
+                exports[label].append(train_stage(cfg, exp_dir, name, console, seed=seed, variant=variant))
+                done(exports[label][-1])
 
     if cfg.audit.enabled:
         feat = cfg.audit.features
@@ -89,9 +121,16 @@ def run_experiment(cfg: Any, console: Console = None) -> Path:
     grids: dict[str, list[RunResult]] = {}
     for task in GRID_TASKS:
         if getattr(cfg, task).enabled:
-            say(console, f"[experiment] {task} grid ...")
-            stage, grids[task] = grid_stage(cfg, exp_dir, task, exports, console)
-            done(stage)
+            grids[task] = []
+            for variant in [None, *cfg.variants]:
+                say(console, f"[experiment] {variant_label(task, variant)} grid ...")
+                stage, results = grid_stage(cfg, exp_dir, task, exports, console, variant=variant)
+                grids[task] += results
+                done(stage)
+            if cfg.variants and grids[task]:  # one report over every arm of the task, variants included
+                report = grid_report(grid_config(cfg, exp_dir, task, exports), grids[task],
+                                     notes=[variant_note(v) for v in cfg.variants])
+                say(console, f"[experiment] {task}: every arm in {report}")
 
     if cfg.dry_run:
         return exp_dir

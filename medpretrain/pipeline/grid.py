@@ -200,7 +200,15 @@ def run_grid(cfg: CompareConfig, console: Console = None) -> tuple[Path, list[Ru
                 existing.run_dir = str(out)
             results.append(existing)
 
-    notes = list(cfg.notes)
+    report = grid_report(cfg, results)
+    say(console, f"report: {report} ({time.perf_counter() - t0:.0f}s)")
+    return report, results
+
+
+def grid_report(cfg: CompareConfig, results: list[RunResult], notes: list[str] | None = None) -> Path:
+    """Write the report of ``results`` (cells of ``cfg``'s grid, or of several grids) to
+    ``<runs_dir>/reports/<name>/`` with ``cfg``'s notes, ``notes`` and the protocol remarks; return its path."""
+    notes = [*cfg.notes, *(notes or [])]
     for key, note in LOCAL_SPLIT_NOTES.items():
         if any(key in str(((r.config or {}).get("data") or {}).get("dataset", "")).lower() for r in results):
             notes.append(note)
@@ -209,7 +217,5 @@ def run_grid(cfg: CompareConfig, console: Console = None) -> tuple[Path, list[Ru
     notes.append(f"Grid: inits {cfg.inits}, regimes {cfg.regimes}, {budgets}, "
                  f"seeds {cfg.seeds}; base config `{cfg.base_config}`"
                  + (f", overrides {cfg.overrides}" if cfg.overrides else "") + ".")
-    report = build_report([r.to_dict() for r in results], Path(cfg.runs_dir) / "reports" / cfg.name,
-                          title=cfg.title, ensembles=ensembles(results, cfg.n_bootstrap), notes=notes)
-    say(console, f"report: {report} ({time.perf_counter() - t0:.0f}s)")
-    return report, results
+    return build_report([r.to_dict() for r in results], Path(cfg.runs_dir) / "reports" / cfg.name,
+                        title=cfg.title, ensembles=ensembles(results, cfg.n_bootstrap), notes=notes)

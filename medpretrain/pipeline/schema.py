@@ -63,6 +63,23 @@ class AuditSpec:
 
 
 @dataclass
+class VariantSpec:
+    """An architecture (or input) variant of the experiment: some arms run again with extra overrides, so that
+    e.g. scratch, ImageNet and SimCLR are compared on EfficientNet-Lite0 next to the ResNet-18 arms."""
+
+    name: str = ""
+    """Suffix of the variant's arms in folders and reports: ``<init>@<name>`` (e.g. ``imagenet@lite0``)."""
+    overrides: list[str] = field(default_factory=list)
+    """``key=value`` applied last, to the variant's training stages and fine-tune cells
+    (``backbone.arch=timm:tf_efficientnet_lite0``, ``data.image_size=64``): the report lists them."""
+    stages: list[str] = field(default_factory=list)
+    """Enabled training stages run again with ``overrides`` (their exports are the inits ``<stage>@<name>``)."""
+    inits: list[str] = field(default_factory=list)
+    """The variant's arms in every enabled grid: ``scratch``, ``imagenet`` or a stage of ``stages``.
+    Empty: ``scratch``, ``imagenet`` and ``stages``."""
+
+
+@dataclass
 class LaunchSpec:
     launcher: Literal["accelerate", "torchrun", "python"] = "accelerate"
     config_file: str = "configs/accelerate/single.yaml"
@@ -86,6 +103,7 @@ def _experiment_config() -> type:
         ("classification", GridSpec, field(default_factory=GridSpec)),
         ("segmentation", GridSpec, field(default_factory=lambda: GridSpec(config="configs/compare_drive.yaml"))),
         ("audit", AuditSpec, field(default_factory=AuditSpec)),
+        ("variants", list[VariantSpec], field(default_factory=list)),
         ("dry_run", bool, field(default=False)),
     ])
     cls.__module__ = __name__
@@ -94,7 +112,8 @@ def _experiment_config() -> type:
     ``name``: results go to ``<out_dir>/<name>/``; ``title``, ``description``: the report's heading and its
     paragraph (the question and the budget); ``common``: ``key=value`` given to every training stage and
     fine-tune run (``data.dataset=...``, ``backbone.arch=...``); ``launch``: how stages start; one section per
-    training stage; the two grids; the audit; ``dry_run``: say what would run, resume or be reused, run nothing.
+    training stage; the two grids; the audit; ``variants``: arms run again on another architecture or input
+    size (:class:`VariantSpec`), compared in the same grids; ``dry_run``: say what would run, resume or be reused, run nothing.
     """
     return cls
 

@@ -42,7 +42,7 @@ from medpretrain.resume import list_checkpoints
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text
 
 if TYPE_CHECKING:
-    from medpretrain.pipeline.schema import ExperimentConfig, GridSpec, LaunchSpec
+    from medpretrain.pipeline.schema import ExperimentConfig, GridSpec, LaunchSpec, VariantSpec
 
 ROOT = PROJECT_ROOT
 AUDIT_SCRIPT = "scripts/audit_synthetic.py"
@@ -146,22 +146,28 @@ def previous_wall(exp_dir: Path, name: str, h: str) -> float:
     return float(old.get("wall_s", 0.0)) if old.get("hash") == h else 0.0
 
 
+def variant_label(name: str, variant: VariantSpec | None) -> str:
+    """``name`` of an arm or stage, ``<name>@<variant>`` in a variant."""
+    return f"{name}@{variant.name}" if variant is not None else name
+
+
 def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Console = None,
-                seed: int | None = None) -> Stage:
+                seed: int | None = None, variant: VariantSpec | None = None) -> Stage:
     """Pretraining / generative stage ``name`` (a registered stage): reuse its export, resume it, or run it;
-    ``seed``: one replicate (``train.seed=<seed>``, recorded as ``<name>_seed<seed>``). Raises
-    :class:`StageFailed` when it fails."""
+    ``seed``: one replicate (``train.seed=<seed>``, recorded as ``<name>_seed<seed>``); ``variant``: with the
+    variant's overrides last (recorded as ``<name>@<variant>``). Raises :class:`StageFailed` when it fails."""
     info = registry.stage(name)
     spec = getattr(cfg, name)
     config_file = spec.config or info.config
-    overrides = [*cfg.common, *spec.overrides, *([f"train.seed={seed}"] if seed is not None else [])]
+    overrides = [*cfg.common, *spec.overrides, *(variant.overrides if variant else []),
+                 *([f"train.seed={seed}"] if seed is not None else [])]
     conf = stage_config(info, config_file, overrides)
     h = stage_hash(info.script, conf, data_stamp(data_of(conf)))
     run_dir = exp_dir / name / h
-    label = name if seed is None else f"{name}_seed{seed}"
+    label = variant_label(name if seed is None else f"{name}_seed{seed}", variant)
     stage = Stage(label, h, str(run_dir / "backbone.safetensors"), log=str(exp_dir / "logs" / f"{label}.log"))
     if (run_dir / "backbone.safetensors").is_file():
-        stage.status, stage.wall_s = "reused", previous_wall(exp_dir, name, h)
+        stage.status, stage.wall_s = "reused", previous_wall(exp_dir, label, h)
         return stage
     resuming = bool(list_checkpoints(run_dir / "checkpoints"))
     stage.status = "resumed" if resuming else "run"
@@ -174,7 +180,7 @@ def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Consol
             "train.resume=auto"]
     t0 = time.perf_counter()
     code = run_logged([*launcher_cmd(cfg.launch, info.script), *argv], Path(stage.log), console)
-    stage.wall_s = previous_wall(exp_dir, name, h) + time.perf_counter() - t0  # a resume adds to the first part
+    stage.wall_s = previous_wall(exp_dir, label, h) + time.perf_counter() - t0  # a resume adds to the first part
     if code != 0 or not (run_dir / "backbone.safetensors").is_file():
         stage.status, stage.detail = "failed", f"exit code {code}; log {stage.log}"
         record(exp_dir, stage)
@@ -227,19 +233,28 @@ def sample_and_audit(cfg: ExperimentConfig, exp_dir: Path, gen: str, gen_stage: 
     return [samples, audit]
 
 
-def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, list[Stage]]) -> CompareConfig:
+def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, list[Stage]],
+                variant: VariantSpec | None = None) -> CompareConfig:
     """The fine-tune grid of ``task`` as a validated :class:`CompareConfig`: the grid file, the experiment's
     launcher (a launcher in ``grid`` wins), ``grid``, then the inits (training stages become their exports)
-    and every run's overrides (the grid file's, ``common``, the task's, ``resume=auto``)."""
+    and every run's overrides (the grid file's, ``common``, the task's, ``resume=auto``). ``variant``: the
+    variant's arms (``<init>@<variant>``, exports keyed so in ``exports``) with its overrides last, reported as
+    ``<task>@<variant>``."""
     spec: GridSpec = getattr(cfg, task)
     trained = registry.stages()
+    names = (variant.inits or ["scratch", "imagenet", *variant.stages]) if variant else \
+        (spec.inits or ["scratch", "imagenet", *(e for e in exports if e in trained)])
     inits = []
-    for init in spec.inits or ["scratch", "imagenet", *exports]:
+    for init in names:
+        label = variant_label(init, variant)
         if init in trained:
-            if init not in exports:
-                raise ConfigError(f"{task}.inits has {init!r} but stage {init} is not enabled; enable it or "
-                                  f"give {init}=<path to backbone.safetensors>")
-            inits.append(f"{init}=" + "|".join(st.output for st in exports[init]))  # replicates: see grid()
+            if label not in exports:
+                where = f"variants[{variant.name}].stages" if variant else "it"
+                raise ConfigError(f"{task}.inits has {label!r} but stage {init} is not enabled in {where}; enable "
+                                  f"it or give {init}=<path to backbone.safetensors>")
+            inits.append(f"{label}=" + "|".join(st.output for st in exports[label]))  # replicates: see grid()
+        elif variant is not None and "=" not in init:
+            inits.append(f"{label}={init}")  # scratch / imagenet under the variant's name
         else:
             inits.append(init)
     launch = (["launcher=inprocess"] if cfg.launch.launcher == "python" else
@@ -249,20 +264,30 @@ def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[s
                     if cfg.launch.launcher == "accelerate" and cfg.launch.config_file else []) + cfg.launch.args)])
     base = resolve_config(CompareConfig, spec.config, root=ROOT)
     ccfg = resolve_config(CompareConfig, spec.config, [*launch, *spec.grid], root=ROOT, values={
-        "inits": inits, "overrides": [*base.overrides, *cfg.common, *spec.overrides, "resume=auto"],
-        "runs_dir": str(exp_dir), "name": task})
+        "inits": inits, "overrides": [*base.overrides, *cfg.common, *spec.overrides,
+                                      *(variant.overrides if variant else []), "resume=auto"],
+        "runs_dir": str(exp_dir), "name": variant_label(task, variant)})
     if not ccfg.title or ccfg.title == base.title:
-        ccfg = dataclasses.replace(ccfg, title=f"{cfg.title or cfg.name}: {task}")
+        ccfg = dataclasses.replace(ccfg, title=f"{cfg.title or cfg.name}: {variant_label(task, variant)}")
+    if variant is not None:
+        ccfg = dataclasses.replace(ccfg, notes=[*ccfg.notes, variant_note(variant)])
     return ccfg
 
 
+def variant_note(variant: VariantSpec) -> str:
+    """The report's line saying what the ``@<variant>`` arms changed."""
+    return f"Arms `…@{variant.name}`: the same grid with {variant.overrides} applied last."
+
+
 def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, list[Stage]],
-               console: Console = None) -> tuple[Stage, list[RunResult]]:
+               console: Console = None, variant: VariantSpec | None = None) -> tuple[Stage, list[RunResult]]:
     """The fine-tune grid of ``task`` (:func:`medpretrain.pipeline.grid.run_grid`; cells reused by their own
-    hash). Returns the stage record and every cell's results (none for a dry run)."""
-    ccfg = grid_config(cfg, exp_dir, task, exports)
+    hash), of ``variant``'s arms when given. Returns the stage record and every cell's results (none for a dry
+    run)."""
+    ccfg = grid_config(cfg, exp_dir, task, exports, variant)
     h = stage_hash(config_to_dict(ccfg))
-    stage = Stage(task, h, str(exp_dir / "reports" / task / "report.md"), log=str(exp_dir / "logs" / f"{task}.log"))
+    name = variant_label(task, variant)
+    stage = Stage(name, h, str(exp_dir / "reports" / name / "report.md"), log=str(exp_dir / "logs" / f"{name}.log"))
     todo = pending(ccfg, ("complete", "unavailable"))  # unavailable arms are retried, but cost nothing
     if cfg.dry_run:
         stage.detail = f"{len(todo)} of {len(grid(ccfg))} runs to do"
@@ -271,7 +296,7 @@ def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[st
     _, results = run_grid(ccfg, console)
     spent = time.perf_counter() - t0
     stage.status = "reused" if not todo else "run"
-    stage.wall_s = spent if todo else previous_wall(exp_dir, task, h)
+    stage.wall_s = spent if todo else previous_wall(exp_dir, name, h)
     count = {s: sum(r.status == s for r in results) for s in STATUSES}
     stage.detail = (f"{count['complete']} complete, {count['unavailable']} unavailable, "
                     f"{count['failed']} failed of {len(results)} runs; "
