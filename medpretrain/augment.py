@@ -138,15 +138,21 @@ def random_affine_matrices(
     fx = torch.where(_bernoulli(n, cfg.hflip_p, device, generator), -1.0, 1.0)
     fy = torch.where(_bernoulli(n, cfg.vflip_p, device, generator), -1.0, 1.0)
     angle = _uniform(n, -cfg.rotation_deg, cfg.rotation_deg, device, generator) * (math.pi / 180)
+    return _affine_matrices(angle, sw * fx, sh * fy, cx, cy, aspect)
+
+
+def _affine_matrices(angle: Tensor, sx: Tensor, sy: Tensor, tx: Tensor, ty: Tensor, aspect: float) -> Tensor:
+    """``[n, 2, 3]`` matrices: scale (signed: a flip) ``sx`` / ``sy``, then a rotation by ``angle`` (radians) in
+    pixel space expressed in normalised coordinates (u = x / (W/2), v = y / (H/2); ``aspect`` = H / W), then a
+    shift by ``tx`` / ``ty``."""
     cos, sin = torch.cos(angle), torch.sin(angle)
-    # Rotation in pixel space expressed in normalised coordinates: u = x / (W/2), v = y / (H/2).
-    theta = torch.empty(n, 2, 3, device=device)
-    theta[:, 0, 0] = cos * sw * fx
-    theta[:, 0, 1] = -sin * aspect * sh * fy
-    theta[:, 1, 0] = sin / aspect * sw * fx
-    theta[:, 1, 1] = cos * sh * fy
-    theta[:, 0, 2] = cx
-    theta[:, 1, 2] = cy
+    theta = torch.empty(angle.shape[0], 2, 3, device=angle.device)
+    theta[:, 0, 0] = cos * sx
+    theta[:, 0, 1] = -sin * aspect * sy
+    theta[:, 1, 0] = sin / aspect * sx
+    theta[:, 1, 1] = cos * sy
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
     return theta
 
 
@@ -326,15 +332,7 @@ def train_affine_matrices(n: int, cfg: TrainAugmentConfig, aspect: float = 1.0, 
     s = 1.0 / _uniform(n, 1 - cfg.scale, 1 + cfg.scale, device, generator)  # output -> input: zoom in for s < 1
     tx = _uniform(n, -2 * cfg.translate, 2 * cfg.translate, device, generator)  # [-1, 1] spans the side: x2
     ty = _uniform(n, -2 * cfg.translate, 2 * cfg.translate, device, generator)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.empty(n, 2, 3, device=device)
-    theta[:, 0, 0] = cos * s * fx
-    theta[:, 0, 1] = -sin * aspect * s * fy
-    theta[:, 1, 0] = sin / aspect * s * fx
-    theta[:, 1, 1] = cos * s * fy
-    theta[:, 0, 2] = tx
-    theta[:, 1, 2] = ty
-    return theta
+    return _affine_matrices(angle, s * fx, s * fy, tx, ty, aspect)
 
 
 class TrainAugment(torch.nn.Module):
