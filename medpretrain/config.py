@@ -437,9 +437,32 @@ def save_config(cfg: Any, out_dir: str | os.PathLike[str], name: str = "config.y
     return path
 
 
+HASH_NEUTRAL: dict[str, dict[str, Any]] = {
+    "DataConfig": {"path_column": "image_path", "label_column": "label", "label_columns": None, "classes": None,
+                   "patient_column": "patient", "split_column": None},
+}
+"""Options added after runs were cached, per config class: left out of :func:`hash_view` (so of every config,
+stage and cell hash) while they hold the value listed here, the value under which they change nothing. Adding
+such an option therefore does not invalidate every finished run; setting it to anything else does."""
+
+
+def hash_view(cfg: Any) -> Any:
+    """:func:`config_to_dict` of ``cfg`` without the :data:`HASH_NEUTRAL` options at their neutral values: what
+    config, stage and cell hashes are computed over."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        neutral = HASH_NEUTRAL.get(type(cfg).__name__, {})
+        return {f.name: hash_view(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if not (f.name in neutral and getattr(cfg, f.name) == neutral[f.name])}
+    if isinstance(cfg, (list, tuple)):
+        return [hash_view(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: hash_view(v) for k, v in cfg.items()}
+    return cfg
+
+
 def config_hash(cfg: Any) -> str:
-    """Stable short hash of a config, used to decide whether a stage can be reused."""
+    """Stable short hash of a config (of its :func:`hash_view`), used to decide whether a stage can be reused."""
     import hashlib
 
-    blob = json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()
+    blob = json.dumps(hash_view(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -156,3 +156,36 @@ def test_dataset_specs_with_colons_stay_strings():
     assert load_config(RunConfig, ["--data.dataset", "folder:a: b"]).data.dataset == "folder:a: b"
     with pytest.raises(ConfigError, match="expected a mapping of DataConfig fields"):
         load_config(RunConfig, ["data={dataset: 3"])  # broken YAML stays a string, not a mapping
+
+
+def test_an_option_added_at_its_neutral_value_keeps_every_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a behaviour-preserving option (listed in HASH_NEUTRAL) must not invalidate finished runs, and
+    setting it to anything else must."""
+    import dataclasses as dc
+
+    from medpretrain import config as config_module
+
+    @dc.dataclass
+    class Inner:
+        a: int = 1
+
+    @dc.dataclass
+    class InnerWithOption:
+        a: int = 1
+        column: str = "label"
+
+    @dc.dataclass
+    class Old:
+        inner: Inner = dc.field(default_factory=Inner)
+        items: list[int] = dc.field(default_factory=lambda: [1, 2])
+
+    @dc.dataclass
+    class New:
+        inner: InnerWithOption = dc.field(default_factory=InnerWithOption)
+        items: list[int] = dc.field(default_factory=lambda: [1, 2])
+
+    monkeypatch.setitem(config_module.HASH_NEUTRAL, "InnerWithOption", {"column": "label"})
+    assert config_module.config_hash(New()) == config_module.config_hash(Old())
+    assert config_module.config_hash(New(InnerWithOption(column="finding"))) != config_module.config_hash(Old())
+    assert config_module.config_hash(New(InnerWithOption(a=2))) != config_module.config_hash(Old())
+    assert config_module.config_to_dict(New())["inner"]["column"] == "label"  # saved configs keep every key

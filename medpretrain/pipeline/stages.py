@@ -28,7 +28,7 @@ from medpretrain.cli import UserError
 from medpretrain.config import (
     ConfigError,
     DataConfig,
-    config_to_dict,
+    hash_view,
     merge_overrides,
     read_yaml,
     resolve_config,
@@ -85,12 +85,12 @@ def schema_of(info: registry.StageInfo) -> type | None:
 
 def stage_config(info: registry.StageInfo, config_file: str, overrides: list[str]) -> dict[str, Any]:
     """A stage's config as the stage script will resolve it from ``--config <config_file> <overrides>``:
-    validated against its schema and complete (defaults included) when the stage names one, else the YAML
+    validated against its schema and complete (defaults included, :func:`hash_view`) when the stage names one, else the YAML
     file with the overrides merged in. Raises :class:`ConfigError` for an unknown key or a wrong type."""
     schema = schema_of(info)
     if schema is not None:
         try:
-            return config_to_dict(resolve_config(schema, config_file or None, overrides, root=ROOT))
+            return hash_view(resolve_config(schema, config_file or None, overrides, root=ROOT))
         except ConfigError as e:
             raise ConfigError(f"stage {info.name}: {e}") from None
     return merge_overrides(read_yaml(ROOT / config_file) if config_file else {}, overrides, root=ROOT)
@@ -285,7 +285,7 @@ def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[st
     hash), of ``variant``'s arms when given. Returns the stage record and every cell's results (none for a dry
     run)."""
     ccfg = grid_config(cfg, exp_dir, task, exports, variant)
-    h = stage_hash(config_to_dict(ccfg))
+    h = stage_hash(hash_view(ccfg))
     name = variant_label(task, variant)
     stage = Stage(name, h, str(exp_dir / "reports" / name / "report.md"), log=str(exp_dir / "logs" / f"{name}.log"))
     todo = pending(ccfg, ("complete", "unavailable"))  # unavailable arms are retried, but cost nothing
