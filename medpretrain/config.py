@@ -104,6 +104,24 @@ class DataConfig:
     or ``<centre>,<width>``."""
     slice_axis: int = 2
     """NIfTI: axis along which 3D volumes are cut into 2D slices."""
+    # Manifests (``manifest:<file>``, ``folder:<file.csv>``): column names. See :mod:`medpretrain.data.manifest`.
+    path_column: str = "image_path"
+    """Manifest column of each row's file (image, DICOM or NIfTI), relative to the manifest's folder or absolute."""
+    label_column: str = "label"
+    """Manifest column of single labels: class names, or integer indices 0..K-1. Optional at the default
+    (a manifest without it is unlabeled); another name must exist."""
+    label_columns: list[str] | None = None
+    """Manifest columns of a multi-label task, one per finding, each 0 or 1 (e.g. the 14 of a chest X-ray
+    set): labels become float multi-hot vectors in this order; replaces ``label_column``."""
+    classes: list[str] | None = None
+    """Manifest class names in index order; a label that is not one of them is an error naming the row.
+    ``None``: the sorted distinct labels."""
+    patient_column: str = "patient"
+    """Manifest column of patient / subject ids: one patient never spans two splits; ids are kept only as
+    salted keys (as DICOM PatientID). Optional at the default; another name must exist."""
+    split_column: str | None = None
+    """Manifest column of official splits (``train`` / ``val`` / ``test``); ``None``: split by
+    ``val_fraction`` / ``test_fraction``."""
 
 
 @dataclasses.dataclass

@@ -1,22 +1,73 @@
-"""The in-memory form every reader produces, and the torch Dataset built from it.
+"""The forms readers produce: a parsed :class:`DatasetSpec`, one file's :class:`Decoded` samples, and the
+:class:`Source` of a whole dataset.
 
-Readers (``medmnist``, ``folder``, ``dicom``, ``nifti``, ``segpairs``) turn a source into a
-:class:`Source`: images already decoded, converted to the configured channel count, resized, and
-scaled to [0, 1] (float32 ``[C, H, W]``; the scaling is documented per reader). Splitting, label
-fractions and normalisation then happen in one place (:func:`medpretrain.data.build_dataset`).
-Decoding everything up front means a bad file fails (or is skipped) before training starts, never
-deep inside a DataLoader worker.
+Readers (registered in :mod:`medpretrain.data.readers`) turn a source into a :class:`Source`: images
+already decoded, converted to the configured channel count, resized, and scaled to [0, 1] (float32
+``[C, H, W]``; the scaling is documented per reader). Readers of single files also decode one file into a
+:class:`Decoded` (what a manifest row, or a per-file cache, needs). Splitting, label fractions and
+normalisation then happen in one place (:func:`medpretrain.data.build_dataset`). Decoding everything up
+front means a bad file fails (or is skipped) before training starts, never deep inside a DataLoader worker.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from tqdm import tqdm
 
 Task = Literal["binary", "multiclass", "multilabel", "segmentation", "unlabeled"]
+PROGRESS_MIN_FILES = 200
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed spec string (:func:`medpretrain.data.spec.parse_spec`). ``paths`` are absolute;
+    ``name`` / ``size`` are set for ``medmnist`` only; ``root`` is the data root it was resolved against."""
+
+    scheme: str
+    text: str
+    paths: tuple[Path, ...] = ()
+    name: str | None = None
+    size: int | None = None
+    root: Path | None = None
+
+
+@dataclass
+class Decoded:
+    """The samples one file decodes to (a frame of a DICOM file, a slice of a NIfTI volume, an image).
+
+    images: ``[S, C, H, W]`` float32 in [0, 1], resized to the configured size (S >= 1).
+    names: per sample (``"<file>"``, or ``"<file>#<k>"`` for frames / slices); never patient identifiers.
+    group: a salted key the file itself gives (DICOM patient / study / file, NIfTI subject / volume), which
+    keeps its samples in one split; ``None`` for a plain image (its caller decides).
+    thumbs: ``[S, 32, 32]`` grey thumbnails of the native image for near-duplicate grouping, or ``None``.
+    """
+
+    images: np.ndarray
+    names: list[str]
+    group: str | None = None
+    thumbs: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def progress(items: list, desc: str) -> Iterable:
+    """tqdm over ``items``, shown only on a terminal and for at least ``PROGRESS_MIN_FILES`` items."""
+    quiet = len(items) < PROGRESS_MIN_FILES or not sys.stderr.isatty()
+    return tqdm(items, desc=desc, disable=quiet, leave=False)
+
+
+def stack_if_same(images: list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
+    """One ``[N, C, H, W]`` array when all shapes agree, else the list unchanged."""
+    if images and all(im.shape == images[0].shape for im in images):
+        return np.stack(images)
+    return images
 
 
 @dataclass

@@ -27,9 +27,11 @@ import torch
 from torch.utils.data import Dataset
 
 from medpretrain.config import ConfigError, DataConfig
-from medpretrain.data.base import Source, Task
+from medpretrain.data.base import DatasetSpec, Source, Task
 from medpretrain.data.errors import DataError, SkipLog
+from medpretrain.data.manifest import is_manifest, table_files
 from medpretrain.data.privacy import project_salt
+from medpretrain.data.readers import READERS
 from medpretrain.data.spec import data_root, parse_spec
 from medpretrain.data.splits import group_samples, make_splits, subsample_train
 from medpretrain.utils import hash_files, sha256_file
@@ -45,7 +47,8 @@ _GROUP_CACHE: dict[tuple, tuple[Source, np.ndarray | None, dict[str, Any]]] = {}
 
 def _cache_key(cfg: DataConfig) -> tuple:
     return (cfg.dataset.strip(), str(data_root(cfg)), cfg.image_size, cfg.channels, cfg.window,
-            cfg.slice_axis, cfg.skip_bad, cfg.max_pixels, project_salt())
+            cfg.slice_axis, cfg.skip_bad, cfg.max_pixels, project_salt(), cfg.path_column, cfg.label_column,
+            tuple(cfg.label_columns or ()), tuple(cfg.classes or ()), cfg.patient_column, cfg.split_column)
 
 
 def clear_source_cache() -> None:
@@ -61,40 +64,16 @@ def _decode(cfg: DataConfig) -> Source:
         raise ConfigError(f"data.image_size must be positive, got {cfg.image_size}")
     if cfg.max_pixels < 0:
         raise ConfigError(f"data.max_pixels must be positive or 0 (no limit), got {cfg.max_pixels}")
-    root = data_root(cfg)
-    spec = parse_spec(cfg.dataset, root)
-    skips = SkipLog(skip_bad=cfg.skip_bad)
-    if spec.scheme == "medmnist":
-        from medpretrain.data.medmnist import read_medmnist_source
-
-        return read_medmnist_source(spec.name, spec.size, root, cfg, skips)  # type: ignore[arg-type]
-    if spec.scheme == "folder":
-        from medpretrain.data.folder import read_folder_source
-
-        return read_folder_source(spec.paths[0], cfg, skips)
-    if spec.scheme == "segpairs":
-        from medpretrain.data.segpairs import read_segpairs_source
-
-        roi = spec.paths[2] if len(spec.paths) > 2 else None
-        return read_segpairs_source(spec.paths[0], spec.paths[1], roi, cfg, skips)
-    if spec.scheme == "drive":
-        from medpretrain.data.segpairs import read_drive_source
-
-        return read_drive_source(spec.paths[0], cfg, skips)
-    if spec.scheme == "dicom":
-        from medpretrain.data.dicom import read_dicom_source
-
-        return read_dicom_source(spec.paths[0], cfg, skips)
-    from medpretrain.data.nifti import read_nifti_source
-
-    return read_nifti_source(spec.paths[0], cfg, skips)
+    spec = parse_spec(cfg.dataset, data_root(cfg))
+    return READERS[spec.scheme].read(spec, cfg, SkipLog(skip_bad=cfg.skip_bad))
 
 
 def read_source(cfg: DataConfig) -> Source:
     """The decoded :class:`Source` for ``cfg``, cached per process.
 
-    Cache key: dataset spec, data root, image_size, channels, window, slice_axis, skip_bad, max_pixels. The
-    returned object is shared: do not modify it. Skipped files are logged once, here.
+    Cache key: dataset spec, data root, image_size, channels, window, slice_axis, skip_bad, max_pixels, the
+    salt and the manifest column options. The returned object is shared: do not modify it. Skipped files are
+    logged once, here.
     Raises :class:`DataError` for a bad spec or bad input (unless ``skip_bad``).
     """
     key = _cache_key(cfg)
@@ -124,37 +103,39 @@ def fingerprint(files: list[Path]) -> str:
 
 def data_stamp(cfg: DataConfig) -> str:
     """Cheap identity of the files behind ``cfg.dataset``: sha256 of (path relative to the data root, size,
-    mtime) of every file, without decoding anything (content hashes are :func:`fingerprint`'s job).
+    mtime) of every file (a manifest's rows' files included), without decoding anything (content hashes are
+    :func:`fingerprint`'s job).
 
     Used to decide whether a finished stage can be reused. Raises :class:`DataError` naming the spec when
     its files do not exist.
     """
     import hashlib
 
-    from medpretrain.data.medmnist import find_file
-
     root = data_root(cfg)
     spec = parse_spec(cfg.dataset, root)
-    if spec.scheme == "medmnist":
-        found = find_file(root, spec.name or "", spec.size, cfg.image_size)
-        if found is None:
-            raise DataError(cfg.dataset, f"no MedMNIST file for it under {root}")
-        files = [found]
-    else:
-        files = []
-        for p in spec.paths:
-            if p.is_file():
-                files.append(p)
-            elif p.is_dir():
-                files += [f for f in p.rglob("*") if f.is_file()]
-            else:
-                raise DataError(str(p), f"does not exist (dataset {cfg.dataset})")
+    listed = READERS[spec.scheme].files(spec, cfg)
+    files = listed if listed is not None else _files_under(spec, cfg)
     h = hashlib.sha256(cfg.dataset.encode())
     for f in sorted(files):
         st = f.stat()
         rel = f.relative_to(root) if f.is_relative_to(root) else f
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _files_under(spec: DatasetSpec, cfg: DataConfig) -> list[Path]:
+    """The files under a spec's paths: a manifest and the files its rows name, a file, or a folder's files."""
+    files: list[Path] = []
+    for p in spec.paths:
+        if is_manifest(p):
+            files += table_files(p, cfg)
+        elif p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files += [f for f in p.rglob("*") if f.is_file()]
+        else:
+            raise DataError(str(p), f"does not exist (dataset {cfg.dataset})")
+    return files
 
 
 def source_groups(source: Source, cfg: DataConfig) -> tuple[np.ndarray | None, dict[str, Any]]:

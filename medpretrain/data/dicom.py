@@ -78,7 +78,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_d
 from pydicom.uid import UID
 
 from medpretrain.config import ConfigError, DataConfig
-from medpretrain.data.base import Source, Task
+from medpretrain.data.base import Decoded, Source, Task
 from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.folder import progress
 from medpretrain.data.privacy import DEFAULT_SALT, SALT_ENV, project_salt, salted_key  # noqa: F401
@@ -652,6 +652,18 @@ def task_for(class_names: list[str], labelled: bool) -> Task:
     return "binary" if len(class_names) == 2 else "multiclass"
 
 
+def decode_dicom_file(path: Path, cfg: DataConfig, rel: str) -> Decoded:
+    """Every frame of one DICOM file (see the module docstring) at ``cfg.image_size`` (224 when ``None``), named
+    ``"<file>"`` or ``"<file>#<k>"``, with its salted group key: the patient's, else the study's, else one
+    from ``rel`` (the file's path as its source knows it). Raises DataError naming the file, ConfigError for a
+    bad ``window`` / ``channels``."""
+    ds = read_dataset(path, cfg.max_pixels)
+    frames = _decode(path, ds, parse_window(cfg.window), _check_channels(cfg.channels),
+                     cfg.image_size or DEFAULT_IMAGE_SIZE)
+    names = [f"{path.name}#{k}" for k in range(len(frames))] if len(frames) > 1 else [path.name]
+    return Decoded(images=np.stack(frames), names=names, group=_group_key(ds, rel, project_salt()))
+
+
 def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
     """Read ``dicom:<path>`` (a file or a folder; see the module docstring) into a :class:`Source`.
 
@@ -661,16 +673,14 @@ def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
     Raises DataError when nothing readable is found; ConfigError for a bad ``window`` / ``channels``.
     """
     path = Path(path)
-    window = parse_window(cfg.window)
-    channels = _check_channels(cfg.channels)
-    size = cfg.image_size or DEFAULT_IMAGE_SIZE
+    parse_window(cfg.window)  # bad options fail before any file is listed
+    _check_channels(cfg.channels)
     files, labels, class_names, ignored = list_class_layout(path, lambda p: not is_ignored_name(p))
     if ignored:
         logger.info("%s: ignored %d file(s) that are clearly not DICOM (by name)", path, ignored)
     if not files:
         raise DataError(path, "no DICOM files found")
     first_skip = len(log.skipped)
-    salt = project_salt()
     images: list[np.ndarray] = []
     names: list[str] = []
     groups: list[str] = []
@@ -678,20 +688,16 @@ def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
     read: list[Path] = []
     for i, f in enumerate(progress(files, "DICOM")):
         try:
-            ds = read_dataset(f, cfg.max_pixels)
-            frames = _decode(f, ds, window, channels, size)
+            decoded = decode_dicom_file(f, cfg, str(f.relative_to(path)) if f != path else f.name)
         except DataError as err:
             log.handle(err)
             continue
-        rel = str(f.relative_to(path)) if f != path else f.name
-        group = _group_key(ds, rel, salt)
         read.append(f)
-        for k, img in enumerate(frames):
-            images.append(img)
-            names.append(f"{f.name}#{k}" if len(frames) > 1 else f.name)
-            groups.append(group)
-            if labels is not None:
-                sample_labels.append(labels[i])
+        images.extend(decoded.images)
+        names.extend(decoded.names)
+        groups.extend([decoded.group] * len(decoded))  # type: ignore[list-item]
+        if labels is not None:
+            sample_labels.extend([labels[i]] * len(decoded))
     skipped = list(log.skipped[first_skip:])
     if not images:
         raise DataError(path, f"none of the {len(files)} candidate DICOM file(s) could be read")

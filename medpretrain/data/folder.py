@@ -5,11 +5,8 @@ Layouts:
 * ``<path>/<class>/**/*.png`` - one class per sub-folder (sorted names; sub-folders without images are
   ignored). A single class folder means unlabeled.
 * ``<path>/*.png`` with no class sub-folders - unlabeled (for pretraining).
-* ``<path>`` is a ``.csv`` manifest with columns ``image_path`` (relative to the CSV's folder) and
-  ``label``; an optional ``patient`` column groups samples so one patient never spans two splits; other
-  columns are ignored. Labels are class names (sorted), or, when every label is an integer, class
-  indices that must lie in ``0..K-1`` for ``K`` distinct labels (else "label out of range").
-  Without a ``label`` column the manifest is unlabeled.
+* ``<path>`` is a ``.csv`` / ``.tsv`` manifest: read by :mod:`medpretrain.data.manifest` (rows may point
+  at images, DICOM and NIfTI files alike; label, multi-label, patient and split columns).
 
 Formats: PNG, JPEG, TIFF, BMP, GIF (first frame). Scaling to [0, 1] (float32 ``[C, H, W]``):
 8-bit (and palette) images / 255; 16-bit PNG / TIFF / 65535 (the dtype range, not the image's
@@ -27,9 +24,7 @@ decoding; 0 = no limit) is a DataError naming the file, in place of PIL's Decomp
 
 from __future__ import annotations
 
-import csv
 import logging
-import sys
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -38,20 +33,18 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from medpretrain.config import DataConfig
-from medpretrain.data.base import Source
+from medpretrain.data.base import Decoded, Source, progress, stack_if_same  # noqa: F401 (re-exported)
 from medpretrain.data.duplicates import thumbnail
 from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
-from medpretrain.data.privacy import salted_key
+from medpretrain.data.manifest import MANIFEST_SUFFIXES, read_manifest_source
 from medpretrain.data.transforms import resize, to_channels
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 DEFAULT_CLASSIFICATION_SIZE = 224
-PROGRESS_MIN_FILES = 200
 
 
 def is_image_file(path: Path) -> bool:
@@ -62,12 +55,6 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` (sorted; hidden files skipped)."""
     it: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in it if is_image_file(p))
-
-
-def progress(items: list, desc: str) -> Iterable:
-    """tqdm over ``items``, shown only on a terminal and for at least ``PROGRESS_MIN_FILES`` items."""
-    quiet = len(items) < PROGRESS_MIN_FILES or not sys.stderr.isatty()
-    return tqdm(items, desc=desc, disable=quiet, leave=False)
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -173,27 +160,21 @@ def load_mask(path: Path, max_pixels: int = DataConfig.max_pixels) -> np.ndarray
     return (arr > 0).astype(np.float32)[None]
 
 
-def salted_group(patient: str) -> str:
-    """A stable, non-identifying key for a patient id (see :mod:`medpretrain.data.privacy`)."""
-    return salted_key(patient)
-
-
-def stack_if_same(images: list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
-    """One ``[N, C, H, W]`` array when all shapes agree, else the list unchanged."""
-    if images and all(im.shape == images[0].shape for im in images):
-        return np.stack(images)
-    return images
-
-
-def _decode_all(files: list[Path], cfg: DataConfig, skips: SkipLog,
-                desc: str) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Per file: (image resized to the configured size, 32x32 thumbnail of the native image), or None."""
+def decode_image_file(path: Path, cfg: DataConfig, rel: str = "") -> Decoded:
+    """One image file as one sample: resized to ``cfg.image_size`` (224 when ``None``) with
+    ``cfg.channels`` channels, and the 32x32 thumbnail of its native image. ``rel`` (the path as the source
+    knows it) is unused: a plain image carries no group key. Raises DataError naming the file."""
+    native = load_image(path, cfg.channels, cfg.max_pixels)
     size = cfg.image_size or DEFAULT_CLASSIFICATION_SIZE
-    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    return Decoded(images=resize(native, size)[None], names=[path.name], thumbs=thumbnail(native)[None])
+
+
+def _decode_all(files: list[Path], cfg: DataConfig, skips: SkipLog, desc: str) -> list[Decoded | None]:
+    """Per file: its :class:`Decoded` sample, or None when skipped under ``skip_bad``."""
+    out: list[Decoded | None] = []
     for f in progress(files, desc):
         try:
-            native = load_image(f, cfg.channels, cfg.max_pixels)
-            out.append((resize(native, size), thumbnail(native)))
+            out.append(decode_image_file(f, cfg))
         except DataError as err:
             skips.handle(err)
             out.append(None)
@@ -201,13 +182,12 @@ def _decode_all(files: list[Path], cfg: DataConfig, skips: SkipLog,
 
 
 def _labelled_source(files: list[Path], labels: list[int] | None, class_names: list[str],
-                     groups: list[str] | None, cfg: DataConfig, skips: SkipLog, desc: str,
-                     paths: list[str]) -> Source:
+                     cfg: DataConfig, skips: SkipLog, desc: str, paths: list[str]) -> Source:
     decoded = _decode_all(files, cfg, skips, desc)
     keep = [i for i, im in enumerate(decoded) if im is not None]
     if not keep:
         raise DataError(desc, f"none of the {len(files)} image(s) could be read")
-    images = stack_if_same([decoded[i][0] for i in keep])  # type: ignore[index]
+    images = stack_if_same([decoded[i].images[0] for i in keep])  # type: ignore[union-attr]
     lab = np.asarray([labels[i] for i in keep], dtype=np.int64) if labels is not None else None
     task = "unlabeled" if lab is None else ("binary" if len(class_names) == 2 else "multiclass")
     return Source(
@@ -217,22 +197,21 @@ def _labelled_source(files: list[Path], labels: list[int] | None, class_names: l
         files=list(files),
         labels=lab,
         class_names=class_names if lab is not None else [],
-        groups=np.asarray([groups[i] for i in keep]) if groups is not None else None,
         skipped=list(skips.skipped),
-        thumbs=np.stack([decoded[i][1] for i in keep]),  # type: ignore[index]
+        thumbs=np.concatenate([decoded[i].thumbs for i in keep]),  # type: ignore[union-attr, misc]
         paths=[paths[i] for i in keep],
     )
 
 
 def read_folder_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
-    """Read ``folder:<path>`` (a folder or a CSV manifest); see the module docstring."""
-    if path.is_file() and path.suffix.lower() == ".csv":
+    """Read ``folder:<path>`` (a folder or a CSV / TSV manifest); see the module docstring."""
+    if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
         return read_manifest_source(path, cfg, skips)
     if not path.exists():
-        raise DataError(path, "not found (a folder or a .csv manifest; relative paths resolve against "
+        raise DataError(path, "not found (a folder or a .csv / .tsv manifest; relative paths resolve against "
                               "data.root or $MEDPRETRAIN_DATA)")
     if not path.is_dir():
-        raise DataError(path, "not a folder or a .csv manifest")
+        raise DataError(path, "not a folder or a .csv / .tsv manifest")
     class_dirs = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
     per_class = {d.name: list_images(d, recursive=True) for d in class_dirs}
     per_class = {k: v for k, v in per_class.items() if v}
@@ -244,7 +223,7 @@ def read_folder_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
         files = [f for c in class_names for f in per_class[c]]
         labels = [i for i, c in enumerate(class_names) for _ in per_class[c]]
         rel = [f.relative_to(path).as_posix() for f in files]
-        return _labelled_source(files, labels, class_names, None, cfg, skips, str(path), rel)
+        return _labelled_source(files, labels, class_names, cfg, skips, str(path), rel)
     files = list_images(path)
     if not files and per_class:
         (only,) = per_class.values()
@@ -253,77 +232,4 @@ def read_folder_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
     if not files:
         raise DataError(path, f"no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     rel = [f.relative_to(path).as_posix() for f in files]
-    return _labelled_source(files, None, [], None, cfg, skips, str(path), rel)
-
-
-def _parse_labels(raw: list[str], rows: list[int], manifest: Path,
-                  skips: SkipLog) -> tuple[list[int | None], list[str]]:
-    """Map raw label strings to class indices (None for rows skipped under skip_bad)."""
-    stripped = [r.strip() for r in raw]
-    if all(s.lstrip("-").isdigit() for s in stripped if s):
-        ints = [int(s) if s else None for s in stripped]
-        k = len({v for v in ints if v is not None and v >= 0})
-        out: list[int | None] = []
-        for v, row in zip(ints, rows, strict=True):
-            if v is None or not 0 <= v < k:
-                reason = "empty label" if v is None else f"label {v} out of range 0..{k - 1}"
-                skips.handle(DataError(manifest, f"row {row}: {reason}"))
-                out.append(None)
-            else:
-                out.append(v)
-        return out, [str(i) for i in range(k)]
-    class_names = sorted({s for s in stripped if s})
-    index = {c: i for i, c in enumerate(class_names)}
-    out = []
-    for s, row in zip(stripped, rows, strict=True):
-        if not s:
-            skips.handle(DataError(manifest, f"row {row}: empty label"))
-        out.append(index.get(s))
-    return out, class_names
-
-
-def read_manifest_source(manifest: Path, cfg: DataConfig, skips: SkipLog) -> Source:
-    """Read a CSV manifest (``image_path``, optional ``label`` and ``patient``); see the module docstring."""
-    try:
-        with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            reader.fieldnames = header
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(manifest, f"cannot read CSV manifest ({e})") from None
-    if "image_path" not in header:
-        raise DataError(manifest, f"manifest needs an 'image_path' column (has: {', '.join(header) or 'none'})")
-    if not rows:
-        raise DataError(manifest, "manifest has no rows")
-    base = manifest.parent
-    line_numbers = list(range(2, len(rows) + 2))
-    labels: list[int | None] | None = None
-    class_names: list[str] = []
-    if "label" in header:
-        labels, class_names = _parse_labels([r.get("label") or "" for r in rows], line_numbers, manifest, skips)
-    files: list[Path] = []
-    keep_labels: list[int] = []
-    groups: list[str] = []
-    written: list[str] = []
-    for i, r in enumerate(rows):
-        rel = (r.get("image_path") or "").strip()
-        if not rel:
-            skips.handle(DataError(manifest, f"row {line_numbers[i]}: empty image_path"))
-            continue
-        label = labels[i] if labels is not None else 0
-        if label is None:
-            continue
-        p = Path(rel).expanduser()
-        files.append(p if p.is_absolute() else base / p)
-        written.append(rel)
-        keep_labels.append(label)
-        groups.append(salted_group((r.get("patient") or "").strip() or f"row{i}"))
-    if not files:
-        raise DataError(manifest, "no usable rows")
-    source = _labelled_source(
-        files, keep_labels if labels is not None else None, class_names,
-        groups if "patient" in header else None, cfg, skips, str(manifest), written,
-    )
-    source.files.append(manifest)
-    return source
+    return _labelled_source(files, None, [], cfg, skips, str(path), rel)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medpretrain.config import DataConfig
-from medpretrain.data.base import Source
+from medpretrain.data.base import DatasetSpec, Source
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.spec import MEDMNIST_SIZES
 from medpretrain.data.transforms import LUMA_601, resize
@@ -73,6 +73,15 @@ def find_file(root: Path, name: str, size: int | None, image_size: int | None) -
             if p.is_file():
                 return p
     return None
+
+
+def medmnist_files(spec: DatasetSpec, cfg: DataConfig) -> list[Path]:
+    """The one npz behind ``spec`` (for the data stamp; nothing is read or downloaded). Raises DataError."""
+    root = spec.root or Path(".")
+    found = find_file(root, spec.name or "", spec.size, cfg.image_size)
+    if found is None:
+        raise DataError(spec.text, f"no MedMNIST file for it under {root}")
+    return [found]
 
 
 def download(root: Path, name: str, size: int) -> Path:

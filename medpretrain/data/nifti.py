@@ -42,7 +42,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation
 
 from medpretrain.config import ConfigError, DataConfig
-from medpretrain.data.base import Source
+from medpretrain.data.base import Decoded, Source
 from medpretrain.data.dicom import DEFAULT_IMAGE_SIZE, list_class_layout, project_salt, salted_key, task_for
 from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.folder import progress
@@ -189,14 +189,24 @@ def _check_axis(axis: int) -> None:
         raise ConfigError(f"config key 'data.slice_axis': must be 0, 1 or 2, got {axis!r}")
 
 
-def _volume_group(file: Path, root: Path, salt: str) -> str:
-    """``subject-<hash>`` for a BIDS ``sub-<label>`` folder or file prefix, else ``volume-<hash>`` of the file."""
-    rel = file.relative_to(root) if file != root else Path(file.name)
-    for part in rel.parts:
+def _volume_group(rel: str, salt: str) -> str:
+    """``subject-<hash>`` for a BIDS ``sub-<label>`` folder or file prefix of ``rel`` (the volume's path as its
+    source knows it), else ``volume-<hash>`` of ``rel``."""
+    for part in Path(rel).parts:
         m = _BIDS_SUBJECT.match(part)
         if m:
             return "subject-" + salted_key(m.group(1), salt)
-    return "volume-" + salted_key(rel.as_posix(), salt)
+    return "volume-" + salted_key(Path(rel).as_posix(), salt)
+
+
+def decode_nifti_file(path: Path, cfg: DataConfig, rel: str, *, skip_empty: bool = True) -> Decoded:
+    """The non-empty slices of one volume (see the module docstring) along ``cfg.slice_axis`` at
+    ``cfg.image_size`` (224 when ``None``), named ``"<file>#<slice>"``, with the salted key of its BIDS subject,
+    else of ``rel`` (its path as its source knows it). Raises DataError naming the file, ConfigError for bad
+    options."""
+    size = cfg.image_size or DEFAULT_IMAGE_SIZE
+    keep, slices = load_nifti(path, cfg.slice_axis, cfg.channels, size, skip_empty, cfg.max_pixels)
+    return Decoded(images=slices, names=[f"{path.name}#{k}" for k in keep], group=_volume_group(rel, project_salt()))
 
 
 def read_nifti_source(path: Path, cfg: DataConfig, log: SkipLog, *, skip_empty: bool = True) -> Source:
@@ -210,31 +220,30 @@ def read_nifti_source(path: Path, cfg: DataConfig, log: SkipLog, *, skip_empty: 
     _check_axis(cfg.slice_axis)
     if cfg.channels not in (1, 3):
         raise ConfigError(f"config key 'data.channels': must be 1 or 3, got {cfg.channels!r}")
-    size = cfg.image_size or DEFAULT_IMAGE_SIZE
     files, labels, class_names, ignored = list_class_layout(path, is_nifti_file)
     if ignored:
         logger.info("%s: ignored %d file(s) that are not .nii / .nii.gz", path, ignored)
     if not files:
         raise DataError(path, "no NIfTI files (.nii, .nii.gz) found")
     first_skip = len(log.skipped)
-    salt = project_salt()
     chunks: list[np.ndarray] = []
     names: list[str] = []
     groups: list[str] = []
     sample_labels: list[int] = []
     read: list[Path] = []
     for i, f in enumerate(progress(files, "NIfTI")):
+        rel = (f.relative_to(path) if f != path else Path(f.name)).as_posix()
         try:
-            keep, slices = load_nifti(f, cfg.slice_axis, cfg.channels, size, skip_empty, cfg.max_pixels)
+            decoded = decode_nifti_file(f, cfg, rel, skip_empty=skip_empty)
         except DataError as err:
             log.handle(err)
             continue
         read.append(f)
-        chunks.append(slices)
-        names += [f"{f.name}#{k}" for k in keep]
-        groups += [_volume_group(f, path, salt)] * len(keep)
+        chunks.append(decoded.images)
+        names += decoded.names
+        groups += [decoded.group] * len(decoded)  # type: ignore[list-item]
         if labels is not None:
-            sample_labels += [labels[i]] * len(keep)
+            sample_labels += [labels[i]] * len(decoded)
     if not chunks:
         raise DataError(path, f"none of the {len(files)} NIfTI file(s) could be read")
     skipped = list(log.skipped[first_skip:])
