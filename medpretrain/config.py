@@ -45,8 +45,8 @@ class DataConfig:
     """Which data, and how it is turned into tensors. See :mod:`medpretrain.data` for spec strings."""
 
     dataset: str = "medmnist:pneumoniamnist"
-    """Dataset spec: ``medmnist:<name>[@size]``, ``folder:<path>``, ``dicom:<path>``, ``nifti:<path>``,
-    ``segpairs:<images>,<masks>[,<roi>]``, ``drive:[<path>]`` (DRIVE with its official split).
+    """Dataset spec: ``medmnist:<name>[@size]``, ``folder:<path>``, ``manifest:<file.csv>``, ``dicom:<path>``,
+    ``nifti:<path>``, ``segpairs:<images>,<masks>[,<roi>]``, ``drive:[<path>]`` (DRIVE with its official split).
     Relative paths resolve against ``root``."""
     root: str | None = None
     """Data root; ``None`` means ``$MEDPRETRAIN_DATA``, else ``../shared/data`` next to the project."""

@@ -74,7 +74,7 @@ def fake_format(calls: list) -> types.SimpleNamespace:
 def test_a_new_format_is_one_module_and_one_entry(tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setitem(sys.modules, "fake_reader_module", fake_format(calls))
-    monkeypatch.setitem(READERS, "fake", Reader("fake", "fake_reader_module", "read_fake_source", "fake files",
+    monkeypatch.setitem(READERS, "fake", Reader("fake", "fake_reader_module", "read_fake_source",
                                                 decode_file="decode_fake_file", suffixes=(".fake",),
                                                 source_files="fake_files"))
     (tmp_path / "scans").mkdir()

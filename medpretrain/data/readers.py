@@ -81,7 +81,7 @@ class Reader:
 
     scheme: the spec prefix (``dicom`` in ``dicom:<path>``). module: the reader module, imported on first use.
     read_source: name of its ``read_..._source`` function, called as ``fn(*args(spec), cfg, skips)``.
-    summary: what a spec of it points at, for error messages. parse: ``(text, scheme, rest, root) ->
+    parse: ``(text, scheme, rest, root) ->
     DatasetSpec`` for the part after ``<scheme>:`` (default: one path). decode_file: name of its per-file
     decoder (``None``: manifest rows cannot point at this format). suffixes / magic: file-name endings and
     ``(offset, bytes)`` signatures that pick this reader for a manifest row. source_files: name of a
@@ -92,7 +92,6 @@ class Reader:
     scheme: str
     module: str
     read_source: str
-    summary: str
     parse: Callable[[str, str, str, Path], DatasetSpec] = parse_path
     args: Callable[[DatasetSpec], tuple[Any, ...]] = _one_path
     decode_file: str | None = None
@@ -132,18 +131,18 @@ DICOM_MAGIC: tuple[tuple[int, bytes], ...] = ((128, b"DICM"), (0, b"\x02\x00\x00
 NIFTI_MAGIC: tuple[tuple[int, bytes], ...] = ((344, b"n+1\x00"), (4, b"n+2\x00"))
 
 READERS: dict[str, Reader] = {r.scheme: r for r in (
-    Reader("medmnist", "medpretrain.data.medmnist", "read_medmnist_source", "a MedMNIST name[@size]",
+    Reader("medmnist", "medpretrain.data.medmnist", "read_medmnist_source",
            parse=_parse_medmnist, args=lambda s: (s.name, s.size, s.root), source_files="medmnist_files"),
-    Reader("folder", "medpretrain.data.folder", "read_folder_source", "a folder of images or a .csv manifest",
+    Reader("folder", "medpretrain.data.folder", "read_folder_source",
            decode_file="decode_image_file", suffixes=(".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"),
            magic=IMAGE_MAGIC),
-    Reader("manifest", "medpretrain.data.manifest", "read_manifest_source", "a .csv / .tsv manifest of files"),
-    Reader("segpairs", "medpretrain.data.segpairs", "read_segpairs_source", "image and mask folders",
+    Reader("manifest", "medpretrain.data.manifest", "read_manifest_source"),
+    Reader("segpairs", "medpretrain.data.segpairs", "read_segpairs_source",
            parse=_parse_segpairs, args=lambda s: (s.paths[0], s.paths[1], s.paths[2] if len(s.paths) > 2 else None)),
-    Reader("drive", "medpretrain.data.segpairs", "read_drive_source", "the DRIVE folder", parse=_parse_drive),
-    Reader("dicom", "medpretrain.data.dicom", "read_dicom_source", "a DICOM file or folder",
+    Reader("drive", "medpretrain.data.segpairs", "read_drive_source", parse=_parse_drive),
+    Reader("dicom", "medpretrain.data.dicom", "read_dicom_source",
            decode_file="decode_dicom_file", suffixes=(".dcm", ".dicom", ".dic"), magic=DICOM_MAGIC),
-    Reader("nifti", "medpretrain.data.nifti", "read_nifti_source", "a NIfTI volume or folder",
+    Reader("nifti", "medpretrain.data.nifti", "read_nifti_source",
            decode_file="decode_nifti_file", suffixes=(".nii", ".nii.gz"), magic=NIFTI_MAGIC),
 )}
 """Every format, by scheme (the order of error messages)."""
