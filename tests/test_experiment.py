@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from medpretrain.checkpoint import read_meta
-from medpretrain.config import ConfigError, DataConfig, load_config
+from medpretrain.config import HASH_NEUTRAL, ConfigError, DataConfig, hash_view, load_config
 from medpretrain.data import data_stamp
 from medpretrain.pipeline.experiment import ExperimentConfig, run_experiment
 from medpretrain.report import recommend, recommendation_markdown
@@ -265,7 +265,9 @@ def test_stage_config_is_validated_against_its_schema_and_hashed_resolved() -> N
 
     info = StageInfo("x", "generative", "generative/vae.py", "", "runs/x", schema="medpretrain.config:DataConfig")
     conf = stage_config(info, "", ["image_size=32"])
-    assert conf == {**dataclasses.asdict(DataConfig()), "image_size": 32}  # every key, defaults included
+    # every key, defaults included, but the options added later at their neutral values (config.HASH_NEUTRAL)
+    assert conf == {**hash_view(DataConfig()), "image_size": 32}
+    assert set(dataclasses.asdict(DataConfig())) - set(conf) == set(HASH_NEUTRAL["DataConfig"])
     # Spelling a default out is the same config, so the same stage folder.
     assert stage_hash(stage_config(info, "", [])) == stage_hash(stage_config(info, "", ["channels=1"]))
     assert stage_hash(stage_config(info, "", [])) != stage_hash(conf)
