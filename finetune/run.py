@@ -53,7 +53,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from tqdm.auto import tqdm
 
-from medpretrain import probe
+from medpretrain import probe, transfer
 from medpretrain.augment import TrainAugment
 from medpretrain.checkpoint import load_exact, load_state_dict, save_state_dict
 from medpretrain.config import ConfigError, config_to_dict, load_config, save_config
@@ -202,6 +202,23 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
 TASKS = {"classification": classification, "segmentation": segmentation}
 
 
+def reuse_batch(val_ds: Any, cfg: FinetuneConfig) -> torch.Tensor | None:
+    """The first ``eval.reuse_images`` validation images (segmentation: their centre ``seg.patch_size`` crops),
+    the fixed batch of the feature-reuse analysis; ``None`` when it is off."""
+    n = min(cfg.eval.reuse_images, len(val_ds))
+    if n < 2:
+        return None
+    images = []
+    for i in range(n):
+        x = torch.as_tensor(val_ds[i]["image"])
+        if cfg.task == "segmentation":
+            p = cfg.seg.patch_size
+            top, left = max(0, (x.shape[-2] - p) // 2), max(0, (x.shape[-1] - p) // 2)
+            x = x[..., top:top + p, left:left + p]
+        images.append(x)
+    return torch.stack(images)
+
+
 def augment_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The augmentation draws of global step ``step``: a function of (seed, step) only, so a resumed run
     draws what the uninterrupted one drew."""
@@ -235,6 +252,9 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
                                batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
                                regime_info=regime_info)
     # ---- end of frozen read-outs ---------------------------------------------------------------------------
+    # Feature reuse (medpretrain.transfer): the backbone as training starts, and a fixed validation batch.
+    reuse_images = reuse_batch(parts.datasets["val"], cfg)
+    initial = transfer.snapshot(parts.model.backbone) if reuse_images is not None else None
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         parts.model, optimizer, parts.loaders["train"], parts.loaders["val"], parts.loaders["test"]
     )
@@ -320,6 +340,8 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
     test = parts.predict(model, test_loader)
     test_m, rows = parts.evaluate(test, threshold)
     fields = parts.test_fields(test, rows, threshold)
+    if initial is not None and reuse_images is not None:
+        fields["transfer"] = transfer.reuse_analysis(initial, unwrapped.backbone, reuse_images)
     result = complete_result(cfg, parts, enc, regime, regime_info, progress, test_m,
                              {**fields, "optimizer_steps": step, "threshold": threshold, "threshold_rule": rule},
                              requested_hash=requested_hash, t_run=t_run, accelerator=accelerator, out=out,

@@ -456,6 +456,7 @@ def save_config(cfg: Any, out_dir: str | os.PathLike[str], name: str = "config.y
 
 
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {
+    "EvalConfig": {"reuse_images": 64},
     "DataConfig": {"path_column": "image_path", "label_column": "label", "label_columns": None, "classes": None,
                    "patient_column": "patient", "split_column": None},
 }

@@ -108,10 +108,17 @@ class EvalConfig:
     the selected checkpoint) and applied to test: ``youden`` (Youden's J), ``sensitivity:<x>`` /
     ``specificity:<x>`` (the threshold reaching that target on validation) or a fixed number such as ``0.5``.
     Binary: one threshold; multi-label: one per label; multi-class: the arg-max (no threshold)."""
+    reuse_images: int = 64
+    """Validation images of the feature-reuse analysis (:mod:`medpretrain.transfer`: per-stage weight change
+    and CKA before vs after fine-tuning, the ``transfer`` field of ``results.json``) of trained regimes;
+    segmentation: their centre ``seg.patch_size`` crops. 0: off. It reads the model only: metrics do not change."""
 
     def __post_init__(self) -> None:
         from medpretrain.config import ConfigError
         from medpretrain.metrics import parse_threshold_rule
+
+        if self.reuse_images < 0:
+            raise ConfigError(f"eval.reuse_images must be >= 0, got {self.reuse_images}")
 
         try:
             parse_threshold_rule(self.threshold)
@@ -682,6 +689,7 @@ def complete_result(cfg: FinetuneConfig, parts: TaskParts, enc: Encoder, regime:
     ``optimizer_steps``, ``threshold`` and ``threshold_rule``). ``val_metrics``: validation metrics of the
     selected checkpoint at the chosen threshold (default: those logged when it was selected)."""
     history = progress.history
+    e95 = epochs_to_fraction_of_best([h[f"val_{parts.headline}"] for h in history], 0.95)
     return RunResult(
         status="complete", task=cfg.task, label_task=parts.label_task, init=cfg.init,
         init_label=init_label(cfg.init, cfg.init_name), init_info=jsonable(enc.info), init_warnings=enc.warnings,
@@ -689,7 +697,8 @@ def complete_result(cfg: FinetuneConfig, parts: TaskParts, enc: Encoder, regime:
         n_train_images=parts.n_train_images, seed=cfg.seed,
         metrics={"test": test_metrics, "val_best": val_metrics if val_metrics is not None else progress.val_best},
         best_epoch=progress.best_epoch, epochs_run=progress.epoch,
-        epochs_to_95=epochs_to_fraction_of_best([h[f"val_{parts.headline}"] for h in history], 0.95),
+        epochs_to_95=e95, steps_to_95=history[e95 - 1].get("step") if e95 else None,
+        seconds_to_95=float(sum(h["epoch_s"] for h in history[:e95])) if e95 else None,
         history=[{k: v for k, v in h.items() if k != "val"} for h in history],
         timing={"mean_epoch_s": float(np.mean([h["epoch_s"] for h in history])),
                 "total_s": time.perf_counter() - t_run, "processes": accelerator.num_processes,

@@ -115,6 +115,13 @@ class RunResult:
     """How ``threshold`` was chosen, in words (``youden on validation``, ``fixed 0.5``, ``argmax``, ...)."""
     epochs_to_95: int | None = None
     """First epoch whose validation headline metric reaches 95% of the best (``None``: no finite epoch)."""
+    steps_to_95: int | None = None
+    """Optimiser steps run when that epoch (validation period) ended: convergence speed in steps."""
+    seconds_to_95: float | None = None
+    """Training wall-clock (sum of the periods' seconds, validation included) up to that epoch."""
+    transfer: dict[str, Any] | None = None
+    """Feature reuse (:func:`medpretrain.transfer.reuse_analysis`): per backbone stage, ``weight_change`` and
+    ``cka`` before vs after fine-tuning; trained regimes with ``eval.reuse_images > 0`` only."""
     history: list[dict[str, Any]] | None = None
     timing: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
