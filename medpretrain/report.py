@@ -229,7 +229,8 @@ def summarize(results: Sequence[Result], headline: str = "auc") -> list[dict[str
     for (init, regime, frac, lr), runs in cells.items():
         agg = aggregate([r["metrics"]["test"] for r in runs], metrics)
         conv = aggregate([{"e95": r.get("epochs_to_95") or math.nan, "s": r["timing"]["mean_epoch_s"],
-                           "best": r.get("best_epoch") or math.nan} for r in runs])
+                           "best": r.get("best_epoch") or math.nan, "st95": r.get("steps_to_95") or math.nan,
+                           "sec95": r.get("seconds_to_95") or math.nan} for r in runs])
         val = aggregate([{headline: (r["metrics"].get("val_best") or {}).get(headline, math.nan)} for r in runs])
         chance, chance_kind = chance_level(runs)
         failed = failed_check(regime, headline, agg, chance, chance_kind)
@@ -241,6 +242,7 @@ def summarize(results: Sequence[Result], headline: str = "auc") -> list[dict[str
             "seeds": [r["seed"] for r in runs], "n": len(runs), "metrics": agg, "val": val[headline],
             "auc_ci": [(r["ci"][headline]["low"], r["ci"][headline]["high"]) for r in runs if r.get("ci")],
             "epochs_to_95": conv["e95"], "epoch_s": conv["s"], "best_epoch": conv["best"],
+            "steps_to_95": conv["st95"], "seconds_to_95": conv["sec95"],
             "train_size": runs[0]["data"].get("train_size"),
             "chance": chance, "chance_kind": chance_kind, "failed": failed, "n_below_chance": below,
         })
@@ -449,6 +451,47 @@ def plot_learning_curves(results: Sequence[Result], path: Path, val_key: str = "
     return _save(fig, path)
 
 
+def reuse_rows(results: Sequence[Result], budget_value: float) -> list[dict[str, Any]]:
+    """Per (init, regime) at ``budget_value``: the mean over seeds of each stage's weight change and CKA (the
+    ``transfer`` field of the runs, :mod:`medpretrain.transfer`); runs without it are left out."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in results:
+        if r.get("status") == "complete" and r.get("transfer") and budget(r) == budget_value:
+            groups[(str(r["init_label"]), str(r["regime"]))].append(r["transfer"])
+    rows = []
+    for (init, regime), ts in sorted(groups.items()):
+        stages = ts[0]["stages"]
+        ts = [t for t in ts if t["stages"] == stages]
+        rows.append({"init": init, "regime": regime, "stages": stages, "n": len(ts),
+                     "weight_change": np.mean([t["weight_change"] for t in ts], axis=0).tolist(),
+                     "cka": np.mean([t["cka"] for t in ts], axis=0).tolist()})
+    return rows
+
+
+def plot_reuse(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Relative weight change (left) and CKA before vs after fine-tuning (right) per stage, a line per
+    init / regime (Raghu et al. 2019, Fig. 4-5)."""
+    plt = _plt()
+    colors = _colors(sorted({r["init"] for r in rows}))
+    styles = dict(zip(sorted({r["regime"] for r in rows}), ("-", "--", ":", "-."), strict=False))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in rows:
+        x = range(len(r["stages"]))
+        for ax, key in zip(axes, ("weight_change", "cka"), strict=True):
+            ax.plot(x, r[key], marker="o", color=colors[r["init"]], ls=styles.get(r["regime"], "-"),
+                    label=f"{r['init']} / {r['regime']}")
+    for ax, ylabel in zip(axes, ("relative weight change ||w - w0|| / ||w0||", "CKA (before vs after)"),
+                          strict=True):
+        names = max((r["stages"] for r in rows), key=len) if rows else []
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(0, 1.05)
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _overlay_section(done: Sequence[Result], out: Path, regime: str, n_images: float) -> list[str]:
     """Copy the ``overlays.png`` of the lowest-seed run of each init (headline regime / budget) into ``out``."""
     import shutil
@@ -609,13 +652,30 @@ def build_report(
                f"Convergence speed = epochs until the {vname} first reaches 95% of its best value.", "",
                f"![learning curves]({PLOTS[3]})", "",
                f"| init | regime | {'images' if seg else 'labels'} | epochs to 95% of best val {_LABELS[metric]} "
-               "| best epoch | s/epoch (wall-clock) |",
-               "|---|---|---|---|---|---|"]
+               "| steps to 95% | seconds to 95% | best epoch | s/epoch (wall-clock) |",
+               "|---|---|---|---|---|---|---|---|"]
         for s in rows:
             md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | {_pm(s['epochs_to_95'], 1)} | "
+                      f"{_pm(s['steps_to_95'], 0)} | {_pm(s['seconds_to_95'], 1)} | "
                       f"{_pm(s['best_epoch'], 1)} | {_fmt(s['epoch_s']['mean'], 2)} |")
         md.append("")
         plot_learning_curves(head_runs, out / PLOTS[3], val_key=val_key)
+
+        reuse = reuse_rows(done, frac)
+        if reuse:
+            md += ["## Where the features are reused", "",
+                   f"Per backbone stage ({budget_text}, mean over seeds): relative weight change "
+                   "||w - w0|| / ||w0|| from the start of fine-tuning, and linear CKA between the stage's output "
+                   "before and after fine-tuning on a fixed validation batch (1 = representation kept). A "
+                   "transferred stage that barely moves and keeps CKA near 1 is reused; one that moves as much as "
+                   "scratch's is relearned (Raghu et al. 2019).", "", "![feature reuse](reuse.png)", "",
+                   "| init | regime | " + " | ".join(reuse[0]["stages"]) + " |",
+                   "|---|---|" + "---|" * len(reuse[0]["stages"])]
+            for r in reuse:
+                md.append(f"| {r['init']} | {r['regime']} | " + " | ".join(
+                    f"{w:.3f} / {c:.2f}" for w, c in zip(r["weight_change"], r["cka"], strict=True)) + " |")
+            md += ["", "Cells: weight change / CKA.", ""]
+            plot_reuse(reuse, out / "reuse.png")
 
     md += ["## Unavailable arms", ""]
     if unavailable:

@@ -370,3 +370,26 @@ def test_segmentation_comparison_bootstraps_the_per_image_dice_of_averaged_maps(
             for i in ("simclr", "scratch")}
     gap = (_dice_per_image(maps["simclr"], masks, rois, 0.5) - _dice_per_image(maps["scratch"], masks, rois, 0.5)).mean()
     assert row["bootstrap"]["gap"] == pytest.approx(gap) and row["bootstrap"]["metric"] == "dice"
+
+
+def test_feature_reuse_and_convergence_in_steps_are_reported(tmp_path):
+    """The report's reuse section averages each stage's weight change and CKA over seeds, per init; the
+    convergence table gives steps and seconds to 95% of the best validation score."""
+    stages = ["conv1+bn1", "layer1", "layer2"]
+
+    def run(init: str, seed: int, change: list[float], cka: list[float]) -> dict:
+        r = _fake(init, 1.0, seed, 0.9)
+        r.update(transfer={"stages": stages, "weight_change": change, "cka": cka, "n_images": 64},
+                 steps_to_95=100 * (seed + 1), seconds_to_95=10.0 * (seed + 1))
+        return r
+
+    results = [run("simclr", 0, [0.01, 0.02, 0.3], [0.99, 0.97, 0.5]),
+               run("simclr", 1, [0.03, 0.04, 0.5], [0.97, 0.95, 0.3]),
+               run("scratch", 0, [0.4, 0.5, 0.6], [0.2, 0.2, 0.1])]
+    text = build_report(results, tmp_path / "rep").read_text()
+    assert "## Where the features are reused" in text
+    assert "| simclr | full | 0.020 / 0.98 | 0.030 / 0.96 | 0.400 / 0.40 |" in text  # seed means
+    assert "| scratch | full | 0.400 / 0.20 | 0.500 / 0.20 | 0.600 / 0.10 |" in text
+    png = (tmp_path / "rep" / "reuse.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    assert "| simclr | full | 1 | 4.0 ± 0.0 | 150 ± 71 | 15.0 ± 7.1 |" in text  # steps / seconds to 95%
