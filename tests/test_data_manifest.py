@@ -276,3 +276,22 @@ def test_data_stamp_follows_the_files_a_manifest_names(tmp_path):
     assert data_stamp(cfg) == first and data_stamp(DataConfig(dataset=f"folder:{manifest}", root=str(tmp_path))) != first
     png(tmp_path / "img" / "1.png", seed=5, size=(21, 24))  # the manifest itself is unchanged
     assert data_stamp(cfg) != first
+
+
+def test_validation_carved_from_an_official_train_split_keeps_patients_whole() -> None:
+    """A split column with train and test rows only: validation is carved from train by whole patients, so no
+    patient is in both train and val (found by the manifest work; splits.make_splits)."""
+    import numpy as np
+
+    from medpretrain.data import make_splits
+
+    n = 120
+    groups = np.repeat(np.arange(30), 4)  # 30 patients, 4 images each
+    labels = np.repeat(np.arange(30) % 2, 4)
+    official = {"train": np.arange(0, 100), "test": np.arange(100, n)}
+    for seed in range(5):
+        s = make_splits(labels, n, groups=groups, official=official, val_fraction=0.2, seed=seed)
+        assert set(groups[s["train"]]).isdisjoint(groups[s["val"]])
+        assert np.array_equal(s["test"], official["test"])
+        assert sorted(np.concatenate([s["train"], s["val"]]).tolist()) == list(range(100))
+        assert 12 <= len(s["val"]) <= 28 and len(set(labels[s["val"]])) == 2  # about 20%, both classes

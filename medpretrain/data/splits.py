@@ -144,9 +144,18 @@ def make_splits(labels: np.ndarray | None, n: int, *, groups: np.ndarray | None 
             if len(train) < 2:
                 raise ValueError("official train split too small to carve a validation split from")
             frac = max(val_fraction, 1.0 / len(train))
-            val, rest = _stratified(train, key, [frac], rng)
-            if len(val) == 0:  # rounding: at least one validation sample
-                val, rest = rest[:1], rest[1:]
+            if groups is not None and len(np.unique(np.asarray(groups)[train])) > 1:
+                # whole groups (patients) go to validation: none spans train and val
+                gid = np.asarray(groups)[train]
+                parts = _grouped(key[train], gid, {"val": frac, "train": 1.0 - frac}, rng)
+                val, rest = np.sort(train[parts["val"]]), np.sort(train[parts["train"]])
+                if len(val) == 0:  # rounding: at least one validation group
+                    first = gid == gid[0]
+                    val, rest = train[first], train[~first]
+            else:
+                val, rest = _stratified(train, key, [frac], rng)
+                if len(val) == 0:  # rounding: at least one validation sample
+                    val, rest = rest[:1], rest[1:]
             out["train"], out["val"] = rest, val
         return out
     if val_fraction + test_fraction >= 1.0:
