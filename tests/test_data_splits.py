@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -103,11 +104,13 @@ def _ref_round_counts(sizes, fraction):
     return counts
 
 
-def _ref_stratified(key, fractions, seed):
-    """Per class (ascending) one permutation from stream [seed, 0]; each fraction takes the next counts."""
-    rng = np.random.default_rng([seed, 0])
-    classes = sorted(set(key.tolist()))
-    perms = [rng.permutation(np.flatnonzero(key == c)) for c in classes]
+def _ref_stratified(key, fractions, seed, indices=None, stream=(0,)):
+    """Per class (ascending) one permutation of ``indices`` (default: all) from stream [seed, *stream]; each
+    fraction takes the next counts."""
+    rng = np.random.default_rng([seed, *stream])
+    indices = np.arange(len(key)) if indices is None else indices
+    classes = sorted(set(key[indices].tolist()))
+    perms = [rng.permutation(indices[key[indices] == c]) for c in classes]
     sizes = [len(p) for p in perms]
     parts, start = [], [0] * len(classes)
     for f in fractions:
@@ -118,7 +121,7 @@ def _ref_stratified(key, fractions, seed):
     return parts
 
 
-def _ref_grouped(key, groups, fractions, seed):
+def _ref_grouped(key, groups, fractions, seed, stream=(0,)):
     """Biggest group first (ties in seeded order), each to the active split whose class deficit it fills best."""
     names = list(fractions)
     uniq = sorted(set(groups.tolist()))
@@ -128,7 +131,7 @@ def _ref_grouped(key, groups, fractions, seed):
         counts[uniq.index(g)][classes.index(c)] += 1
     target = [[fractions[s] * sum(row[c] for row in counts) for c in range(len(classes))] for s in names]
     current = [[0.0] * len(classes) for _ in names]
-    perm = np.random.default_rng([seed, 0]).permutation(len(uniq)).tolist()
+    perm = np.random.default_rng([seed, *stream]).permutation(len(uniq)).tolist()
     assign = {}
     for g in sorted(perm, key=lambda g: -sum(counts[g])):
         def rank(s, g=g):
@@ -416,3 +419,124 @@ def test_subset_seed_on_a_folder_source_keeps_the_split(tmp_path):
     assert len({tuple(ds.indices) for ds in draws}) == 4  # four seeds, four subsets
     other_split = build_dataset(DataConfig(**{**base, "split_seed": 4}, label_fraction=0.25), "train", seed=0)
     assert not set(other_split.indices) <= pool  # the pool itself follows split_seed
+
+
+# Mutation-testing gaps of grouping and k-fold cross-validation (benchmarks/results/mutation.md, run at 22138fd).
+
+
+def _ref_cv(key, groups, folds, fold, val_fraction, seed):
+    """Folds: whole groups (without groups, each sample alone) dealt by the grouped rule with equal fractions from
+    stream [seed, 2]; fold ``fold`` is test; validation from the other folds, stratified (grouped when there are
+    groups) with stream [seed, 3, fold]. Returns the fold index per sample and the three splits."""
+    gid = np.arange(len(key)) if groups is None else groups
+    dealt = _ref_grouped(key, gid, {str(i): 1.0 / folds for i in range(folds)}, seed, stream=(2,))
+    ids = np.zeros(len(key), np.int64)
+    for i in range(folds):
+        ids[dealt[str(i)]] = i
+    rest = np.flatnonzero(ids != fold)
+    if groups is None:
+        val, train = _ref_stratified(key, [val_fraction], seed, indices=rest, stream=(3, fold))
+    else:
+        parts = _ref_grouped(key[rest], groups[rest], {"val": val_fraction, "train": 1.0 - val_fraction}, seed,
+                             stream=(3, fold))
+        val, train = rest[parts["val"]].tolist(), rest[parts["train"]].tolist()
+    return ids, {"train": train, "val": val, "test": np.flatnonzero(ids == fold).tolist()}
+
+
+def test_cv_folds_match_reference():
+    from medpretrain.data.splits import fold_ids
+
+    rng = np.random.default_rng(6)
+    sizes = rng.integers(1, 4, 40)
+    groups = np.repeat(np.arange(40), sizes)
+    labels = np.repeat((np.arange(40) % 3 == 0).astype(np.int64), sizes)  # the rarer class: one patient in 3
+    n = len(labels)
+    for g in (None, groups):
+        for seed in (0, 3):
+            ids = None
+            for fold in (0, 2):
+                ids, ref = _ref_cv(labels, g, 4, fold, 0.25, seed)
+                parts = make_splits(labels, n, groups=g, val_fraction=0.25, seed=seed, cv_folds=4, cv_fold=fold)
+                assert {s: parts[s].tolist() for s in ref} == ref, (g is None, seed, fold)
+                # Validation is stratified: each class within one patient's worth (3 images) of a quarter of the rest.
+                rest = np.concatenate([parts["train"], parts["val"]])
+                val_share = np.bincount(labels[parts["val"]], minlength=2) - 0.25 * np.bincount(labels[rest])
+                assert np.all(np.abs(val_share) <= 3), (g is None, seed, fold, val_share)
+            got = fold_ids(labels, np.arange(n) if g is None else g, 4, seed)
+            assert got.dtype == np.int64 and got.tolist() == ids.tolist()
+
+
+def test_cv_fold_bounds_and_messages():
+    labels = np.array([0, 1] * 6)
+    with pytest.raises(ValueError, match=r"^data\.cv_folds must be 0 \(off\) or at least 2, got -1$"):
+        make_splits(labels, 12, cv_folds=-1)
+    # cv_folds = 1 is off (one split, as 0), so a fold index other than 0 is refused.
+    with pytest.raises(ValueError, match=r"^data\.cv_fold=1 needs data\.cv_folds > 1 \(got 1\)$"):
+        make_splits(labels, 12, cv_folds=1, cv_fold=1)
+    single, plain = make_splits(labels, 12, cv_folds=1), make_splits(labels, 12)
+    assert {s: single[s].tolist() for s in single} == {s: plain[s].tolist() for s in plain}
+    # Two folds: the second fold is the test set of its run, the two halves partition the data.
+    halves = [make_splits(labels, 12, cv_folds=2, cv_fold=f)["test"].tolist() for f in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 6 and sorted(halves[0] + halves[1]) == list(range(12))
+    # As many groups as folds: leave one group out.
+    groups = np.repeat([0, 1, 2], 4)
+    tests = [make_splits(labels, 12, groups=groups, cv_folds=3, cv_fold=f)["test"].tolist() for f in range(3)]
+    assert sorted(tests) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match=r"^data\.cv_folds needs a source without official splits \(this one has "
+                                         r"them\)$"):
+        make_splits(None, 4, official={"train": np.arange(2), "test": np.arange(2, 4)}, cv_folds=2)
+
+
+def test_regex_keys_named_group_first_group_or_whole_match():
+    from medpretrain.data import DataError
+    from medpretrain.data.splits import regex_keys
+
+    paths = ["site1/sub-01_a.png", "site2/sub-01_b.png", "site1/sub-02_a.png"]
+    named = regex_keys(paths, r"(site\d)/(?P<group>sub-\d+)_")  # the group named "group" wins over the first
+    assert named.tolist() == ["sub-01", "sub-01", "sub-02"] and named.dtype.kind == "U"
+    assert regex_keys(paths, r"(site\d)/").tolist() == ["site1", "site2", "site1"]  # else the first group
+    assert regex_keys(paths, r"sub-\d+_").tolist() == ["sub-01_", "sub-01_", "sub-02_"]  # else the whole match
+    # A group outside the matching alternative: the whole match (not None, which would join all such paths).
+    extra = [*paths, "extra/scan.png", "extra/other.png"]
+    assert regex_keys(extra, r"(sub-\d+)_|^extra/\w+").tolist() == ["sub-01", "sub-01", "sub-02", "extra/scan",
+                                                                    "extra/other"]
+    pattern = r"(sub-\d+)_"
+    with pytest.raises(DataError, match=rf"^extra/scan\.png: does not match data\.group_regex {re.escape(repr(pattern))} "
+                                        r"\(every sample needs a group key; widen the regex, e\.g\. with an "
+                                        r"alternative\)$"):
+        regex_keys(extra, pattern)
+
+
+def test_group_samples_info_and_errors(monkeypatch):
+    import itertools
+    import types
+
+    from medpretrain.config import ConfigError
+    from medpretrain.data import splits
+    from medpretrain.data.duplicates import DEFAULT_THRESHOLDS
+
+    ticks = itertools.cycle([100.0, 100.123456])  # each call reads the clock at its start and its end
+    monkeypatch.setattr(splits, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    patients = np.array(["p", "p", "q", "r"])
+    keys, info = splits.group_samples(4, groups=patients)  # dedup defaults to none
+    assert keys.tolist() == patients.tolist()
+    assert info == {"groups": 3, "multi_image_groups": 1, "images_in_multi_image_groups": 2, "largest_group": 2,
+                    "near_duplicate_pairs": 0, "dedup": "none", "dedup_threshold": None, "group_regex": None,
+                    "patient_keys": True, "seconds": 0.1235}
+    # A dedup method but no thumbnails: nothing searched, reported as none.
+    keys, info = splits.group_samples(4, paths=["a_1", "a_2", "b_3", "c_4"], group_regex=r"^(\w)_", dedup="pixels")
+    assert keys.tolist() == [0, 0, 2, 3]
+    assert info == {"groups": 3, "multi_image_groups": 1, "images_in_multi_image_groups": 2, "largest_group": 2,
+                    "near_duplicate_pairs": 0, "dedup": "none", "dedup_threshold": None, "group_regex": r"^(\w)_",
+                    "patient_keys": False, "seconds": 0.1235}
+    thumbs = np.stack([np.full((32, 32), v, np.float32) for v in (0.0, 0.5, 0.9)])
+    _, info = splits.group_samples(3, thumbs=thumbs, dedup="pixels")
+    assert (info["dedup"], info["dedup_threshold"], info["near_duplicate_pairs"]) == (
+        "pixels", DEFAULT_THRESHOLDS["pixels"], 0)
+    keys, info = splits.group_samples(0)  # no samples: no groups, nothing to report as largest
+    assert keys is None and (info["groups"], info["multi_image_groups"], info["largest_group"]) == (0, 0, 0)
+    for paths, got in ((None, 0), (["a_1", "b_2"], 2)):
+        with pytest.raises(ValueError, match=rf"^group_regex needs one path per sample \(3\), got {got}$"):
+            splits.group_samples(3, paths=paths, group_regex=r"^(\w)_")
+    with pytest.raises(ConfigError, match=r"^data\.dedup_threshold must be >= 0, got -1\.0$"):
+        splits.group_samples(3, thumbs=thumbs, dedup="pixels", dedup_threshold=-1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -436,3 +437,62 @@ def test_bootstrap_images_against_loops():
         assert default != bootstrap_images(seg_rows, **kw), kw
     with pytest.raises(ValueError, match=r"^bootstrap_images needs at least one image$"):
         bootstrap_images([])
+
+
+# Mutation-testing gaps of the validation thresholds (benchmarks/results/mutation.md, run at 22138fd): per-label
+# multi-label thresholds and the threshold argument's defaults and errors.
+
+
+def test_multilabel_per_label_thresholds_against_loops():
+    # Probabilities in eighths (exact in float32); five of them sit exactly on their label's threshold, which
+    # counts as positive (prob >= threshold).
+    p = torch.tensor([[0.875, 0.25, 0.375], [0.5, 0.75, 0.625], [0.25, 0.375, 0.125], [0.625, 0.5, 0.75],
+                      [0.125, 0.875, 0.25], [0.5, 0.125, 0.5], [0.375, 0.625, 0.875], [0.75, 0.25, 0.625]])
+    t = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 1, 0], [1, 0, 1], [0, 1, 0], [1, 0, 0], [0, 1, 1], [1, 0, 0]])
+    thr = [0.5, 0.375, 0.625]
+    pred = p.numpy() >= np.array(thr, np.float32)
+    y = t.numpy().astype(bool)
+    assert int((p.numpy() == np.array(thr, np.float32)).sum()) == 5  # ties decide the > vs >= question
+    tp, fp = (pred & y).sum(0), (pred & ~y).sum(0)
+    tn, fn = (~pred & ~y).sum(0), (~pred & y).sum(0)
+    rec, prec = tp / (tp + fn), tp / (tp + fp)
+    want = {"auc": roc_auc_score(y, p.numpy(), average="macro"), "accuracy": (pred == y).mean(),
+            "sensitivity": rec.mean(), "specificity": (tn / (tn + fp)).mean(), "precision": prec.mean(),
+            "f1": (2 * prec * rec / (prec + rec)).mean()}
+    m = classification_metrics(p, t, "multilabel", threshold=thr)
+    assert m == pytest.approx(want, abs=1e-6)
+    # AUC comes from the probabilities: the 0/1 decisions would give another value.
+    assert classification_metrics(torch.from_numpy(pred).float(), t, "multilabel")["auc"] != pytest.approx(m["auc"])
+    assert classification_metrics(p, t, "multilabel", threshold=tuple(thr)) == m
+    with pytest.raises(ValueError, match=r"^multilabel metrics need one threshold per label \(3\), got \[0\.5, 0\.5\]$"):
+        classification_metrics(p, t, "multilabel", threshold=[0.5, 0.5])
+
+
+def test_threshold_none_means_half_and_binary_takes_one_number():
+    p, t = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])
+    default = classification_metrics(p, t, "binary", threshold=None)
+    assert default == classification_metrics(p, t, "binary", threshold=0.5)
+    assert default["sensitivity"] == pytest.approx(0.5)  # 0.8 only: not 0 (as at a threshold above 1)
+    ml_p = torch.tensor([[0.55, 0.2], [0.7, 0.6], [0.1, 0.4]])
+    ml_t = torch.tensor([[1, 0], [1, 1], [0, 0]])
+    assert classification_metrics(ml_p, ml_t, "multilabel", threshold=None)["sensitivity"] == pytest.approx(1.0)
+    for bad in ([0.5], (0.3, 0.7)):
+        with pytest.raises(ValueError, match=rf"^binary metrics take one threshold, got {re.escape(repr(bad))}$"):
+            classification_metrics(p, t, "binary", threshold=bad)
+
+
+@pytest.mark.xfail(strict=True, reason="bug in medpretrain/metrics.py classification_metrics: binary predictions and "
+                   "multi-label ones with one threshold go to torchmetrics, which calls prob > threshold positive, not "
+                   "the documented prob >= threshold that youden_threshold / threshold_for choose for and the per-label "
+                   "path applies: a score equal to the chosen threshold is called negative")
+def test_a_score_equal_to_the_threshold_is_positive():
+    from medpretrain.stats import youden_threshold
+
+    val_p = np.array([0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9], np.float32)
+    val_y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    thr = youden_threshold(val_p, val_y)
+    assert thr == 0.75  # J = 1: positive if score >= 0.75 separates validation perfectly
+    m = classification_metrics(val_p, val_y, "binary", threshold=thr)
+    ml = classification_metrics(np.stack([val_p, val_p], 1), np.stack([val_y, val_y], 1), "multilabel", threshold=thr)
+    # Now: the 0.75 case is called negative (sensitivity 3/4) by both, while per-label thresholds give 1.0.
+    assert (m["sensitivity"], m["specificity"], ml["sensitivity"]) == (1.0, 1.0, 1.0)

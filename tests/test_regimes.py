@@ -290,3 +290,34 @@ def test_reestimate_bn_of_frozen_stem_against_naive_statistics():
         reestimate_bn(model, [{"image": x[:1]}], "cpu")
     assert torch.equal(bn1.running_mean, kept) and int(bn1.num_batches_tracked) == 2  # left as they were
     assert reestimate_bn(_model(), [{"image": x}], "cpu") == 0  # nothing frozen: nothing to do
+
+
+# Mutation-testing gaps of the frozen read-outs (benchmarks/results/mutation.md, run at 22138fd).
+
+
+def test_knn_with_one_neighbour_is_a_regime():
+    assert parse_regime("knn:1") == Regime("knn", 1) and str(parse_regime(" knn:1 ")) == "knn:1"
+
+
+def test_reestimate_bn_counts_every_frozen_layer_once():
+    from medpretrain.regimes import reestimate_bn
+
+    x, _ = _batch(8)
+    model = _model()
+    apply_regime(model, "freeze:2", lr=0.1)  # stem and layer1: bn1 and the two BN layers of each of two blocks
+    model.frozen = [*model.frozen, "layer1.0"]  # a name inside a frozen one: its layers still count once
+    assert reestimate_bn(model, [{"image": x}], "cpu") == 5
+    frozen_bns = [model.backbone.bn1, *(m for m in model.backbone.layer1.modules()
+                                        if isinstance(m, torch.nn.BatchNorm2d))]
+    assert len(frozen_bns) == 5 and [int(m.num_batches_tracked) for m in frozen_bns] == [1] * 5
+    assert all(not torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in frozen_bns)
+    assert int(model.backbone.layer2[0].bn1.num_batches_tracked) == 0  # trainable: untouched
+
+    class Bare(torch.nn.Module):  # a model without a ``frozen`` list: nothing is frozen
+        def __init__(self):
+            super().__init__()
+            self.backbone = build_backbone("resnet18", 1, "small")
+
+    bare = Bare()
+    assert reestimate_bn(bare, [{"image": x}], "cpu") == 0
+    assert int(bare.backbone.bn1.num_batches_tracked) == 0
