@@ -492,6 +492,50 @@ def plot_reuse(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def reuse_k_rows(rows: Sequence[Mapping[str, Any]], budget_value: float, metric: str) -> list[dict[str, Any]]:
+    """The ``reinit:<k>`` sweep at ``budget_value`` (keep the lowest ``k`` stages, re-initialise the rest): per
+    init and ``k``, the test ``metric`` and steps to 95% of the best validation score (mean, sd, n over seeds);
+    ``full`` is the sweep's end (every stage kept), shown as ``k = None``."""
+    out = []
+    for s in rows:
+        if s["label_fraction"] != budget_value or s["failed"]:
+            continue
+        if s["regime"].startswith("reinit:"):
+            k: int | None = int(s["regime"].split(":")[1])
+        elif s["regime"] == "full":
+            k = None
+        else:
+            continue
+        out.append({"init": s["init"], "k": k, "lr": s["lr"], "metric": s["metrics"][metric],
+                    "steps_to_95": s["steps_to_95"]})
+    return sorted(out, key=lambda r: (r["init"], math.inf if r["k"] is None else r["k"]))
+
+
+def plot_reuse_k(rows: Sequence[Mapping[str, Any]], path: Path, metric: str) -> Path:
+    """Test ``metric`` (left) and steps to 95% of the best validation score (right) against the number of
+    lowest stages kept from the init; ``full`` at the right end."""
+    plt = _plt()
+    colors = _colors(sorted({r["init"] for r in rows}))
+    ks = sorted({r["k"] for r in rows if r["k"] is not None})
+    x_of = {k: i for i, k in enumerate(ks)} | {None: len(ks)}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for init in sorted({r["init"] for r in rows}):
+        mine = [r for r in rows if r["init"] == init]
+        xs = [x_of[r["k"]] for r in mine]
+        for ax, key in zip(axes, ("metric", "steps_to_95"), strict=True):
+            ys = [r[key]["mean"] for r in mine]
+            err = [0.0 if not math.isfinite(r[key]["std"]) else r[key]["std"] for r in mine]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[init], label=init)
+    for ax, ylabel in zip(axes, (f"test {_LABELS[metric]}", "steps to 95% of best val"), strict=True):
+        ax.set_xticks(range(len(ks) + 1), [str(k) for k in ks] + ["full"])
+        ax.set_xlabel("lowest stages kept from the init (reinit:<k>)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _overlay_section(done: Sequence[Result], out: Path, regime: str, n_images: float) -> list[str]:
     """Copy the ``overlays.png`` of the lowest-seed run of each init (headline regime / budget) into ``out``."""
     import shutil
@@ -676,6 +720,18 @@ def build_report(
                     f"{w:.3f} / {c:.2f}" for w, c in zip(r["weight_change"], r["cka"], strict=True)) + " |")
             md += ["", "Cells: weight change / CKA.", ""]
             plot_reuse(reuse, out / "reuse.png")
+
+        sweep = reuse_k_rows(rows, frac, metric)
+        if any(r["k"] is not None for r in sweep):
+            md += ["## Reuse the lower k stages", "",
+                   f"`reinit:<k>` keeps the lowest k stages of the init and re-initialises the rest ({budget_text}; "
+                   "`full` keeps every stage): where the curve flattens, the stages above add nothing the task "
+                   "could not learn from scratch.", "", "![reuse lower k](reuse_k.png)", "",
+                   f"| init | stages kept | test {_LABELS[metric]} | steps to 95% |", "|---|---|---|---|"]
+            md += [f"| {r['init']} | {'full' if r['k'] is None else r['k']} | {_pm(r['metric'])} | "
+                   f"{_pm(r['steps_to_95'], 0)} |" for r in sweep]
+            md.append("")
+            plot_reuse_k(sweep, out / "reuse_k.png", metric)
 
     md += ["## Unavailable arms", ""]
     if unavailable:

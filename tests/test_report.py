@@ -393,3 +393,20 @@ def test_feature_reuse_and_convergence_in_steps_are_reported(tmp_path):
     png = (tmp_path / "rep" / "reuse.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
     assert "| simclr | full | 1 | 4.0 ± 0.0 | 150 ± 71 | 15.0 ± 7.1 |" in text  # steps / seconds to 95%
+
+
+def test_reuse_lower_k_sweep_is_tabled_and_plotted(tmp_path):
+    """reinit:<k> regimes become the "reuse the lower k stages" curve, ordered by k with full at the end."""
+    results = []
+    for seed in (0, 1):
+        for regime, auc in (("reinit:1", 0.80), ("reinit:3", 0.86), ("full", 0.90)):
+            r = _fake("simclr", 1.0, seed, auc + 0.01 * seed, regime)
+            r["steps_to_95"] = {"reinit:1": 120, "reinit:3": 80, "full": 60}[regime]
+            results.append(r)
+    text = build_report(results, tmp_path / "rep").read_text()
+    section = text.split("## Reuse the lower k stages", 1)[1].split("\n## ", 1)[0]
+    i1, i3, ifull = (section.index(f"| simclr | {k} |") for k in ("1", "3", "full"))
+    assert i1 < i3 < ifull
+    assert "| simclr | 3 | 0.865 ± 0.007 | 80 ± 0 |" in section
+    png = (tmp_path / "rep" / "reuse_k.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
