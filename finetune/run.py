@@ -3,7 +3,7 @@
     accelerate launch finetune/run.py --config configs/finetune.yaml --init selfsup --regime linear
     accelerate launch finetune/run.py --config configs/finetune_busi.yaml init=imagenet data.label_fraction=0.1
 
-``--init`` is ``scratch``, ``imagenet``, ``selfsup`` / ``simclr`` / ``moco`` / ``vae`` / ``dcgan`` (the
+``--init`` is ``scratch``, ``imagenet``, ``supervised:<run>`` (a fine-tuned model's backbone), ``selfsup`` / ``simclr`` / ``moco`` / ``vae`` / ``dcgan`` (the
 latest export under ``runs_dir``) or a path to a backbone checkpoint (:mod:`medpretrain.init`).
 ``--regime`` is ``linear``, ``knn`` / ``knn:<k>``, ``freeze:<k>``, ``full`` or ``reinit:<k>``
 (:mod:`medpretrain.regimes`); ``linear`` and ``knn`` classification runs are read-outs fitted on

@@ -184,6 +184,10 @@ def init_label(init: str, name: str = "") -> str:
     becomes ``<parent folder>-<file stem>``)."""
     if name:
         return name
+    if init.startswith("supervised:"):  # medpretrain.init.SUPERVISED: <run folder> or its model.safetensors
+        run = Path(init.removeprefix("supervised:"))
+        run = run.parent if run.suffix == ".safetensors" else run
+        return f"supervised-{run.parent.name}-{run.name}" if run.parent.name else f"supervised-{run.name}"
     p = Path(init)
     if p.suffix == ".safetensors" or "/" in init:
         return f"{p.parent.name}-{p.stem}" if p.parent.name else p.stem

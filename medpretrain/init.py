@@ -58,7 +58,14 @@ from torch import Tensor
 
 from medpretrain import backbones, imagenet
 from medpretrain.backbones import Backbone, build_backbone, resolve_stem, torchvision_head_prefixes
-from medpretrain.checkpoint import BackboneMeta, CheckpointError, load_backbone_state, load_exact, read_meta
+from medpretrain.checkpoint import (
+    BackboneMeta,
+    CheckpointError,
+    load_backbone_state,
+    load_exact,
+    load_state_dict,
+    read_meta,
+)
 from medpretrain.config import ConfigError
 from medpretrain.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetUnavailable, WeightsHashMismatch
 from medpretrain.methods.registry import StageInfo, selfsup_methods, stages
@@ -488,6 +495,52 @@ def _load_export(
     return backbone, info
 
 
+SUPERVISED = "supervised:"
+"""``supervised:<run>``: the backbone of a fine-tuned model (a ``finetune/run.py`` output folder or its
+``model.safetensors``), e.g. a classifier trained on another medical set (cross-domain supervised transfer)."""
+
+
+def supervised_model_path(run: str) -> Path:
+    """The ``model.safetensors`` of ``supervised:<run>`` (a run folder or the file itself); ``FileNotFoundError``
+    naming what is missing."""
+    path = Path(run).expanduser()
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init supervised:{run}: {path} not found (give a finetune/run.py output folder "
+                                "or its model.safetensors; the run must have finished)")
+    return path
+
+
+def _load_supervised(run: str, arch: str, in_channels: int, stem: str,
+                     image_size: int | None) -> tuple[Backbone, InitInfo]:
+    """The backbone part (keys ``backbone.*``) of a fine-tuned model, loaded with exact keys into ``arch``;
+    refused when the model's architecture, input channels or stem differ from the requested ones."""
+    path = supervised_model_path(run)
+    state, meta = load_state_dict(path)
+    got = {"arch": meta.get("arch"), "in_channels": meta.get("in_channels"), "stem": meta.get("stem")}
+    if got["arch"] != arch:
+        raise CheckpointError(path, f"model was fine-tuned with arch {got['arch']!r}, but arch {arch!r} was requested")
+    if got["in_channels"] != in_channels:
+        raise CheckpointError(path, f"model has in_channels={got['in_channels']}, but in_channels={in_channels} "
+                                    "was requested (data.channels)")
+    resolved = got["stem"] if stem == "auto" else resolve_stem(stem, image_size, arch)
+    if resolved != got["stem"]:
+        raise CheckpointError(path, f"model was built with stem={got['stem']!r}, but stem={stem!r} was requested; "
+                                    f"use stem={got['stem']!r} or 'auto'")
+    if image_size is not None:
+        backbones.check_image_size(arch, resolved, image_size)
+    sub = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    if not sub:
+        raise CheckpointError(path, "holds no backbone.* tensors (not a finetune/run.py model)")
+    backbone = build_backbone(arch, in_channels, resolved)
+    load_exact(backbone, sub, path)
+    source = (meta.get("config") or {}).get("data", {}).get("dataset", "?")
+    notes = [f"supervised on {source} ({meta.get('task')}, from init {meta.get('init')!r}); head dropped"]
+    log.info("supervised init from %s", path)
+    return backbone, InitInfo("supervised", str(path), None, sha256_file(path), notes)
+
+
 def init_backbone(
     init: str,
     arch: str,
@@ -506,8 +559,8 @@ def init_backbone(
     ``init``: ``scratch`` (torchvision's default init; seed with :func:`medpretrain.utils.seed_everything`
     first), ``imagenet``, a registered stage (:data:`PRETRAIN_METHODS`: ``simclr``, ``moco``, ``byol`` ...,
     ``vae``, ``dcgan``: the newest export of that method and arch under ``runs_dir``, relative to the project
-    root), ``selfsup`` (newest of any self-supervised method, :data:`SELFSUP_METHODS`), or a
-    path to a backbone checkpoint. ``stem``: ``standard``, ``small`` or ``auto`` (resolved with ``image_size``; a loaded
+    root), ``selfsup`` (newest of any self-supervised method, :data:`SELFSUP_METHODS`), ``supervised:<run>``
+    (the backbone of a fine-tuned model, :data:`SUPERVISED`), or a path to a backbone checkpoint. ``stem``: ``standard``, ``small`` or ``auto`` (resolved with ``image_size``; a loaded
     export keeps its own stem). ``data_mean`` / ``data_std``: the run's input normalisation (``data.mean`` /
     ``data.std``), folded with the network's into an ImageNet first conv; ``crop_stem``: allow the small stem
     with ImageNet weights by centre-cropping the first kernel (otherwise a ``ConfigError``).
@@ -528,6 +581,8 @@ def init_backbone(
             return backbone, InitInfo("scratch", "random", None, None, [f"{zoo} default init"])
         return _load_imagenet(arch, in_channels, resolved, weights, image_size=image_size, data_mean=data_mean,
                               data_std=data_std, crop_stem=crop_stem)
+    if init.startswith(SUPERVISED):
+        return _load_supervised(init.removeprefix(SUPERVISED), arch, in_channels, stem, image_size)
     if init in PRETRAIN_METHODS or init == "selfsup":
         methods = SELFSUP_METHODS if init == "selfsup" else (init,)
         path = find_latest_export(runs_dir, methods, arch)

@@ -97,3 +97,59 @@ def test_a_fine_tuning_run_records_feature_reuse_and_convergence(tmp_path) -> No
     assert res.history is not None and res.epochs_to_95 is not None
     assert res.steps_to_95 == res.history[res.epochs_to_95 - 1]["step"] == 2 * res.epochs_to_95
     assert res.seconds_to_95 == pytest.approx(sum(h["epoch_s"] for h in res.history[:res.epochs_to_95]))
+
+
+def _fine_tuned_model(path, arch: str = "cbr_tiny", in_channels: int = 1) -> dict:
+    """A model.safetensors as finetune/run.py writes it (backbone + head, with its meta)."""
+    from medpretrain.checkpoint import save_state_dict
+    from medpretrain.regimes import Classifier
+
+    torch.manual_seed(3)
+    model = Classifier(build_backbone(arch, in_channels=in_channels), 3)
+    save_state_dict(path / "model.safetensors", model.state_dict(),
+                    {"arch": arch, "stem": "standard", "in_channels": in_channels, "task": "multiclass",
+                     "init": "scratch", "config": {"data": {"dataset": "folder:busi"}}})
+    return {k.removeprefix("backbone."): v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+
+
+def test_supervised_init_loads_the_backbone_of_a_fine_tuned_model_exactly(tmp_path) -> None:
+    from medpretrain.checkpoint import CheckpointError
+    from medpretrain.finetune import init_label
+    from medpretrain.init import init_backbone
+
+    run = tmp_path / "busi" / "seed0"
+    run.mkdir(parents=True)
+    expect = _fine_tuned_model(run)
+    for spec in (f"supervised:{run}", f"supervised:{run / 'model.safetensors'}"):
+        backbone, info = init_backbone(spec, "cbr_tiny", 1, "standard", image_size=28)
+        got = backbone.state_dict()
+        assert got.keys() == expect.keys() and all(torch.equal(got[k], expect[k]) for k in got)
+        assert info.name == "supervised" and "folder:busi" in info.notes[0]
+        assert init_label(spec) == "supervised-busi-seed0"
+    with pytest.raises(CheckpointError, match="arch 'cbr_tiny'"):
+        init_backbone(f"supervised:{run}", "resnet18", 1, "standard", image_size=28)
+    with pytest.raises(CheckpointError, match="in_channels=1"):
+        init_backbone(f"supervised:{run}", "cbr_tiny", 3, "standard", image_size=28)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        init_backbone(f"supervised:{tmp_path / 'nothing'}", "cbr_tiny", 1, "standard", image_size=28)
+
+
+def test_supervised_init_fine_tunes_on_another_set(tmp_path) -> None:
+    """Cross-domain: a BUSI-shaped classifier's backbone starts a PneumoniaMNIST run (2 classes, new head)."""
+    from pathlib import Path
+
+    from medpretrain.finetune import main_in_process
+    from medpretrain.results import read_results
+
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path / "source"
+    src.mkdir()
+    _fine_tuned_model(src)
+    out = tmp_path / "run"
+    assert main_in_process(["--config", str(root / "configs/finetune.yaml"), "backbone.arch=cbr_tiny",
+                            "backbone.stem=standard", f"init=supervised:{src}", "regime=full", "optim.steps=2",
+                            "optim.eval_every=2", "data.label_fraction=0.02", "n_bootstrap=10",
+                            f"output_dir={out}"]) == 0
+    res = read_results(out / "results.json")
+    assert res.status == "complete" and res.init_label == f"supervised-{tmp_path.name}-source"
+    assert res.init_info is not None and res.init_info["name"] == "supervised"
