@@ -733,6 +733,9 @@ def build_report(
             md.append("")
             plot_reuse_k(sweep, out / "reuse_k.png", metric)
 
+    if rows:
+        md += cross_init_markdown(cross_init_ensembles(results, metric), seg=seg)
+
     md += ["## Unavailable arms", ""]
     if unavailable:
         md.append("These arms could not be measured and are **not** replaced by randomly initialised weights:")
@@ -967,6 +970,79 @@ def recommend(results: Sequence[Result | RunResult], metric: str | None = None, 
         row["holm_m"] = len(tested)
         row["verdict"] = ("clear" if p < 1 - level else "likely" if lo > 0 or hi < 0 else "not distinguishable")
     return out
+
+
+def cross_init_ensembles(results: Sequence[Result | RunResult], metric: str | None = None, *,
+                         rows: Sequence[Mapping[str, Any]] | None = None, n_boot: int = 2000, seed: int = 0,
+                         level: float = LEVEL) -> list[dict[str, Any]]:
+    """Per label budget, the ensemble of the initialisations: each ranked init's chosen cell (:func:`recommend`:
+    configuration chosen on validation) is averaged over its seeds, then the members are averaged with equal
+    weight, and the ensemble is compared with each member by a paired bootstrap over the same test cases
+    (segmentation: per-image Dice of the averaged maps at the members' mean threshold). Budgets with fewer than
+    two members, or members without ``predictions.npz`` on the same cases, are skipped.
+
+    Each row: ``budget``, ``metric``, ``members`` (inits), ``score`` (the ensemble's test metric) and ``vs``:
+    per member ``init, regime_label, score, gap`` (ensemble minus member), ``ci``, ``p_value``."""
+    results = as_mappings(results)
+    metric = metric or headline_metric(report_task(results))
+    rows = recommend(results, metric, n_boot=n_boot, seed=seed, level=level) if rows is None else rows
+    cells = _cells(results)
+    out = []
+    for row in rows:
+        b, members, preds, runs_of = row["budget"], [], [], {}
+        for a in row["ranking"]:
+            runs = cells.get((a["init"], a["regime"], b, -1.0 if a["lr"] is None else a["lr"]), [])
+            p = _arm_predictions(runs) if runs else None
+            if p is None:
+                continue
+            members.append(a)
+            preds.append(p)
+            runs_of[a["init"]] = runs
+        if len(members) < 2 or not all(q.same_cases(preds[0][0]) for p in preds for q in p):
+            continue
+        ref = preds[0][0]
+        avg = [np.mean([q.probs for q in p], axis=0) for p in preds]
+        ens = np.mean(avg, axis=0)
+        if metric == "dice" and ref.masks is not None and ref.rois is not None:
+            thr = float(np.mean([run_threshold(r) for runs in runs_of.values() for r in runs]))
+            per = [_dice_per_image(x, ref.masks, ref.rois, thr) for x in [ens, *avg]]
+            score, member_scores = float(per[0].mean()), [float(x.mean()) for x in per[1:]]
+            gaps = [stats.paired_bootstrap(per[0], x, None, "dice", n_boot=n_boot, seed=seed, level=level)
+                    for x in per[1:]]
+        elif metric == "auc" and ref.labels is not None:
+            score = float(stats.auc_score(ens, ref.labels))
+            member_scores = [float(stats.auc_score(x, ref.labels)) for x in avg]
+            gaps = [stats.paired_bootstrap(ens, x, ref.labels, "auc", n_boot=n_boot, seed=seed, level=level)
+                    for x in avg]
+        else:
+            continue
+        out.append({"budget": b, "metric": metric, "members": [a["init"] for a in members], "score": score,
+                    "vs": [{"init": a["init"], "regime_label": a["regime_label"], "score": ms, "gap": g.gap,
+                            "ci": [g.low, g.high], "p_value": g.p_value}
+                           for a, ms, g in zip(members, member_scores, gaps, strict=True)]})
+    return out
+
+
+def cross_init_markdown(rows: Sequence[Mapping[str, Any]], seg: bool = False) -> list[str]:
+    """The table of :func:`cross_init_ensembles`."""
+    if not rows:
+        return []
+    name = _LABELS[rows[0]["metric"]]
+    md = ["## Ensembles across initialisations", "",
+          f"Per budget, every init's chosen configuration (seed-averaged predictions) averaged with equal weight; "
+          f"ensemble minus member test {name}, paired bootstrap 95% CI over the same test "
+          f"{'images' if seg else 'cases'} (member predictions are seed averages, so this is the test-set "
+          "part of the uncertainty only).", "",
+          f"| {'annotated images' if seg else 'label fraction'} | ensemble of | ensemble {name} | member | "
+          f"member {name} | gap [95% CI] | p |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = ("all" if r["budget"] == 0 else f"{r['budget']:g}") if seg else f"{r['budget']:g}"
+        for v in r["vs"]:
+            lo, hi = v["ci"]
+            md.append(f"| {b} | {', '.join(r['members'])} | {r['score']:.3f} | {v['init']} ({v['regime_label']}) | "
+                      f"{v['score']:.3f} | {v['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {_p(v['p_value'])} |")
+    md.append("")
+    return md
 
 
 def _p(x: Any) -> str:

@@ -410,3 +410,29 @@ def test_reuse_lower_k_sweep_is_tabled_and_plotted(tmp_path):
     assert "| simclr | 3 | 0.865 ± 0.007 | 80 ± 0 |" in section
     png = (tmp_path / "rep" / "reuse_k.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
+
+
+def test_cross_init_ensemble_of_identical_members_equals_the_member_and_mixes_otherwise(tmp_path):
+    from medpretrain.report import cross_init_ensembles
+    from medpretrain.stats import auc_score
+
+    same = _pred_runs(tmp_path / "same", "simclr", 1.5)
+    twin = [{**r, "init_label": "simclr_copy"} for r in same]  # the very same predictions under another name
+    [row] = cross_init_ensembles(same + twin, n_boot=200)
+    assert sorted(row["members"]) == ["simclr", "simclr_copy"]
+    assert all(v["gap"] == 0.0 and v["ci"] == [0.0, 0.0] and v["p_value"] == 1.0 for v in row["vs"])
+    assert row["score"] == pytest.approx(row["vs"][0]["score"])
+
+    a, b = _pred_runs(tmp_path / "mix", "selfsup", 1.5), _pred_runs(tmp_path / "mix", "scratch", 1.0)
+    [row] = cross_init_ensembles(a + b, n_boot=200)
+    from medpretrain.results import load_predictions
+
+    mean = [np.mean([load_predictions(Path(r["run_dir"]) / "predictions.npz").probs for r in arm], axis=0)
+            for arm in (a, b)]
+    y = load_predictions(Path(a[0]["run_dir"]) / "predictions.npz").labels
+    assert row["score"] == pytest.approx(auc_score((mean[0] + mean[1]) / 2, y))
+    by = {v["init"]: v for v in row["vs"]}
+    assert by["scratch"]["gap"] == pytest.approx(row["score"] - auc_score(mean[1], y))
+    assert by["scratch"]["ci"][0] > 0  # the weaker member is clearly beaten by the mix
+    text = build_report(a + b, tmp_path / "rep").read_text()
+    assert "## Ensembles across initialisations" in text and f"| 0.1 | {', '.join(row['members'])} |" in text
