@@ -1,22 +1,35 @@
 """DCGAN pretraining (Radford et al. 2015): ``accelerate launch generative/dcgan.py [key=value ...]``.
 
-Generator: transposed convolutions with batch norm (:class:`medpretrain.generative.dcgan.DCGANGenerator`).
-Discriminator: the project's backbone as trunk plus a linear real/fake head
-(:class:`medpretrain.generative.dcgan.BackboneDiscriminator`), so the trained trunk is a contract backbone
-that ``finetune/run.py --init dcgan`` compares with the other initialisations. Departure from the paper: its
-discriminator is a small strided-conv LeakyReLU net; ours is e.g. a ResNet-18 (ReLU, batch norm).
-Adam 2e-4 / beta1 0.5 as in the paper; ``loss=hinge`` and ``spectral_norm=true`` (Miyato et al. 2018)
-for stability. Mode collapse (generated-batch diversity far below real-batch diversity for several
+Generator: transposed convolutions with batch norm and ReLU, ``tanh`` output, sized to the image: a 7x7
+start map at 28 px, 4x4 at 32 / 64 / 128 px (:class:`medpretrain.generative.dcgan.DCGANGenerator`).
+Discriminator (``discriminator=``):
+
+* ``radford`` (default): the paper's strided-conv discriminator with LeakyReLU(0.2) and BatchNorm, its
+  mirror (:class:`~medpretrain.generative.dcgan.RadfordDiscriminator`); the trunk is the registered backbone
+  ``dcgan_d<n>`` (28 px: ``dcgan_d2``, 32: ``d3``, 64: ``d4``, 128: ``d5``), ``backbone.*`` is unused;
+* ``backbone``: ``backbone.arch`` (e.g. ResNet-18) as the trunk with a linear head
+  (:class:`~medpretrain.generative.dcgan.BackboneDiscriminator`), so the export is that network.
+
+Adam 2e-4 / beta1 0.5 as in the paper; ``train.lr`` is the generator's learning rate and ``d_lr`` the
+discriminator's (two timescales, Heusel et al. 2017); ``loss=hinge`` and ``spectral_norm=true`` (Miyato et
+al. 2018) for stability. Mode collapse (generated-batch diversity far below real-batch diversity for several
 checks) stops the run with a clear message (``on_collapse=warn`` only warns).
 
-Exports under ``out_dir/<run_name>/``: ``backbone.safetensors`` (discriminator trunk, ``meta.method =
-"dcgan"``), ``generator.safetensors`` (``generative/sample.py --model``), ``config.yaml``, ``metrics.csv``,
-``loss.png``, ``samples_epochXXX.png``, ``results.json`` and ``checkpoints/``.
+What ``--init dcgan`` gets: ``backbone.safetensors`` is the discriminator's trunk (without its real/fake
+head), ``meta.method = "dcgan"``, ``meta.arch`` the trunk's registered arch; its BatchNorm running statistics
+are re-estimated on real training images only (``export_bn_images``; during training they mixed real and
+generated batches). Fine-tuning builds that arch: ``finetune/run.py --init dcgan backbone.arch=dcgan_d2``
+(or ``init=<path>``) for the default at 28 px; ``discriminator=backbone`` keeps ``backbone.arch``.
+
+Exports under ``out_dir/<run_name>/``: ``backbone.safetensors``, ``generator.safetensors``
+(``generative/sample.py --model``), ``config.yaml``, ``metrics.csv``, ``loss.png``, ``samples_epochXXX.png``,
+``results.json`` and ``checkpoints/``.
 
 Examples::
 
     accelerate launch generative/dcgan.py configs/dcgan.yaml
-    accelerate launch generative/dcgan.py configs/dcgan.yaml loss=hinge spectral_norm=true run_name=sn
+    accelerate launch generative/dcgan.py configs/dcgan.yaml loss=hinge spectral_norm=true d_lr=4e-4 run_name=sn
+    accelerate launch generative/dcgan.py configs/dcgan.yaml discriminator=backbone backbone.arch=resnet18
 """
 
 from __future__ import annotations
@@ -30,10 +43,18 @@ from medpretrain.backbones import build_backbone, resolve_stem
 from medpretrain.config import load_config
 from medpretrain.faults import inject_nan
 from medpretrain.generative.configs import DCGANConfig
-from medpretrain.generative.dcgan import BackboneDiscriminator, DCGANGenerator, gan_d_loss, gan_g_loss
+from medpretrain.generative.dcgan import (
+    BackboneDiscriminator,
+    DCGANGenerator,
+    RadfordDiscriminator,
+    gan_d_loss,
+    gan_g_loss,
+    radford_arch,
+    reestimate_batchnorm,
+)
 from medpretrain.generative.monitor import CollapseMonitor, ModeCollapseError, pairwise_diversity
 from medpretrain.generative.sampling import generate, generator_meta, latent_noise
-from medpretrain.generative.stage import Steps, start_generative, train_data, write_outputs
+from medpretrain.generative.stage import Steps, TrainData, start_generative, train_data, write_outputs
 from medpretrain.images import save_grid
 
 METHOD = "dcgan"
@@ -42,10 +63,38 @@ FIELDS = ["step", "epoch", "d_loss", "g_loss", "d_real", "d_fake", "diversity_ra
 
 
 def build_models(cfg: DCGANConfig, in_channels: int, image_size: int) -> tuple[DCGANGenerator, BackboneDiscriminator]:
-    stem = resolve_stem(cfg.backbone.stem, image_size, cfg.backbone.arch)
-    trunk = build_backbone(cfg.backbone.arch, in_channels, stem, image_size=image_size)
+    # D's trunk first, then G: the order the seeded initialisation draws them in.
+    if cfg.discriminator == "radford":
+        trunk = build_backbone(radford_arch(image_size), in_channels, "auto", image_size=image_size)
+    else:
+        stem = resolve_stem(cfg.backbone.stem, image_size, cfg.backbone.arch)
+        trunk = build_backbone(cfg.backbone.arch, in_channels, stem, image_size=image_size)
     generator = DCGANGenerator(cfg.latent_dim, in_channels, image_size, cfg.generator_channels)
+    if cfg.discriminator == "radford":
+        return generator, RadfordDiscriminator(trunk, image_size, spectral_norm=cfg.spectral_norm)
     return generator, BackboneDiscriminator(trunk, spectral_norm=cfg.spectral_norm)
+
+
+def build_optimizers(cfg: DCGANConfig, generator: torch.nn.Module,
+                     discriminator: torch.nn.Module) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for G at ``train.lr`` and for D at ``d_lr`` (0: ``train.lr``), both with ``adam_beta1/2``."""
+    betas, wd = (cfg.adam_beta1, cfg.adam_beta2), cfg.train.weight_decay
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=wd)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr or cfg.train.lr, betas=betas, weight_decay=wd)
+    return opt_g, opt_d
+
+
+def export_trunk(discriminator: BackboneDiscriminator, data: TrainData, n_images: int, batch_size: int,
+                 device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The discriminator's trunk (plain weights, CPU, eval) with its BatchNorm statistics re-estimated on the
+    first ``n_images`` (0: all) training images in order, in batches of ``batch_size``; no generated image
+    enters them. Returns the trunk and the number of images used."""
+    trunk = discriminator.export_backbone().to(device)
+    n = len(data.ds) if n_images == 0 else min(n_images, len(data.ds))
+    batches = (torch.stack([data.ds[i]["image"] for i in range(start, min(start + batch_size, n))]).to(device)
+               for start in range(0, n, batch_size))
+    used = reestimate_batchnorm(trunk, batches)
+    return trunk.cpu().eval(), used
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -55,10 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     data = train_data(stage, cfg)
     generator, discriminator = build_models(cfg, data.ds.in_channels, data.image_size)
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr or tc.lr, betas=betas,
-                             weight_decay=tc.weight_decay)
+    opt_g, opt_d = build_optimizers(cfg, generator, discriminator)
+    d_arch = discriminator.backbone.arch
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(
         generator, discriminator, opt_g, opt_d, data.loader
     )
@@ -67,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     monitor = CollapseMonitor(cfg.collapse_threshold, cfg.collapse_patience)
     if steps.begin({"collapse_monitor": monitor}):  # the monitor is checkpointed too (without pickle)
         accelerator.print(f"resumed from {stage.resume_from} at step {steps.value}")
-    accelerator.print(f"DCGAN (D trunk {cfg.backbone.arch}) on {cfg.data.dataset} ({len(data.ds)} images, "
+    accelerator.print(f"DCGAN ({cfg.discriminator} discriminator, trunk {d_arch}) on {cfg.data.dataset} ({len(data.ds)} images, "
                       f"{data.image_size} px), {steps.total} steps -> {stage.run_dir}")
     fixed_z = latent_noise(tc.grid_size, cfg.latent_dim, tc.seed)
     gen_module = accelerator.unwrap_model(generator)
@@ -129,15 +176,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps.finish()
     results: dict[str, Any] = {}
     if stage.is_main:
-        trunk = accelerator.unwrap_model(discriminator).export_backbone()
+        trunk, n_bn = export_trunk(accelerator.unwrap_model(discriminator), data, cfg.export_bn_images,
+                                   tc.batch_size, accelerator.device)
         stage.export_backbone(trunk, data.ds, METHOD, data.image_size, steps.value, steps.epoch + 1,
-                              {"role": "discriminator trunk", "spectral_norm": cfg.spectral_norm, "loss": cfg.loss})
+                              {"role": "discriminator trunk", "discriminator": cfg.discriminator,
+                               "spectral_norm": cfg.spectral_norm, "loss": cfg.loss, "bn_images": n_bn,
+                               "bn_statistics": f"re-estimated on {n_bn} real training images (no generated images)"})
         results = write_outputs(stage, steps, data, "generator.safetensors", gen_module,
                                 generator_meta("dcgan_generator", gen_module, cfg.generator_channels),
                                 generate(gen_module, latent_noise(512, cfg.latent_dim, tc.seed + 1)),
                                 ("d_loss", "g_loss", "d_real", "diversity_ratio"),
-                                f"DCGAN ({cfg.loss}{', SN' if cfg.spectral_norm else ''})")
-        accelerator.print(f"exported {stage.run_dir / 'backbone.safetensors'} and "
+                                f"DCGAN ({cfg.discriminator} D, {cfg.loss}{', SN' if cfg.spectral_norm else ''})",
+                                discriminator_arch=d_arch, bn_images=n_bn)
+        accelerator.print(f"exported {stage.run_dir / 'backbone.safetensors'} (discriminator trunk {d_arch}, "
+                          f"BatchNorm statistics of {n_bn} real images; fine-tune with backbone.arch={d_arch}) and "
                           f"{stage.run_dir / 'generator.safetensors'}")
     stage.finish()
     return results

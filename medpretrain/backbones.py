@@ -1,5 +1,6 @@
-"""Backbones by name: torchvision ResNet / DenseNet / VGG / Inception, small plain CBR nets, and any timm
-CNN as ``timm:<name>`` (e.g. ``timm:tf_efficientnet_lite0``).
+"""Backbones by name: torchvision ResNet / DenseNet / VGG / Inception, small plain CBR nets, the DCGAN
+discriminator trunks ``dcgan_d1`` ... ``dcgan_d6``, and any timm CNN as ``timm:<name>`` (e.g.
+``timm:tf_efficientnet_lite0``).
 
 Every backbone is a :class:`Backbone` (an ``nn.Module``) with
 
@@ -21,7 +22,7 @@ Stems (``stem=``):
 * ``small``, for 28-64 px images: ResNet ``conv1`` becomes 3x3 stride 1 and the max-pool is removed
   (the key stays ``conv1.weight``, shape ``[64, C, 3, 3]``); DenseNet likewise for ``features.conv0`` and
   ``features.pool0``; VGG drops its first max-pool (16x instead of 32x downsampling; no weights change);
-  the CBR nets have no stem, so ``small`` builds the same network as ``standard``. Inception-v3 has no
+  the CBR nets and DCGAN trunks have no stem, so ``small`` builds the same network as ``standard``. Inception-v3 has no
   small stem (``ValueError``); it needs inputs of at least 75x75.
 
 timm backbones (:class:`TimmBackbone`): ``timm.create_model(name, num_classes=0, in_chans=C)`` held as
@@ -34,6 +35,7 @@ regimes derived from ``feature_info`` (:attr:`TimmBackbone.stages`). timm is imp
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -339,6 +341,57 @@ class CBRBackbone(Backbone):
 
 
 # ------------------------------------------------------------------------------------------------
+# DCGAN discriminator trunk (Radford et al. 2015)
+# ------------------------------------------------------------------------------------------------
+
+DCGAN_D_WIDTH = 64
+"""Channels of the first block of the ``dcgan_d<n>`` trunks (the paper's ``ndf``), doubling per block up to 512."""
+DCGAN_D_DEPTHS = range(1, 7)
+"""Registered depths: ``dcgan_d1`` (8 px) ... ``dcgan_d6`` (256 px); see :class:`DCGANDiscriminatorBackbone`."""
+
+
+class DCGANDiscriminatorBackbone(Backbone):
+    """The strided-conv discriminator of Radford et al. 2015 (DCGAN) without its last conv, as a trunk.
+
+    ``depth`` blocks of ``Conv(4x4, stride 2, padding 1, no bias) -> BatchNorm -> LeakyReLU(0.2)``, the
+    first without BatchNorm (as in the paper), channels ``64 * 2**i`` capped at 512; the paper's
+    initialisation (conv weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02)). Keys: ``blocks.<i>.conv|bn.*``.
+    Maps are the block outputs (strides 2 .. ``2**depth``); the pooled output is the global mean of the last.
+    The DCGAN script picks the depth from the image size (``dcgan_d2`` at 28 px, ``d3`` at 32, ``d4`` at 64,
+    ``d5`` at 128), so its exported trunk is a registered backbone that fine-tuning builds by name. Needs
+    inputs of at least ``2**depth`` px; ``stem`` has no effect.
+    """
+
+    def __init__(self, arch: str, in_channels: int, stem: str, depth: int) -> None:
+        super().__init__()
+        chans = [min(512, DCGAN_D_WIDTH * 2**i) for i in range(depth)]
+        blocks, prev = [], in_channels
+        for i, c in enumerate(chans):
+            conv = nn.Conv2d(prev, c, 4, 2, 1, bias=False)
+            nn.init.normal_(conv.weight, 0.0, 0.02)
+            layers: OrderedDict[str, nn.Module] = OrderedDict(conv=conv)
+            if i > 0:
+                bn = nn.BatchNorm2d(c)
+                nn.init.normal_(bn.weight, 1.0, 0.02)
+                nn.init.zeros_(bn.bias)
+                layers["bn"] = bn
+            layers["act"] = nn.LeakyReLU(0.2, inplace=True)
+            blocks.append(nn.Sequential(layers))
+            prev = c
+        self.blocks = nn.ModuleList(blocks)
+        self.stages = [[f"blocks.{i}"] for i in range(depth)]  # one stage per block (freeze:<k>, reinit:<k>)
+        self._set_info(arch, in_channels, stem, chans[-1], chans, [2 ** (i + 1) for i in range(depth)],
+                       "blocks.0.conv.weight", None)
+
+    def _maps(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for block in self.blocks:
+            x = block(x)
+            out.append(x)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
 # timm
 # ------------------------------------------------------------------------------------------------
 
@@ -471,6 +524,11 @@ class TimmBackbone(Backbone):
 
 _Builder = Callable[[int, str], Backbone]
 
+
+def _dcgan_d(depth: int, in_channels: int, stem: str) -> Backbone:
+    return DCGANDiscriminatorBackbone(f"dcgan_d{depth}", in_channels, stem, depth)
+
+
 _REGISTRY: dict[str, _Builder] = {
     "resnet18": lambda c, s: ResNetBackbone("resnet18", c, s),
     "resnet50": lambda c, s: ResNetBackbone("resnet50", c, s),
@@ -481,6 +539,8 @@ _REGISTRY: dict[str, _Builder] = {
     "cbr_small": lambda c, s: CBRBackbone("cbr_small", c, s, (32, 64, 128, 256), 7),
     # Smaller still (our choice, not the paper's table): 4 blocks of 16/32/64/128 filters, 5x5 kernels.
     "cbr_tiny": lambda c, s: CBRBackbone("cbr_tiny", c, s, (16, 32, 64, 128), 5),
+    # Radford et al.'s DCGAN discriminator trunk with n stride-2 blocks (what generative/dcgan.py exports).
+    **{f"dcgan_d{n}": functools.partial(_dcgan_d, n) for n in DCGAN_D_DEPTHS},
 }
 
 _HEAD_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -497,6 +557,7 @@ _MIN_SIZE: dict[tuple[str, str], int] = {
     ("densenet121", "small"): 8,
     ("vgg16_bn", "standard"): 32,
     ("vgg16_bn", "small"): 16,
+    **{(f"dcgan_d{n}", stem): 2**n for n in DCGAN_D_DEPTHS for stem in STEMS},
 }
 
 

@@ -33,6 +33,12 @@ CASES = [
     ("inception_v3", "standard", [(75, 75), (80, 83)]),
     ("cbr_small", "small", SMALL_SIZES),
     ("cbr_tiny", "standard", SMALL_SIZES),
+    ("dcgan_d1", "small", [(8, 9)]),
+    ("dcgan_d2", "small", SMALL_SIZES),
+    ("dcgan_d3", "standard", [(33, 34)]),
+    ("dcgan_d4", "small", [(64, 64)]),
+    ("dcgan_d5", "standard", [(33, 34)]),
+    ("dcgan_d6", "standard", [(64, 65)]),
 ]
 EXPECTED_CHANNELS = {
     "resnet18": [64, 64, 128, 256, 512],
@@ -42,6 +48,7 @@ EXPECTED_CHANNELS = {
     "inception_v3": [64, 192, 288, 768, 2048],
     "cbr_small": [32, 64, 128, 256],
     "cbr_tiny": [16, 32, 64, 128],
+    **{f"dcgan_d{n}": [64, 128, 256, 512, 512, 512][:n] for n in range(1, 7)},
 }
 
 
@@ -49,7 +56,7 @@ def _expected_sizes(b: Backbone, n: int) -> list[int]:
     """Reference map sizes: padded stride-2 convs/pools round up, unpadded 2x2 pools round down."""
     if b.arch.startswith(("resnet", "cbr")):
         return [math.ceil(n / s) for s in b.feature_strides]
-    if b.arch == "vgg16_bn":
+    if b.arch == "vgg16_bn" or b.arch.startswith("dcgan_d"):  # 4x4 stride-2 convs, padding 1: round down
         return [n // s for s in b.feature_strides]
     assert b.arch == "densenet121"
     first = n if b.stem == "small" else math.ceil(n / 2)  # conv0 and pool0 are padded: round up

@@ -124,7 +124,7 @@ def test_vae_trains_exports_and_resumes_exactly(tmp_path, data_root):
 
 def test_dcgan_trains_and_exports_discriminator_backbone(tmp_path, data_root):
     out = tmp_path / "runs" / "generative" / "dcgan"
-    launch("generative/dcgan.py", [*TINY, f"out_dir={out}", "run_name=g", "train.max_steps=4",
+    launch("generative/dcgan.py", [*TINY, "discriminator=backbone", f"out_dir={out}", "run_name=g", "train.max_steps=4",
                                    "train.checkpoint_every=2", "loss=hinge", "spectral_norm=true",
                                    "collapse_check_every=2", "train.mixed_precision=bf16"], data_root)
     run = out / "g"

@@ -356,7 +356,8 @@ def test_vae_beats_an_untrained_control_on_validation_reconstruction(vae_run):
 def dcgan_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("dcgan")
     init, model, _ = run_generative("generative/dcgan.py", "build_models",
-                                    ["backbone.arch=cbr_tiny", *GEN_COMMON, "train.max_steps=30"], out)
+                                    ["discriminator=backbone", "backbone.arch=cbr_tiny", *GEN_COMMON,
+                                     "train.max_steps=30"], out)
     return init, model, out / "r"
 
 

@@ -83,23 +83,33 @@ class VAEConfig:
 
 @dataclasses.dataclass
 class DCGANConfig:
-    """``generative/dcgan.py``: DCGAN whose discriminator trunk is the project's backbone (exported as ``dcgan``)."""
+    """``generative/dcgan.py``: DCGAN (Radford et al. 2015); its discriminator trunk is exported as ``dcgan``."""
 
     ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
-    """Discriminator trunk (exported as the ``dcgan`` backbone)."""
+    """Discriminator trunk with ``discriminator=backbone`` (exported as that backbone); unused with ``radford``."""
     train: GenTrainConfig = dataclasses.field(default_factory=lambda: GenTrainConfig(lr=2e-4))
+    """``train.lr`` is the generator's learning rate (``d_lr`` the discriminator's)."""
+    discriminator: Literal["radford", "backbone"] = "radford"
+    """``radford``: the paper's strided-conv LeakyReLU discriminator sized to the image, trunk exported as the
+    registered backbone ``dcgan_d<n>`` (28 px: ``dcgan_d2``, 32: ``d3``, 64: ``d4``, 128: ``d5``);
+    ``backbone``: ``backbone.arch`` (e.g. ResNet-18) as trunk with a linear head, exported as that arch."""
     latent_dim: int = 100
     generator_channels: int = 64
     """Channels of the generator's last hidden layer (doubling towards the latent, capped at 512)."""
     d_lr: float = 0.0
-    """Discriminator learning rate (0: same as ``train.lr``)."""
+    """Discriminator learning rate (0: same as ``train.lr``); two timescales (Heusel et al. 2017) e.g.
+    ``train.lr=1e-4 d_lr=4e-4``."""
     adam_beta1: float = 0.5
     adam_beta2: float = 0.999
     loss: Literal["bce", "hinge"] = "bce"
     spectral_norm: bool = False
+    """Spectral normalisation (Miyato et al. 2018) of every discriminator conv and linear layer."""
+    export_bn_images: int = 0
+    """Real training images the exported trunk's BatchNorm statistics are re-estimated on, in batches of
+    ``train.batch_size`` (0: the whole training split); generated images never enter them."""
     collapse_check_every: int = 10
     """Optimizer steps between diversity checks (0: never)."""
     collapse_threshold: float = 0.2
@@ -110,6 +120,10 @@ class DCGANConfig:
     split: Literal["train", "all"] = "train"
     out_dir: str = "runs/generative/dcgan"
     run_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.d_lr < 0 or self.export_bn_images < 0:
+            raise ConfigError(f"d_lr and export_bn_images must be >= 0, got {self.d_lr} and {self.export_bn_images}")
 
 
 @dataclasses.dataclass
