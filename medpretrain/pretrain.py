@@ -63,6 +63,7 @@ def main(name: str, argv: list[str] | None = None) -> None:
     # ---- model (backbone + the method's heads, momentum copies and loss), optimizer ----
     backbone = build_backbone(cfg.backbone.arch, cfg.data.channels, cfg.backbone.stem, image_size=image_size)
     model: Any = spec.method(backbone, getattr(cfg, name), processes=accelerator.num_processes)
+    model.check_data(len(ds))  # options that cannot work on this many images fail before any step
     if t.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if t.channels_last:

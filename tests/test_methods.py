@@ -10,6 +10,7 @@ Adding a method: its module under ``medpretrain/methods/``, its ``configs/<name>
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 from test_pretrain_e2e import launch, loss_rows, read_csv
 
 from medpretrain.backbones import build_backbone
-from medpretrain.config import load_config
+from medpretrain.config import ConfigError, load_config
 from medpretrain.methods import selfsup_methods, stage, stages
 from medpretrain.methods.base import METHODS, method_spec
 from medpretrain.methods.moco import MoCo, MoCoMethodConfig, split_forward
@@ -98,6 +99,50 @@ def test_moco_split_bn_auto_is_on_for_one_process_only():
     assert torch.allclose(keys, expected.float(), atol=1e-5)
     assert not torch.allclose(keys, off.key(x), atol=1e-3)  # split statistics change the keys
     assert torch.allclose(off.key(x), off.key_encoder(x), atol=1e-5)  # off: one process, shuffle is a no-op
+
+
+def test_moco_refuses_a_queue_above_half_the_pretraining_images():
+    moco = MoCo(build_backbone("cbr_tiny", 1, "small"), MoCoMethodConfig(queue_size=9), 1)
+    moco.check_data(18)  # exactly half: accepted
+    moco.check_data(19)
+    with pytest.raises(ConfigError, match=r"^moco.queue_size=9 is not well below the 17 pretraining images: at "
+                                          r"most 8 \(half of them\)"):
+        moco.check_data(17)
+    with pytest.raises(ConfigError, match="queue_size=36 .* the 18 pretraining images: at most 9"):
+        MoCo(build_backbone("cbr_tiny", 1, "small"), MoCoMethodConfig(queue_size=36), 1).check_data(18)
+
+
+def test_moco_refuses_the_queue_in_the_loop_before_any_step(tmp_path, data_root):
+    """Through the entry script: PneumoniaMNIST's 3882 training images take a queue of 1941, not 1942."""
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "pretrain" / "moco.py"), *TINY, "moco.queue_size=1942",
+                           f"out_dir={tmp_path}", "run_name=q"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MEDPRETRAIN_DATA": str(data_root)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: moco.queue_size=1942 is not well below the 3882 pretraining images: at most 1941 (half of them), "
+        "or the queue holds stale keys of the images being contrasted")
+    assert not list(tmp_path.glob("q/checkpoints/*"))
+
+
+def test_shipped_moco_configs_keep_the_queue_below_half_the_pretraining_images():
+    """Every experiment file that trains MoCo, and configs/moco.yaml on its own data, pass :meth:`MoCo.check_data`
+    with the number of images their pretraining split holds."""
+    from medpretrain.data import build_dataset
+    from medpretrain.methods.moco import MAX_QUEUE_FRACTION
+    from medpretrain.methods.registry import stage as stage_info
+    from medpretrain.pipeline.experiment import ExperimentConfig
+    from medpretrain.pipeline.stages import data_of, stage_config
+
+    info = stage_info("moco")
+    cases = {"configs/moco.yaml": stage_config(info, info.config, [])}
+    for path in sorted((PROJECT_ROOT / "configs" / "experiments").glob("*.yaml")):
+        exp = load_config(ExperimentConfig, ["--config", str(path)])
+        if exp.moco.enabled:
+            cases[path.name] = stage_config(info, exp.moco.config or info.config, [*exp.common, *exp.moco.overrides])
+    assert {"drive.yaml", "drive_full.yaml", "busi_full.yaml", "pneumonia.yaml"} <= set(cases)
+    for name, conf in cases.items():
+        n = len(build_dataset(data_of(conf), conf["split"], unlabeled=True, normalize=False))
+        assert conf["moco"]["queue_size"] <= n * MAX_QUEUE_FRACTION, (name, conf["moco"]["queue_size"], n)
 
 
 def on_perm(step: int, n: int) -> torch.Tensor:

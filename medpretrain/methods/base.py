@@ -145,6 +145,10 @@ class Method(nn.Module):
     def on_after_backward(self, step: int) -> None:
         """After every backward pass, before the optimizer step (e.g. DINO's frozen last layer)."""
 
+    def check_data(self, n_images: int) -> None:
+        """Before the first step: raise :class:`~medpretrain.config.ConfigError` when the method's options
+        cannot work on ``n_images`` pretraining images (e.g. a MoCo queue as large as the data)."""
+
     def checkpoint_state(self) -> dict[str, Any]:
         """Objects with ``state_dict()`` that the model's own ``state_dict()`` misses (non-persistent
         buffers such as lightly's memory bank); saved in ``training_state.safetensors``."""

@@ -53,10 +53,11 @@ class MoCoMethodConfig:
     output_dim: int = 128
     temperature: float = 0.2
     """InfoNCE temperature (MoCo v2: 0.2)."""
-    queue_size: int = 2048
+    queue_size: int = 1024
     """Negatives kept in the queue. MoCo uses 65536 on ImageNet's 1.28M images; the queue must stay well
-    below the dataset size or it holds stale keys of the very images being contrasted (PneumoniaMNIST's
-    train split has 3882 images, so 2048 = 16 batches of 128)."""
+    below the dataset size or it holds stale keys of the very images being contrasted: at most
+    :data:`MAX_QUEUE_FRACTION` of the pretraining images (:meth:`MoCo.check_data`; ``configs/moco.yaml`` sets
+    1024 for PneumoniaMNIST's 3882 training images)."""
     momentum: float = 0.99
     """Starting momentum of the key encoder, raised to 1 with a cosine schedule (lightly's MoCo v2
     benchmark uses 0.996 for long runs; short runs need the faster-moving 0.99)."""
@@ -74,6 +75,12 @@ class MoCoMethodConfig:
 
 
 MoCoConfig = pretrain_config("moco", MoCoMethodConfig, "MoCoConfig", __name__)
+
+MAX_QUEUE_FRACTION = 0.5
+"""Largest queue, as a fraction of the pretraining images, that :meth:`MoCo.check_data` accepts. Why: with a
+fresh permutation every epoch, a query's own key from the previous epoch is still queued with probability
+about ``(queue / images)**2 / 2`` (one query in eight at one half), and every time once the queue exceeds
+the images; such a key is a near-positive contrasted as a negative."""
 
 
 def split_forward(encoder: Callable[[Tensor], Tensor], x: Tensor, groups: int) -> Tensor:
@@ -105,6 +112,15 @@ class MoCo(Method):
         # Split BN on one process: the key groups come from their own generator, re-seeded every optimizer
         # step, so they are replayed exactly on resume and do not depend on what else drew random numbers.
         self.shuffle_gen = torch.Generator()
+
+    def check_data(self, n_images: int) -> None:
+        """Refuse a queue larger than :data:`MAX_QUEUE_FRACTION` of the ``n_images`` pretraining images
+        (:class:`~medpretrain.config.ConfigError`)."""
+        limit = int(n_images * MAX_QUEUE_FRACTION)
+        if self.cfg.queue_size > limit:
+            raise ConfigError(f"moco.queue_size={self.cfg.queue_size} is not well below the {n_images} pretraining "
+                              f"images: at most {limit} (half of them), or the queue holds stale keys of the "
+                              "images being contrasted")
 
     def query(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x).flatten(start_dim=1))
