@@ -122,6 +122,30 @@ class DataConfig:
     split_column: str | None = None
     """Manifest column of official splits (``train`` / ``val`` / ``test``); ``None``: split by
     ``val_fraction`` / ``test_fraction``."""
+    # Retinal preprocessing, ``segpairs:`` / ``drive:`` only (another source refuses them); at native size,
+    # before ``image_size``. See :mod:`medpretrain.data.retina`.
+    rgb_to_grey: Literal["luma", "green"] = "luma"
+    """How an RGB image becomes grey: ``luma`` (ITU-R 601; with ``channels: 3`` RGB stays RGB) or ``green`` (the
+    green channel, where retinal vessels contrast most; repeated into three channels when ``channels`` is 3)."""
+    clahe: bool = False
+    """Contrast-limited adaptive histogram equalisation of each channel after the grey conversion (kornia's
+    ``equalize_clahe``, OpenCV's algorithm)."""
+    clahe_clip: float = 2.0
+    """CLAHE clip limit, as OpenCV's ``clipLimit`` (2.0 is the usual choice for fundus images; 0: no clipping)."""
+    clahe_grid: int = 8
+    """CLAHE tiles per side (OpenCV's ``tileGridSize``)."""
+    derive_fov: bool = False
+    """A source without roi files (``segpairs:<images>,<masks>``) gets a field-of-view roi derived from each image:
+    red channel above ``fov_threshold``, largest region, holes filled, eroded by 1 px. Given rois are kept."""
+    fov_threshold: float = 0.1
+    """Red-channel level (of [0, 1]) above which a pixel is inside the derived field of view."""
+
+    def __post_init__(self) -> None:
+        if self.clahe_clip < 0 or self.clahe_grid < 1:
+            raise ConfigError(f"data.clahe_clip must be >= 0 and data.clahe_grid >= 1, got {self.clahe_clip} and "
+                              f"{self.clahe_grid}")
+        if not 0.0 <= self.fov_threshold < 1.0:
+            raise ConfigError(f"data.fov_threshold must be in [0, 1), got {self.fov_threshold}")
 
 
 @dataclasses.dataclass
@@ -458,7 +482,8 @@ def save_config(cfg: Any, out_dir: str | os.PathLike[str], name: str = "config.y
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "EvalConfig": {"reuse_images": 64},
     "DataConfig": {"path_column": "image_path", "label_column": "label", "label_columns": None, "classes": None,
-                   "patient_column": "patient", "split_column": None},
+                   "patient_column": "patient", "split_column": None, "rgb_to_grey": "luma", "clahe": False,
+                   "clahe_clip": 2.0, "clahe_grid": 8, "derive_fov": False, "fov_threshold": 0.1},
 }
 """Options added after runs were cached, per config class: left out of :func:`hash_view` (so of every config,
 stage and cell hash) while they hold the value listed here, the value under which they change nothing. Adding

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medpretrain.config import ConfigError, DataConfig
+from medpretrain.data import retina
 from medpretrain.data.base import DatasetSpec, Source, Task
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.manifest import is_manifest, table_files
@@ -48,7 +49,8 @@ _GROUP_CACHE: dict[tuple, tuple[Source, np.ndarray | None, dict[str, Any]]] = {}
 def _cache_key(cfg: DataConfig) -> tuple:
     return (cfg.dataset.strip(), str(data_root(cfg)), cfg.image_size, cfg.channels, cfg.window,
             cfg.slice_axis, cfg.skip_bad, cfg.max_pixels, project_salt(), cfg.path_column, cfg.label_column,
-            tuple(cfg.label_columns or ()), tuple(cfg.classes or ()), cfg.patient_column, cfg.split_column)
+            tuple(cfg.label_columns or ()), tuple(cfg.classes or ()), cfg.patient_column, cfg.split_column,
+            *retina.cache_key(cfg))
 
 
 def clear_source_cache() -> None:
@@ -65,6 +67,7 @@ def _decode(cfg: DataConfig) -> Source:
     if cfg.max_pixels < 0:
         raise ConfigError(f"data.max_pixels must be positive or 0 (no limit), got {cfg.max_pixels}")
     spec = parse_spec(cfg.dataset, data_root(cfg))
+    retina.check_scheme(cfg, spec.scheme)  # green / CLAHE / derived field of view: segpairs and drive only
     return READERS[spec.scheme].read(spec, cfg, SkipLog(skip_bad=cfg.skip_bad))
 
 
@@ -72,7 +75,7 @@ def read_source(cfg: DataConfig) -> Source:
     """The decoded :class:`Source` for ``cfg``, cached per process.
 
     Cache key: dataset spec, data root, image_size, channels, window, slice_axis, skip_bad, max_pixels, the
-    salt and the manifest column options. The returned object is shared: do not modify it. Skipped files are
+    salt, the manifest column options and the retinal options (:mod:`medpretrain.data.retina`). The returned object is shared: do not modify it. Skipped files are
     logged once, here.
     Raises :class:`DataError` for a bad spec or bad input (unless ``skip_bad``).
     """

@@ -8,8 +8,10 @@ by two images raise :class:`DataError` (under ``skip_bad`` the image is skipped 
 Images are read as in :mod:`medpretrain.data.folder` (8-bit / 255, 16-bit / 65535, RGB -> grey by
 ITU-R 601 luma when ``channels == 1``). Masks and rois: any non-zero pixel is 1 (``[1, H, W]`` in
 {0, 1}); a mask or roi whose size differs from its image is an error. Without a roi folder the roi is
-left unset (the dataset then reports an all-ones roi). Size: native unless ``image_size`` is set
-(then square; bilinear antialiased for images, nearest for masks / rois).
+left unset (the dataset then reports an all-ones roi), unless ``data.derive_fov`` derives a field of view
+from each image. The retinal options (``data.rgb_to_grey=green``, ``data.clahe``; :mod:`medpretrain.data.retina`)
+apply at native size. Size: native unless ``image_size`` is set (then square; bilinear antialiased for
+images, nearest for masks / rois).
 
 Grouped splits: each pair keeps a 32x32 thumbnail of its native image (``Source.thumbs``, near-duplicate
 grouping by ``data.dedup``) and its image file name (``Source.paths``, matched by ``data.group_regex``, e.g.
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from medpretrain.config import DataConfig
+from medpretrain.data import retina
 from medpretrain.data.base import Source
 from medpretrain.data.duplicates import thumbnail
 from medpretrain.data.errors import DataError, SkipLog
@@ -40,7 +43,7 @@ from medpretrain.data.folder import (
     progress,
     stack_if_same,
 )
-from medpretrain.data.transforms import resize
+from medpretrain.data.transforms import resize, to_channels
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +98,32 @@ def read_segpairs_source(image_dir: Path, mask_dir: Path, roi_dir: Path | None, 
     images = _listing(image_dir, "image")
     mask_of = pair_files(images, _listing(mask_dir, "mask"), "mask", skips)
     roi_of = pair_files(images, _listing(roi_dir, "roi"), "roi", skips) if roi_dir is not None else None
+    derive = roi_of is None and cfg.derive_fov
+    rgb = retina.needs_rgb(cfg)
     xs, ms, rs, thumbs, names, files = [], [], [], [], [], []
     for img in progress(images, str(image_dir)):
         if img not in mask_of or (roi_of is not None and img not in roi_of):
             continue
         try:
-            x = load_image(img, cfg.channels, cfg.max_pixels)
+            raw = load_image(img, 3 if rgb else cfg.channels, cfg.max_pixels)
             m = load_mask(mask_of[img], cfg.max_pixels)
             r = load_mask(roi_of[img], cfg.max_pixels) if roi_of is not None else None
             checks = [(mask_of[img], m)] + ([(roi_of[img], r)] if roi_of is not None and r is not None else [])
             for f, arr in checks:
-                if arr.shape[1:] != x.shape[1:]:
+                if arr.shape[1:] != raw.shape[1:]:
                     raise DataError(f, f"size {arr.shape[2]}x{arr.shape[1]} differs from image "
-                                       f"{img.name} ({x.shape[2]}x{x.shape[1]})")
+                                       f"{img.name} ({raw.shape[2]}x{raw.shape[1]})")
+            try:
+                x = retina.preprocess(raw, cfg)
+            except ValueError as e:  # CLAHE on an image not larger than its grid
+                raise DataError(img, f"retinal preprocessing: {e}") from None
         except DataError as err:
             skips.handle(err)
             continue
-        thumbs.append(thumbnail(x))  # of the native image: the groups do not depend on image_size
+        # Of the native image before the retinal options: groups depend neither on image_size nor on them.
+        thumbs.append(thumbnail(to_channels(raw, cfg.channels)))
+        if derive:
+            r = retina.field_of_view(raw, cfg.fov_threshold)
         if cfg.image_size:
             x = resize(x, cfg.image_size)
             m = resize(m, cfg.image_size, nearest=True)
@@ -127,7 +139,7 @@ def read_segpairs_source(image_dir: Path, mask_dir: Path, roi_dir: Path | None, 
     return Source(
         images=stack_if_same(xs), task="segmentation", names=names, files=files,
         masks=stack_if_same(ms),  # type: ignore[arg-type]
-        rois=stack_if_same(rs) if roi_of is not None else None,  # type: ignore[arg-type]
+        rois=stack_if_same(rs) if roi_of is not None or derive else None,  # type: ignore[arg-type]
         class_names=["foreground"], skipped=list(skips.skipped), thumbs=np.stack(thumbs), paths=list(names),
     )
 
