@@ -47,6 +47,7 @@ from medpretrain.generative.dcgan import (
     BackboneDiscriminator,
     DCGANGenerator,
     RadfordDiscriminator,
+    dataset_batches,
     gan_d_loss,
     gan_g_loss,
     radford_arch,
@@ -90,10 +91,7 @@ def export_trunk(discriminator: BackboneDiscriminator, data: TrainData, n_images
     first ``n_images`` (0: all) training images in order, in batches of ``batch_size``; no generated image
     enters them. Returns the trunk and the number of images used."""
     trunk = discriminator.export_backbone().to(device)
-    n = len(data.ds) if n_images == 0 else min(n_images, len(data.ds))
-    batches = (torch.stack([data.ds[i]["image"] for i in range(start, min(start + batch_size, n))]).to(device)
-               for start in range(0, n, batch_size))
-    used = reestimate_batchnorm(trunk, batches)
+    used = reestimate_batchnorm(trunk, dataset_batches(data.ds, n_images, batch_size, device))
     return trunk.cpu().eval(), used
 
 

@@ -1,20 +1,27 @@
 """VAE pretraining whose encoder is the project's backbone: ``accelerate launch generative/vae.py [key=value ...]``.
 
 Encoder = ``build_backbone(backbone.arch)`` + Gaussian head, decoder = upsample/conv stack
-(:mod:`medpretrain.generative.vae`). Loss = summed reconstruction error + beta(step) * KL (+ optional
-perceptual term through a frozen feature extractor). Exports, under ``out_dir/<run_name>/``:
+(:mod:`medpretrain.generative.vae`). Loss = summed reconstruction error + beta(step) * KL, beta warmed up
+linearly from 0 over ``beta_warmup_steps`` (KL warm-up, alias ``kl_warmup_steps``), and optional terms
+against blur, each weighted per pixel: a feature distance through a frozen network (``perceptual_weight``;
+``perceptual_init=random`` needs no download), ``1 - SSIM`` (``ssim_weight``) and the VAE-GAN term of a
+patch discriminator judging reconstructions and prior samples against real images (``adversarial_weight``,
+Larsen et al. 2016; hinge loss, spectral norm, its own Adam, from ``adversarial_start``). Exports, under
+``out_dir/<run_name>/``:
 
-* ``backbone.safetensors``: the encoder trunk as a contract backbone (``meta.method = "vae"``), so
-  ``finetune/run.py --init vae`` can start from it;
+* ``backbone.safetensors``: the encoder trunk as a contract backbone (``meta.method = "vae"``; its
+  ``extra`` holds the validation MSE / PSNR / SSIM), so ``finetune/run.py --init vae`` can start from it;
 * ``decoder.safetensors``: the decoder (``generative/sample.py --model`` draws images from it);
-* ``config.yaml``, ``metrics.csv``, ``loss.png``, ``samples_epochXXX.png``, ``results.json``
-  (validation reconstruction MSE / PSNR on the [0, 1] scale, sample statistics), ``checkpoints/``.
+* ``config.yaml``, ``metrics.csv`` (losses per step; ``val_mse``, ``val_psnr``, ``val_ssim`` per epoch),
+  ``loss.png``, ``samples_epochXXX.png``, ``results.json`` (validation reconstruction MSE, PSNR and SSIM on
+  the [0, 1] scale, sample statistics), ``checkpoints/``.
 
 Examples::
 
     accelerate launch generative/vae.py configs/vae.yaml
     accelerate launch generative/vae.py configs/vae.yaml train.max_steps=20 run_name=smoke
     accelerate launch generative/vae.py configs/vae.yaml run_name=smoke train.resume=auto
+    accelerate launch generative/vae.py configs/vae.yaml ssim_weight=0.5 adversarial_weight=0.05 adversarial_start=200
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ from medpretrain.backbones import build_backbone, resolve_stem
 from medpretrain.config import load_config
 from medpretrain.faults import inject_nan
 from medpretrain.generative.configs import VAEConfig
+from medpretrain.generative.dcgan import dataset_batches, gan_d_loss, gan_g_loss, reestimate_batchnorm
+from medpretrain.generative.monitor import ssim
 from medpretrain.generative.sampling import generate, generator_meta, latent_noise
 from medpretrain.generative.stage import (
     Steps,
+    TrainData,
     load_split,
     optimizer_step,
     start_generative,
@@ -44,6 +54,7 @@ from medpretrain.generative.vae import (
     VAE,
     BetaSchedule,
     ConvDecoder,
+    PatchDiscriminator,
     PerceptualLoss,
     kl_divergence,
     reconstruction_loss,
@@ -52,7 +63,10 @@ from medpretrain.images import save_grid
 
 METHOD = "vae"
 DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "vae.yaml"
-FIELDS = ["step", "epoch", "loss", "recon", "kl", "beta", "perceptual", "val_mse", "val_psnr", "elapsed_s"]
+FIELDS = ["step", "epoch", "loss", "recon", "kl", "beta", "perceptual", "ssim", "adv_g", "adv_d", "val_mse", "val_psnr",
+          "val_ssim", "elapsed_s"]
+PERCEPTUAL_BN_IMAGES = 1024
+"""Real training images the BatchNorm statistics of a random perceptual network are estimated on."""
 
 
 def build_model(cfg: VAEConfig, in_channels: int, image_size: int) -> VAE:
@@ -62,30 +76,58 @@ def build_model(cfg: VAEConfig, in_channels: int, image_size: int) -> VAE:
     return VAE(encoder, decoder)
 
 
-def build_perceptual(cfg: VAEConfig, in_channels: int, image_size: int) -> PerceptualLoss | None:
+def build_perceptual(cfg: VAEConfig, data: TrainData, device: torch.device) -> PerceptualLoss | None:
+    """The frozen feature network of the perceptual term (``None`` when ``perceptual_weight`` is 0).
+
+    ``random``: built with its own seed (``train.seed + 1``, without touching the global RNG), its BatchNorm
+    statistics estimated on the first real training images, so every layer's features are standardised on
+    this data instead of the initial mean 0 / variance 1. Other specs: :func:`medpretrain.init.init_backbone`.
+    """
     if cfg.perceptual_weight <= 0:
         return None
     from medpretrain.init import init_backbone
 
-    stem = resolve_stem(cfg.backbone.stem, image_size, cfg.backbone.arch)
-    features, _ = init_backbone(cfg.perceptual_init, cfg.backbone.arch, in_channels, stem, image_size=image_size)
-    return PerceptualLoss(features)
+    arch = cfg.perceptual_arch or cfg.backbone.arch
+    stem = resolve_stem(cfg.backbone.stem if not cfg.perceptual_arch else "auto", data.image_size, arch)
+    in_channels = data.ds.in_channels
+    if cfg.perceptual_init == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed + 1)
+            features = build_backbone(arch, in_channels, stem, image_size=data.image_size).to(device)
+        reestimate_batchnorm(features, dataset_batches(data.ds, PERCEPTUAL_BN_IMAGES, cfg.train.batch_size, device))
+    else:
+        features, _ = init_backbone(cfg.perceptual_init, arch, in_channels, stem, image_size=data.image_size,
+                                    runs_dir="runs", data_mean=cfg.data.mean, data_std=cfg.data.std)
+    return PerceptualLoss(features.to(device))
+
+
+def build_adversarial(cfg: VAEConfig, in_channels: int) -> tuple[PatchDiscriminator, torch.optim.Adam] | None:
+    """The VAE-GAN patch discriminator and its Adam (``None`` when ``adversarial_weight`` is 0)."""
+    if cfg.adversarial_weight <= 0:
+        return None
+    disc = PatchDiscriminator(in_channels, cfg.adversarial_channels, cfg.adversarial_layers)
+    opt = torch.optim.Adam(disc.parameters(), lr=cfg.adversarial_lr or cfg.train.lr, betas=(0.5, 0.999))
+    return disc, opt
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Reconstruction error on ``loader`` (z = mu), on the [0, 1] pixel scale: MSE and PSNR."""
+    """Reconstruction quality on ``loader`` (z = mu) on the [0, 1] pixel scale: ``val_mse`` (mean over
+    pixels and images), ``val_psnr`` (the PSNR of that mean MSE) and ``val_ssim`` (mean per-image SSIM,
+    :func:`medpretrain.generative.monitor.ssim`)."""
     model.eval()
-    errors = []
+    errors, similarities = [], []
     for batch in loader:
         x = batch["image"]
         with accelerator.autocast():
             recon = model(x).recon
-        per_image = ((recon.float() - x.float()) / 2).pow(2).flatten(1).mean(1)  # [-1, 1] -> [0, 1] scale
-        errors.append(accelerator.gather_for_metrics(per_image))
+        x01, r01 = (x.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2  # [-1, 1] -> [0, 1] scale
+        errors.append(accelerator.gather_for_metrics((r01 - x01).pow(2).flatten(1).mean(1)))
+        similarities.append(accelerator.gather_for_metrics(ssim(r01, x01)))
     model.train()
     mse = float(torch.cat(errors).mean())
-    return {"val_mse": mse, "val_psnr": 10 * math.log10(1.0 / max(mse, 1e-12))}
+    return {"val_mse": mse, "val_psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+            "val_ssim": float(torch.cat(similarities).mean())}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -97,19 +139,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = train_data(stage, cfg)
     val_ds, _ = load_split(cfg.data, "val")
     model = build_model(cfg, data.ds.in_channels, data.image_size)
-    perceptual = build_perceptual(cfg, data.ds.in_channels, data.image_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    adversarial = build_adversarial(cfg, data.ds.in_channels)
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, data.loader,
                                                                DataLoader(val_ds, batch_size=256))
-    if perceptual is not None:
-        perceptual = perceptual.to(accelerator.device)
+    disc, opt_d = accelerator.prepare(*adversarial) if adversarial is not None else (None, None)
+    perceptual = build_perceptual(cfg, data, accelerator.device)
     beta_at = BetaSchedule(cfg.beta_schedule, cfg.beta, cfg.beta_warmup_steps, cfg.beta_cycle_steps)
+    pixels = data.ds.in_channels * data.image_size**2  # the optional terms are weighted per pixel
 
     steps = Steps(stage, tc, loader, data.sampler_gen)
     if steps.begin():
         accelerator.print(f"resumed from {stage.resume_from} at step {steps.value}")
+    terms = [f"{k} {w:g}" for k, w in (("perceptual", cfg.perceptual_weight), ("SSIM", cfg.ssim_weight),
+                                       ("adversarial", cfg.adversarial_weight)) if w > 0]
     accelerator.print(f"VAE {cfg.backbone.arch} on {cfg.data.dataset} ({len(data.ds)} images, {data.image_size} px), "
-                      f"{steps.total} steps -> {stage.run_dir}")
+                      f"KL warm-up {cfg.beta_warmup_steps if cfg.beta_schedule == 'linear' else 0} steps"
+                      f"{', ' + ', '.join(terms) if terms else ''}, {steps.total} steps -> {stage.run_dir}")
     fixed_z = latent_noise(tc.grid_size, cfg.latent_dim, tc.seed)  # same latents in every grid
     decoder = accelerator.unwrap_model(model).decoder
     for epoch, batches in steps.epochs():
@@ -117,20 +163,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for batch in batches:
             x = data.to_images(batch)
             beta = beta_at(steps.value)
+            adv_on = disc is not None and steps.value >= cfg.adversarial_start
+            n_prior = len(x) if adv_on and cfg.adversarial_prior else 0
             with accelerator.autocast():
-                out = model(x, generator=steps.noise())
+                out = model(x, generator=steps.noise(), n_prior=n_prior)
+                fakes = [out.recon] if out.prior is None else [out.recon, out.prior]
                 recon = reconstruction_loss(out.recon, x, cfg.recon_loss)
                 kl = kl_divergence(out.mu, out.logvar)
                 loss = recon + beta * kl
                 perc = perceptual(out.recon, x) if perceptual is not None else None
                 if perc is not None:
-                    loss = loss + cfg.perceptual_weight * perc
+                    loss = loss + cfg.perceptual_weight * pixels * perc
+                sim = 1 - ssim((out.recon + 1) / 2, (x + 1) / 2).mean() if cfg.ssim_weight > 0 else None
+                if sim is not None:
+                    loss = loss + cfg.ssim_weight * pixels * sim
+                adv_g = torch.stack([gan_g_loss(disc(f), "hinge") for f in fakes]).mean() if adv_on else None
+                if adv_g is not None:
+                    loss = loss + cfg.adversarial_weight * pixels * adv_g
             loss = inject_nan(steps.value + 1, loss)
             optimizer_step(accelerator, loss, optimizer, model.parameters(), cfg.grad_clip)
-            steps.advance(loss)
+            adv_d = None
+            if adv_on:  # the discriminator's step on real images against the (detached) fakes
+                with accelerator.autocast():
+                    real_logits = disc(x)
+                    adv_d = torch.stack([gan_d_loss(real_logits, disc(f.detach()), "hinge") for f in fakes]).mean()
+                opt_d.zero_grad(set_to_none=True)  # drop what the VAE's backward left in D's gradients
+                optimizer_step(accelerator, adv_d, opt_d, disc.parameters())
+            steps.advance(loss if adv_d is None else loss + adv_d)
             if steps.log_due():
                 row = {"loss": loss.item(), "recon": recon.item(), "kl": kl.item(), "beta": beta,
-                       "perceptual": perc.item() if perc is not None else None}
+                       "perceptual": perc.item() if perc is not None else None,
+                       "ssim": sim.item() if sim is not None else None,
+                       "adv_g": adv_g.item() if adv_g is not None else None,
+                       "adv_d": adv_d.item() if adv_d is not None else None}
                 steps.log(row)
                 steps.bar.set_postfix(loss=f"{row['loss']:.1f}", kl=f"{row['kl']:.1f}")
             if steps.after_step():
@@ -139,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # End of epoch: validation reconstruction and a sample grid from fixed latents.
         val = evaluate(model, val_loader, accelerator)
         steps.log(val, check=False)
-        accelerator.print(f"epoch {epoch + 1}/{steps.num_epochs} step {steps.value}: "
-                          f"val MSE {val['val_mse']:.4f}, PSNR {val['val_psnr']:.2f} dB")
+        accelerator.print(f"epoch {epoch + 1}/{steps.num_epochs} step {steps.value}: val MSE {val['val_mse']:.4f}, "
+                          f"PSNR {val['val_psnr']:.2f} dB, SSIM {val['val_ssim']:.3f}")
         if steps.samples_due():
             save_grid(generate(decoder, fixed_z), steps.samples_path())
 

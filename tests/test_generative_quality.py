@@ -5,8 +5,10 @@ reconstruction PSNR / SSIM, exact resume)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +279,218 @@ def test_dcgan_resumes_exactly(dcgan_run):
         return [line.split(",")[:-1] for line in lines]  # every column but the wall time
 
     assert rows(out / "part") == rows(out / "r") and len(rows(out / "r")) == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# VAE: KL warm-up, PSNR / SSIM, the patch discriminator, prior samples
+# --------------------------------------------------------------------------------------------------
+
+
+def test_kl_warmup_weight_is_linear_over_the_configured_steps():
+    from medpretrain.generative.configs import VAEConfig
+    from medpretrain.generative.vae import BetaSchedule
+
+    warm = BetaSchedule("linear", beta=1.0, warmup_steps=4)
+    assert [warm(s) for s in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [BetaSchedule("linear", beta=0.5, warmup_steps=8)(s) for s in (2, 6, 100)] == [0.125, 0.375, 0.5]
+    cfg = load_config(VAEConfig, ["kl_warmup_steps=7"], defaults_file=ROOT / "configs" / "vae.yaml")
+    assert cfg.beta_warmup_steps == 7 and cfg.beta_schedule == "linear"
+    with pytest.raises(ConfigError, match="beta_warmup_steps=-1"):
+        load_config(VAEConfig, ["kl_warmup_steps=-1"])
+
+
+def naive_ssim(a: torch.Tensor, b: torch.Tensor, k: int = 11, sigma: float = 1.5) -> float:
+    """Wang et al. 2004 by a loop over every k x k window inside one [H, W] image pair."""
+    g = torch.exp(-((torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2) / (2 * sigma**2))
+    w = (g[:, None] * g[None, :]) / g.sum() ** 2
+    a, b = a.double(), b.double()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for i in range(a.shape[0] - k + 1):
+        for j in range(a.shape[1] - k + 1):
+            pa, pb = a[i:i + k, j:j + k], b[i:i + k, j:j + k]
+            ma, mb = (w * pa).sum(), (w * pb).sum()
+            va, vb, cab = (w * pa * pa).sum() - ma**2, (w * pb * pb).sum() - mb**2, (w * pa * pb).sum() - ma * mb
+            values.append(((2 * ma * mb + c1) * (2 * cab + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(torch.stack(values).mean())
+
+
+def test_psnr_and_ssim_of_identical_and_known_perturbed_images():
+    from medpretrain.generative.monitor import psnr, ssim
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 16, 17) * 0.6 + 0.2
+    assert torch.isinf(psnr(x, x)).all() and psnr(x, x).gt(0).all()
+    torch.testing.assert_close(ssim(x, x), torch.ones(3))
+    # a constant offset of 0.1: MSE 0.01 -> 20 dB exactly
+    torch.testing.assert_close(psnr(x + 0.1, x), torch.full((3,), 20.0), rtol=1e-5, atol=1e-4)
+    in_pm1 = x * 2 - 1  # the same offset on the [-1, 1] scale: 0.2 with data_range 2
+    torch.testing.assert_close(psnr(in_pm1 + 0.2, in_pm1, data_range=2.0), torch.full((3,), 20.0), rtol=1e-5, atol=1e-4)
+    # flat images 0.5 vs 0.6: structure and contrast terms are 1, luminance (2 m n + C1) / (m^2 + n^2 + C1)
+    flat = torch.full((1, 1, 12, 12), 0.5)
+    assert ssim(flat + 0.1, flat).item() == pytest.approx((2 * 0.5 * 0.6 + 1e-4) / (0.25 + 0.36 + 1e-4), abs=1e-5)
+    # noisy pair: the mean over channels of the windowed loop
+    noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    got = ssim(noisy, x)
+    ref = [sum(naive_ssim(noisy[i, c], x[i, c]) for c in range(2)) / 2 for i in range(3)]
+    assert got.tolist() == pytest.approx(ref, abs=1e-5) and max(ref) < 0.95
+    assert ssim(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)).shape == (2,)  # 7x7 window below 11 px
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        ssim(x, x[:, :1])
+
+
+@pytest.mark.parametrize("size,layers,logits", [(28, 2, 5), (32, 2, 6), (64, 3, 6), (28, 1, 12)])
+def test_patch_discriminator_shapes_and_spectral_norm(size, layers, logits):
+    from medpretrain.generative.vae import PatchDiscriminator
+
+    torch.manual_seed(0)
+    d = PatchDiscriminator(1, 16, layers)
+    x = torch.randn(3, 1, size, size)
+    d(x).sum().backward()
+    assert d(x).shape == (3, 1, logits, logits)
+    d.eval()
+    convs = [m for m in d.modules() if parametrize.is_parametrized(m, "weight")]
+    assert len(convs) == layers + 2
+    for m in convs:
+        w = m.weight
+        assert torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2).item() == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match=f">= {4 * 2**layers}"):
+        d(torch.zeros(1, 1, 4 * 2**layers - 1, 4 * 2**layers - 1))
+
+
+def test_vae_prior_samples_share_the_decoder_pass():
+    from medpretrain.backbones import build_backbone
+    from medpretrain.generative.vae import VAE, ConvDecoder
+
+    torch.manual_seed(0)
+    vae = VAE(build_backbone("cbr_tiny", 1, "small"), ConvDecoder(8, 1, 28, 8))
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    plain = vae(x, generator=torch.Generator().manual_seed(1))
+    both = vae(x, generator=torch.Generator().manual_seed(1), n_prior=3)
+    assert plain.prior is None and both.prior.shape == (3, 1, 28, 28)
+    assert torch.equal(plain.z, both.z)  # the posterior noise is drawn first, from the same generator
+    vae.eval()  # with BatchNorm in eval mode the reconstructions do not depend on the prior batch
+    out = vae(x, generator=torch.Generator().manual_seed(2), n_prior=5)
+    torch.testing.assert_close(vae(x).recon, out.recon)
+    # eval: z = mu draws nothing, so the prior latents are the generator's first draw, decoded
+    torch.testing.assert_close(out.prior, vae.decoder(torch.randn(5, 8, generator=torch.Generator().manual_seed(2))))
+
+
+# --------------------------------------------------------------------------------------------------
+# VAE: a run with every option, its reported numbers, exact resume
+# --------------------------------------------------------------------------------------------------
+
+VAE_TINY = ["backbone.arch=cbr_tiny", "train.batch_size=16", "train.log_every=1", "train.grid_size=4",
+            "train.log_with=none", "train.checkpoint_every=2", "kl_warmup_steps=3", "perceptual_weight=0.05",
+            "ssim_weight=0.1", "adversarial_weight=0.02", "adversarial_start=1", "adversarial_lr=5e-4",
+            "adversarial_channels=16"]
+
+
+def run_vae(out: Path, name: str, steps: int, *extra: str) -> tuple[Any, dict[str, Any]]:
+    """generative/vae.py in process; returns (the perceptual loss module it built, results)."""
+    script = load_script("generative/vae.py", f"quality_vae_{name}_{steps}")
+    captured: dict[str, Any] = {}
+    real_build = script.build_perceptual
+
+    def build(*args: Any) -> Any:
+        captured["perceptual"] = real_build(*args)
+        captured["initial"] = copy.deepcopy(captured["perceptual"].state_dict())
+        return captured["perceptual"]
+
+    script.build_perceptual = build
+    results = script.main([*VAE_TINY, f"train.max_steps={steps}", f"out_dir={out}", f"run_name={name}", *extra])
+    return captured, results
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("vae_quality")
+    captured, results = run_vae(out, "r", 4)
+    return out, captured, results
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_vae_reports_psnr_and_ssim_and_logs_every_term(vae_run):
+    out, _, results = vae_run
+    run = out / "r"
+    assert results["val_psnr"] == pytest.approx(10 * math.log10(1 / results["val_mse"]), rel=1e-9)
+    assert 0.0 < results["val_ssim"] < 1.0 and results["val_psnr"] > 5
+    _, meta = load_backbone(run / "backbone.safetensors", arch="cbr_tiny", in_channels=1)
+    assert {k: meta.extra[k] for k in ("val_mse", "val_psnr", "val_ssim")} == \
+        {k: results[k] for k in ("val_mse", "val_psnr", "val_ssim")}
+    assert json.loads((run / "results.json").read_text())["val_ssim"] == results["val_ssim"]
+    rows = metrics_rows(run)
+    steps = [r for r in rows if r["loss"]]
+    assert [int(r["step"]) for r in steps] == [1, 2, 3, 4]
+    # KL warm-up over 3 steps: the weight of step s is beta(s - 1)
+    assert [float(r["beta"]) for r in steps] == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    assert all(r["perceptual"] and r["ssim"] for r in steps)
+    assert [bool(r["adv_g"]) for r in steps] == [False, True, True, True]  # adversarial_start=1
+    assert all(0 < float(r["ssim"]) < 1 and float(r["adv_d"]) > 0 for r in steps[1:])
+    [val] = [r for r in rows if r["val_ssim"]]
+    assert float(val["val_ssim"]) == pytest.approx(results["val_ssim"], rel=1e-5)
+
+
+def test_vae_perceptual_network_is_frozen_with_real_statistics(vae_run):
+    _, captured, _ = vae_run
+    features = captured["perceptual"].features
+    assert not features.training and not any(p.requires_grad for p in features.parameters())
+    after = captured["perceptual"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in captured["initial"].items())  # not trained, stats not moved
+    bn = features.blocks[0].bn
+    assert int(bn.num_batches_tracked) == 64  # 1024 real images in batches of 16
+    assert bn.running_mean.abs().max() > 0.01 and not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+
+
+def test_vae_discriminator_and_its_optimiser_are_checkpointed(vae_run):
+    out, _, _ = vae_run
+    ckpt = max((out / "r" / "checkpoints").iterdir())
+    assert torch.load(ckpt / "optimizer_1.bin", weights_only=True)["param_groups"][0]["lr"] == 5e-4
+    from safetensors.torch import load_file
+
+    disc = load_file(str(ckpt / "model_1.safetensors"))
+    assert any(k.endswith("parametrizations.weight.original") for k in disc)
+
+
+def test_vae_with_every_option_resumes_exactly(vae_run):
+    out, _, _ = vae_run
+    run_vae(out, "part", 2)
+    run_vae(out, "part", 4, "train.resume=auto")
+    for name, read in (("decoder.safetensors", load_state_dict), ("backbone.safetensors", load_backbone_state)):
+        a, _ = read(out / "part" / name)
+        b, _ = read(out / "r" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def losses(run: Path) -> list[dict[str, str]]:
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in metrics_rows(run) if r["loss"]]
+
+    assert losses(out / "part") == losses(out / "r") and len(losses(out / "r")) == 4
+
+
+def test_vae_evaluate_reports_psnr_of_the_mean_mse_and_mean_ssim():
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from medpretrain.config import BackboneConfig
+    from medpretrain.generative.configs import VAEConfig
+    from medpretrain.generative.monitor import ssim
+
+    script = load_script("generative/vae.py", "quality_vae_eval")
+
+    torch.manual_seed(0)
+    model = script.build_model(VAEConfig(backbone=BackboneConfig(arch="cbr_tiny")), 1, 28)
+    x = train_images(10)
+    val = script.evaluate(model, DataLoader([{"image": im} for im in x], batch_size=4), Accelerator(cpu=True))
+    assert model.training  # evaluate puts the model back in training mode
+    with torch.no_grad():
+        r01, x01 = (model.eval()(x).recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2
+    mse = float((r01 - x01).pow(2).mean())
+    assert val["val_mse"] == pytest.approx(mse, rel=1e-5)
+    assert val["val_psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    assert val["val_ssim"] == pytest.approx(float(ssim(r01, x01).mean()), rel=1e-5) and val["val_ssim"] < 0.9

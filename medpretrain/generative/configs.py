@@ -54,9 +54,15 @@ def check_data_config(data: DataConfig) -> None:
 
 @dataclasses.dataclass
 class VAEConfig:
-    """``generative/vae.py``: a VAE whose encoder is the project's backbone (exported as ``vae``)."""
+    """``generative/vae.py``: a VAE whose encoder is the project's backbone (exported as ``vae``).
 
-    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume"}  # `--resume auto`
+    The weights of the optional terms (``perceptual_weight``, ``ssim_weight``, ``adversarial_weight``) are per
+    pixel: each term is multiplied by the pixels of an image (``C * H * W``), as the reconstruction error is
+    summed over them, so weight 1 weighs a term like a squared error of 1 on every pixel.
+    """
+
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "train.resume",  # `--resume auto`
+                                         "kl_warmup_steps": "beta_warmup_steps"}
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
@@ -67,18 +73,51 @@ class VAEConfig:
     recon_loss: Literal["mse", "l1"] = "mse"
     beta: float = 1.0
     beta_schedule: Literal["constant", "linear", "cyclical"] = "linear"
+    """``linear``: KL warm-up from 0 to ``beta`` over ``beta_warmup_steps`` optimizer steps (Bowman et al. 2016)."""
     beta_warmup_steps: int = 100
+    """KL warm-up length in optimizer steps (alias ``kl_warmup_steps``; 0: ``beta`` from the first step)."""
     beta_cycle_steps: int = 0
     perceptual_weight: float = 0.0
-    """> 0 adds a feature-matching loss through a frozen backbone (``perceptual_init``)."""
-    perceptual_init: str = "imagenet"
-    """``medpretrain.init.init_backbone`` spec of the frozen extractor: ``imagenet`` or a contract checkpoint."""
+    """> 0 adds a feature distance through a frozen network (:class:`~medpretrain.generative.vae.PerceptualLoss`)."""
+    perceptual_init: str = "random"
+    """The frozen network: ``random`` (randomly initialised with ``train.seed``, BatchNorm statistics of real
+    training images; needs no download), or a :func:`medpretrain.init.init_backbone` spec: a contract
+    checkpoint (e.g. a SimCLR export), ``simclr`` (newest export), ``imagenet`` (weights must be present)."""
+    perceptual_arch: str = ""
+    """Architecture of the frozen network (empty: ``backbone.arch``)."""
+    ssim_weight: float = 0.0
+    """> 0 adds ``1 - SSIM(recon, x)`` (:func:`~medpretrain.generative.monitor.ssim`, [0, 1] scale)."""
+    adversarial_weight: float = 0.0
+    """> 0 adds the VAE-GAN term (Larsen et al. 2016): a :class:`~medpretrain.generative.vae.PatchDiscriminator`
+    judges real images against reconstructions (and prior samples, ``adversarial_prior``), hinge loss; the
+    decoder and encoder minimise its generator loss."""
+    adversarial_start: int = 0
+    """Optimizer steps before the discriminator and the adversarial term start (the decoder learns to
+    reconstruct first)."""
+    adversarial_prior: bool = True
+    """Also judge decoded prior samples z ~ N(0, I), as Larsen et al. (the samples are what must not be blur)."""
+    adversarial_lr: float = 0.0
+    """Discriminator learning rate (0: ``train.lr``); Adam with betas (0.5, 0.999)."""
+    adversarial_channels: int = 64
+    adversarial_layers: int = 2
+    """Stride-2 layers of the patch discriminator (receptive field 16 / 34 / 70 px for 1 / 2 / 3)."""
     grad_clip: float = 5.0
     """Max gradient norm (0: off)."""
     split: Literal["train", "all"] = "train"
     """Training split; ``train`` keeps the validation split unseen for the reconstruction metrics."""
     out_dir: str = "runs/generative/vae"
     run_name: str = ""
+
+    def __post_init__(self) -> None:
+        weights = {"perceptual_weight": self.perceptual_weight, "ssim_weight": self.ssim_weight,
+                   "adversarial_weight": self.adversarial_weight, "adversarial_lr": self.adversarial_lr,
+                   "adversarial_start": self.adversarial_start, "beta_warmup_steps": self.beta_warmup_steps}
+        bad = [f"{k}={v}" for k, v in weights.items() if v < 0]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: must be >= 0")
+        if self.adversarial_layers < 1 or self.adversarial_channels < 1:
+            raise ConfigError(f"adversarial_layers and adversarial_channels must be >= 1, got "
+                              f"{self.adversarial_layers} and {self.adversarial_channels}")
 
 
 @dataclasses.dataclass

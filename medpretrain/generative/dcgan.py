@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -170,6 +170,15 @@ class RadfordDiscriminator(BackboneDiscriminator):
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"Radford discriminator built for {self.image_size} px, got {list(x.shape)}")
         return self.head(self.backbone.forward_features(x)[-1]).flatten()  # type: ignore[operator]
+
+
+def dataset_batches(ds: Sequence[dict[str, Tensor]], n: int, batch_size: int,
+                    device: torch.device | str = "cpu") -> Iterator[Tensor]:
+    """The first ``n`` images of ``ds`` (0: all), in order, stacked in batches of ``batch_size`` on ``device``:
+    the real images :func:`reestimate_batchnorm` is given."""
+    n = len(ds) if n <= 0 else min(n, len(ds))
+    for start in range(0, n, batch_size):
+        yield torch.stack([ds[i]["image"] for i in range(start, min(start + batch_size, n))]).to(device)
 
 
 @torch.no_grad()

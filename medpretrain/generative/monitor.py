@@ -1,4 +1,5 @@
-"""Sample diversity and mode-collapse detection (DCGAN), and summary statistics of generated images."""
+"""Sample diversity and mode-collapse detection (DCGAN), summary statistics of generated images, and the
+reconstruction quality numbers PSNR and SSIM (:func:`psnr`, :func:`ssim`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -85,3 +87,44 @@ def sample_statistics(samples: Tensor, reference: Tensor | None = None, max_pair
         out.update(stats(reference, "real_"))
         out["diversity_ratio"] = out["diversity"] / out["real_diversity"] if out["real_diversity"] > 0 else float("nan")
     return out
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio per image, ``[B]``, in dB: ``10 log10(data_range^2 / MSE)`` over each
+    image's pixels (``inf`` for identical images). ``x``, ``y``: ``[B, C, H, W]`` of the same shape."""
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"psnr needs two [B, C, H, W] tensors of one shape, got {list(x.shape)} and {list(y.shape)}")
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def _gaussian_window(size: int, sigma: float, device: torch.device) -> Tensor:
+    g = torch.exp(-((torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Structural similarity per image, ``[B]`` (Wang et al. 2004): the mean over channels and over every
+    ``window x window`` position inside the image (no padding, as the paper's reference code) of
+    ``(2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))``, with Gaussian-weighted
+    local statistics (``sigma`` 1.5), ``C1 = (0.01 data_range)^2`` and ``C2 = (0.03 data_range)^2``. 1 for
+    identical images. Images smaller than the window use the largest odd window that fits. Differentiable
+    (usable as a loss). ``x``, ``y``: ``[B, C, H, W]`` of the same shape, at least 3x3.
+    """
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"ssim needs two [B, C, H, W] tensors of one shape, got {list(x.shape)} and {list(y.shape)}")
+    size = min(window, *x.shape[-2:])
+    size -= 1 - size % 2  # odd
+    if size < 3:
+        raise ValueError(f"ssim needs images of at least 3x3, got {list(x.shape[-2:])}")
+    x, y = x.float(), y.float()
+    channels = x.shape[1]
+    w = _gaussian_window(size, sigma, x.device).expand(channels, 1, size, size)
+    stats = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), w, groups=channels).split(x.shape[0])
+    mu_x, mu_y = stats[0], stats[1]
+    # E[x^2] - mu^2 can come out a hair below 0 in float32 on flat regions: variances are clamped at 0
+    var_x, var_y, cov = (stats[2] - mu_x**2).clamp(min=0), (stats[3] - mu_y**2).clamp(min=0), stats[4] - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)

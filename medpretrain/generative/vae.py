@@ -2,8 +2,10 @@
 
 :class:`VAE`: ``encoder`` (a :class:`medpretrain.backbones.Backbone`) -> :class:`GaussianHead` -> ``z`` ->
 :class:`ConvDecoder`. Loss = per-sample summed reconstruction error (:func:`reconstruction_loss`) +
-``beta`` * :func:`kl_divergence` (beta-VAE, Higgins et al. 2017; schedules: :class:`BetaSchedule`), plus
-an optional :class:`PerceptualLoss`. Images are in [-1, 1]; the decoder ends in ``tanh``.
+``beta(step)`` * :func:`kl_divergence` (beta-VAE, Higgins et al. 2017; KL warm-up and other schedules:
+:class:`BetaSchedule`), plus optional terms against blur: a :class:`PerceptualLoss` (feature distance through
+a frozen network), an SSIM term (:func:`medpretrain.generative.monitor.ssim`) and an adversarial term from a
+:class:`PatchDiscriminator` (VAE-GAN, Larsen et al. 2016). Images are in [-1, 1]; the decoder ends in ``tanh``.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class VAEOutput:
     mu: Tensor
     logvar: Tensor
     z: Tensor
+    prior: Tensor | None = None
+    """Decoded prior samples ``z ~ N(0, I)`` (``forward(..., n_prior=k)``), else ``None``."""
 
 
 class VAE(nn.Module):
@@ -102,15 +106,24 @@ class VAE(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.head(self.encoder(x))
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
-        """``generator`` (on ``x``'s device) draws the noise; a per-step seeded one makes resumes exact."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, n_prior: int = 0) -> VAEOutput:
+        """``generator`` (on ``x``'s device) draws the noise; a per-step seeded one makes resumes exact.
+
+        ``n_prior > 0`` also decodes ``n_prior`` latents drawn from the prior N(0, I) (after the posterior noise,
+        from the same ``generator``), in the same decoder pass as the reconstructions (one forward, so that
+        data-parallel training sees every decoder parameter once): ``VAEOutput.prior``.
+        """
         mu, logvar = self.encode(x)
         if self.training:
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + torch.exp(0.5 * logvar) * eps
         else:
             z = mu
-        return VAEOutput(self.decoder(z), mu, logvar, z)
+        if n_prior <= 0:
+            return VAEOutput(self.decoder(z), mu, logvar, z)
+        z_prior = torch.randn((n_prior, z.shape[1]), generator=generator, device=z.device, dtype=z.dtype)
+        recon, prior = self.decoder(torch.cat([z, z_prior])).split([len(z), n_prior])
+        return VAEOutput(recon, mu, logvar, z, prior)
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -170,6 +183,38 @@ class PerceptualLoss(nn.Module):
         if self.layers is not None:
             fr, ft = fr[: self.layers], ft[: self.layers]
         return torch.stack([F.mse_loss(a.float(), b.float()) for a, b in zip(fr, ft, strict=True)]).mean()
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (Isola et al. 2017) for the VAE-GAN term: ``x [B, C, H, W]`` -> logits
+    ``[B, 1, h, w]``, one per overlapping patch.
+
+    ``n_layers`` 4x4 stride-2 convs (channels ``channels * 2**i``, capped at 512) with LeakyReLU(0.2), a 4x4
+    stride-1 conv and a 4x4 stride-1 conv to one channel, all padding 1; the receptive field of a logit is
+    16 / 34 / 70 px for 1 / 2 / 3 layers (pix2pix's 70x70 PatchGAN has 3; 28 px, 2 layers: 5x5 logits).
+    Spectral normalisation (Miyato et al. 2018) on every conv instead of the paper's BatchNorm, so real
+    and generated batches judged separately never mix in running statistics. Needs ``2**n_layers * 4`` px
+    or more.
+    """
+
+    def __init__(self, in_channels: int = 1, channels: int = 64, n_layers: int = 2) -> None:
+        super().__init__()
+        check_positive(in_channels=in_channels, channels=channels, n_layers=n_layers)
+        self.min_size = 4 * 2**n_layers
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i in range(n_layers + 1):
+            out = min(512, channels * 2**i)
+            layers += [sn(nn.Conv2d(prev, out, 4, 2 if i < n_layers else 1, 1)), nn.LeakyReLU(0.2, inplace=True)]
+            prev = out
+        layers.append(sn(nn.Conv2d(prev, 1, 4, 1, 1)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or min(x.shape[-2:]) < self.min_size:
+            raise ValueError(f"patch discriminator needs [B, C, H, W] with H, W >= {self.min_size}, got {list(x.shape)}")
+        return self.net(x)
 
 
 @dataclass
