@@ -214,7 +214,8 @@ def test_generator_samples_and_audit_stages(tmp_path: Path) -> None:
         "common": ["data.dataset=medmnist:pneumoniamnist", "backbone.arch=cbr_tiny", "backbone.stem=standard"],
         "launch": {"launcher": "python"},
         "simclr": {"enabled": False}, "moco": {"enabled": False}, "vae": {"enabled": False},
-        "dcgan": {"overrides": ["train.max_steps=3", "train.batch_size=32", "train.checkpoint_every=0"]},
+        "dcgan": {"overrides": ["train.max_steps=3", "train.batch_size=32", "train.checkpoint_every=0",
+                            "discriminator=backbone"]},  # the cbr_tiny trunk as the audit's feature space
         "audit": {"generators": ["dcgan"], "features": "dcgan", "n_samples": 64,
                   "overrides": ["n_real=64", "n_fake=64", "disc.epochs=1", "disc.folds=2", "kid_subsets=2",
                                 "kid_subset_size=32", "memo.n_heldout=64", "memo.n_train=256"]},
