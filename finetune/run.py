@@ -29,7 +29,7 @@ threshold. Output folder (default ``runs/finetune/<task>/<init>/<regime>/<fracti
 ``resume=auto`` continues from the newest complete epoch checkpoint in ``<output>/checkpoints``.
 
 ``task=segmentation`` (binary masks, e.g. ``data.dataset=drive:``) trains a :class:`medpretrain.unet.UNet`
-whose encoder is the same backbone, on random paired patches (``seg.patch_size``) of ``seg.n_train_images``
+whose encoder is the same backbone (``seg.model=small``: a small U-Net from scratch instead), on random paired patches (``seg.patch_size``) of ``seg.n_train_images``
 annotated images; validation and test use MONAI's sliding-window inference over whole images and score
 inside the roi (DRIVE's field of view). Outputs as above, with per-image test metrics in ``results.json``,
 ``overlays.png``, and ``predictions.npz`` holding the test probability maps as uint16 (0 outside the roi)
@@ -96,7 +96,7 @@ from medpretrain.metrics import (
 from medpretrain.regimes import Classifier, parse_regime
 from medpretrain.results import RunResult, save_predictions, write_results
 from medpretrain.stage import Stage, start_stage
-from medpretrain.unet import UNet
+from medpretrain.unet import build_seg_model
 from medpretrain.utils import seed_everything
 
 log = logging.getLogger("finetune")
@@ -157,6 +157,8 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
         raise ConfigError(f"task=segmentation needs a mask dataset (e.g. drive:), got task {train_ds.task!r}")
     n_images = len(parts["chosen"])
     names = test_ds.names
+    seg_model = build_seg_model(cfg.seg.model, enc.backbone, init=cfg.init, regime=cfg.regime,
+                                full_resolution=cfg.seg.full_resolution)
 
     def evaluate(pred: dict[str, np.ndarray], threshold: Any = None) -> tuple[dict[str, float], list[dict[str, float]]]:
         rows = per_image_metrics(pred["probs"], pred["masks"], pred["rois"],
@@ -184,7 +186,7 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
                          [names[int(i)] for i in pred["index"]] if names is not None else None)
 
     return TaskParts(
-        label_task="segmentation", model=UNet(enc.backbone, num_classes=1), datasets=ds, loaders=parts["loaders"],
+        label_task="segmentation", model=seg_model, datasets=ds, loaders=parts["loaders"],
         loss=lambda logits, batch: seg_loss(logits, batch["mask"], cfg.seg.dice_loss_weight),
         predict=lambda model, loader: predict_images(model, loader, cfg, accelerator),
         evaluate=evaluate, choose_threshold=choose_threshold, test_fields=test_fields, save_outputs=save_outputs,
@@ -195,7 +197,9 @@ def segmentation(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) ->
               "train_pool_size": len(train_ds), "train_images": parts["chosen_names"], "val_size": len(ds["val"]),
               "test_size": len(test_ds), "image_size": enc.image_size, "patch_size": cfg.seg.patch_size,
               "split": train_ds.split_info},
-        model_meta={"patch_size": cfg.seg.patch_size},
+        model_meta={"patch_size": cfg.seg.patch_size, "seg_model": cfg.seg.model,
+                    "full_resolution": seg_model.full_resolution,
+                    **({"arch": seg_model.backbone.arch} if cfg.seg.model != "unet" else {})},
     )
 
 

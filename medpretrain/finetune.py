@@ -148,6 +148,22 @@ class SegConfig:
     """Loss = BCE + this * soft Dice (vessels are ~12 % of the field of view; BCE alone predicts background)."""
     n_overlays: int = 3
     """Test images drawn in ``overlays.png`` (prediction against ground truth)."""
+    model: Literal["unet", "small"] = "unet"
+    """``unet``: :class:`medpretrain.unet.UNet` with the init backbone as its encoder; ``small``:
+    :func:`medpretrain.unet.small_unet`, a 69 k-parameter U-Net from scratch (``init=scratch``; the baseline arm
+    that says whether transfer beats a tiny purpose-built network; ``backbone.*`` is then unused)."""
+    full_resolution: bool = False
+    """``unet``: a decoder level at the input's resolution for encoders whose finest map is coarser (ResNet's
+    standard stem, timm encoders: stride 2); off, the head's stride-2 output is upsampled bilinearly."""
+    foreground_fraction: float = 0.0
+    """Vessel-weighted patches: this fraction of the training patches is centred on a random foreground pixel
+    inside the roi (:class:`medpretrain.data.transforms.PairedRandomCrop`), the rest uniform (0: all uniform)."""
+
+    def __post_init__(self) -> None:
+        from medpretrain.config import ConfigError
+
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ConfigError(f"seg.foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
 
 
 @dataclass
@@ -593,7 +609,8 @@ def build_seg_dataloaders(cfg: FinetuneConfig, num_processes: int = 1) -> dict[s
     from medpretrain.config import ConfigError
     from medpretrain.data.transforms import Compose, PairedRandomCrop, PairedRandomFlip
 
-    patches = Compose([PairedRandomCrop(cfg.seg.patch_size), PairedRandomFlip()])
+    patches = Compose([PairedRandomCrop(cfg.seg.patch_size, foreground=cfg.seg.foreground_fraction),
+                       PairedRandomFlip()])
     full_train = build_dataset(cfg.data, "train", transform=patches)
     n_all = len(full_train)
     n = cfg.seg.n_train_images or n_all

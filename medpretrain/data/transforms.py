@@ -81,16 +81,37 @@ class PairedRandomCrop:
     """Crop the same random ``size`` window from every key present (image, mask, roi).
 
     Inputs smaller than ``size`` are zero-padded first (padding is outside the roi).
-    Args: size: int or (H, W); keys: sample keys to crop; seed: see the module docstring.
+    Args: size: int or (H, W); keys: sample keys to crop; seed: see the module docstring; foreground: the
+    probability that the window is centred on a foreground pixel (``mask > 0`` and, when present,
+    ``roi > 0``) drawn uniformly, shifted to stay inside the image (vessel-weighted sampling: thin structures
+    cover ~12 % of a fundus image); otherwise, and for a sample without foreground, the window is uniform.
+    With ``foreground=0`` the draws are exactly those of a uniform crop.
     """
 
     def __init__(self, size: int | tuple[int, int], keys: Sequence[str] = ("image", "mask", "roi"),
-                 seed: int | None = None):
+                 seed: int | None = None, foreground: float = 0.0):
         self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         if min(self.size) < 1:
             raise ValueError(f"crop size must be positive, got {size}")
+        if not 0.0 <= foreground <= 1.0:
+            raise ValueError(f"foreground must be in [0, 1], got {foreground}")
         self.keys = tuple(keys)
+        self.foreground = float(foreground)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def _corner(self, sample: Sample, h: int, w: int) -> tuple[int, int]:
+        ch, cw = self.size
+        top_max, left_max = max(h, ch) - ch, max(w, cw) - cw
+        if self.foreground > 0 and "mask" in sample:
+            if float(torch.rand(1, generator=self.generator).item()) < self.foreground:
+                fg = torch.as_tensor(sample["mask"])[0] > 0
+                if "roi" in sample:
+                    fg &= torch.as_tensor(sample["roi"])[0] > 0
+                where = torch.nonzero(fg)
+                if len(where):
+                    y, x = where[_rng_int(len(where), self.generator)].tolist()
+                    return min(max(0, y - ch // 2), top_max), min(max(0, x - cw // 2), left_max)
+        return _rng_int(top_max + 1, self.generator), _rng_int(left_max + 1, self.generator)
 
     def __call__(self, sample: Sample) -> Sample:
         keys = [k for k in self.keys if k in sample]
@@ -99,8 +120,7 @@ class PairedRandomCrop:
         h, w = sample[keys[0]].shape[-2:]
         ch, cw = self.size
         ph, pw = max(0, ch - h), max(0, cw - w)
-        top = _rng_int(max(h, ch) - ch + 1, self.generator)
-        left = _rng_int(max(w, cw) - cw + 1, self.generator)
+        top, left = self._corner(sample, h, w)
         out = dict(sample)
         for k in keys:
             x = torch.as_tensor(sample[k])
