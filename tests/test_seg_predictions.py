@@ -69,6 +69,20 @@ def _run(tmp_path: Path, name: str, seed: int, probs: np.ndarray, masks: np.ndar
             "run_dir": str(run_dir), "config": {"seg": {"threshold": 0.5}}}
 
 
+def test_seed_ensemble_scores_at_the_members_chosen_thresholds(tmp_path):
+    """Each run's test threshold is chosen on validation (``threshold`` in results.json); the ensemble of the seeds
+    uses their mean, not ``seg.threshold``: two identical runs at 0.3 give the single run's decisions."""
+    mask = np.zeros((1, 4, 4), np.float32)
+    mask[:, :, :2] = 1
+    probs = np.where(mask > 0, 0.4, 0.2).astype(np.float32)  # vessels at 0.4: found at 0.3, missed at 0.5
+    runs = [{**_run(tmp_path, f"s{i}", i, probs, mask, np.ones_like(mask), ["a"]), "threshold": t}
+            for i, t in enumerate((0.25, 0.35))]
+    [row] = ensembles(runs, n_boot=10)
+    assert row["threshold"] == pytest.approx(0.3) and row["metrics"]["dice"] == 1.0
+    [old] = ensembles([{k: v for k, v in r.items() if k != "threshold"} for r in runs], n_boot=10)
+    assert old["threshold"] == 0.5 and old["metrics"]["dice"] == 0.0  # runs without one: seg.threshold
+
+
 def test_seed_ensemble_of_synthetic_maps_has_the_known_dice(tmp_path):
     h, w = 8, 10
     mask = np.zeros((2, h, w), np.float32)

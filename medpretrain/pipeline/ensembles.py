@@ -35,7 +35,8 @@ def _as_dict(r: Run) -> Mapping[str, Any]:
 def seg_ensemble(init: str, regime: str, n_images: float, runs: Sequence[Mapping[str, Any]],
                  n_boot: int) -> dict[str, Any] | None:
     """Segmentation ensemble row: the seeds' test probability maps (``predictions.npz``, uint16) averaged per pixel,
-    scored like one run (per-image metrics inside the roi, mean over images, bootstrap over images).
+    scored like one run (per-image metrics inside the roi, mean over images, bootstrap over images) at the mean of
+    the members' test thresholds (each chosen on validation; ``seg.threshold`` for runs that do not record one).
 
     Runs without saved maps (older runs) are left out; ``None`` when fewer than two remain. Raises ``ValueError``
     when the runs disagree on the test images, their order, masks or rois.
@@ -49,10 +50,12 @@ def seg_ensemble(init: str, regime: str, n_images: float, runs: Sequence[Mapping
         if not p.same_cases(ref):
             raise ValueError(f"{init}/{regime}/{n_images:g} images: runs disagree on the test images; cannot ensemble")
     probs = np.mean([p["probs"] for p in preds], axis=0)
-    rows = per_image_metrics(probs, list(ref["masks"]), list(ref["rois"]), threshold=runs[0]["config"]["seg"]["threshold"], seed=0)
+    threshold = float(np.mean([r["threshold"] if isinstance(r.get("threshold"), (int, float))
+                               else r["config"]["seg"]["threshold"] for r in runs]))
+    rows = per_image_metrics(probs, list(ref["masks"]), list(ref["rois"]), threshold=threshold, seed=0)
     return {
         "init": init, "regime": regime, "label_fraction": n_images, "n_train_images": int(n_images), "n": len(runs),
-        "seeds": sorted(r["seed"] for r in runs), "metrics": mean_metrics(rows),
+        "seeds": sorted(r["seed"] for r in runs), "metrics": mean_metrics(rows), "threshold": threshold,
         "ci": bootstrap_images(rows, n_boot=n_boot, seed=0),
         "per_image": [{"name": str(name), **m} for name, m in zip(ref["names"], rows, strict=True)],
     }
