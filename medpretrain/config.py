@@ -139,6 +139,19 @@ class DataConfig:
     red channel above ``fov_threshold``, largest region, holes filled, eroded by 1 px. Given rois are kept."""
     fov_threshold: float = 0.1
     """Red-channel level (of [0, 1]) above which a pixel is inside the derived field of view."""
+    # On-disk image cache (``folder:``, ``manifest:``, ``dicom:``, ``nifti:``). See :mod:`medpretrain.data.cache`.
+    cache: bool | Literal["auto"] = False
+    """``off`` (false): decode into memory (float32). ``on`` (true): decode once, in parallel, into a memory-mapped cache of
+    uint8 (8-bit image files) / uint16 pixels that every stage and run re-uses; training reads one image at a
+    time. Quantised after resizing: at most 0.5/255 or 0.5/65535 per pixel from the in-memory values. ``auto``:
+    ``on`` when the decoded float32 set (one sample per file) would exceed ``cache_above_mb``."""
+    cache_dir: str | None = None
+    """Cache folder; ``None``: ``$MEDPRETRAIN_CACHE``, else ``runs/cache`` in the project. Relative paths resolve
+    against the project."""
+    cache_workers: int | None = None
+    """Processes decoding into the cache; ``None``: min(4, CPU count)."""
+    cache_above_mb: int = 2048
+    """``cache: auto`` caches sources whose decoded float32 images would take more than this many MB."""
 
     def __post_init__(self) -> None:
         if self.clahe_clip < 0 or self.clahe_grid < 1:
@@ -484,7 +497,8 @@ HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "SegConfig": {"model": "unet", "full_resolution": False, "foreground_fraction": 0.0},
     "DataConfig": {"path_column": "image_path", "label_column": "label", "label_columns": None, "classes": None,
                    "patient_column": "patient", "split_column": None, "rgb_to_grey": "luma", "clahe": False,
-                   "clahe_clip": 2.0, "clahe_grid": 8, "derive_fov": False, "fov_threshold": 0.1},
+                   "clahe_clip": 2.0, "clahe_grid": 8, "derive_fov": False, "fov_threshold": 0.1,
+                   "cache": False, "cache_dir": None, "cache_workers": None, "cache_above_mb": 2048},
 }
 """Options added after runs were cached, per config class: left out of :func:`hash_view` (so of every config,
 stage and cell hash) while they hold the value listed here, the value under which they change nothing. Adding

@@ -12,13 +12,18 @@ front means a bad file fails (or is skipped) before training starts, never deep 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from medpretrain.data.cache import CachedImages
 
 Task = Literal["binary", "multiclass", "multilabel", "segmentation", "unlabeled"]
 PROGRESS_MIN_FILES = 200
@@ -57,6 +62,28 @@ class Decoded:
         return len(self.images)
 
 
+DecodeHook = Callable[[Callable[..., "Decoded"], Path, Any, str, dict[str, Any]], "Decoded"]
+_DECODE_HOOK: ContextVar[DecodeHook | None] = ContextVar("medpretrain_decode_hook", default=None)
+
+
+def decode_file(fn: Callable[..., Decoded], path: Path, cfg: Any, rel: str = "", **kwargs: Any) -> Decoded:
+    """``fn(path, cfg, rel, **kwargs)``: a reader's per-file decoder, called through here so that the on-disk
+    cache (:mod:`medpretrain.data.cache`) can list the files a source decodes and serve them from disk
+    (:func:`decoding_with`). Without a hook it is the plain call."""
+    hook = _DECODE_HOOK.get()
+    return fn(path, cfg, rel, **kwargs) if hook is None else hook(fn, path, cfg, rel, kwargs)
+
+
+@contextmanager
+def decoding_with(hook: DecodeHook) -> Iterator[None]:
+    """Route every :func:`decode_file` call in this context (thread / task) through ``hook``."""
+    token = _DECODE_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _DECODE_HOOK.reset(token)
+
+
 def progress(items: list, desc: str) -> Iterable:
     """tqdm over ``items``, shown only on a terminal and for at least ``PROGRESS_MIN_FILES`` items."""
     quiet = len(items) < PROGRESS_MIN_FILES or not sys.stderr.isatty()
@@ -74,7 +101,8 @@ def stack_if_same(images: list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
 class Source:
     """Decoded samples of one dataset, before splitting.
 
-    images: N arrays ``[C, H, W]`` float32 in [0, 1] (one stacked array when sizes agree).
+    images: N arrays ``[C, H, W]`` float32 in [0, 1] (one stacked array when sizes agree), or a
+    :class:`medpretrain.data.cache.CachedImages` reading them from the on-disk cache (``data.cache``).
     labels: ``[N]`` int64 class indices, or ``[N, K]`` {0, 1} for multi-label; ``None`` if unlabeled.
     masks / rois: N arrays ``[1, H, W]`` in {0, 1} for segmentation; ``None`` otherwise.
     groups: ``[N]`` strings (salted patient keys) used to keep a patient in one split; ``None`` if unknown.
@@ -88,7 +116,7 @@ class Source:
     ``data.group_regex`` is matched against; ``None``: ``names``.
     """
 
-    images: list[np.ndarray] | np.ndarray
+    images: list[np.ndarray] | np.ndarray | CachedImages
     task: Task
     names: list[str]
     files: list[Path]

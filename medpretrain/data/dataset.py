@@ -50,7 +50,7 @@ def _cache_key(cfg: DataConfig) -> tuple:
     return (cfg.dataset.strip(), str(data_root(cfg)), cfg.image_size, cfg.channels, cfg.window,
             cfg.slice_axis, cfg.skip_bad, cfg.max_pixels, project_salt(), cfg.path_column, cfg.label_column,
             tuple(cfg.label_columns or ()), tuple(cfg.classes or ()), cfg.patient_column, cfg.split_column,
-            *retina.cache_key(cfg))
+            *retina.cache_key(cfg), cfg.cache, cfg.cache_above_mb if cfg.cache == "auto" else None)
 
 
 def clear_source_cache() -> None:
@@ -68,15 +68,23 @@ def _decode(cfg: DataConfig) -> Source:
         raise ConfigError(f"data.max_pixels must be positive or 0 (no limit), got {cfg.max_pixels}")
     spec = parse_spec(cfg.dataset, data_root(cfg))
     retina.check_scheme(cfg, spec.scheme)  # green / CLAHE / derived field of view: segpairs and drive only
-    return READERS[spec.scheme].read(spec, cfg, SkipLog(skip_bad=cfg.skip_bad))
+    reader = READERS[spec.scheme]
+    if cfg.cache:  # images in the on-disk cache (None: data.cache=auto found the set small)
+        from medpretrain.data.cache import read_cached
+
+        cached = read_cached(spec, reader, cfg, SkipLog(skip_bad=cfg.skip_bad))
+        if cached is not None:
+            return cached
+    return reader.read(spec, cfg, SkipLog(skip_bad=cfg.skip_bad))
 
 
 def read_source(cfg: DataConfig) -> Source:
     """The decoded :class:`Source` for ``cfg``, cached per process.
 
     Cache key: dataset spec, data root, image_size, channels, window, slice_axis, skip_bad, max_pixels, the
-    salt, the manifest column options and the retinal options (:mod:`medpretrain.data.retina`). The returned object is shared: do not modify it. Skipped files are
-    logged once, here.
+    salt, the manifest column options, the retinal options (:mod:`medpretrain.data.retina`) and ``data.cache``
+    (with ``cache: on`` the images are :class:`medpretrain.data.cache.CachedImages` read from disk). The returned
+    object is shared: do not modify it. Skipped files are logged once, here.
     Raises :class:`DataError` for a bad spec or bad input (unless ``skip_bad``).
     """
     key = _cache_key(cfg)

@@ -78,7 +78,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_d
 from pydicom.uid import UID
 
 from medpretrain.config import ConfigError, DataConfig
-from medpretrain.data.base import Decoded, Source, Task
+from medpretrain.data.base import Decoded, Source, Task, decode_file
 from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.folder import progress
 from medpretrain.data.privacy import DEFAULT_SALT, SALT_ENV, project_salt, salted_key  # noqa: F401
@@ -688,7 +688,7 @@ def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
     read: list[Path] = []
     for i, f in enumerate(progress(files, "DICOM")):
         try:
-            decoded = decode_dicom_file(f, cfg, str(f.relative_to(path)) if f != path else f.name)
+            decoded = decode_file(decode_dicom_file, f, cfg, str(f.relative_to(path)) if f != path else f.name)
         except DataError as err:
             log.handle(err)
             continue

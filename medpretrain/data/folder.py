@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medpretrain.config import DataConfig
-from medpretrain.data.base import Decoded, Source, progress, stack_if_same  # noqa: F401 (re-exported)
+from medpretrain.data.base import Decoded, Source, decode_file, progress, stack_if_same  # noqa: F401 (re-exported)
 from medpretrain.data.duplicates import thumbnail
 from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.manifest import MANIFEST_SUFFIXES, read_manifest_source
@@ -174,7 +174,7 @@ def _decode_all(files: list[Path], cfg: DataConfig, skips: SkipLog, desc: str) -
     out: list[Decoded | None] = []
     for f in progress(files, desc):
         try:
-            out.append(decode_image_file(f, cfg))
+            out.append(decode_file(decode_image_file, f, cfg))
         except DataError as err:
             skips.handle(err)
             out.append(None)

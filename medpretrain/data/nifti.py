@@ -42,7 +42,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation
 
 from medpretrain.config import ConfigError, DataConfig
-from medpretrain.data.base import Decoded, Source
+from medpretrain.data.base import Decoded, Source, decode_file
 from medpretrain.data.dicom import DEFAULT_IMAGE_SIZE, list_class_layout, project_salt, salted_key, task_for
 from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
 from medpretrain.data.folder import progress
@@ -234,7 +234,7 @@ def read_nifti_source(path: Path, cfg: DataConfig, log: SkipLog, *, skip_empty: 
     for i, f in enumerate(progress(files, "NIfTI")):
         rel = (f.relative_to(path) if f != path else Path(f.name)).as_posix()
         try:
-            decoded = decode_nifti_file(f, cfg, rel, skip_empty=skip_empty)
+            decoded = decode_file(decode_nifti_file, f, cfg, rel, skip_empty=skip_empty)
         except DataError as err:
             log.handle(err)
             continue

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medpretrain.data.base import DatasetSpec, Decoded, Source
+from medpretrain.data.base import DatasetSpec, Decoded, Source, decode_file
 from medpretrain.data.errors import DataError
 
 if TYPE_CHECKING:
@@ -86,7 +86,9 @@ class Reader:
     decoder (``None``: manifest rows cannot point at this format). suffixes / magic: file-name endings and
     ``(offset, bytes)`` signatures that pick this reader for a manifest row. source_files: name of a
     ``fn(spec, cfg) -> list[Path]`` listing the files behind a spec for :func:`medpretrain.data.data_stamp`
-    (``None``: the files under the spec's paths).
+    (``None``: the files under the spec's paths). cacheable: its ``read_source`` decodes every file through
+    :func:`medpretrain.data.base.decode_file`, so ``data.cache`` can keep its images on disk
+    (:mod:`medpretrain.data.cache`).
     """
 
     scheme: str
@@ -98,6 +100,7 @@ class Reader:
     suffixes: tuple[str, ...] = ()
     magic: tuple[tuple[int, bytes], ...] = ()
     source_files: str | None = None
+    cacheable: bool = False
 
     def _function(self, name: str) -> Callable[..., Any]:
         fn: Callable[..., Any] = getattr(importlib.import_module(self.module), name)
@@ -113,7 +116,7 @@ class Reader:
         format has no per-file decoder."""
         if self.decode_file is None:
             raise ValueError(f"reader {self.scheme!r} has no per-file decoder")
-        decoded: Decoded = self._function(self.decode_file)(path, cfg, rel)
+        decoded: Decoded = decode_file(self._function(self.decode_file), path, cfg, rel)
         return decoded
 
     def files(self, spec: DatasetSpec, cfg: DataConfig) -> list[Path] | None:
@@ -135,15 +138,17 @@ READERS: dict[str, Reader] = {r.scheme: r for r in (
            parse=_parse_medmnist, args=lambda s: (s.name, s.size, s.root), source_files="medmnist_files"),
     Reader("folder", "medpretrain.data.folder", "read_folder_source",
            decode_file="decode_image_file", suffixes=(".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"),
-           magic=IMAGE_MAGIC),
-    Reader("manifest", "medpretrain.data.manifest", "read_manifest_source"),
+           magic=IMAGE_MAGIC, cacheable=True),
+    Reader("manifest", "medpretrain.data.manifest", "read_manifest_source", cacheable=True),
     Reader("segpairs", "medpretrain.data.segpairs", "read_segpairs_source",
            parse=_parse_segpairs, args=lambda s: (s.paths[0], s.paths[1], s.paths[2] if len(s.paths) > 2 else None)),
     Reader("drive", "medpretrain.data.segpairs", "read_drive_source", parse=_parse_drive),
     Reader("dicom", "medpretrain.data.dicom", "read_dicom_source",
-           decode_file="decode_dicom_file", suffixes=(".dcm", ".dicom", ".dic"), magic=DICOM_MAGIC),
+           decode_file="decode_dicom_file", suffixes=(".dcm", ".dicom", ".dic"), magic=DICOM_MAGIC,
+           cacheable=True),
     Reader("nifti", "medpretrain.data.nifti", "read_nifti_source",
-           decode_file="decode_nifti_file", suffixes=(".nii", ".nii.gz"), magic=NIFTI_MAGIC),
+           decode_file="decode_nifti_file", suffixes=(".nii", ".nii.gz"), magic=NIFTI_MAGIC,
+           cacheable=True),
 )}
 """Every format, by scheme (the order of error messages)."""
 
