@@ -117,16 +117,21 @@ def classification_metrics(
         out = classification_metrics(decided, t, task, threshold=0.5)
         out["auc"] = classification_metrics(p, t, task)["auc"]
         return out
+    if task == "multiclass":
+        threshold = 0.5  # ignored: the arg-max decides (a list given here is not an error)
     threshold = float(threshold)  # type: ignore[arg-type]
+    # The decisions are made here, positive if prob >= threshold (as youden_threshold / threshold_for choose
+    # the threshold); torchmetrics, which calls prob > threshold positive, then scores the 0/1 decisions.
+    decided = (p >= threshold).to(p.dtype)
     if task == "binary":
-        kw = {"threshold": threshold}
+        kw = {"threshold": 0.5}
         out = {
             "auc": C.binary_auroc(p, t) if 0 < int(t.sum()) < len(t) else torch.tensor(math.nan),
-            "accuracy": C.binary_accuracy(p, t, **kw),
-            "sensitivity": C.binary_recall(p, t, **kw),
-            "specificity": C.binary_specificity(p, t, **kw),
-            "precision": C.binary_precision(p, t, **kw),
-            "f1": C.binary_f1_score(p, t, **kw),
+            "accuracy": C.binary_accuracy(decided, t, **kw),
+            "sensitivity": C.binary_recall(decided, t, **kw),
+            "specificity": C.binary_specificity(decided, t, **kw),
+            "precision": C.binary_precision(decided, t, **kw),
+            "f1": C.binary_f1_score(decided, t, **kw),
         }
     elif task == "multiclass":
         present = torch.bincount(t, minlength=n) > 0
@@ -142,14 +147,14 @@ def classification_metrics(
     else:
         pos = t.sum(0)
         defined = bool(((pos > 0) & (pos < len(t))).all())
-        kw = {"num_labels": n, "average": "macro", "threshold": threshold}
+        kw = {"num_labels": n, "average": "macro", "threshold": 0.5}
         out = {
             "auc": C.multilabel_auroc(p, t, num_labels=n, average="macro") if defined else torch.tensor(math.nan),
-            "accuracy": C.multilabel_accuracy(p, t, num_labels=n, average="micro", threshold=threshold),
-            "sensitivity": C.multilabel_recall(p, t, **kw),
-            "specificity": C.multilabel_specificity(p, t, **kw),
-            "precision": C.multilabel_precision(p, t, **kw),
-            "f1": C.multilabel_f1_score(p, t, **kw),
+            "accuracy": C.multilabel_accuracy(decided, t, num_labels=n, average="micro", threshold=0.5),
+            "sensitivity": C.multilabel_recall(decided, t, **kw),
+            "specificity": C.multilabel_specificity(decided, t, **kw),
+            "precision": C.multilabel_precision(decided, t, **kw),
+            "f1": C.multilabel_f1_score(decided, t, **kw),
         }
     return {k: float(v) for k, v in out.items()}
 
@@ -389,9 +394,12 @@ def dice_threshold(probs: Sequence[Tensor | np.ndarray], targets: Sequence[Tenso
         pf, tf = _flat(p, t, r)
         pos = np.sort(pf[tf.bool()].numpy())
         neg = np.sort(pf[~tf.bool()].numpy())
-        # Pixels with prob >= c: counted from the sorted scores (one pass per image for every candidate).
-        tp = pos.size - np.searchsorted(pos, cand, side="left")
-        fp = neg.size - np.searchsorted(neg, cand, side="left")
+        # Pixels with prob >= c: counted from the sorted scores (one pass per image for every candidate), the
+        # candidates in the probabilities' own dtype, as segmentation_metrics compares them (torch casts the
+        # threshold to the tensor's dtype): a probability equal to float32(c) is positive in both.
+        c = cand.astype(pos.dtype if pos.size else neg.dtype)
+        tp = pos.size - np.searchsorted(pos, c, side="left")
+        fp = neg.size - np.searchsorted(neg, c, side="left")
         fn = pos.size - tp
         denom = 2 * tp + fp + fn
         dice[i] = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)

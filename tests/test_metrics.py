@@ -484,10 +484,6 @@ def test_threshold_none_means_half_and_binary_takes_one_number():
             classification_metrics(p, t, "binary", threshold=bad)
 
 
-@pytest.mark.xfail(strict=True, reason="bug in medpretrain/metrics.py classification_metrics: binary predictions and "
-                   "multi-label ones with one threshold go to torchmetrics, which calls prob > threshold positive, not "
-                   "the documented prob >= threshold that youden_threshold / threshold_for choose for and the per-label "
-                   "path applies: a score equal to the chosen threshold is called negative")
 def test_a_score_equal_to_the_threshold_is_positive():
     from medpretrain.stats import youden_threshold
 
@@ -497,7 +493,7 @@ def test_a_score_equal_to_the_threshold_is_positive():
     assert thr == 0.75  # J = 1: positive if score >= 0.75 separates validation perfectly
     m = classification_metrics(val_p, val_y, "binary", threshold=thr)
     ml = classification_metrics(np.stack([val_p, val_p], 1), np.stack([val_y, val_y], 1), "multilabel", threshold=thr)
-    # Now: the 0.75 case is called negative (sensitivity 3/4) by both, while per-label thresholds give 1.0.
+    # The 0.75 case is positive for every path (it was negative through torchmetrics' prob > threshold).
     assert (m["sensitivity"], m["specificity"], ml["sensitivity"]) == (1.0, 1.0, 1.0)
 
 
@@ -589,11 +585,14 @@ def test_dice_threshold_ties_nearest_half_then_lower_and_no_tolerance():
     assert dice_threshold([big], [np.ones_like(big)], grid=[0.375, 0.5]) == 0.375
 
 
-@pytest.mark.xfail(strict=True, reason="bug in medpretrain/metrics.py dice_threshold: it compares the float32 "
-                   "probabilities with float64 candidates (np.searchsorted), while segmentation_metrics compares "
-                   "them in float32 (torch casts the threshold): a probability equal to float32(0.35) counts as "
-                   "positive at 0.35 for segmentation_metrics and negative for dice_threshold")
 def test_dice_threshold_counts_as_segmentation_metrics_does_at_a_float32_tie():
     p, m = torch.tensor([[0.35, 0.35, 0.1, 0.1]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     assert [segmentation_metrics(p, m, threshold=c)["dice"] for c in (0.35, 0.4)] == [1.0, 0.0]
-    assert dice_threshold([p], [m], grid=[0.35, 0.4]) == 0.35  # now 0.4: it sees Dice 0 at both
+    assert dice_threshold([p], [m], grid=[0.35, 0.4]) == 0.35  # it was 0.4: float64 candidates missed the tie
+
+
+def test_multiclass_ignores_a_threshold_list():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]], np.float32)
+    labels = np.array([0, 1, 2])
+    assert classification_metrics(probs, labels, "multiclass", threshold=[0.9, 0.9, 0.9]) == \
+        classification_metrics(probs, labels, "multiclass")
