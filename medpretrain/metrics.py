@@ -272,13 +272,19 @@ def bootstrap_ci(
         raise ValueError(f"bootstrap needs n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
     p, t = _as_tensors(probs, target)
     _check(p, t, task)
-    fn = metric_fn or (lambda pp, tt: classification_metrics(pp, tt, task, threshold=threshold))
     gen = torch.Generator().manual_seed(seed)
-    samples: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        idx = torch.randint(0, len(t), (len(t),), generator=gen)
-        for k, v in fn(p[idx], t[idx]).items():
-            samples.setdefault(k, []).append(v)
+    samples: dict[str, Any]
+    if metric_fn is None and task == "binary" and p.ndim == 1:
+        # All resamples at once (the same draws as one randint per resample), counted with numpy.
+        idx = torch.randint(0, len(t), (n_boot, len(t)), generator=gen).numpy()
+        samples = _binary_bootstrap_samples(p.double().numpy(), t.numpy(), idx, (p >= float(threshold)).numpy())
+    else:
+        fn = metric_fn or (lambda pp, tt: classification_metrics(pp, tt, task, threshold=threshold))
+        samples = {}
+        for _ in range(n_boot):
+            idx_t = torch.randint(0, len(t), (len(t),), generator=gen)
+            for k, v in fn(p[idx_t], t[idx_t]).items():
+                samples.setdefault(k, []).append(v)
     out = {}
     for k, vals in samples.items():
         arr = np.asarray(vals, dtype=float)
@@ -289,6 +295,28 @@ def bootstrap_ci(
         lo, hi = np.percentile(arr, [100 * alpha / 2, 100 * (1 - alpha / 2)])
         out[k] = {"low": float(lo), "high": float(hi), "n": int(len(arr))}
     return out
+
+
+def _binary_bootstrap_samples(p: np.ndarray, t: np.ndarray, idx: np.ndarray, decided: np.ndarray) -> dict[str, Any]:
+    """The six metrics of every resample ``idx [B, N]`` of a binary test set, as :func:`classification_metrics`
+    computes them (``decided``: ``p >= threshold`` compared in the probabilities' dtype, as there; a ratio with
+    an empty denominator is 0, as torchmetrics' ``zero_division``; AUC NaN without both classes), vectorised
+    over the resamples."""
+    from medpretrain.stats import _binary_auc_rows
+
+    y = t[idx] > 0
+    d = decided[idx]
+    tp, fp = (d & y).sum(1), (d & ~y).sum(1)
+    fn, tn = (~d & y).sum(1), (~d & ~y).sum(1)
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.where(b > 0, a / np.maximum(b, 1), 0.0)
+
+    n_pos = y.sum(1)
+    auc = _binary_auc_rows(p[idx], y.astype(np.float64))
+    auc = np.where((n_pos > 0) & (n_pos < y.shape[1]), auc, np.nan)
+    return {"auc": auc, "accuracy": (tp + tn) / y.shape[1], "sensitivity": ratio(tp, tp + fn),
+            "specificity": ratio(tn, tn + fp), "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
 
 
 def aggregate(runs: Sequence[Mapping[str, float]], keys: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
