@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import random
@@ -86,8 +87,11 @@ def default_data_root() -> Path:
     return PROJECT_ROOT / "data"
 
 
+@functools.cache
 def code_version() -> str:
-    """Package version plus the git commit (``+dirty`` when the tree has changes), if available."""
+    """Package version plus the git commit (``+dirty`` when the tree has changes), if available: computed once
+    per process, so a long run (an experiment, a grid run in-process) records the code it started with, not a
+    later HEAD of the working tree."""
     from medpretrain import __version__
 
     try:

@@ -47,7 +47,7 @@ from medpretrain.pipeline.stages import (
     variant_note,
 )
 from medpretrain.results import RunResult
-from medpretrain.utils import PROJECT_ROOT
+from medpretrain.utils import PROJECT_ROOT, code_version
 
 
 def check_variants(cfg: Any, trained: Mapping[str, Any]) -> None:
@@ -77,6 +77,7 @@ def run_experiment(cfg: Any, console: Console = None) -> Path:
     """
     exp_dir = (PROJECT_ROOT / cfg.out_dir / cfg.name).resolve()
     started = time.time()
+    code_version()  # the code this process runs, recorded by every in-process cell and the report
     say(console, f"[experiment] {cfg.name}: {exp_dir}" + (" (dry run)" if cfg.dry_run else ""))
     if not cfg.dry_run:
         exp_dir.mkdir(parents=True, exist_ok=True)
