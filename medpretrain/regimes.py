@@ -26,7 +26,7 @@ Frozen BatchNorm statistics are re-estimated on the run's training images before
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,31 +249,46 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     layers = _frozen_batchnorms(model)
     if not layers:
         return 0
-    backbone = model.backbone
-    was_training = model.training
+    try:
+        recompute_batchnorm(model, layers, (batch["image"].to(device) for batch in batches), model.backbone,
+                            name="reestimate_bn")
+    finally:
+        for m in layers:  # Classifier / UNet keep frozen parts in eval mode; here too when no batch came
+            m.eval()
+    return len(layers)
+
+
+@torch.no_grad()
+def recompute_batchnorm(module: nn.Module, layers: Sequence[nn.modules.batchnorm._BatchNorm],
+                        images: Iterable[torch.Tensor], forward: Callable[[torch.Tensor], Any],
+                        name: str = "recompute_batchnorm") -> int:
+    """The pass of ``torch.optim.swa_utils.update_bn`` for ``layers`` (BatchNorm layers inside ``module``):
+    their statistics reset, ``momentum=None`` (a cumulative average over the batches), ``images`` through
+    ``forward`` with ``module`` in eval mode except ``layers`` and no gradients, then momenta and ``module``'s
+    mode restored. Batches of fewer than 2 images are skipped. Returns the number of images used; raises
+    ``ValueError`` naming ``name`` (statistics left as they were) when no batch of at least 2 images came.
+    Shared by :func:`reestimate_bn` and the DCGAN export (:func:`medpretrain.generative.dcgan.reestimate_batchnorm`)."""
     momenta = [m.momentum for m in layers]
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]  # restored if no batch came
-    model.eval()
+    was_training = module.training
+    module.eval()
     for m in layers:
         m.reset_running_stats()
         m.momentum = None
         m.train()
     n = 0
     try:
-        for batch in batches:
-            x = batch["image"].to(device)
+        for x in images:
             if len(x) < 2:  # a one-image batch has no batch variance (BatchNorm raises for it)
                 continue
-            backbone(x)  # type: ignore[operator]
-            n += 1
+            forward(x)
+            n += len(x)
     finally:
         for m, mom in zip(layers, momenta, strict=True):
             m.momentum = mom
-        model.train(was_training)  # Classifier / UNet put the frozen parts back in eval mode
-        for m in layers:
-            m.eval()
+        module.train(was_training)
     if n == 0:
         for m, state in zip(layers, saved, strict=True):
             m.load_state_dict(state)
-        raise ValueError("reestimate_bn got no batch of at least two images (the statistics are left as they were)")
-    return len(layers)
+        raise ValueError(f"{name} got no batch of at least two images (the statistics are left as they were)")
+    return n

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from medpretrain.backbones import DCGAN_D_DEPTHS, build_backbone
 from medpretrain.config import ConfigError
 from medpretrain.generative.geometry import center_crop, check_positive, level_channels, upsampling_plan
+from medpretrain.regimes import recompute_batchnorm
 
 
 class DCGANGenerator(nn.Module):
@@ -198,30 +199,7 @@ def reestimate_batchnorm(module: nn.Module, batches: Iterable[Tensor]) -> int:
     least 2 images came.
     """
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
-    momenta = [m.momentum for m in norms]
-    was_training = module.training
-    module.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    n = 0
-    try:
-        for x in batches:
-            if len(x) < 2:  # BatchNorm has no batch variance for one image
-                continue
-            module(x)
-            n += len(x)
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        module.train(was_training)
-    if n == 0:
-        for m, state in zip(norms, saved, strict=True):
-            m.load_state_dict(state)
-        raise ValueError("reestimate_batchnorm got no batch of at least two images (statistics left as they were)")
-    return n
+    return recompute_batchnorm(module, norms, batches, module, name="reestimate_batchnorm")
 
 
 def gan_d_loss(real_logits: Tensor, fake_logits: Tensor, kind: Literal["bce", "hinge"] = "bce") -> Tensor:
