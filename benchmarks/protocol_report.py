@@ -78,12 +78,12 @@ def chosen(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[float, str], Mapping
     return {(row["budget"], a["init"]): a for row in rows for a in row["ranking"]}
 
 
-def pair(results: Sequence[Mapping[str, Any]], choice: Mapping[tuple[float, str], Mapping[str, Any]],
+def pair(cells: Mapping[Any, Sequence[Mapping[str, Any]]], choice: Mapping[tuple[float, str], Mapping[str, Any]],
          a: str, b: str, budget: float, metric: str) -> dict[str, Any] | None:
-    """``a`` minus ``b`` at ``budget``, each in its chosen configuration (``None`` if either is missing)."""
+    """``a`` minus ``b`` at ``budget``, each in its chosen configuration (``None`` if either is missing);
+    ``cells``: :func:`medpretrain.report._cells` of the results."""
     if (budget, a) not in choice or (budget, b) not in choice:
         return None
-    cells = _cells(as_mappings(results))
 
     def runs(init: str) -> list[Mapping[str, Any]]:
         c = choice[(budget, init)]
@@ -124,8 +124,9 @@ def summarise(name: str, exp_dir: Path) -> dict[str, Any]:
     budgets = sorted({row["budget"] for row in rows})
     inits = sorted({a["init"] for row in rows for a in row["ranking"]})
     ssl = [i for i in SSL if i in inits and not i.endswith("@lite0")]
-    questions = {f"{s} - scratch": [pair(results, choice, s, "scratch", b, metric) for b in budgets] for s in ssl}
-    lite0 = {q: [pair(results, choice, a, b_, b, metric) for b in budgets] for q, (a, b_) in {
+    cells = _cells(as_mappings(results))
+    questions = {f"{s} - scratch": [pair(cells, choice, s, "scratch", b, metric) for b in budgets] for s in ssl}
+    lite0 = {q: [pair(cells, choice, a, b_, b, metric) for b in budgets] for q, (a, b_) in {
         "imagenet@lite0 - scratch@lite0": ("imagenet@lite0", "scratch@lite0"),
         "simclr@lite0 - scratch@lite0": ("simclr@lite0", "scratch@lite0"),
         "imagenet@lite0 - simclr@lite0": ("imagenet@lite0", "simclr@lite0"),
