@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from medpretrain import probe, transfer
 from medpretrain.augment import TrainAugment
+from medpretrain.backbones import apply_memory_format
 from medpretrain.checkpoint import load_exact, load_state_dict, save_state_dict
 from medpretrain.config import ConfigError, config_to_dict, load_config, save_config
 from medpretrain.data import read_source
@@ -243,6 +244,7 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
         accelerator.print(f"warning: {w}")
 
     parts = TASKS[cfg.task](cfg, enc, accelerator)
+    apply_memory_format(parts.model, cfg.backbone.memory_format)  # auto: channels_last for depthwise convs
     # The regimes act on model.backbone (the U-Net's encoder; its decoder always trains at optim.lr).
     optimizer, scheduler, regime_info = build_optimizer(parts.model, regime, cfg, enc.stem)
     # ---- frozen read-outs (medpretrain.probe, issue 14 item 1) ---------------------------------------------

@@ -57,6 +57,7 @@ from medpretrain.generative.monitor import CollapseMonitor, ModeCollapseError, p
 from medpretrain.generative.sampling import generate, generator_meta, latent_noise
 from medpretrain.generative.stage import Steps, TrainData, start_generative, train_data, write_outputs
 from medpretrain.images import save_grid
+from medpretrain.schedules import fused
 
 METHOD = "dcgan"
 DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "dcgan.yaml"
@@ -80,8 +81,9 @@ def build_optimizers(cfg: DCGANConfig, generator: torch.nn.Module,
                      discriminator: torch.nn.Module) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam for G at ``train.lr`` and for D at ``d_lr`` (0: ``train.lr``), both with ``adam_beta1/2``."""
     betas, wd = (cfg.adam_beta1, cfg.adam_beta2), cfg.train.weight_decay
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=wd)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr or cfg.train.lr, betas=betas, weight_decay=wd)
+    g, d = list(generator.parameters()), list(discriminator.parameters())
+    opt_g = torch.optim.Adam(g, lr=cfg.train.lr, betas=betas, weight_decay=wd, **fused(g))
+    opt_d = torch.optim.Adam(d, lr=cfg.d_lr or cfg.train.lr, betas=betas, weight_decay=wd, **fused(d))
     return opt_g, opt_d
 
 

@@ -27,6 +27,7 @@ from medpretrain.generative.configs import DDPMConfig
 from medpretrain.generative.ddpm import build_ddpm_unet, ddpm_meta, ddpm_sample
 from medpretrain.generative.stage import Steps, optimizer_step, start_generative, train_data, write_outputs
 from medpretrain.images import save_grid
+from medpretrain.schedules import fused
 
 METHOD = "ddpm"
 MODEL_FILE = "unet.safetensors"  # no backbone: this file marks a finished run
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = train_data(stage, cfg)
     unet = build_ddpm_unet(data.image_size, data.ds.in_channels, cfg.base_channels)
     scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params = list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **fused(params))
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, data.loader)
 
     steps = Steps(stage, tc, loader, data.sampler_gen)

@@ -60,6 +60,7 @@ from medpretrain.generative.vae import (
     reconstruction_loss,
 )
 from medpretrain.images import save_grid
+from medpretrain.schedules import fused
 
 METHOD = "vae"
 DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "vae.yaml"
@@ -106,7 +107,8 @@ def build_adversarial(cfg: VAEConfig, in_channels: int) -> tuple[PatchDiscrimina
     if cfg.adversarial_weight <= 0:
         return None
     disc = PatchDiscriminator(in_channels, cfg.adversarial_channels, cfg.adversarial_layers)
-    opt = torch.optim.Adam(disc.parameters(), lr=cfg.adversarial_lr or cfg.train.lr, betas=(0.5, 0.999))
+    params = list(disc.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.adversarial_lr or cfg.train.lr, betas=(0.5, 0.999), **fused(params))
     return disc, opt
 
 
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = train_data(stage, cfg)
     val_ds, _ = load_split(cfg.data, "val")
     model = build_model(cfg, data.ds.in_channels, data.image_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **fused(params))
     adversarial = build_adversarial(cfg, data.ds.in_channels)
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, data.loader,
                                                                DataLoader(val_ds, batch_size=256))

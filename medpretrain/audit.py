@@ -39,6 +39,7 @@ from medpretrain.config import ConfigError
 from medpretrain.data.errors import DataError
 from medpretrain.data.transforms import resize, to_channels
 from medpretrain.knn import extract_features  # the one feature pass (re-exported here)
+from medpretrain.schedules import fused
 
 # ------------------------------------------------------------------------------------------------
 # Fake images
@@ -412,7 +413,7 @@ def train_discriminator(backbone: nn.Module, real: Tensor, fake: Tensor, *, epoc
     model = Classifier(backbone, 1).to(device)
     groups, _ = apply_regime(model, regime, lr=lr, backbone_lr_mult=backbone_lr_mult,
                              weight_decay=weight_decay, pretrained=pretrained)
-    opt = torch.optim.AdamW(groups)
+    opt = torch.optim.AdamW(groups, **fused(groups))
     x = torch.cat([real, fake])
     y = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))])
     gen = torch.Generator().manual_seed(seed)

@@ -561,6 +561,22 @@ _MIN_SIZE: dict[tuple[str, str], int] = {
 }
 
 
+def has_depthwise_conv(model: nn.Module) -> bool:
+    """Whether ``model`` has a depthwise convolution (``groups == in_channels > 1``)."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def apply_memory_format(model: nn.Module, choice: str = "auto") -> bool:
+    """Put ``model`` in ``channels_last`` when ``choice`` says so (``auto``: when it has depthwise convolutions,
+    see ``BackboneConfig.memory_format``); the parameters stay the same objects. Returns whether it did."""
+    if choice not in ("auto", "channels_last", "contiguous"):
+        raise ValueError(f"memory_format must be auto, channels_last or contiguous, got {choice!r}")
+    last = choice == "channels_last" or (choice == "auto" and has_depthwise_conv(model))
+    if last:
+        model.to(memory_format=torch.channels_last)
+    return last
+
+
 def available_backbones() -> list[str]:
     """Registered architecture names, sorted (any timm CNN is available too, as ``timm:<name>``)."""
     return sorted(_REGISTRY)

@@ -168,6 +168,10 @@ class BackboneConfig:
     stem: str = "auto"
     """``standard`` (7x7 stride 2 + max-pool), ``small`` (3x3 stride 1, no pool; for 28-64 px) or
     ``auto`` (small below 96 px)."""
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    """Layout of the conv weights and activations: ``auto`` puts networks with depthwise convolutions
+    (EfficientNet, MobileNet) in ``channels_last`` (on this 2-core CPU an EfficientNet-Lite0 step at 48 px takes
+    half the time) and keeps the others contiguous (ResNet-18 at 28 px is 1.5x slower in channels_last)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,6 +498,7 @@ def save_config(cfg: Any, out_dir: str | os.PathLike[str], name: str = "config.y
 
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "EvalConfig": {"reuse_images": 64},
+    "BackboneConfig": {"memory_format": "auto"},
     "SegConfig": {"model": "unet", "full_resolution": False, "foreground_fraction": 0.0},
     "DataConfig": {"path_column": "image_path", "label_column": "label", "label_columns": None, "classes": None,
                    "patient_column": "patient", "split_column": None, "rgb_to_grey": "luma", "clahe": False,

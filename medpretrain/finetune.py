@@ -43,6 +43,7 @@ from medpretrain.data import build_dataset
 from medpretrain.metrics import epochs_to_fraction_of_best, probabilities
 from medpretrain.regimes import apply_regime
 from medpretrain.results import RunResult, headline_metric, jsonable
+from medpretrain.schedules import fused
 from medpretrain.utils import PROJECT_ROOT, code_version
 
 EXIT_UNAVAILABLE = 3
@@ -510,11 +511,11 @@ def build_optimizer(model: torch.nn.Module, regime: Any, cfg: FinetuneConfig,
     )
     optimizer: torch.optim.Optimizer
     if cfg.optim.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, **fused(groups))
     elif cfg.optim.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused(groups))
     else:
-        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr)
+        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, **fused(groups))
     return optimizer, build_scheduler(optimizer, cfg.optim), regime_info
 
 

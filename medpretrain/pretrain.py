@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from medpretrain.augment import BatchViews
-from medpretrain.backbones import build_backbone
+from medpretrain.backbones import apply_memory_format, build_backbone
 from medpretrain.config import ConfigError, config_hash, load_config
 from medpretrain.data import build_dataset
 from medpretrain.data.loader import image_loader
@@ -34,7 +34,7 @@ from medpretrain.methods.base import method_spec
 from medpretrain.methods.registry import stage as stage_info
 from medpretrain.resume import Counter
 from medpretrain.runlog import plot_curves
-from medpretrain.schedules import warmup_cosine
+from medpretrain.schedules import fused, warmup_cosine
 from medpretrain.stage import start_stage
 from medpretrain.utils import PROJECT_ROOT
 
@@ -66,16 +66,17 @@ def main(name: str, argv: list[str] | None = None) -> None:
     model.check_data(len(ds))  # options that cannot work on this many images fail before any step
     if t.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # train.channels_last forces the layout; otherwise backbone.memory_format decides (auto: depthwise convs).
+    channels_last = apply_memory_format(model, "channels_last" if t.channels_last else cfg.backbone.memory_format)
     params = [p for p in model.parameters() if p.requires_grad]  # momentum copies move by momentum only
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum
     base_lr = t.lr * global_batch / 128
     optimizer: torch.optim.Optimizer
     if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=base_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=base_lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                    **fused(params))
     else:
-        optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=t.weight_decay, **fused(params))
     if t.compile:
         model = torch.compile(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -130,7 +131,7 @@ def main(name: str, argv: list[str] | None = None) -> None:
                 # Per-process, per-micro-batch seed: views differ across processes and are replayed exactly on resume.
                 aug_gen.manual_seed((t.seed << 40) + (accelerator.process_index << 32) + epoch * len(loader) + i)
                 x0, x1 = views.pair(images, generator=aug_gen)
-                if t.channels_last:
+                if channels_last:
                     x0 = x0.contiguous(memory_format=torch.channels_last)
                     x1 = x1.contiguous(memory_format=torch.channels_last)
                 if accelerator.sync_gradients:  # once per optimizer step: momentum updates, schedules

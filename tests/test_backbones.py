@@ -323,3 +323,26 @@ def test_simclr_pretrains_a_timm_backbone_and_exports(timm_module, data_root, tm
     b, info = init_backbone("simclr", LITE0, 1, "auto", image_size=32, runs_dir=tmp_path)
     assert info.source == str(export)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in b.state_dict().items())
+
+
+def test_memory_format_auto_is_channels_last_for_depthwise_nets_only(timm_module) -> None:
+    from medpretrain.backbones import apply_memory_format, has_depthwise_conv
+
+    lite0, resnet = build_backbone(LITE0, 1, "standard"), build_backbone("resnet18", 1, "standard")
+    assert has_depthwise_conv(lite0) and not has_depthwise_conv(resnet)
+    params = list(lite0.parameters())
+    x = torch.randn(2, 1, 32, 32)
+    lite0.eval()
+    before = lite0(x)
+    assert apply_memory_format(lite0, "auto") is True
+    assert all(a is b for a, b in zip(params, lite0.parameters()))  # an optimizer built earlier still holds them
+    h = lite0.net.conv_stem(x)  # the activations follow the weights' layout
+    assert h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    assert torch.allclose(lite0(x), before, atol=1e-5)  # same function, other layout
+    assert apply_memory_format(resnet, "auto") is False
+    assert resnet.conv1.weight.is_contiguous()
+    assert apply_memory_format(resnet, "channels_last") is True
+    assert resnet.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert apply_memory_format(build_backbone(LITE0, 1, "standard"), "contiguous") is False
+    with pytest.raises(ValueError, match="memory_format must be auto, channels_last or contiguous, got 'nhwc'"):
+        apply_memory_format(resnet, "nhwc")

@@ -35,3 +35,32 @@ def test_hash_files_depends_on_content_not_order(tmp_path):
     assert h == hash_files([b, a]) and len(h) == 16
     b.write_bytes(b"3")
     assert hash_files([a, b]) != h
+
+
+def test_fused_optimizer_kwargs_and_same_update_as_the_for_loop() -> None:
+    import torch
+
+    from medpretrain.schedules import fused
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    params = list(net.parameters())
+    assert fused(params) == {"fused": True}
+    assert fused([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}]) == {"fused": True}
+    assert fused([]) == {}
+    assert fused([torch.zeros(3, dtype=torch.int64)]) == {}
+    x = torch.randn(5, 1, 8, 8)
+    results = []
+    for kw in ({"foreach": False}, fused(params)):
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+        model.load_state_dict(net.state_dict())
+        opt = torch.optim.AdamW(list(model.parameters()), lr=1e-2, weight_decay=0.1, **kw)
+        for _ in range(5):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        results.append(model.state_dict())
+    moved = max((results[0][k] - net.state_dict()[k]).abs().max().item() for k in results[0])
+    assert moved > 1e-3  # five steps moved the weights ...
+    for k in results[0]:  # ... and the fused kernel moved them to the same place
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-6)

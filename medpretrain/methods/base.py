@@ -56,6 +56,7 @@ class TrainConfig:
     """Linear warm-up steps before the cosine decay to 0."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False
+    """Force ``channels_last`` (else ``backbone.memory_format`` decides; ``auto``: for depthwise convolutions)."""
     compile: bool = False
     """``torch.compile`` the model (first steps are slow while it compiles)."""
     sync_bn: bool = False
