@@ -152,6 +152,21 @@ class DataConfig:
     """Processes decoding into the cache; ``None``: min(4, CPU count)."""
     cache_above_mb: int = 2048
     """``cache: auto`` caches sources whose decoded float32 images would take more than this many MB."""
+    stream: bool = False
+    """Read images lazily, file by file, in the DataLoader workers (``folder:``, ``manifest:``, ``dicom:``,
+    ``nifti:``; needs ``cache: off``). The files are first indexed once, in ``cache_workers`` processes, into
+    ``cache_dir`` (sample counts, salted group keys, thumbnails and errors: a few KB per file, re-used by every
+    run), so splits, names and unreadable-file errors are those of the in-memory path; then every access
+    decodes and resizes its file again, giving pixel-identical float32 images. See :mod:`medpretrain.data.stream`.
+
+    Which to use: **memory** (``cache: off``, the default) while the decoded float32 set fits in RAM
+    (``N x C x size^2 x 4`` bytes): it decodes once per process and is the fastest, with
+    ``train.cache_on_device`` on in pretraining. **cache** (``cache: on`` / ``auto``) when it does not fit but
+    ``N x C x size^2 x 2`` bytes (uint16; 1 for 8-bit files) fit on disk: decoded once for all runs, read from
+    memory maps with bounded memory. **stream** when neither fits, or for a one-off look at a large set: memory
+    and disk stay small, but every epoch decodes every file again, so it needs ``num_workers`` > 0 to keep up,
+    and a multi-frame file or volume is decoded whole for each of its samples. With ``cache`` or ``stream``, set
+    ``train.cache_on_device: false`` (pretraining) so the split is not stacked into one tensor."""
 
     def __post_init__(self) -> None:
         if self.clahe_clip < 0 or self.clahe_grid < 1:
@@ -503,7 +518,8 @@ HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "DataConfig": {"path_column": "image_path", "label_column": "label", "label_columns": None, "classes": None,
                    "patient_column": "patient", "split_column": None, "rgb_to_grey": "luma", "clahe": False,
                    "clahe_clip": 2.0, "clahe_grid": 8, "derive_fov": False, "fov_threshold": 0.1,
-                   "cache": False, "cache_dir": None, "cache_workers": None, "cache_above_mb": 2048},
+                   "cache": False, "cache_dir": None, "cache_workers": None, "cache_above_mb": 2048,
+                   "stream": False},
 }
 """Options added after runs were cached, per config class: left out of :func:`hash_view` (so of every config,
 stage and cell hash) while they hold the value listed here, the value under which they change nothing. Adding

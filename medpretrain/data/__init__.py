@@ -3,7 +3,8 @@
 ``build_dataset(cfg.data, split)`` is the one entry point every stage uses; spec strings are described
 in :mod:`medpretrain.data.spec`, the formats' registry in :mod:`medpretrain.data.readers`, the readers'
 scaling in their modules (``medmnist``, ``folder``, ``manifest``, ``segpairs``, ``dicom``, ``nifti``), splits
-and label fractions in :mod:`medpretrain.data.splits`.
+and label fractions in :mod:`medpretrain.data.splits`. Large sets: the on-disk cache (``data.cache``,
+:mod:`medpretrain.data.cache`) or streaming from the files (``data.stream``, :mod:`medpretrain.data.stream`).
 """
 
 from medpretrain.data.base import Decoded, Source, Task

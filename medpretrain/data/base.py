@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 if TYPE_CHECKING:
     from medpretrain.data.cache import CachedImages
+    from medpretrain.data.stream import StreamedImages
 
 Task = Literal["binary", "multiclass", "multilabel", "segmentation", "unlabeled"]
 PROGRESS_MIN_FILES = 200
@@ -101,8 +102,9 @@ def stack_if_same(images: list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
 class Source:
     """Decoded samples of one dataset, before splitting.
 
-    images: N arrays ``[C, H, W]`` float32 in [0, 1] (one stacked array when sizes agree), or a
-    :class:`medpretrain.data.cache.CachedImages` reading them from the on-disk cache (``data.cache``).
+    images: N arrays ``[C, H, W]`` float32 in [0, 1] (one stacked array when sizes agree), a
+    :class:`medpretrain.data.cache.CachedImages` reading them from the on-disk cache (``data.cache``), or a
+    :class:`medpretrain.data.stream.StreamedImages` decoding each from its file on access (``data.stream``).
     labels: ``[N]`` int64 class indices, or ``[N, K]`` {0, 1} for multi-label; ``None`` if unlabeled.
     masks / rois: N arrays ``[1, H, W]`` in {0, 1} for segmentation; ``None`` otherwise.
     groups: ``[N]`` strings (salted patient keys) used to keep a patient in one split; ``None`` if unknown.
@@ -116,7 +118,7 @@ class Source:
     ``data.group_regex`` is matched against; ``None``: ``names``.
     """
 
-    images: list[np.ndarray] | np.ndarray | CachedImages
+    images: list[np.ndarray] | np.ndarray | CachedImages | StreamedImages
     task: Task
     names: list[str]
     files: list[Path]

@@ -20,6 +20,9 @@ How a cached source is read (:func:`read_cached`):
    and its images become :class:`CachedImages`: the chunk files as ``np.memmap``, each item converted to
    float32 on access.
 
+Index only: ``data.stream`` (:mod:`medpretrain.data.stream`) builds the same cache without ``<k>.bin`` pixel files
+(``pixels: false`` in its key, so in its own folder) and serves it the same way, its images then decoded on access.
+
 Pixels: quantised after resizing, round to nearest, ``q = rint(x * M)`` with ``M = 255`` for chunks whose files
 are all 8-bit image files (PIL modes L, RGB, P, ...) and ``M = 65535`` otherwise (DICOM, NIfTI, 16-bit images),
 then read back as ``q / M``: at most 0.5/255 or 0.5/65535 from the in-memory float32 values (:func:`quantise`,
@@ -167,8 +170,9 @@ def _code_hash(tasks: list[FileTask]) -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: DataConfig, tasks: list[FileTask]) -> str:
-    """16 hex digits naming the cache of ``cfg``'s source (see the module docstring for what goes in)."""
+def cache_key(cfg: DataConfig, tasks: list[FileTask], pixels: bool = True) -> str:
+    """16 hex digits naming the cache of ``cfg``'s source (see the module docstring for what goes in);
+    ``pixels=False``: its index without pixels (``data.stream``, :mod:`medpretrain.data.stream`)."""
     from medpretrain.data.dataset import data_stamp
 
     h = hashlib.sha256()
@@ -178,6 +182,8 @@ def cache_key(cfg: DataConfig, tasks: list[FileTask]) -> str:
         "retina": [str(v) for v in retina.cache_key(cfg)], "salt": salted_key("medpretrain-cache"),
         "code": _code_hash(tasks),
     }
+    if not pixels:  # only then: the keys of existing pixel caches stay what they were
+        material["pixels"] = False
     h.update(json.dumps(material, sort_keys=True).encode())
     for t in tasks:
         h.update(json.dumps([t.fn, t.path, t.rel, [list(kv) for kv in t.kwargs]], default=str).encode())
@@ -208,10 +214,10 @@ def _name_suffix(name: str, file_name: str) -> str:
     return name[len(file_name):] if name.startswith(file_name) else "\0" + name
 
 
-def _build_chunk(folder: str, k: int, tasks: list[FileTask], cfg: DataConfig) -> int:
-    """Decode ``tasks`` into chunk ``k`` of ``folder``: ``<k>.bin`` (pixels), ``<k>.thumbs`` (float32 32x32
-    thumbnails, when any file has them), then ``<k>.json`` (what each file gave; its presence marks the chunk
-    done). Runs in a worker process. Returns the number of samples."""
+def _build_chunk(folder: str, k: int, tasks: list[FileTask], cfg: DataConfig, pixels: bool = True) -> int:
+    """Decode ``tasks`` into chunk ``k`` of ``folder``: ``<k>.bin`` (pixels; not written when ``pixels`` is
+    false), ``<k>.thumbs`` (float32 32x32 thumbnails, when any file has them), then ``<k>.json`` (what each file
+    gave; its presence marks the chunk done). Runs in a worker process. Returns the number of samples."""
     try:
         import torch
 
@@ -219,7 +225,7 @@ def _build_chunk(folder: str, k: int, tasks: list[FileTask], cfg: DataConfig) ->
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     chunks = Path(folder) / "chunks"
-    dtype = np.dtype(np.uint16 if any(_wide(t) for t in tasks) else np.uint8)
+    dtype = np.dtype(np.uint16 if not pixels or any(_wide(t) for t in tasks) else np.uint8)
     files: list[dict[str, Any]] = []
     shape: list[int] | None = None
     count = 0
@@ -237,7 +243,8 @@ def _build_chunk(folder: str, k: int, tasks: list[FileTask], cfg: DataConfig) ->
                 shape = list(images.shape[1:])
             elif list(images.shape[1:]) != shape:
                 raise RuntimeError(f"{t.path}: decoded to {images.shape[1:]}, not {tuple(shape)} as the rest")
-            px.write(np.ascontiguousarray(quantise(images, dtype)).tobytes())
+            if pixels:
+                px.write(np.ascontiguousarray(quantise(images, dtype)).tobytes())
             thumbs = d.thumbs is not None
             any_thumbs |= thumbs
             th.write(np.ascontiguousarray(d.thumbs if thumbs else np.zeros((len(d), 32, 32)),
@@ -248,6 +255,8 @@ def _build_chunk(folder: str, k: int, tasks: list[FileTask], cfg: DataConfig) ->
             count += len(d)
     if not any_thumbs:
         (chunks / f"{k:06d}.thumbs").unlink(missing_ok=True)
+    if not pixels:
+        (chunks / f"{k:06d}.bin").unlink(missing_ok=True)
     atomic_write_text(chunks / f"{k:06d}.json", json.dumps(
         {"samples": count, "shape": shape, "dtype": dtype.name, "thumbs": any_thumbs, "files": files}))
     return count
@@ -285,12 +294,12 @@ def _lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _done(chunks: Path, k: int) -> bool:
+def _done(chunks: Path, k: int, pixels: bool = True) -> bool:
     try:
         json.loads((chunks / f"{k:06d}.json").read_text())
     except (OSError, ValueError):
         return False
-    return (chunks / f"{k:06d}.bin").is_file()
+    return not pixels or (chunks / f"{k:06d}.bin").is_file()
 
 
 def build_cache(cfg: DataConfig, *, on_chunk: Callable[[int], None] | None = None) -> CacheInfo:
@@ -315,10 +324,12 @@ def _check_cacheable(reader: Reader) -> None:
                           f"{cached}); set data.cache=off")
 
 
-def _build(cfg: DataConfig, tasks: list[FileTask], *,
-           on_chunk: Callable[[int], None] | None = None) -> CacheInfo:
+def _build(cfg: DataConfig, tasks: list[FileTask], *, on_chunk: Callable[[int], None] | None = None,
+           pixels: bool = True) -> CacheInfo:
+    """Build (or finish) the cache of the planned ``tasks``; ``pixels=False``: its index only (sample counts,
+    names' suffixes, group keys, thumbnails, errors), for ``data.stream``."""
     workers = _workers(cfg)
-    folder = cache_root(cfg) / cache_key(cfg, tasks)
+    folder = cache_root(cfg) / cache_key(cfg, tasks, pixels)
     chunks = folder / "chunks"
     start = time.perf_counter()
     built = 0
@@ -329,19 +340,20 @@ def _build(cfg: DataConfig, tasks: list[FileTask], *,
             # No dataset spec: its path may name a patient (an export folder per patient).
             meta = {"format": FORMAT_VERSION, "image_size": cfg.image_size,
                     "channels": cfg.channels, "window": cfg.window, "slice_axis": cfg.slice_axis,
-                    "files": len(tasks), "chunk_files": CHUNK_FILES}
+                    "files": len(tasks), "chunk_files": CHUNK_FILES, **({} if pixels else {"pixels": False})}
             atomic_write_text(meta_file, json.dumps(meta, indent=1))
         size = int(meta["chunk_files"])
         parts = [tasks[i:i + size] for i in range(0, len(tasks), size)]
         chunks.mkdir(parents=True, exist_ok=True)
         for stale in chunks.glob(".*.tmp"):  # an interrupted write's temporary file
             stale.unlink(missing_ok=True)
-        todo = [k for k in range(len(parts)) if not _done(chunks, k)]
+        todo = [k for k in range(len(parts)) if not _done(chunks, k, pixels)]
         if todo:
-            bar = tqdm(total=sum(len(parts[k]) for k in todo), desc="cache", unit="file", leave=False,
+            bar = tqdm(total=sum(len(parts[k]) for k in todo), desc="cache" if pixels else "index", unit="file",
+                       leave=False,
                        disable=len(tasks) < PROGRESS_MIN_FILES or not sys.stderr.isatty())
             try:
-                for k in _run(str(folder), parts, todo, cfg, workers):
+                for k in _run(str(folder), parts, todo, cfg, workers, pixels):
                     built += 1
                     bar.update(len(parts[k]))
                     if on_chunk is not None:
@@ -352,18 +364,19 @@ def _build(cfg: DataConfig, tasks: list[FileTask], *,
     seconds = time.perf_counter() - start
     disk = sum(f.stat().st_size for f in chunks.iterdir() if f.is_file())
     if built:
-        log.info("%s: cached %d file(s) (%d chunk(s) of %d) in %.1fs, %.0f file(s)/s, %.1f MB in %s", cfg.dataset,
+        log.info("%s: %s %d file(s) (%d chunk(s) of %d) in %.1fs, %.0f file(s)/s, %.1f MB in %s", cfg.dataset,
+                 "cached" if pixels else "indexed (no pixels)",
                  sum(len(parts[k]) for k in todo), built, len(parts), seconds,
                  sum(len(parts[k]) for k in todo) / max(seconds, 1e-9), disk / 2**20, folder)
     return CacheInfo(folder, len(tasks), int(index["samples"]), len(parts), built, seconds, disk)
 
 
 def _run(folder: str, parts: list[list[FileTask]], todo: list[int], cfg: DataConfig,
-         workers: int) -> Iterator[int]:
+         workers: int, pixels: bool = True) -> Iterator[int]:
     """Build the chunks ``todo``; yields each chunk's number when it is written."""
     if workers == 1 or len(todo) == 1:
         for k in todo:
-            _build_chunk(folder, k, parts[k], cfg)
+            _build_chunk(folder, k, parts[k], cfg, pixels)
             yield k
         return
     # Not fork: the parent holds torch's thread pools, which a forked child may find locked. A fork server that
@@ -377,7 +390,7 @@ def _run(folder: str, parts: list[list[FileTask]], todo: list[int], cfg: DataCon
         while queue or pending:
             while queue and len(pending) < 2 * workers:  # a bounded queue: a kill loses little work
                 k = queue.pop(0)
-                pending[pool.submit(_build_chunk, folder, k, parts[k], cfg)] = k
+                pending[pool.submit(_build_chunk, folder, k, parts[k], cfg, pixels)] = k
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 k = pending.pop(fut)
@@ -497,7 +510,19 @@ def read_cached(spec: DatasetSpec, reader: Reader, cfg: DataConfig, skips: SkipL
     if cfg.cache == "auto" and estimated_mb(cfg, len(tasks)) <= cfg.cache_above_mb:
         return None
     info = _build(cfg, tasks)
-    index = json.loads((info.folder / "index.json").read_text())
+    source, rows, index = serve_source(spec, reader, cfg, skips, tasks, info.folder)
+    source.images = CachedImages(info.folder, index["records"], index["shape"], rows)
+    log.info("%s: %d sample(s) read from the cache %s", cfg.dataset, len(rows), info.folder)
+    return source
+
+
+def serve_source(spec: DatasetSpec, reader: Reader, cfg: DataConfig, skips: SkipLog, tasks: list[FileTask],
+                 folder: Path) -> tuple[Source, np.ndarray, dict[str, Any]]:
+    """Run ``reader`` with every decode answered from the built cache (or index) in ``folder``: the
+    :class:`Source` (its ``images`` not yet set), each sample's row in the cache (``[N]`` int64; rows number
+    the planned files' samples in plan order) and the cache's ``index.json``. Unreadable files raise or are
+    skipped as when decoding."""
+    index = json.loads((folder / "index.json").read_text())
     records = index["records"]
     offsets: list[tuple[int, int, int, dict[str, Any]]] = []  # per planned file: (row, chunk, local row, record)
     row = 0
@@ -512,7 +537,7 @@ def read_cached(spec: DatasetSpec, reader: Reader, cfg: DataConfig, skips: SkipL
 
     def thumbs(k: int, local: int, n: int) -> np.ndarray:
         if k not in thumb_maps:
-            thumb_maps[k] = np.memmap(info.folder / "chunks" / f"{k:06d}.thumbs", dtype=np.float32, mode="r",
+            thumb_maps[k] = np.memmap(folder / "chunks" / f"{k:06d}.thumbs", dtype=np.float32, mode="r",
                                       shape=(records[k]["samples"], 32, 32))
         return np.array(thumb_maps[k][local:local + n])
 
@@ -533,7 +558,4 @@ def read_cached(spec: DatasetSpec, reader: Reader, cfg: DataConfig, skips: SkipL
     rows = np.asarray(source.images).reshape(-1)
     if len(rows) != len(source.names):
         raise RuntimeError(f"{cfg.dataset}: {len(rows)} cached rows for {len(source.names)} samples")
-    source.images = CachedImages(info.folder, records, index["shape"], rows)
-    log.info("%s: %d sample(s) read from the cache %s", cfg.dataset, len(rows), info.folder)
-    return source
-
+    return source, rows, index

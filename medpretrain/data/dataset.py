@@ -50,7 +50,7 @@ def _cache_key(cfg: DataConfig) -> tuple:
     return (cfg.dataset.strip(), str(data_root(cfg)), cfg.image_size, cfg.channels, cfg.window,
             cfg.slice_axis, cfg.skip_bad, cfg.max_pixels, project_salt(), cfg.path_column, cfg.label_column,
             tuple(cfg.label_columns or ()), tuple(cfg.classes or ()), cfg.patient_column, cfg.split_column,
-            *retina.cache_key(cfg), cfg.cache, cfg.cache_above_mb if cfg.cache == "auto" else None)
+            *retina.cache_key(cfg), cfg.cache, cfg.cache_above_mb if cfg.cache == "auto" else None, cfg.stream)
 
 
 def clear_source_cache() -> None:
@@ -69,6 +69,10 @@ def _decode(cfg: DataConfig) -> Source:
     spec = parse_spec(cfg.dataset, data_root(cfg))
     retina.check_scheme(cfg, spec.scheme)  # green / CLAHE / derived field of view: segpairs and drive only
     reader = READERS[spec.scheme]
+    if cfg.stream:  # images decoded on access, in the DataLoader workers
+        from medpretrain.data.stream import read_streamed
+
+        return read_streamed(spec, reader, cfg, SkipLog(skip_bad=cfg.skip_bad))
     if cfg.cache:  # images in the on-disk cache (None: data.cache=auto found the set small)
         from medpretrain.data.cache import read_cached
 
@@ -82,8 +86,9 @@ def read_source(cfg: DataConfig) -> Source:
     """The decoded :class:`Source` for ``cfg``, cached per process.
 
     Cache key: dataset spec, data root, image_size, channels, window, slice_axis, skip_bad, max_pixels, the
-    salt, the manifest column options, the retinal options (:mod:`medpretrain.data.retina`) and ``data.cache``
-    (with ``cache: on`` the images are :class:`medpretrain.data.cache.CachedImages` read from disk). The returned
+    salt, the manifest column options, the retinal options (:mod:`medpretrain.data.retina`), ``data.cache``
+    (with ``cache: on`` the images are :class:`medpretrain.data.cache.CachedImages` read from disk) and
+    ``data.stream`` (:class:`medpretrain.data.stream.StreamedImages`, decoded on access). The returned
     object is shared: do not modify it. Skipped files are logged once, here.
     Raises :class:`DataError` for a bad spec or bad input (unless ``skip_bad``).
     """
