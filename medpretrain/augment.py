@@ -200,6 +200,34 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return out
 
 
+def random_patches(x: Tensor, size: int, per_image: int = 1,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``per_image`` random ``size x size`` patches of every image of ``x`` ``[B, C, H, W]``, copied from its
+    pixels (no resampling: at native resolution when the images are), for patch pretraining (``train.patch_size``).
+
+    Returns the patches ``[B * per_image, C, size, size]`` (image ``i``'s at rows ``i * per_image ...``) and their
+    top-left corners ``[B * per_image, 2]`` (row, column), uniform over every position that keeps the patch
+    inside the image. Raises ``ValueError`` when ``size`` exceeds ``H`` or ``W`` or ``per_image < 1``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"random_patches expects [B, C, H, W], got shape {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    if size < 1 or size > min(h, w):
+        raise ValueError(f"patch size {size} does not fit images of {h}x{w}")
+    if per_image < 1:
+        raise ValueError(f"patches per image must be >= 1, got {per_image}")
+    n, dev = b * per_image, x.device
+    top = torch.randint(0, h - size + 1, (n,), device=dev, generator=generator)
+    left = torch.randint(0, w - size + 1, (n,), device=dev, generator=generator)
+    span = torch.arange(size, device=dev)
+    rows = (top[:, None] + span)[:, :, None]  # [n, size, 1]
+    cols = (left[:, None] + span)[:, None, :]  # [n, 1, size]
+    image = torch.arange(b, device=dev).repeat_interleave(per_image)[:, None, None]
+    # Advanced indexing on [B, H, W, C] gives [n, size, size, C]: one gather for the whole batch.
+    patches = x.permute(0, 2, 3, 1)[image, rows, cols].permute(0, 3, 1, 2).contiguous()
+    return patches, torch.stack([top, left], dim=1)
+
+
 class BatchViews(torch.nn.Module):
     """Random views of a batch of grey-scale images, computed on the batch's device.
 

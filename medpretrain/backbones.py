@@ -5,6 +5,7 @@ discriminator trunks ``dcgan_d1`` ... ``dcgan_d6``, and any timm CNN as ``timm:<
 Every backbone is a :class:`Backbone` (an ``nn.Module``) with
 
 * ``forward(x [B, C, H, W]) -> [B, num_features]`` (globally average-pooled features),
+* ``forward_map(x) -> [B, num_features, h, w]``: the map ``forward`` pools, before pooling,
 * ``forward_features(x) -> list[Tensor]``: multi-scale maps, shallow to deep, with channels
   ``feature_channels`` and nominal strides ``feature_strides`` (for a U-Net encoder),
 * attributes ``arch``, ``in_channels``, ``stem``, ``num_features``, ``feature_channels``,
@@ -95,9 +96,14 @@ class Backbone(nn.Module):
         check_image_size(self.arch, self.stem, int(x.shape[-2]), int(x.shape[-1]))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Pooled features ``[B, num_features]``."""
+        """Pooled features ``[B, num_features]``: the global average of :meth:`forward_map`."""
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.forward_map(x), 1), 1)
+
+    def forward_map(self, x: Tensor) -> Tensor:
+        """The spatial map ``[B, num_features, h, w]`` that :meth:`forward` pools (dense objectives such as
+        DenseCL contrast its locations)."""
         self.check_input(x)
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self._last_map(x), 1), 1)
+        return self._last_map(x)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Multi-scale feature maps, shallow to deep; ``len == len(feature_channels)``."""

@@ -6,9 +6,10 @@
 :func:`main` reads the method's config (its YAML, then ``key=value`` overrides), starts the stage
 (:func:`medpretrain.stage.start_stage`: run folder, resume policy, accelerator), and then: data (the split
 cached on the device, views made there by :class:`medpretrain.augment.BatchViews`), the method module
-(:mod:`medpretrain.methods`), the optimizer, ``stage.begin`` (resume), the loop (accumulate, two views,
-the method's loss, momentum updates once per optimizer step, logging, checkpoints, kNN), and the export of
-the backbone (``backbone.safetensors``, the contract checkpoint ``--init <method>`` finds).
+(:mod:`medpretrain.methods`), the optimizer (peak lr :func:`peak_lr`), ``stage.begin`` (resume), the loop
+(accumulate, random patches at the data's resolution when ``train.patch_size`` > 0, two views, the method's
+loss, momentum updates once per optimizer step, logging, checkpoints, kNN), and the export of the backbone
+(``backbone.safetensors``, the contract checkpoint ``--init <method>`` finds).
 
 Outputs in ``<out_dir>/<run_name>/``: ``backbone.safetensors``, ``config.yaml``, ``metrics.csv``, ``loss.png``,
 ``tb/``, ``checkpoints/``.
@@ -23,14 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from medpretrain.augment import BatchViews
+from medpretrain.augment import BatchViews, random_patches
 from medpretrain.backbones import apply_memory_format, build_backbone
 from medpretrain.config import ConfigError, config_hash, load_config
 from medpretrain.data import build_dataset
 from medpretrain.data.loader import image_loader
 from medpretrain.faults import fault_hook, inject_nan
 from medpretrain.knn import KNNMonitor, knn_monitor
-from medpretrain.methods.base import method_spec
+from medpretrain.methods.base import TrainConfig, method_spec
 from medpretrain.methods.registry import stage as stage_info
 from medpretrain.resume import Counter
 from medpretrain.runlog import plot_curves
@@ -40,6 +41,12 @@ from medpretrain.utils import PROJECT_ROOT
 
 # knn_acc, then what makes it readable: balanced accuracy, AUC and the validation majority baseline
 METRICS = ["step", "epoch", "loss", "lr", "images_per_s", "knn_acc", *KNNMonitor.REPORT_COLUMNS, "time_s"]
+
+
+def peak_lr(t: TrainConfig, global_batch: int) -> float:
+    """The peak learning rate of the schedule: ``train.lr`` scaled linearly from a global batch of 128
+    (``train.lr_scaling=linear``, lightly's examples) or ``train.lr`` itself (``none``)."""
+    return t.lr * global_batch / 128 if t.lr_scaling == "linear" else t.lr
 
 
 def main(name: str, argv: list[str] | None = None) -> None:
@@ -54,7 +61,12 @@ def main(name: str, argv: list[str] | None = None) -> None:
 
     # ---- data: unlabeled pretraining images in [0, 1]; views are normalised on the device ----
     ds = build_dataset(cfg.data, cfg.split, unlabeled=True, normalize=False)
-    image_size = int(ds[0]["image"].shape[-1])
+    source_hw = tuple(int(v) for v in ds[0]["image"].shape[-2:])
+    if t.patch_size > min(source_hw):
+        raise ConfigError(f"train.patch_size={t.patch_size} does not fit the {source_hw[1]}x{source_hw[0]} images of "
+                          f"{ds.spec}")
+    # Patch pretraining: views are built from patches, so the network runs at (and exports) the patch size.
+    image_size = t.patch_size or source_hw[-1]
     loader, sampler_gen, to_images = image_loader(ds, t.batch_size, t.cache_on_device, accelerator.device,
                                                   cfg.data.num_workers)
     views = BatchViews(cfg.aug, size=image_size, mean=cfg.data.mean, std=cfg.data.std)
@@ -69,8 +81,8 @@ def main(name: str, argv: list[str] | None = None) -> None:
     # train.channels_last forces the layout; otherwise backbone.memory_format decides (auto: depthwise convs).
     channels_last = apply_memory_format(model, "channels_last" if t.channels_last else cfg.backbone.memory_format)
     params = [p for p in model.parameters() if p.requires_grad]  # momentum copies move by momentum only
-    global_batch = t.batch_size * accelerator.num_processes * t.grad_accum
-    base_lr = t.lr * global_batch / 128
+    global_batch = t.batch_size * t.patches_per_image * accelerator.num_processes * t.grad_accum  # views per step
+    base_lr = peak_lr(t, global_batch)
     optimizer: torch.optim.Optimizer
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=base_lr, momentum=t.momentum, weight_decay=t.weight_decay,
@@ -93,9 +105,12 @@ def main(name: str, argv: list[str] | None = None) -> None:
     stage.begin(state, step)
     if stage.resume_from is not None:
         accelerator.print(f"resumed from {stage.resume_from} at step {step.value}/{total_steps}")
-    accelerator.print(f"{method.title}: {len(ds)} images ({ds.spec}, split {cfg.split}), {image_size} px, "
+    patches = (f"{t.patches_per_image} random {t.patch_size} px patch(es) per image of {source_hw[1]}x{source_hw[0]}"
+               if t.patch_size else f"{image_size} px")
+    accelerator.print(f"{method.title}: {len(ds)} images ({ds.spec}, split {cfg.split}), {patches}, "
                       f"{cfg.backbone.arch}/{backbone.stem}, global batch {global_batch}, {total_steps} steps, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}; run folder {stage.run_dir} "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}, peak lr {base_lr:.3g} "
+                      f"({t.lr_scaling}); run folder {stage.run_dir} "
                       f"(config {config_hash(cfg)})")
 
     def run_knn(epoch: int) -> float | None:
@@ -130,6 +145,8 @@ def main(name: str, argv: list[str] | None = None) -> None:
                 images = to_images(batch)
                 # Per-process, per-micro-batch seed: views differ across processes and are replayed exactly on resume.
                 aug_gen.manual_seed((t.seed << 40) + (accelerator.process_index << 32) + epoch * len(loader) + i)
+                if t.patch_size:  # drawn from the same generator: replayed exactly on resume too
+                    images, _ = random_patches(images, t.patch_size, t.patches_per_image, generator=aug_gen)
                 x0, x1 = views.pair(images, generator=aug_gen)
                 if channels_last:
                     x0 = x0.contiguous(memory_format=torch.channels_last)

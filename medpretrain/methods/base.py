@@ -48,8 +48,11 @@ class TrainConfig:
     """Gradient accumulation steps (note: contrastive negatives come from one micro-batch only)."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.06
-    """Peak learning rate for a global batch of 128, scaled linearly with the global batch
-    (lightly's SimCLR/MoCo examples and benchmarks: SGD, lr 0.06 at batch 128)."""
+    """Peak learning rate: for a global batch of 128, scaled linearly with the global batch (lightly's
+    SimCLR/MoCo examples and benchmarks: SGD, lr 0.06 at batch 128); with ``lr_scaling=none`` the value itself."""
+    lr_scaling: Literal["linear", "none"] = "linear"
+    """``linear``: the peak is ``lr * global_batch / 128`` (global batch = views per optimizer step, patches
+    included); ``none``: ``lr`` is the absolute peak (small sets, where batch 9 would divide 0.06 by 14)."""
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_steps: int = 0
@@ -62,6 +65,13 @@ class TrainConfig:
     sync_bn: bool = False
     """SyncBatchNorm across processes (only with more than one process on GPUs)."""
     seed: int = 0
+    patch_size: int = 0
+    """> 0: pretrain on random ``patch_size`` squares cut from the images as the data options give them (at
+    native resolution when ``data.image_size`` is unset, e.g. DRIVE's 565x584 fundus photographs), and build
+    the views from those patches: what a segmentation model fine-tuned on patches sees. 0: whole images."""
+    patches_per_image: int = 1
+    """Patches cut from every image of a batch when ``patch_size`` > 0: a step contrasts ``batch_size x
+    patches_per_image`` patches (a set of 18 images still gives batches of 64)."""
     cache_on_device: bool = True
     """Keep the decoded split as one tensor on the training device and index batches from it: the
     loader then costs nothing. Turn off for datasets larger than device memory (a DataLoader with
@@ -82,6 +92,14 @@ class TrainConfig:
     knn_split: Literal["val", "train"] = "val"
     """Where the kNN bank's labels come from: ``val`` = leave-one-out within the validation split (no
     training labels are touched), ``train`` = train-split labels as the bank, validation as queries."""
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 0:
+            raise ConfigError(f"config key 'train.patch_size': must be >= 0 (0 = whole images), got {self.patch_size}")
+        if self.patches_per_image < 1:
+            raise ConfigError(f"config key 'train.patches_per_image': must be >= 1, got {self.patches_per_image}")
+        if self.patches_per_image > 1 and self.patch_size == 0:
+            raise ConfigError("config key 'train.patches_per_image': needs train.patch_size > 0")
 
 
 def _check_split(self: Any) -> None:
