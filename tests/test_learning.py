@@ -36,6 +36,7 @@ byol (30)       -0.58 / -0.58 / -0.54                           -0.58 / -0.58 / 
 vicreg (30)     -3.5 / -2.7 / -2.9 (25 -> 21.5)                 -2.3 / -2.1 / -2.4
 barlowtwins     -120 / -114 / -66 (481 -> 361 ...)              -61 / -63 / -41
 dino (30)       -0.57 / -0.31 / -0.17                           -0.58 / -0.30 / -0.18
+densecl (30)    -0.108 / -0.106 / -0.098 (4.63 -> 4.52 ...)     -0.095 / -0.092 / -0.092 (in-batch negatives)
 vae (30)        -ELBO 191 -> 36, 136 -> 40                      MSE 0.032 -> 0.017, 0.035 -> 0.016 (x 0.5)
 dcgan (30)      D loss, real vs initial G's fakes 1.37 -> 0.79, |mean|+|std| gap to real pixels 0.45 -> 0.26,
                 1.42 -> 0.74                                    0.45 -> 0.22
@@ -155,6 +156,7 @@ SSL_RUNS: dict[str, tuple[int, list[str]]] = {
     "vicreg": (30, ["vicreg.hidden_dim=512", "vicreg.output_dim=512"]),
     "dino": (30, []),
     "barlowtwins": (30, ["barlowtwins.hidden_dim=512", "barlowtwins.output_dim=512"]),
+    "densecl": (30, ["densecl.queue_size=0", "densecl.dense_queue_size=0"]),  # in-batch: a loss of the weights alone
 }
 # Thresholds on (initial - trained): the fixed training batch, the validation images. Measured margins in
 # the module docstring; a run that does not move its weights gives exactly 0 on both.
@@ -165,6 +167,7 @@ SSL_MARGINS: dict[str, tuple[float, float]] = {
     "vicreg": (1.0, 0.8),
     "dino": (0.05, 0.05),
     "barlowtwins": (20.0, 10.0),
+    "densecl": (0.05, 0.04),
 }
 VIEWS = BatchViews(AugmentConfig(), size=28, mean=0.5, std=0.5)
 

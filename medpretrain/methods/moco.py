@@ -83,6 +83,16 @@ about ``(queue / images)**2 / 2`` (one query in eight at one half), and every ti
 the images; such a key is a near-positive contrasted as a negative."""
 
 
+def check_queue(option: str, queue_size: int, n_images: int) -> None:
+    """Refuse a queue (config key ``option``) larger than :data:`MAX_QUEUE_FRACTION` of the ``n_images``
+    pretraining images (:class:`~medpretrain.config.ConfigError`)."""
+    limit = int(n_images * MAX_QUEUE_FRACTION)
+    if queue_size > limit:
+        raise ConfigError(f"{option}={queue_size} is not well below the {n_images} pretraining "
+                          f"images: at most {limit} (half of them), or the queue holds stale keys of the "
+                          "images being contrasted")
+
+
 def split_forward(encoder: Callable[[Tensor], Tensor], x: Tensor, groups: int) -> Tensor:
     """``encoder`` applied to ``groups`` consecutive chunks of ``x`` (each with its own BatchNorm statistics)."""
     if groups <= 1:
@@ -115,12 +125,8 @@ class MoCo(Method):
 
     def check_data(self, n_images: int) -> None:
         """Refuse a queue larger than :data:`MAX_QUEUE_FRACTION` of the ``n_images`` pretraining images
-        (:class:`~medpretrain.config.ConfigError`)."""
-        limit = int(n_images * MAX_QUEUE_FRACTION)
-        if self.cfg.queue_size > limit:
-            raise ConfigError(f"moco.queue_size={self.cfg.queue_size} is not well below the {n_images} pretraining "
-                              f"images: at most {limit} (half of them), or the queue holds stale keys of the "
-                              "images being contrasted")
+        (:func:`check_queue`)."""
+        check_queue("moco.queue_size", self.cfg.queue_size, n_images)
 
     def query(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x).flatten(start_dim=1))
