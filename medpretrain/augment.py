@@ -17,6 +17,9 @@ with independent random parameters for every sample:
 
 There is deliberately no hue, saturation or random-greyscale step: the images are grey.
 
+For patch pretraining (``train.patch_size``), :func:`random_patches` first cuts random squares out of the images
+as they are (native resolution unless ``data.image_size`` resizes them), and the views are built from those.
+
 Why not ``kornia.augmentation`` (batched, per-sample parameters, on the device too): measured slower, and
 missing operations. ``benchmarks/bench_pretrain.py sections=[views]`` (2 shared CPU cores, batch 256, two
 views per image, ``benchmarks/results/pretrain.md``): BatchViews 21930 / 4576 / 1069 images/s at 28 / 64 /

@@ -8,7 +8,7 @@ The method is ``method=<name>`` (or ``--method <name>``); without it, the config
 file name (``configs/<name>.yaml``, every method's registered default) or by its one method section
 (``byol:``), which is how the experiment runner's ``--config <file>`` reaches the right method. Every other argument is
 a config key of that method (``byol.momentum=0.996``, ``train.*``, ``data.*`` ...). Methods:
-``medpretrain.methods.selfsup_methods()`` (SimCLR, MoCo v2, BYOL, VICReg, DINO, Barlow Twins); each is one
+``medpretrain.methods.selfsup_methods()`` (SimCLR, MoCo v2, BYOL, VICReg, DINO, Barlow Twins, DenseCL); each is one
 module under ``medpretrain/methods/`` and runs through the shared loop :func:`medpretrain.pretrain.main`.
 Outputs in ``runs/pretrain/<method>/<run_name>/``, found later by ``finetune/run.py --init <method>``.
 """
