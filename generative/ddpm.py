@@ -3,18 +3,25 @@
 ``UNet2DModel`` (:func:`medpretrain.generative.ddpm.build_ddpm_unet`) trained to predict the noise added by a
 ``DDPMScheduler`` at a uniformly drawn timestep (the paper's simplified loss). Grids and
 ``generative/sample.py`` use deterministic DDIM sampling (Song et al. 2021, eta = 0) with
-``sample_steps`` steps, so sampling is seeded and reproducible.
+``sample_steps`` steps, so sampling is seeded and reproducible. An exponential moving average of the
+weights (diffusers' ``EMAModel`` with warm-up, ``ema_decay``; 0: off) is updated after every optimizer step,
+checkpointed with the run, and is what the grids and ``unet.safetensors`` hold (its metadata says
+``ema_decay``).
 
 No backbone is exported: the UNet is not a registered backbone architecture, so ``--init`` cannot use it;
-this generator only synthesises scans. Outputs under ``out_dir/<run_name>/``: ``unet.safetensors``,
-``config.yaml``, ``metrics.csv``, ``loss.png``, ``samples_epochXXX.png``, ``results.json``, ``checkpoints/``.
+this generator only synthesises scans (the registry's generator-only stage ``ddpm``: an experiment lists it
+under ``audit.generators``, never under a grid's ``inits``). Outputs under ``out_dir/<run_name>/``:
+``unet.safetensors``, ``config.yaml``, ``metrics.csv``, ``loss.png``, ``samples_epochXXX.png``,
+``results.json``, ``checkpoints/``.
 
-    accelerate launch generative/ddpm.py train.max_steps=200
+    accelerate launch generative/ddpm.py                       # configs/ddpm.yaml
+    accelerate launch generative/ddpm.py train.max_steps=2000 ema_decay=0.9995
     python generative/sample.py --model runs/generative/ddpm/<run> --n 100 --out samples/
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +31,7 @@ from diffusers import DDPMScheduler
 from medpretrain.config import load_config
 from medpretrain.faults import inject_nan
 from medpretrain.generative.configs import DDPMConfig
-from medpretrain.generative.ddpm import build_ddpm_unet, ddpm_meta, ddpm_sample
+from medpretrain.generative.ddpm import averaged, build_ddpm_unet, build_ema, ddpm_meta, ddpm_sample
 from medpretrain.generative.stage import Steps, optimizer_step, start_generative, train_data, write_outputs
 from medpretrain.images import save_grid
 from medpretrain.schedules import fused
@@ -32,10 +39,11 @@ from medpretrain.schedules import fused
 METHOD = "ddpm"
 MODEL_FILE = "unet.safetensors"  # no backbone: this file marks a finished run
 FIELDS = ["step", "epoch", "loss", "elapsed_s"]
+DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "ddpm.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = load_config(DDPMConfig, argv)
+    cfg = load_config(DDPMConfig, argv, defaults_file=DEFAULTS)
     stage = start_generative(METHOD, cfg, FIELDS, done_file=MODEL_FILE)
     accelerator, tc = stage.accelerator, cfg.train
 
@@ -45,13 +53,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **fused(params))
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, data.loader)
+    ema = build_ema(accelerator.unwrap_model(unet), cfg.ema_decay, cfg.ema_power)  # None when ema_decay=0
 
     steps = Steps(stage, tc, loader, data.sampler_gen)
-    if steps.begin():
+    if steps.begin({"ema": ema} if ema is not None else {}):
         accelerator.print(f"resumed from {stage.resume_from} at step {steps.value}")
+    if ema is not None:
+        ema.to(accelerator.device)  # a resume reads the average back on the CPU
     accelerator.print(f"DDPM on {cfg.data.dataset} ({len(data.ds)} images, {data.image_size} px), "
                       f"{steps.total} steps -> {stage.run_dir}")
-    meta = ddpm_meta(accelerator.unwrap_model(unet), cfg.num_train_timesteps, cfg.beta_schedule, cfg.sample_steps)
+    meta = ddpm_meta(accelerator.unwrap_model(unet), cfg.num_train_timesteps, cfg.beta_schedule, cfg.sample_steps,
+                     cfg.ema_decay)
     for _, batches in steps.epochs():
         unet.train()
         for batch in batches:
@@ -64,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss = F.mse_loss(unet(noisy, t).sample.float(), noise)
             loss = inject_nan(steps.value + 1, loss)
             optimizer_step(accelerator, loss, optimizer, unet.parameters(), cfg.grad_clip)
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
             steps.advance(loss)
             if steps.log_due():
                 steps.log({"loss": loss.item()})
@@ -71,15 +85,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if steps.after_step():
                 break
         if steps.samples_due():
-            save_grid(ddpm_sample(accelerator.unwrap_model(unet), tc.grid_size, tc.seed, meta), steps.samples_path())
+            model = averaged(accelerator.unwrap_model(unet), ema)
+            save_grid(ddpm_sample(model, tc.grid_size, tc.seed, meta), steps.samples_path())
 
     steps.finish()
     results: dict[str, Any] = {}
     if stage.is_main:
-        model = accelerator.unwrap_model(unet)
+        model = averaged(accelerator.unwrap_model(unet), ema)
         results = write_outputs(stage, steps, data, MODEL_FILE, model, meta, ddpm_sample(model, 128, tc.seed + 1, meta),
-                                ("loss",), "DDPM")
-        accelerator.print(f"exported {stage.run_dir / MODEL_FILE}")
+                                ("loss",), "DDPM", ema_decay=cfg.ema_decay)
+        accelerator.print(f"exported {stage.run_dir / MODEL_FILE}" + (" (moving average)" if ema is not None else ""))
     stage.finish()
     return results
 

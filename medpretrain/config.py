@@ -515,6 +515,7 @@ HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "EvalConfig": {"reuse_images": 64},
     "BackboneConfig": {"memory_format": "auto"},
     "SegConfig": {"model": "unet", "full_resolution": False, "foreground_fraction": 0.0},
+    "DDPMConfig": {"ema_decay": 0.0, "ema_power": 0.75},
     "TrainConfig": {"lr_scaling": "linear", "patch_size": 0, "patches_per_image": 1},
     "DataConfig": {"path_column": "image_path", "label_column": "label", "label_columns": None, "classes": None,
                    "patient_column": "patient", "split_column": None, "rgb_to_grey": "luma", "clahe": False,

@@ -1,7 +1,9 @@
-"""A small DDPM (Ho et al. 2020) from diffusers: the UNet, its checkpoint metadata and seeded DDIM sampling."""
+"""A small DDPM (Ho et al. 2020) from diffusers: the UNet, the moving average of its weights, its checkpoint
+metadata and seeded DDIM sampling."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any, cast
 
 import torch
@@ -34,14 +36,46 @@ def build_ddpm_unet(image_size: int, channels: int = 1, base_channels: int = 32)
     return cast(nn.Module, unet)
 
 
-def ddpm_meta(unet: nn.Module, num_train_timesteps: int, beta_schedule: str, sample_steps: int) -> dict[str, Any]:
-    """What :func:`build_generator` and :func:`ddpm_sample` need (stored in the safetensors header)."""
+def build_ema(unet: nn.Module, decay: float, power: float = 0.75) -> Any:
+    """diffusers' ``EMAModel`` over ``unet``'s parameters (a copy of them on their device), or ``None`` when
+    ``decay`` is 0.
+
+    Warm-up as in diffusers' training scripts (``use_ema_warmup=True``, inv_gamma 1, Karras et al.'s / crowsonkb's
+    schedule): after ``t`` calls of ``ema.step(params)`` the decay is ``min(decay, 1 - t ** -power)``, so the first
+    step copies the weights and a short run is not pulled back to its initialisation. Its ``state_dict()``
+    (tensors, numbers) goes into the resume checkpoint as it is. Raises ``ValueError`` for ``decay`` outside
+    [0, 1) or ``power`` <= 0.
+    """
+    if not 0.0 <= decay < 1.0 or power <= 0:
+        raise ValueError(f"EMA decay must be in [0, 1) and power > 0, got decay={decay}, power={power}")
+    if decay == 0.0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=float(decay), min_decay=0.0, use_ema_warmup=True, inv_gamma=1.0,
+                    power=float(power))
+
+
+def averaged(unet: nn.Module, ema: Any) -> nn.Module:
+    """``unet`` itself when ``ema`` is ``None``, else a copy of it holding the moving average (what the grids
+    and the export use; the UNet has no buffers, so its parameters are its whole state)."""
+    if ema is None:
+        return unet
+    model = copy.deepcopy(unet)
+    ema.copy_to(model.parameters())
+    return model
+
+
+def ddpm_meta(unet: nn.Module, num_train_timesteps: int, beta_schedule: str, sample_steps: int,
+              ema_decay: float = 0.0) -> dict[str, Any]:
+    """What :func:`build_generator` and :func:`ddpm_sample` need (stored in the safetensors header);
+    ``ema_decay``: the weights are a moving average with that (largest) decay, 0: the raw weights."""
     model: Any = unet  # a diffusers UNet2DModel; its ``config`` is a FrozenDict
     config = dict(model.config)
     return {"kind": "ddpm_unet", "unet": {k: v for k, v in config.items() if not k.startswith("_")},
             "image_size": int(config["sample_size"]), "out_channels": int(config["out_channels"]),
             "num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule,
-            "sample_steps": sample_steps}
+            "sample_steps": sample_steps, "ema_decay": float(ema_decay)}
 
 
 @torch.no_grad()
