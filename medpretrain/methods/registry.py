@@ -4,6 +4,10 @@ defaults and the benchmarks read.
 Each entry says which entry script trains it, its default config, and the files its run folder holds
 when it is done. Self-supervised methods register themselves from their own module under
 :mod:`medpretrain.methods`; the generative models are listed here.
+
+A stage may also be generator-only (``exports_backbone=False``, the DDPM): it trains an image model and no
+backbone, so it is an experiment stage (:func:`all_stages`) and a generator (:func:`generators`) but neither an
+``--init`` nor a grid arm (:func:`stages`, :func:`selfsup_methods`, :func:`generative_models` leave it out).
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+BACKBONE_FILE = "backbone.safetensors"
+
 
 @dataclass(frozen=True)
 class StageInfo:
-    """A training stage whose run exports a contract backbone (``backbone.safetensors``)."""
+    """A training stage whose run exports a contract backbone (``backbone.safetensors``), or, with
+    ``exports_backbone=False``, only an image model (``products["generator"]``)."""
 
     name: str
     kind: Literal["selfsup", "generative"]
@@ -31,6 +38,18 @@ class StageInfo:
     """The entry script's config dataclass as ``"module:Class"`` (importable from the library), or ``""``.
     When set, the experiment runner validates the stage's config against it before hashing
     (:func:`medpretrain.pipeline.stages.stage_config`)."""
+    exports_backbone: bool = True
+    """False: a generator-only stage (no backbone to transfer); ``products["generator"]`` marks a finished run."""
+
+    def __post_init__(self) -> None:
+        if not self.exports_backbone and "generator" not in self.products:
+            raise ValueError(f"stage {self.name!r} exports no backbone, so it needs products['generator'] "
+                             "(the file that marks a finished run)")
+
+    @property
+    def done_file(self) -> str:
+        """The file a finished run holds: ``backbone.safetensors``, or the generator of a generator-only stage."""
+        return BACKBONE_FILE if self.exports_backbone else self.products["generator"]
 
 
 _STAGES: dict[str, StageInfo] = {}
@@ -49,16 +68,23 @@ def _load() -> None:
     import medpretrain.methods  # noqa: F401  (importing the package registers every method module)
 
 
-def stages() -> dict[str, StageInfo]:
-    """Every training stage by name: self-supervised methods first, then generative models."""
+def all_stages() -> dict[str, StageInfo]:
+    """Every training stage by name, generator-only ones included (the experiment's stage sections):
+    self-supervised methods first, then generative models."""
     _load()
     order = sorted(_STAGES.values(), key=lambda s: (s.kind != "selfsup", list(_STAGES).index(s.name)))
     return {s.name: s for s in order}
 
 
+def stages() -> dict[str, StageInfo]:
+    """Every training stage that exports a backbone (what ``--init <name>`` and the grids' arms can use), in the
+    order of :func:`all_stages`."""
+    return {n: s for n, s in all_stages().items() if s.exports_backbone}
+
+
 def stage(name: str) -> StageInfo:
-    """The stage called ``name``; ``KeyError`` naming the known ones."""
-    all_ = stages()
+    """The stage called ``name`` (generator-only stages included); ``KeyError`` naming the known ones."""
+    all_ = all_stages()
     if name not in all_:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(all_)}")
     return all_[name]
@@ -70,12 +96,13 @@ def selfsup_methods() -> tuple[str, ...]:
 
 
 def generative_models() -> tuple[str, ...]:
+    """Generative stages that export a backbone (the generative ``--init`` arms; the DDPM is not one)."""
     return tuple(n for n, s in stages().items() if s.kind == "generative")
 
 
 def generators() -> dict[str, str]:
-    """Generative stages that can draw samples, and the file in their run folder that does it."""
-    return {n: s.products["generator"] for n, s in stages().items() if "generator" in s.products}
+    """Stages that can draw samples (generator-only ones included), and the file in their run folder that does it."""
+    return {n: s.products["generator"] for n, s in all_stages().items() if "generator" in s.products}
 
 
 register(StageInfo("vae", "generative", "generative/vae.py", "configs/vae.yaml", "runs/generative/vae",
@@ -84,3 +111,7 @@ register(StageInfo("vae", "generative", "generative/vae.py", "configs/vae.yaml",
 register(StageInfo("dcgan", "generative", "generative/dcgan.py", "configs/dcgan.yaml", "runs/generative/dcgan",
                    {"generator": "generator.safetensors"}, "DCGAN; its discriminator trunk is exported",
                    schema="medpretrain.generative.configs:DCGANConfig"))
+register(StageInfo("ddpm", "generative", "generative/ddpm.py", "configs/ddpm.yaml", "runs/generative/ddpm",
+                   {"generator": "unet.safetensors"}, "DDPM (diffusers UNet, DDIM sampling, EMA weights); "
+                   "generator only, no backbone", schema="medpretrain.generative.configs:DDPMConfig",
+                   exports_backbone=False))

@@ -6,7 +6,8 @@ section (``byol: {enabled: true}``) with no edit here. Stages run in order, each
 group with the experiment's launcher:
 
 1. the training stages (self-supervised first, then generative): one contract checkpoint each, in
-   ``<out>/<stage>/<hash>/backbone.safetensors`` (:func:`.stages.train_stage`);
+   ``<out>/<stage>/<hash>/backbone.safetensors`` (:func:`.stages.train_stage`), or a generator-only stage's
+   image model (``ddpm``: ``unet.safetensors``, sampled and audited, never a grid arm);
 2. ``samples`` + ``audit``: images drawn from each generator and scored by ``scripts/audit_synthetic.py``;
 3. ``classification`` / ``segmentation``: the fine-tune grid (:mod:`.grid`) over every init (``scratch``,
    ``imagenet`` and the exports above, each named after its stage);
@@ -38,6 +39,7 @@ from medpretrain.pipeline.schema import (  # noqa: F401  (the schema, re-exporte
 )
 from medpretrain.pipeline.stages import (
     Stage,
+    check_backbone_refs,
     grid_config,
     grid_stage,
     record,
@@ -93,7 +95,8 @@ def run_experiment(cfg: Any, console: Console = None) -> Path:
         if not cfg.dry_run:
             record(exp_dir, stage)
 
-    trained = registry.stages()
+    trained = registry.all_stages()
+    check_backbone_refs(cfg)  # first: a variant's generator-only init is refused for what it is
     check_variants(cfg, trained)
     for variant in [None, *cfg.variants]:
         for name in (variant.stages if variant else [n for n in trained if getattr(cfg, n).enabled]):

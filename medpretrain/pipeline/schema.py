@@ -1,7 +1,8 @@
 """The experiment schema: :data:`ExperimentConfig` (``configs/experiments/*.yaml``) and its sections.
 
-One :class:`StageSpec` section per registered training stage (:func:`medpretrain.methods.registry.stages`): a
-method registered later gets its section (``byol: {enabled: true}``) with no edit here. Read by
+One :class:`StageSpec` section per registered training stage (:func:`medpretrain.methods.registry.all_stages`,
+generator-only ones such as ``ddpm`` included): a method registered later gets its section
+(``byol: {enabled: true}``) with no edit here. Read by
 :mod:`.experiment` (which runs it), :mod:`.stages` and :mod:`.report`.
 """
 
@@ -41,7 +42,8 @@ class GridSpec:
     config of every cell)."""
     inits: list[str] = field(default_factory=list)
     """``scratch``, ``imagenet``, the name of an enabled training stage (its export), or ``<label>=<path>``.
-    Empty: ``scratch``, ``imagenet`` and every enabled training stage."""
+    Empty: ``scratch``, ``imagenet`` and every enabled training stage that exports a backbone (a generator-only
+    stage such as ``ddpm`` is refused here: it has nothing to transfer)."""
     grid: list[str] = field(default_factory=list)
     """``key=value`` for the grid itself (``label_fractions=[...]``, ``seeds=[...]``, ``regimes=[...]``)."""
     overrides: list[str] = field(default_factory=list)
@@ -53,7 +55,8 @@ class AuditSpec:
     enabled: bool = True
     config: str = "configs/audit.yaml"
     generators: list[str] = field(default_factory=list)
-    """Generator stages whose samples are audited (those enabled). Empty: every enabled generator stage."""
+    """Generator stages whose samples are audited (those enabled: ``vae``, ``dcgan``, ``ddpm``). Empty: every
+    enabled generator stage."""
     features: str = "simclr"
     """Backbone of the discriminator and feature metrics: a training stage, ``imagenet`` or ``scratch``."""
     n_samples: int = 1000
@@ -91,7 +94,7 @@ class LaunchSpec:
 def _experiment_config() -> type:
     """The experiment schema: fixed sections around one ``StageSpec`` per registered training stage."""
     stage_fields = [(name, StageSpec, field(default_factory=functools.partial(StageSpec, name in DEFAULT_ENABLED)))
-                    for name in registry.stages()]
+                    for name in registry.all_stages()]  # generator-only stages (ddpm) too
     cls = dataclasses.make_dataclass("ExperimentConfig", [
         ("name", str, field(default="experiment")),
         ("title", str, field(default="")),

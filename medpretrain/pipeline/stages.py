@@ -7,7 +7,9 @@ its config dataclass (:attr:`medpretrain.methods.registry.StageInfo.schema`), va
 an unknown key or a wrong type fails before anything runs, and the hash is taken over the full resolved
 config (defaults included), not over strings. A stage whose product exists under that hash is reused, one
 with checkpoints but no product is resumed (``train.resume=auto``), one that died before its first
-checkpoint starts again.
+checkpoint starts again. The product is ``backbone.safetensors``, or for a generator-only stage (the DDPM)
+its generator file (:attr:`~medpretrain.methods.registry.StageInfo.done_file`); such a stage is sampled and
+audited but is no fine-tuning arm (:func:`check_backbone_refs`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from medpretrain.data import data_stamp
 from medpretrain.methods import registry
 from medpretrain.pipeline.console import Console, relay
 from medpretrain.pipeline.grid import CompareConfig, grid, pending, run_grid
+from medpretrain.pipeline.schema import GRID_TASKS
 from medpretrain.results import STATUSES, RunResult
 from medpretrain.resume import list_checkpoints
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text
@@ -94,6 +97,18 @@ def stage_config(info: registry.StageInfo, config_file: str, overrides: list[str
         except ConfigError as e:
             raise ConfigError(f"stage {info.name}: {e}") from None
     return merge_overrides(read_yaml(ROOT / config_file) if config_file else {}, overrides, root=ROOT)
+
+
+def stage_common(info: registry.StageInfo, common: list[str]) -> list[str]:
+    """The experiment's ``common`` overrides that stage ``info`` takes: those whose top-level key its schema has
+    (a field or an alias), so ``backbone.arch=...`` reaches the backbone stages and skips the DDPM, whose
+    config has no ``backbone``; all of them when the stage names no schema. A misspelt key inside a group
+    the stage has still fails."""
+    schema = schema_of(info)
+    if schema is None:
+        return list(common)
+    keys = {f.name for f in dataclasses.fields(schema)} | set(getattr(schema, "ALIASES", {}))
+    return [o for o in common if "=" not in o or o.partition("=")[0].strip().lstrip("-").split(".")[0] in keys]
 
 
 def data_of(conf: dict[str, Any]) -> DataConfig:
@@ -159,14 +174,15 @@ def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Consol
     info = registry.stage(name)
     spec = getattr(cfg, name)
     config_file = spec.config or info.config
-    overrides = [*cfg.common, *spec.overrides, *(variant.overrides if variant else []),
+    overrides = [*stage_common(info, cfg.common), *spec.overrides, *(variant.overrides if variant else []),
                  *([f"train.seed={seed}"] if seed is not None else [])]
     conf = stage_config(info, config_file, overrides)
     h = stage_hash(info.script, conf, data_stamp(data_of(conf)))
     run_dir = exp_dir / name / h
     label = variant_label(name if seed is None else f"{name}_seed{seed}", variant)
-    stage = Stage(label, h, str(run_dir / "backbone.safetensors"), log=str(exp_dir / "logs" / f"{label}.log"))
-    if (run_dir / "backbone.safetensors").is_file():
+    product = run_dir / info.done_file  # backbone.safetensors; a generator-only stage's generator file
+    stage = Stage(label, h, str(product), log=str(exp_dir / "logs" / f"{label}.log"))
+    if product.is_file():
         stage.status, stage.wall_s = "reused", previous_wall(exp_dir, label, h)
         return stage
     resuming = bool(list_checkpoints(run_dir / "checkpoints"))
@@ -181,7 +197,7 @@ def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Consol
     t0 = time.perf_counter()
     code = run_logged([*launcher_cmd(cfg.launch, info.script), *argv], Path(stage.log), console)
     stage.wall_s = previous_wall(exp_dir, label, h) + time.perf_counter() - t0  # a resume adds to the first part
-    if code != 0 or not (run_dir / "backbone.safetensors").is_file():
+    if code != 0 or not product.is_file():
         stage.status, stage.detail = "failed", f"exit code {code}; log {stage.log}"
         record(exp_dir, stage)
         raise StageFailed(f"stage {label} failed (exit code {code}); see {stage.log}. Run the same command "
@@ -233,6 +249,21 @@ def sample_and_audit(cfg: ExperimentConfig, exp_dir: Path, gen: str, gen_stage: 
     return [samples, audit]
 
 
+def check_backbone_refs(cfg: ExperimentConfig) -> None:
+    """Raise :class:`ConfigError` (one line) when an enabled grid or a variant names a generator-only stage as
+    an init, or the audit as its feature backbone: it has no backbone to transfer. Called before any stage runs."""
+    trained = registry.all_stages()
+    named = [(f"{task}.inits", init) for task in GRID_TASKS if getattr(cfg, task).enabled
+             for init in getattr(cfg, task).inits]
+    named += [(f"variants[{v.name}].inits", init) for v in cfg.variants for init in v.inits]
+    if cfg.audit.enabled:
+        named.append(("audit.features", cfg.audit.features))
+    for where, init in named:
+        if init in trained and not trained[init].exports_backbone:
+            raise ConfigError(f"{where} has {init!r}, but stage {init} exports no backbone to transfer (it only "
+                              f"generates images: list it under audit.generators)")
+
+
 def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, list[Stage]],
                 variant: VariantSpec | None = None) -> CompareConfig:
     """The fine-tune grid of ``task`` as a validated :class:`CompareConfig`: the grid file, the experiment's
@@ -241,9 +272,10 @@ def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[s
     variant's arms (``<init>@<variant>``, exports keyed so in ``exports``) with its overrides last, reported as
     ``<task>@<variant>``."""
     spec: GridSpec = getattr(cfg, task)
-    trained = registry.stages()
-    names = (variant.inits or ["scratch", "imagenet", *variant.stages]) if variant else \
-        (spec.inits or ["scratch", "imagenet", *(e for e in exports if e in trained)])
+    check_backbone_refs(cfg)
+    trained, backbones = registry.all_stages(), registry.stages()  # only the second have a backbone to transfer
+    names = (variant.inits or ["scratch", "imagenet", *(s for s in variant.stages if s in backbones)]) if variant \
+        else (spec.inits or ["scratch", "imagenet", *(e for e in exports if e in backbones)])
     inits = []
     for init in names:
         label = variant_label(init, variant)
