@@ -225,3 +225,17 @@ def test_finetune_streams_its_images(tmp_path, monkeypatch):
     assert res["status"] == "complete" and res["data"]["class_names"] == ["benign", "malignant"]
     assert len(reads) >= 2 * 4 + res["data"]["test_size"]  # training batches and the test set decoded on access
     assert not list((tmp_path / "cache").glob("*/chunks/*.bin")) and len(list((tmp_path / "cache").glob("*/chunks/*.json"))) == 6
+
+
+def test_stacking_a_streamed_split_on_the_device_is_warned_about(tmp_path, caplog):
+    from medpretrain.data.loader import image_loader
+
+    folder = png_folder(tmp_path / "png", n=2)
+    ds = build_dataset(streamed(DataConfig(dataset=f"folder:{folder}", image_size=16), tmp_path / "cache"), "all",
+                       unlabeled=True, normalize=False)
+    with caplog.at_level("WARNING", logger="medpretrain.data.loader"):
+        loader, _, to_images = image_loader(ds, 2, True, torch.device("cpu"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"folder:{folder}: train.cache_on_device stacks all {len(ds)} images of the split into one float32 tensor on "
+        f"cpu (0.0 GB); set train.cache_on_device=false to read them in DataLoader workers"]
+    assert torch.equal(to_images(torch.tensor([1])), ds[1]["image"][None])

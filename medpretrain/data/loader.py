@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+log = logging.getLogger(__name__)
 
 
 class _Indices(Dataset):
@@ -33,6 +36,11 @@ def image_loader(
         raise ValueError(f"pretraining split has {len(ds)} images, fewer than batch_size={batch_size}")
     gen = torch.Generator()
     if cache_on_device:
+        on_disk = type(getattr(getattr(ds, "source", None), "images", None)).__name__
+        if on_disk in ("CachedImages", "StreamedImages"):  # data.cache / data.stream: memory was to stay bounded
+            log.warning("%s: train.cache_on_device stacks all %d images of the split into one float32 tensor on %s "
+                        "(%.1f GB); set train.cache_on_device=false to read them in DataLoader workers",
+                        getattr(ds, "spec", "data"), len(ds), device, len(ds) * ds[0]["image"].numel() * 4 / 1e9)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
         loader = DataLoader(_Indices(len(ds)), batch_size=batch_size, sampler=RandomSampler(range(len(ds)), generator=gen),
                             drop_last=True)
