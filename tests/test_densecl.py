@@ -132,7 +132,7 @@ def test_dense_weight_mixes_the_global_and_dense_losses():
         torch.manual_seed(1)
         method = DenseCL(build_backbone("cbr_tiny", 1, "small"),
                          DenseCLMethodConfig(queue_size=0, dense_queue_size=0, dense_weight=w, split_bn=False))
-        losses[w] = float(method(x0, x1))
+        losses[w] = float(method(x0, x1).detach())
     q_features, q_global, q_dense = method.query(x0)
     k_features, k_global, k_dense = method.key(x1)
     glob = float(method.criterion(q_global, k_global))
