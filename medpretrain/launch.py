@@ -26,6 +26,7 @@ launcher re-raise as accelerate and torchrun do.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -70,11 +71,32 @@ def _child_failed(err: Any) -> int:
     return _status(first) if first else 1
 
 
+def cpu_threads(args: Any, cuda: bool) -> int | None:
+    """Threads per process for an ``accelerate launch`` on a machine without a GPU that names none
+    (``--num_cpu_threads_per_process``, ``OMP_NUM_THREADS``): the CPUs this process may use, shared by the
+    processes. ``None`` leaves accelerate's choice, which for a config without ``use_cpu`` (ours, so that the
+    same file serves a GPU) is one thread: on a 2-core CPU that leaves a core idle in every pretraining stage.
+    """
+    if cuda or args.num_cpu_threads_per_process is not None or "OMP_NUM_THREADS" in os.environ:
+        return None
+    n = args.num_processes
+    if n is None and args.config_file:
+        import yaml
+
+        with open(args.config_file) as fh:
+            n = (yaml.safe_load(fh) or {}).get("num_processes")
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(n or 1)))
+
+
 def _accelerate(argv: list[str]) -> int:
+    import torch
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    threads = cpu_threads(args, torch.cuda.is_available())
+    if threads is not None:
+        args.num_cpu_threads_per_process = threads
     try:
         launch_command(args)
     except subprocess.CalledProcessError as err:  # simple_launcher: one child, already reported itself

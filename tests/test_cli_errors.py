@@ -226,3 +226,37 @@ def test_two_ranks_print_one_line():
     assert plain.returncode == 1 and lines.count(UNKNOWN_KEY) == 1, plain.stderr
     assert "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: " in lines
     assert f"  traceback : {UNKNOWN_KEY}" in lines  # the summary reads the rank's error file
+
+
+# --------------------------------------------------------------------------------------------
+# threads of a CPU launch
+# --------------------------------------------------------------------------------------------
+
+
+def test_cpu_launch_uses_every_cpu_unless_told(tmp_path, monkeypatch) -> None:
+    """accelerate gives a single-process launch whose config does not say use_cpu one thread; on a CPU-only
+    machine medpretrain.launch gives it the CPUs it may use (split between processes), and leaves an explicit
+    OMP_NUM_THREADS / --num_cpu_threads_per_process or a GPU machine alone."""
+    from argparse import Namespace
+
+    from medpretrain.launch import cpu_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = Namespace(num_cpu_threads_per_process=None, num_processes=None, config_file=str(SINGLE))
+    assert cpu_threads(args, cuda=False) == cpus
+    assert cpu_threads(args, cuda=True) is None
+    assert cpu_threads(Namespace(num_cpu_threads_per_process=None, num_processes=2, config_file=None),
+                       cuda=False) == max(1, cpus // 2)
+    assert cpu_threads(Namespace(num_cpu_threads_per_process=3, num_processes=None, config_file=None),
+                       cuda=False) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(args, cuda=False) is None
+
+    script = tmp_path / "threads.py"
+    script.write_text("import os, torch\nprint('threads', os.environ['OMP_NUM_THREADS'], torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cmd = [sys.executable, "-m", "medpretrain.launch", "--config_file", str(SINGLE), str(script)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"threads {cpus} {cpus}" in out.stdout
