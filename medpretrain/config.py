@@ -514,6 +514,7 @@ def save_config(cfg: Any, out_dir: str | os.PathLike[str], name: str = "config.y
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "EvalConfig": {"reuse_images": 64},
     "BackboneConfig": {"memory_format": "auto"},
+    "CompareConfig": {"workers": 1},
     "SegConfig": {"model": "unet", "full_resolution": False, "foreground_fraction": 0.0},
     "DDPMConfig": {"ema_decay": 0.0, "ema_power": 0.75},
     "TrainConfig": {"lr_scaling": "linear", "patch_size": 0, "patches_per_image": 1},

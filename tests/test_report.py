@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -436,3 +437,26 @@ def test_cross_init_ensemble_of_identical_members_equals_the_member_and_mixes_ot
     assert by["scratch"]["ci"][0] > 0  # the weaker member is clearly beaten by the mix
     text = build_report(a + b, tmp_path / "rep").read_text()
     assert "## Ensembles across initialisations" in text and f"| 0.1 | {', '.join(row['members'])} |" in text
+
+
+def test_grid_workers_run_cells_at_once_with_the_same_results(tmp_path, monkeypatch, capsys):
+    """workers=2: the cells run in two spawned worker processes, each cell's output in its run.log; the
+    results equal those of the same cells run one after the other (float rounding aside), in grid order."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    base = ["base_config=" + str(ROOT / "configs/finetune.yaml"), "inits=[scratch]", "regimes=[linear]",
+            "label_fractions=[0.05]", "seeds=[0, 1]", "launcher=inprocess", "n_bootstrap=20", "name=w",
+            'overrides=["backbone.arch=cbr_tiny", "optim.steps=0", "optim.epochs=1", "optim.max_steps_per_epoch=2", '
+            '"optim.batch_size=32", "n_bootstrap=20"]']
+    _, one = run_grid(load_config(CompareConfig, [*base, f"runs_dir={tmp_path / 'one'}"]), sys.stdout)
+    capsys.readouterr()
+    _, two = run_grid(load_config(CompareConfig, [*base, f"runs_dir={tmp_path / 'two'}", "workers=2"]), sys.stdout)
+    out = capsys.readouterr().out
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"2 cells on 2 worker processes of {threads} thread(s)" in out
+    assert out.count(": complete in ") == 2 and "test (624)" not in out  # the cells' own lines went to run.log
+    assert [(r.seed, r.status) for r in two] == [(0, "complete"), (1, "complete")] == [(r.seed, r.status) for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert b.metrics["test"]["auc"] == pytest.approx(a.metrics["test"]["auc"], abs=1e-4)
+        assert "test (624): auc" in (Path(b.run_dir) / "run.log").read_text()
+    # the workers' own results, not copies: another seed, another subset, another number
+    assert two[0].metrics["test"]["auc"] != two[1].metrics["test"]["auc"]

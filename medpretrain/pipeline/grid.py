@@ -74,6 +74,11 @@ class CompareConfig:
     n_bootstrap: int = 1000
     """Bootstrap resamples for the ensemble rows (runs use their own config's ``n_bootstrap``)."""
     notes: list[str] = field(default_factory=list)
+    workers: int = 1
+    """``launcher=inprocess`` only: cells run at once, each in its own worker process with
+    ``CPUs // workers`` threads and its output in the cell's ``run.log``. Small CPU models use two threads
+    poorly: on a 2-core CPU two one-thread cells at once finish a grid sooner than one two-thread cell at a
+    time (``benchmarks/results/grid_workers.md``). Results do not depend on it beyond float rounding."""
 
 
 def cell_config(argv: list[str]) -> FinetuneConfig:
@@ -148,6 +153,34 @@ def run_inprocess(argv: list[str], log_path: Path) -> int:
         return 1
 
 
+def _worker_init(threads: int) -> None:
+    """A grid worker process: ``threads`` torch threads (the CPUs shared by the workers)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_logged(argv: list[str], log_path: Path) -> int:
+    """:func:`run_inprocess` with this process's stdout and stderr (file descriptors, so progress bars and
+    child libraries too) in ``log_path``: a grid worker's cell."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "a") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        try:
+            return run_inprocess(argv, log_path)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 def launch(cfg: CompareConfig, argv: list[str], log_path: Path) -> int:
     """One run; its output goes to ``log_path`` (``inprocess``: to this process's streams). Returns the exit code."""
     if cfg.launcher == "inprocess":
@@ -161,15 +194,15 @@ def launch(cfg: CompareConfig, argv: list[str], log_path: Path) -> int:
 
 def run_grid(cfg: CompareConfig, console: Console = None) -> tuple[Path, list[RunResult]]:
     """Run the missing cells of ``cfg``'s grid (none with ``collect_only``), write the report; return its path
-    and every cell's results (complete, unavailable or failed; ``run_dir`` set). Progress, one line per cell,
-    goes to ``console``."""
+    and every cell's results (complete, unavailable or failed; ``run_dir`` set), in grid order. Progress, one
+    line per cell, goes to ``console``. ``workers > 1`` (in-process launcher): that many cells at once."""
     cells = grid(cfg)
-    results: list[RunResult] = []
+    done: dict[int, RunResult | None] = {}
+    todo: list[tuple[int, str, list[str]]] = []
     t0 = time.perf_counter()
     for n, argv_cell in enumerate(cells, 1):
         run_cfg = cell_config(argv_cell)  # validates the cell before launching
         out = output_dir(run_cfg)
-        want = run_hash(run_cfg)
         existing = previous(run_cfg, ("complete", "unavailable", "failed"))
         budget = (f"{run_cfg.seg.n_train_images or 'all'} images" if run_cfg.task == "segmentation"
                   else f"{run_cfg.data.label_fraction:g}")
@@ -177,32 +210,77 @@ def run_grid(cfg: CompareConfig, console: Console = None) -> tuple[Path, list[Ru
         label = f"[{n}/{len(cells)}] {init} / {run_cfg.regime} / {budget} / seed {run_cfg.seed}"
         if existing and existing.status == "complete":
             say(console, f"{label}: done ({out})")
+            done[n] = existing
         elif cfg.collect_only:
             say(console, f"{label}: missing (collect_only)")
-            continue
         else:
-            say(console, f"{label}: running -> {out}")
-            if (out / "results.json").exists():  # stale (other config), unavailable or unreadable: start clean
-                shutil.rmtree(out)
+            todo.append((n, label, argv_cell))
+            done[n] = existing  # replaced when the cell has run
+    workers = max(1, min(cfg.workers, len(todo))) if cfg.launcher == "inprocess" else 1
+    if workers == 1:
+        for n, label, argv_cell in todo:
+            say(console, f"{label}: running -> {output_dir(cell_config(argv_cell))}")
             t = time.perf_counter()
-            code = launch(cfg, argv_cell, out / "run.log")
-            try:
-                existing = read_results(out / "results.json", missing_ok=True)
-            except ResultsError:
-                existing = None
-            if code != 0 and not (existing and existing.status == "unavailable" and existing.config_hash == want):
-                tail = (out / "run.log").read_text()[-2000:] if (out / "run.log").exists() else ""
-                existing = failed_result(run_cfg, f"exit code {code}; log {out / 'run.log'}", tail)
-            say(console, f"{label}: {existing.status if existing else 'no results'} "
-                         f"in {time.perf_counter() - t:.0f}s")
+            code = launch(cfg, argv_cell, _fresh(argv_cell) / "run.log")
+            done[n] = _collect(argv_cell, code, label, time.perf_counter() - t, console)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        say(console, f"{len(todo)} cells on {workers} worker processes of {threads} thread(s); each cell's "
+                     f"output in its run.log")
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            started = {}
+            for n, label, argv_cell in todo:
+                say(console, f"{label}: queued -> {output_dir(cell_config(argv_cell))}")
+                started[pool.submit(run_logged, argv_cell, _fresh(argv_cell) / "run.log")] = (
+                    n, label, argv_cell, time.perf_counter())
+            for future in as_completed(started):
+                n, label, argv_cell, t = started[future]
+                try:
+                    code = future.result()
+                except Exception as e:  # noqa: BLE001 - a dead worker fails its cell, not the grid
+                    code = 1
+                    with (output_dir(cell_config(argv_cell)) / "run.log").open("a") as fh:
+                        fh.write(f"{type(e).__name__}: {e}\n")
+                done[n] = _collect(argv_cell, code, label, time.perf_counter() - t, console)
+    results = []
+    for n in sorted(done):
+        existing = done[n]
         if existing:
             if existing.run_dir is None:
-                existing.run_dir = str(out)
+                existing.run_dir = str(output_dir(cell_config(cells[n - 1])))
             results.append(existing)
 
     report = grid_report(cfg, results)
     say(console, f"report: {report} ({time.perf_counter() - t0:.0f}s)")
     return report, results
+
+
+def _fresh(argv_cell: list[str]) -> Path:
+    """The cell's folder, emptied when it holds results of another config, an unavailable arm or unreadable ones."""
+    out = output_dir(cell_config(argv_cell))
+    if (out / "results.json").exists():
+        shutil.rmtree(out)
+    return out
+
+
+def _collect(argv_cell: list[str], code: int, label: str, seconds: float, console: Console) -> RunResult | None:
+    """The results a launched cell wrote (a failed result, with its log's tail, when it exited non-zero
+    without an unavailable result of its config)."""
+    run_cfg = cell_config(argv_cell)
+    out = output_dir(run_cfg)
+    try:
+        existing = read_results(out / "results.json", missing_ok=True)
+    except ResultsError:
+        existing = None
+    if code != 0 and not (existing and existing.status == "unavailable" and existing.config_hash == run_hash(run_cfg)):
+        tail = (out / "run.log").read_text()[-2000:] if (out / "run.log").exists() else ""
+        existing = failed_result(run_cfg, f"exit code {code}; log {out / 'run.log'}", tail)
+    say(console, f"{label}: {existing.status if existing else 'no results'} in {seconds:.0f}s")
+    return existing
 
 
 def grid_report(cfg: CompareConfig, results: list[RunResult], notes: list[str] | None = None) -> Path:
