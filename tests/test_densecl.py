@@ -133,10 +133,11 @@ def test_dense_weight_mixes_the_global_and_dense_losses():
         method = DenseCL(build_backbone("cbr_tiny", 1, "small"),
                          DenseCLMethodConfig(queue_size=0, dense_queue_size=0, dense_weight=w, split_bn=False))
         losses[w] = float(method(x0, x1).detach())
-    q_features, q_global, q_dense = method.query(x0)
-    k_features, k_global, k_dense = method.key(x1)
-    glob = float(method.criterion(q_global, k_global))
-    dense = float(method.dense_loss(q_features, k_features, q_dense, k_dense))
+    with torch.no_grad():  # the two terms by hand, from the same weights (training mode: batch statistics)
+        q_features, q_global, q_dense = method.query(x0)
+        k_features, k_global, k_dense = method.key(x1)
+        glob = float(method.criterion(q_global, k_global))
+        dense = float(method.dense_loss(q_features, k_features, q_dense, k_dense))
     assert losses[0.0] == pytest.approx(glob, abs=1e-5) and losses[1.0] == pytest.approx(dense, abs=1e-5)
     assert losses[0.3] == pytest.approx(0.7 * glob + 0.3 * dense, abs=1e-5)
     assert abs(glob - dense) > 0.1  # the mixture is not trivially one number
