@@ -82,8 +82,8 @@ def build_optimizers(cfg: DCGANConfig, generator: torch.nn.Module,
     """Adam for G at ``train.lr`` and for D at ``d_lr`` (0: ``train.lr``), both with ``adam_beta1/2``."""
     betas, wd = (cfg.adam_beta1, cfg.adam_beta2), cfg.train.weight_decay
     g, d = list(generator.parameters()), list(discriminator.parameters())
-    opt_g = torch.optim.Adam(g, lr=cfg.train.lr, betas=betas, weight_decay=wd, **fused(g))
-    opt_d = torch.optim.Adam(d, lr=cfg.d_lr or cfg.train.lr, betas=betas, weight_decay=wd, **fused(d))
+    opt_g = torch.optim.Adam(g, lr=cfg.train.lr, betas=betas, weight_decay=wd, fused=fused(g))
+    opt_d = torch.optim.Adam(d, lr=cfg.d_lr or cfg.train.lr, betas=betas, weight_decay=wd, fused=fused(d))
     return opt_g, opt_d
 
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unet = build_ddpm_unet(data.image_size, data.ds.in_channels, cfg.base_channels)
     scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     params = list(unet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **fused(params))
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused(params))
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, data.loader)
     ema = build_ema(accelerator.unwrap_model(unet), cfg.ema_decay, cfg.ema_power)  # None when ema_decay=0
 

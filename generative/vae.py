@@ -108,7 +108,7 @@ def build_adversarial(cfg: VAEConfig, in_channels: int) -> tuple[PatchDiscrimina
         return None
     disc = PatchDiscriminator(in_channels, cfg.adversarial_channels, cfg.adversarial_layers)
     params = list(disc.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.adversarial_lr or cfg.train.lr, betas=(0.5, 0.999), **fused(params))
+    opt = torch.optim.Adam(params, lr=cfg.adversarial_lr or cfg.train.lr, betas=(0.5, 0.999), fused=fused(params))
     return disc, opt
 
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_ds, _ = load_split(cfg.data, "val")
     model = build_model(cfg, data.ds.in_channels, data.image_size)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **fused(params))
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused(params))
     adversarial = build_adversarial(cfg, data.ds.in_channels)
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, data.loader,
                                                                DataLoader(val_ds, batch_size=256))

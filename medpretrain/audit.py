@@ -413,7 +413,7 @@ def train_discriminator(backbone: nn.Module, real: Tensor, fake: Tensor, *, epoc
     model = Classifier(backbone, 1).to(device)
     groups, _ = apply_regime(model, regime, lr=lr, backbone_lr_mult=backbone_lr_mult,
                              weight_decay=weight_decay, pretrained=pretrained)
-    opt = torch.optim.AdamW(groups, **fused(groups))
+    opt = torch.optim.AdamW(groups, fused=fused(groups))
     x = torch.cat([real, fake])
     y = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))])
     gen = torch.Generator().manual_seed(seed)

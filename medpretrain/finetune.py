@@ -511,11 +511,11 @@ def build_optimizer(model: torch.nn.Module, regime: Any, cfg: FinetuneConfig,
     )
     optimizer: torch.optim.Optimizer
     if cfg.optim.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, **fused(groups))
+        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, fused=fused(groups))
     elif cfg.optim.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused(groups))
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, fused=fused(groups))
     else:
-        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, **fused(groups))
+        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, fused=fused(groups))
     return optimizer, build_scheduler(optimizer, cfg.optim), regime_info
 
 

@@ -86,9 +86,9 @@ def main(name: str, argv: list[str] | None = None) -> None:
     optimizer: torch.optim.Optimizer
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=base_lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                    **fused(params))
+                                    fused=fused(params))
     else:
-        optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=t.weight_decay, **fused(params))
+        optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=t.weight_decay, fused=fused(params))
     if t.compile:
         model = torch.compile(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -11,9 +11,9 @@ import torch
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
-def fused(params: Iterable[Any]) -> dict[str, bool]:
-    """``{"fused": True}`` when every parameter (tensors or param-group dicts) is a floating-point tensor on a
-    device with fused Adam / AdamW / SGD kernels, else ``{}``: pass it as ``torch.optim.AdamW(..., **fused(p))``.
+def fused(params: Iterable[Any]) -> bool | None:
+    """``True`` when every parameter (tensors or param-group dicts) is a floating-point tensor on a device with
+    fused Adam / AdamW / SGD kernels, else ``None`` (torch's default): ``torch.optim.AdamW(..., fused=fused(p))``.
 
     The fused kernels do the update of all tensors in one pass: on this 2-core CPU the AdamW step of a
     ResNet-18 takes 9 ms instead of 35-58 ms (for-loop default), a third of a 28 px fine-tuning step. The
@@ -23,7 +23,7 @@ def fused(params: Iterable[Any]) -> dict[str, bool]:
     for p in params:
         tensors.extend(p["params"] if isinstance(p, dict) else [p])
     ok = all(t.is_floating_point() and t.device.type in FUSED_DEVICES for t in tensors)
-    return {"fused": True} if ok and tensors else {}
+    return True if ok and tensors else None
 
 
 def warmup_cosine(step: int, total: int, base: float, warmup: int = 0, final: float = 0.0) -> float:

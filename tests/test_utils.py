@@ -45,13 +45,13 @@ def test_fused_optimizer_kwargs_and_same_update_as_the_for_loop() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
     params = list(net.parameters())
-    assert fused(params) == {"fused": True}
-    assert fused([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}]) == {"fused": True}
-    assert fused([]) == {}
-    assert fused([torch.zeros(3, dtype=torch.int64)]) == {}
+    assert fused(params) is True
+    assert fused([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}]) is True
+    assert fused([]) is None
+    assert fused([torch.zeros(3, dtype=torch.int64)]) is None
     x = torch.randn(5, 1, 8, 8)
     results = []
-    for kw in ({"foreach": False}, fused(params)):
+    for kw in ({"foreach": False}, {"fused": fused(params)}):
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
         model.load_state_dict(net.state_dict())
         opt = torch.optim.AdamW(list(model.parameters()), lr=1e-2, weight_decay=0.1, **kw)
