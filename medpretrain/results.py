@@ -81,6 +81,7 @@ class RunResult:
     best-validation metrics (``metrics = {"test": {...}, "val_best": {...}}``), bootstrap ``ci`` per metric
     (``{"low", "high"}``), ``history`` (one row per epoch), ``timing``, ``data``, the config and its hashes.
     Classification only: ``roc``. Segmentation only: ``per_image``, ``metric_protocol``, ``optimizer_steps``.
+    An evaluation of a finished run on another data set (no training) adds ``evaluated_from``.
     A field that does not apply is ``None`` and left out of the file (:meth:`to_dict`).
     """
 
@@ -133,6 +134,10 @@ class RunResult:
     code_version: str | None = None
     torch: str | None = None
     run_dir: str | None = None
+    evaluated_from: str | None = None
+    """Set for an evaluation without training (``scripts/evaluate.py``, :mod:`medpretrain.evaluate`): the run folder
+    whose ``model.safetensors`` and threshold were scored here on ``data.dataset`` (e.g. trained on one retinal set,
+    tested on another). Such a result is never a cell of a grid: reports list it under cross-dataset evaluation."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
