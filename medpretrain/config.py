@@ -312,6 +312,13 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(_unknown_keys_message([prefix + k for k in unknown], cls, prefix))
+    values = dict(values)
+    for name, v in values.items():  # a section given in part keeps the defaults its field's factory sets
+        factory = fields[name].default_factory
+        if isinstance(v, dict) and factory is not dataclasses.MISSING:
+            default = factory()
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                values[name] = _merge(dataclasses.asdict(default), v)
     kwargs = {name: _coerce(v, hints[name], prefix + name) for name, v in values.items()}
     return cls(**kwargs)
 
@@ -513,6 +520,7 @@ def save_config(cfg: Any, out_dir: str | os.PathLike[str], name: str = "config.y
 
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "EvalConfig": {"reuse_images": 64},
+    "FinetuneConfig": {"tasks": []},
     "BackboneConfig": {"memory_format": "auto"},
     "CompareConfig": {"workers": 1},
     "SegConfig": {"model": "unet", "full_resolution": False, "foreground_fraction": 0.0},

@@ -189,3 +189,23 @@ def test_an_option_added_at_its_neutral_value_keeps_every_hash(monkeypatch: pyte
     assert config_module.config_hash(New(InnerWithOption(column="finding"))) != config_module.config_hash(Old())
     assert config_module.config_hash(New(InnerWithOption(a=2))) != config_module.config_hash(Old())
     assert config_module.config_to_dict(New())["inner"]["column"] == "label"  # saved configs keep every key
+
+
+def test_a_section_given_in_part_keeps_its_fields_own_defaults() -> None:
+    """A dataclass field whose factory sets other defaults than the section class (the DDPM's train section:
+    lr 2e-4, 100 steps, batch 64) keeps them when a config or override gives only some of its keys."""
+    from medpretrain.generative.configs import DDPMConfig, GenTrainConfig, VAEConfig
+
+    plain = GenTrainConfig()
+    assert (plain.max_steps, plain.batch_size) != (100, 64)  # else this test proves nothing
+    cfg = load_config(DDPMConfig, ["train.lr=1e-3"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.batch_size, cfg.train.checkpoint_every) == (1e-3, 100, 64, 50)
+    assert load_config(VAEConfig, ["train.epochs=3"]).train.lr == 1e-3  # VAE's own default, not GenTrainConfig's
+    assert load_config(VAEConfig, ["train.epochs=3"]).train.lr != plain.lr
+
+
+def test_experiment_segmentation_section_keeps_its_default_config() -> None:
+    from medpretrain.pipeline.schema import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, ["segmentation.enabled=true", "name=x"])
+    assert cfg.segmentation.config == "configs/compare_drive.yaml"
