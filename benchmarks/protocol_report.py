@@ -26,6 +26,7 @@ from typing import Any
 
 from medpretrain.config import load_config
 from medpretrain.finetune import output_dir
+from medpretrain.methods.registry import selfsup_methods
 from medpretrain.pipeline.experiment import ExperimentConfig
 from medpretrain.pipeline.grid import cell_config, grid, previous
 from medpretrain.pipeline.schema import GRID_TASKS
@@ -40,7 +41,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 EXPERIMENTS = ("pneumonia", "busi", "drive")
 TARGETS = {"pneumonia": {0.01: 0.85, 0.1: 0.90, 1.0: 0.96}}
 """Self-supervised fine-tuning test AUC the protocol must reach (issue 14: the independent reference script)."""
-SSL = ("simclr", "moco", "byol", "vicreg", "dino", "barlowtwins", "simclr@lite0")
+SSL = (*selfsup_methods(), "simclr@lite0")
 LITE0 = ("imagenet@lite0", "simclr@lite0", "scratch@lite0")
 
 
