@@ -76,9 +76,9 @@ class CompareConfig:
     notes: list[str] = field(default_factory=list)
     workers: int = 1
     """``launcher=inprocess`` only: cells run at once, each in its own worker process with
-    ``CPUs // workers`` threads and its output in the cell's ``run.log``. Small CPU models use two threads
-    poorly: on a 2-core CPU two one-thread cells at once finish a grid sooner than one two-thread cell at a
-    time (``benchmarks/results/grid_workers.md``). Results do not depend on it beyond float rounding."""
+    ``CPUs // workers`` threads and its output in the cell's ``run.log``. Small CPU models use several threads
+    poorly, so several one-thread cells at once can finish a grid sooner than one cell at a time on every
+    thread: ``benchmarks/bench_grid_workers.py`` measures it. Results do not depend on it beyond float rounding."""
 
 
 def cell_config(argv: list[str]) -> FinetuneConfig:
