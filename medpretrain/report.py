@@ -15,7 +15,15 @@ averaged over the seeds of one init, computed by ``scripts/compare.py``). Output
 Segmentation results (``task == "segmentation"``, from ``finetune/run.py task=segmentation``) are
 reported the same way with the segmentation metrics (:data:`medpretrain.metrics.SEG_METRICS`, Dice
 as the headline), the label budget as the number of annotated training images instead of a fraction,
-no ROC / radar, and the prediction overlays of the headline runs copied next to the report.
+no ROC / radar, and the prediction overlays of the headline runs copied next to the report; a section
+per cell gives the per-image test Dice (seed-averaged per image) with its spread over the test images and
+over seeds, the pixel AUC, the thresholds chosen on validation and the optimiser steps (:func:`seg_details`,
+``seg_details.csv``), a box / strip plot of the per-image Dice (``dice_per_image.png``) and the best and worst
+test image of each init's chosen model (``best_worst.png``, :func:`best_worst`).
+
+Evaluations of finished runs on another data set (``evaluated_from``, :mod:`medpretrain.evaluate`) are no
+cells of the comparison: they form a "trained on one set, tested on another" table (:func:`cross_dataset_rows`)
+next to each model's score on its own test split.
 """
 
 from __future__ import annotations
@@ -110,11 +118,18 @@ def _cell_key(r: Result) -> CellKey:
     return (str(r["init_label"]), str(r["regime"]), budget(r), -1.0 if lr is None else lr)
 
 
+def is_evaluation(r: Result) -> bool:
+    """An evaluation of a finished run on another data set (``evaluated_from``, :mod:`medpretrain.evaluate`): never
+    a cell of the comparison, shown as a cross-dataset row instead."""
+    return bool(r.get("evaluated_from"))
+
+
 def _cells(results: Sequence[Result]) -> dict[CellKey, list[Result]]:
-    """Complete runs grouped by (init, regime, budget, learning rate), each group sorted by seed."""
+    """Complete training runs (evaluations on another set left out) grouped by (init, regime, budget, learning
+    rate), each group sorted by seed."""
     groups: dict[CellKey, list[Result]] = defaultdict(list)
     for r in results:
-        if r.get("status") == "complete":
+        if r.get("status") == "complete" and not is_evaluation(r):
             groups[_cell_key(r)].append(r)
     return {k: sorted(v, key=lambda r: r["seed"]) for k, v in sorted(groups.items())}
 
@@ -269,6 +284,8 @@ def _runs_csv(results: Sequence[Result], headline: str = "auc") -> str:
                                "status": r.get("status"), "reason": r.get("reason", "")}
         if is_segmentation(r):
             row["n_train_images"] = r.get("n_train_images")
+        if is_evaluation(r):
+            row.update(evaluated_from=r["evaluated_from"], tested_on=(r.get("data") or {}).get("dataset"))
         if r.get("status") == "complete":
             for m in metrics:
                 row[f"test_{m}"] = r["metrics"]["test"][m]
@@ -556,12 +573,297 @@ def _overlay_section(done: Sequence[Result], out: Path, regime: str, n_images: f
 
 
 # ------------------------------------------------------------------------------------------------
+# Segmentation: per-image Dice, threshold, steps, best and worst test images
+# ------------------------------------------------------------------------------------------------
+
+SEG_PLOTS = ("dice_per_image.png", "best_worst.png")
+
+
+def per_image_scores(r: Result, metric: str = "dice") -> dict[str, float]:
+    """``{image name: metric}`` from a segmentation run's ``per_image`` rows (empty when it has none)."""
+    return {str(p.get("name")): float(p[metric]) for p in r.get("per_image") or []
+            if isinstance(p.get(metric), (int, float))}
+
+
+def spread(values: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """``n, mean, sd`` (sample; NaN for one value), ``min, q1, median, q3, max`` of finite ``values``."""
+    x = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if not len(x):
+        return {"n": 0, **dict.fromkeys(("mean", "sd", "min", "q1", "median", "q3", "max"), math.nan)}
+    q1, med, q3 = np.percentile(x, [25, 50, 75])
+    return {"n": int(len(x)), "mean": float(x.mean()), "sd": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
+            "min": float(x.min()), "q1": float(q1), "median": float(med), "q3": float(q3), "max": float(x.max())}
+
+
+def _range(values: Sequence[float], nd: int) -> str:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:.{nd}f}" if lo == hi else f"{np.mean(vals):.{nd}f} ({lo:.{nd}f}-{hi:.{nd}f})"
+
+
+def seg_details(results: Sequence[Result | RunResult]) -> list[dict[str, Any]]:
+    """Per segmentation cell (init, regime, image budget, learning rate; training runs only): the per-image test
+    Dice, averaged over the seeds image by image (images matched by name), with its spread over the test images
+    (:func:`spread`: ``images``), the spread of the runs' mean Dice over seeds (``seeds``: mean, sd, n), the pixel
+    AUC over seeds (``auc``), the thresholds chosen on validation (``thresholds``, ``threshold_rule``), the
+    optimiser steps run (``steps``), and ``per_image`` (name -> seed-averaged Dice) for the plots."""
+    results = as_mappings(results)
+    rows = summarize(results, headline="dice")
+    cells = _cells(results)
+    out = []
+    for s in rows:
+        runs = cells[(s["init"], s["regime"], s["label_fraction"], -1.0 if s["lr"] is None else s["lr"])]
+        per = [per_image_scores(r) for r in runs]
+        names = [n for n in per[0] if all(n in p for p in per[1:])] if per else []
+        avg = {n: float(np.mean([p[n] for p in per])) for n in names}
+        out.append({"init": s["init"], "regime": s["regime"], "regime_label": s["regime_label"], "lr": s["lr"],
+                    "budget": s["label_fraction"], "seeds": s["seeds"], "images": spread(list(avg.values())),
+                    "seed_mean": s["metrics"]["dice"], "auc": s["metrics"]["auc"],
+                    "thresholds": [run_threshold(r) for r in runs],
+                    "threshold_rule": next((str(r["threshold_rule"]) for r in runs if r.get("threshold_rule")), ""),
+                    "steps": [r.get("optimizer_steps") for r in runs], "per_image": avg, "failed": s["failed"]})
+    return out
+
+
+def _budget_text(b: float) -> str:
+    return "all" if b == 0 else f"{b:g}"
+
+
+def seg_details_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The table of :func:`seg_details` (also read from an ``experiment.json``)."""
+    if not rows:
+        return []
+    rules = sorted({r["threshold_rule"] for r in rows if r.get("threshold_rule")})
+    md = ["| init | regime | images | per-image Dice: mean ± sd [min, Q1-Q3, max] (test images) | Dice over seeds "
+          "| pixel AUC | threshold (validation) | optimiser steps |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        i = r["images"]
+        if i["n"]:
+            images = (f"{_fmt(i['mean'])} ± {_fmt(i['sd'])} [{_fmt(i['min'])}, {_fmt(i['q1'])}-{_fmt(i['q3'])}, "
+                      f"{_fmt(i['max'])}] (n={i['n']})")
+        else:
+            images = "- (no per-image results)"
+        steps = [float(x) for x in r["steps"] if isinstance(x, (int, float))]
+        md.append(f"| {r['init']} | {r['regime_label']} | {_budget_text(r['budget'])} | {images} | "
+                  f"{_pm(r['seed_mean'])} (n={r['seed_mean']['n']}) | {_pm(r['auc'])} | "
+                  f"{_range(r['thresholds'], 2)} | {_range(steps, 0)} |")
+    md += ["", "Per-image Dice: each test image's Dice averaged over the seeds, then its spread over the test images; "
+               "over seeds: mean ± sd of the runs' mean Dice. Threshold: the one each run chose on its validation "
+               "images and applied to test" + (f" ({'; '.join(rules)})" if rules else "")
+               + "; mean (range) over seeds when they differ."]
+    return md
+
+
+def plot_dice_per_image(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Box plot with the points (seeded jitter) of the per-image test Dice (seed-averaged, :func:`seg_details`): one
+    panel per image budget, one box per init / regime."""
+    plt = _plt()
+    budgets = sorted({r["budget"] for r in rows})
+    colors = _colors(sorted({r["init"] for r in rows}))
+    rng = np.random.default_rng(0)
+    per_panel = max([sum(1 for r in rows if r["budget"] == b) for b in budgets] or [1])
+    fig, axes = plt.subplots(1, max(1, len(budgets)), figsize=((1.5 + 1.1 * per_panel) * max(1, len(budgets)), 3.8),
+                             squeeze=False)
+    for ax, b in zip(axes[0], budgets, strict=False):
+        mine = [r for r in rows if r["budget"] == b and r["per_image"]]
+        data = [list(r["per_image"].values()) for r in mine]
+        if data:
+            ax.boxplot(data, widths=0.5, showfliers=False)
+            for k, (r, d) in enumerate(zip(mine, data, strict=True), start=1):
+                ax.scatter(k + rng.uniform(-0.15, 0.15, len(d)), d, s=12, alpha=0.75, color=colors[r["init"]],
+                           zorder=3)
+            ax.set_xticks(range(1, len(mine) + 1), [f"{r['init']}\n{r['regime_label']}" for r in mine], fontsize=7)
+        ax.set_title(f"{_budget_text(b)} annotated images")
+        ax.set_ylabel("test Dice per image (mean over seeds)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _val_dice(r: Result) -> float:
+    v = (r["metrics"].get("val_best") or {}).get("dice", math.nan)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+
+
+def _image(pred: Predictions, names: np.ndarray, dice: np.ndarray, i: int) -> dict[str, Any]:
+    assert pred.masks is not None and pred.rois is not None
+    return {"name": str(names[i]), "dice": float(dice[i]), "probs": pred.probs[i], "mask": pred.masks[i],
+            "roi": pred.rois[i]}
+
+
+def best_worst(results: Sequence[Result | RunResult], budget_value: float) -> list[dict[str, Any]]:
+    """Per init at ``budget_value``: its configuration chosen on validation (as :func:`recommend` chooses it; failed
+    cells only when it has no other), of that cell the seed with the best validation Dice (ties: the lowest seed),
+    and that run's best and worst test image by per-image Dice of its saved maps at its threshold. Each row:
+    ``init, regime_label, seed, run_dir, threshold`` and ``best`` / ``worst`` = ``{name, dice, probs, mask, roi}``.
+    Inits whose chosen run saved no ``predictions.npz`` are left out."""
+    results = as_mappings(results)
+    rows = [s for s in summarize(results, headline="dice") if s["label_fraction"] == budget_value]
+    cells = _cells(results)
+    out = []
+    for init in sorted({s["init"] for s in rows}):
+        mine = [s for s in rows if s["init"] == init]
+        c = _choose([s for s in mine if not s["failed"]] or mine)
+        runs = cells[(c["init"], c["regime"], c["label_fraction"], -1.0 if c["lr"] is None else c["lr"])]
+        run = sorted(runs, key=lambda r: (-_val_dice(r), r["seed"]))[0]
+        path = _predictions_path(run)
+        pred = _load(path) if path is not None else None
+        if pred is None or pred.masks is None or pred.rois is None:
+            continue
+        thr = run_threshold(run)
+        dice = _dice_per_image(pred.probs, pred.masks, pred.rois, thr)
+        names = pred.names if pred.names is not None else pred.index
+
+        out.append({"init": init, "regime_label": c["regime_label"], "seed": run["seed"], "run_dir": run["run_dir"],
+                    "threshold": thr, "best": _image(pred, names, dice, int(np.argmax(dice))),
+                    "worst": _image(pred, names, dice, int(np.argmin(dice)))})
+    return out
+
+
+def error_overlay(probs: np.ndarray, mask: np.ndarray, roi: np.ndarray, threshold: float) -> np.ndarray:
+    """RGB ``[H, W, 3]`` of the prediction at ``threshold`` against the mask inside the roi: green true positive, red
+    false positive, blue false negative, dark grey true negative, black outside the roi (as ``overlays.png``)."""
+    inside = roi > 0.5
+    yhat, gt = (probs >= threshold) & inside, (mask > 0.5) & inside
+    rgb = np.zeros((*gt.shape, 3), dtype=np.float32)
+    rgb[inside] = (0.15, 0.15, 0.15)
+    rgb[yhat & gt] = (0.0, 0.8, 0.0)
+    rgb[yhat & ~gt] = (0.9, 0.1, 0.1)
+    rgb[~yhat & gt] = (0.2, 0.4, 1.0)
+    return rgb
+
+
+def plot_best_worst(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """One row per init (:func:`best_worst`): the worst and the best test image, each as its probability map and its
+    :func:`error_overlay` at the run's threshold."""
+    plt = _plt()
+    fig, axes = plt.subplots(max(1, len(rows)), 4, figsize=(12, 3.2 * max(1, len(rows))), squeeze=False)
+    for ax_row, r in zip(axes, rows, strict=False):
+        for j, which in enumerate(("worst", "best")):
+            im = r[which]
+            ax_row[2 * j].imshow(np.where(im["roi"] > 0.5, im["probs"], 0.0), cmap="gray", vmin=0, vmax=1)
+            ax_row[2 * j].set_title(f"{r['init']} {which}: {im['name']} (Dice {im['dice']:.3f})", fontsize=8)
+            ax_row[2 * j + 1].imshow(error_overlay(im["probs"], im["mask"], im["roi"], r["threshold"]))
+            ax_row[2 * j + 1].set_title(f"at {r['threshold']:g}: TP green, FP red, FN blue", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _seg_section(results: Sequence[Result], out: Path, budget_value: float) -> list[str]:
+    """The report's per-image Dice / threshold / steps table, ``seg_details.csv``, the per-image Dice plot and the
+    best / worst images at ``budget_value``."""
+    rows = seg_details(results)
+    if not rows:
+        return []
+    md = ["## Per-image Dice, threshold and steps", "", *seg_details_markdown(rows), ""]
+    atomic_write_text(out / "seg_details.csv", _csv_text([
+        {"init": r["init"], "regime": r["regime_label"], "n_train_images": r["budget"], "n_seeds": len(r["seeds"]),
+         **{f"image_dice_{k}": v for k, v in r["images"].items()}, "dice_seed_mean": r["seed_mean"]["mean"],
+         "dice_seed_sd": r["seed_mean"]["std"], "auc_mean": r["auc"]["mean"], "auc_sd": r["auc"]["std"],
+         "thresholds": " ".join(f"{t:g}" for t in r["thresholds"]),
+         "optimizer_steps": " ".join(str(x) for x in r["steps"])} for r in rows]))
+    if any(r["per_image"] for r in rows):
+        plot_dice_per_image(rows, out / SEG_PLOTS[0])
+        md += [f"![per-image Dice]({SEG_PLOTS[0]})", ""]
+    extremes = best_worst(results, budget_value)
+    if extremes:
+        plot_best_worst(extremes, out / SEG_PLOTS[1])
+        md += ["### Best and worst test images", "",
+               f"{_budget_text(budget_value)} annotated images: per init, the configuration chosen on validation and "
+               "of its seeds the one with the best validation Dice; its worst and best test image by per-image Dice "
+               "(probability map, then the errors at the run's threshold inside the field of view).", "",
+               "| init | regime | seed | worst image | Dice | best image | Dice |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {r['init']} | {r['regime_label']} | {r['seed']} | {r['worst']['name']} | {r['worst']['dice']:.3f} | "
+               f"{r['best']['name']} | {r['best']['dice']:.3f} |" for r in extremes]
+        md += ["", f"![best and worst test images]({SEG_PLOTS[1]})", ""]
+    return md
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-dataset: trained on A, tested on B (medpretrain.evaluate)
+# ------------------------------------------------------------------------------------------------
+
+
+def cross_dataset_rows(results: Sequence[Result | RunResult], metric: str | None = None) -> list[dict[str, Any]]:
+    """Per (init, regime, budget, trained on, tested on, split) over the complete evaluations (:func:`is_evaluation`):
+    the headline ``metric`` on the new set (``tested``) and on the run's own test split (``own``, from
+    ``data.trained_on.test_metrics``), mean / sd / n over seeds, ``gap`` (tested - own, mean over seeds), and for
+    segmentation the per-image Dice on the new set (``images``: :func:`spread` of the seed-averaged values), its
+    pixel AUC (``auc``) and the thresholds carried over."""
+    results = [r for r in as_mappings(results) if r.get("status") == "complete" and is_evaluation(r)]
+    if not results:
+        return []
+    metric = metric or headline_metric(report_task(results))
+    groups: dict[tuple[Any, ...], list[Result]] = defaultdict(list)
+    for r in results:
+        data = r.get("data") or {}
+        groups[(str(r["init_label"]), str(r["regime"]), budget(r), str((data.get("trained_on") or {}).get("dataset")),
+                str(data.get("dataset")), str(data.get("split", "test")))].append(r)
+    out = []
+    for (init, regime, b, src, dst, split), runs in sorted(groups.items()):
+        runs = sorted(runs, key=lambda r: r.get("seed") or 0)
+        own = [((r["data"].get("trained_on") or {}).get("test_metrics") or {}).get(metric, math.nan) for r in runs]
+        tested = [r["metrics"]["test"][metric] for r in runs]
+        gaps = [t - o for t, o in zip(tested, own, strict=True) if math.isfinite(t - o)]
+        row: dict[str, Any] = {
+            "init": init, "regime": regime, "budget": b, "trained_on": src, "tested_on": dst, "split": split,
+            "metric": metric, "seeds": [r.get("seed") for r in runs], "sizes": sorted({r["data"].get("test_size")
+                                                                                        for r in runs}),
+            "tested": aggregate([{"m": v} for v in tested])["m"], "own": aggregate([{"m": v} for v in own])["m"],
+            "gap": float(np.mean(gaps)) if gaps else math.nan,
+            "evaluated_from": [r["evaluated_from"] for r in runs], "segmentation": is_segmentation(runs[0]),
+        }
+        if row["segmentation"]:
+            per = [per_image_scores(r) for r in runs]
+            names = [n for n in per[0] if all(n in p for p in per[1:])]
+            row["images"] = spread([float(np.mean([p[n] for p in per])) for n in names])
+            row["auc"] = aggregate([{"m": r["metrics"]["test"].get("auc", math.nan)} for r in runs])["m"]
+            row["thresholds"] = [run_threshold(r) for r in runs]
+        out.append(row)
+    return out
+
+
+def cross_dataset_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The "trained on A, tested on B" table of :func:`cross_dataset_rows`."""
+    if not rows:
+        return []
+    name = _LABELS.get(rows[0]["metric"], rows[0]["metric"])
+    seg = any(r["segmentation"] for r in rows)
+    md = ["## Trained on one set, tested on another", "",
+          f"Each fine-tuned model evaluated without retraining (`scripts/evaluate.py`) on another data set, at the "
+          f"threshold it chose on its own validation images; test {name} mean ± sd over seeds on its own test split "
+          "and on the other set, and the gap (other - own, mean over seeds).", "",
+          f"| init | regime | {'images' if seg else 'labels'} | trained on | tested on | seeds | own test {name} | "
+          f"{name} there | gap |" + (" per-image Dice there: mean ± sd [min, max] | pixel AUC there | threshold |"
+                                      if seg else ""),
+          "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if seg else "")]
+    for r in rows:
+        b = _budget_text(r["budget"]) if r["segmentation"] else _frac(r["budget"])
+        split = f" ({r['split']}, n={'/'.join(str(x) for x in r['sizes'])})"
+        line = (f"| {r['init']} | {r['regime']} | {b} | `{r['trained_on']}` | `{r['tested_on']}`{split} | "
+                f"{len(r['seeds'])} | {_pm(r['own'])} | {_pm(r['tested'])} | "
+                f"{'-' if not math.isfinite(r['gap']) else format(r['gap'], '+.3f')} |")
+        if seg:
+            i = r.get("images") or {"n": 0}
+            line += (f" {_fmt(i['mean'])} ± {_fmt(i['sd'])} [{_fmt(i['min'])}, {_fmt(i['max'])}] |" if i["n"]
+                     else " - |")
+            line += f" {_pm(r['auc'])} | {_range(r['thresholds'], 2)} |" if "auc" in r else " - | - |"
+        md.append(line)
+    md.append("")
+    return md
+
+
+# ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
 
 
 def _headline(results: Sequence[Result]) -> tuple[float | None, str | None]:
-    done = [r for r in results if r.get("status") == "complete"]
+    done = [r for r in results if r.get("status") == "complete" and not is_evaluation(r)]
     if not done:
         return None, None
     frac = max(budget(r) for r in done)
@@ -600,7 +902,8 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results, headline=metric)
-    done = [r for r in results if r.get("status") == "complete"]
+    done = [r for r in results if r.get("status") == "complete" and not is_evaluation(r)]
+    evaluated = [r for r in results if r.get("status") == "complete" and is_evaluation(r)]
     unavailable = [r for r in results if r.get("status") == "unavailable"]
     failed = [r for r in results if r.get("status") not in ("complete", "unavailable")]
 
@@ -609,7 +912,8 @@ def build_report(
 
     md: list[str] = [f"# {title}", ""]
     md.append(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {len(results)} run(s): "
-              f"{len(done)} complete, {len(unavailable)} unavailable, {len(failed)} failed.")
+              f"{len(done)} complete, {len(unavailable)} unavailable, {len(failed)} failed"
+              + (f", {len(evaluated)} evaluation(s) of finished runs on another data set" if evaluated else "") + ".")
     datasets = sorted({str(r["config"]["data"]["dataset"]) for r in done if "config" in r})
     if datasets:
         md.append(f"Data: {', '.join(f'`{d}`' for d in datasets)}; task: "
@@ -669,6 +973,7 @@ def build_report(
         budget_text = f"{frac:g} annotated images" if seg else f"label fraction {_frac(frac)}"
         if seg:
             md += _overlay_section(done, out, regime, frac)
+            md += _seg_section(done, out, frac)
         else:
             curves: dict[str, Any] = {}
             for init in sorted({s["init"] for s in rows}):
@@ -736,6 +1041,7 @@ def build_report(
     if rows:
         md += cross_init_markdown(cross_init_ensembles(results, metric), seg=seg)
 
+    md += cross_dataset_markdown(cross_dataset_rows(evaluated, metric))
     md += ["## Unavailable arms", ""]
     if unavailable:
         md.append("These arms could not be measured and are **not** replaced by randomly initialised weights:")

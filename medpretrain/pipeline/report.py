@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from medpretrain.cli import UserError
 from medpretrain.pipeline.stages import Stage
-from medpretrain.report import efficiency_markdown, recommend, recommendation_markdown, summarize
+from medpretrain.report import (
+    SEG_PLOTS,
+    cross_dataset_markdown,
+    cross_dataset_rows,
+    efficiency_markdown,
+    recommend,
+    recommendation_markdown,
+    seg_details,
+    seg_details_markdown,
+    summarize,
+)
 from medpretrain.results import RunResult, headline_metric
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version, cpu_model
 
@@ -71,6 +81,8 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
            f"Compute time of all stages: {computed / 60:.1f} min (this invocation: "
            f"{(time.time() - started) / 60:.1f} min).", ""]
     recommendations = {task: recommend(results) for task, results in grids.items() if results}
+    details = {task: [{k: v for k, v in d.items() if k != "per_image"} for d in seg_details(results)]
+               for task, results in grids.items() if results and task == "segmentation"}
     for task, results in grids.items():
         if not results:
             continue
@@ -81,6 +93,14 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
         md += ["", f"Test {'Dice' if metric == 'dice' else metric.upper()} by init, regime and label budget "
                "(mean ± sd over seeds, n = seeds):", ""]
         md += efficiency_markdown(summarize(results, headline=metric), metric, seg=task == "segmentation")
+        if task == "segmentation":
+            md += ["", "Per-image test Dice, pixel AUC, the threshold chosen on validation and the optimiser steps:",
+                   "", *seg_details_markdown(details[task])]
+            plots = [f"![{p.removesuffix('.png')}](reports/{task}/{p})" for p in SEG_PLOTS
+                     if (exp_dir / "reports" / task / p).is_file()]
+            md += ["", *plots] if plots else []
+        cross = cross_dataset_markdown(cross_dataset_rows(results))
+        md += ["", *cross] if cross else []
         md += ["", f"Full comparison, label-efficiency curves and plots: [reports/{task}/report.md]"
                    f"(reports/{task}/report.md).", "",
                f"![label efficiency](reports/{task}/label_efficiency.png)", ""]
@@ -109,7 +129,7 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
     summary = {"name": cfg.name, "title": cfg.title, "machine": info, "compute_s": computed,
                "invocation_s": time.time() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "stages": [dataclasses.asdict(s) for s in stages],
-               "recommendations": recommendations,
+               "recommendations": recommendations, "segmentation_details": details,
                "summary": {t: {"metric": headline_metric(t), "rows": summarize(r, headline=headline_metric(t))}
                            for t, r in grids.items() if r}}
     atomic_write_text(exp_dir / "experiment.json", json.dumps(summary, indent=2, default=str) + "\n")
@@ -150,6 +170,9 @@ def readme_section(exp_dir: Path, assets: Path = PROJECT_ROOT / "docs" / "result
         md += ["", f"Test {'Dice' if summary['metric'] == 'dice' else summary['metric'].upper()} "
                    "(mean ± sd over seeds):", ""]
         md += efficiency_markdown(summary["rows"], summary["metric"], seg=seg)
+        if seg and exp.get("segmentation_details", {}).get(task):
+            md += ["", "Per-image test Dice, pixel AUC, threshold (validation) and optimiser steps:", "",
+                   *seg_details_markdown(exp["segmentation_details"][task])]
         plot = exp_dir / "reports" / task / "label_efficiency.png"
         if plot.is_file():
             dest = assets / name / f"{task}_label_efficiency.png"
