@@ -256,12 +256,13 @@ def evaluate_run(run_dir: str | Path, cfg: Any, split: Split, accelerator: Any, 
     seg = cfg.task == "segmentation"
     loader = DataLoader(ds, batch_size=1 if seg else cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers)
     model, loader = accelerator.prepare(model, loader)
-    threshold = src.threshold
+    threshold: Any = src.threshold  # float (binary, segmentation), one per label (multi-label) or None (argmax)
     fields: dict[str, Any]
     if seg:
         thr = float(threshold if isinstance(threshold, (int, float)) else cfg.seg.threshold)
         pred = predict_images(model, loader, cfg, accelerator)
-        rows = per_image_metrics(pred["probs"], pred["masks"], pred["rois"], threshold=thr, seed=cfg.seed)
+        rows = per_image_metrics(list(pred["probs"]), list(pred["masks"]), list(pred["rois"]), threshold=thr,
+                                 seed=cfg.seed)
         test_m = mean_metrics(rows)
         fields = {"per_image": [{"name": ds.names[int(i)], **r} for i, r in zip(pred["index"], rows, strict=True)],
                   "ci": bootstrap_images(rows, n_boot=cfg.n_bootstrap, seed=cfg.seed),

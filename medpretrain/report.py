@@ -794,12 +794,12 @@ def cross_dataset_rows(results: Sequence[Result | RunResult], metric: str | None
     ``data.trained_on.test_metrics``), mean / sd / n over seeds, ``gap`` (tested - own, mean over seeds), and for
     segmentation the per-image Dice on the new set (``images``: :func:`spread` of the seed-averaged values), its
     pixel AUC (``auc``) and the thresholds carried over."""
-    results = [r for r in as_mappings(results) if r.get("status") == "complete" and is_evaluation(r)]
-    if not results:
+    evaluations = [r for r in as_mappings(results) if r.get("status") == "complete" and is_evaluation(r)]
+    if not evaluations:
         return []
-    metric = metric or headline_metric(report_task(results))
+    metric = metric or headline_metric(report_task(evaluations))
     groups: dict[tuple[Any, ...], list[Result]] = defaultdict(list)
-    for r in results:
+    for r in evaluations:
         data = r.get("data") or {}
         groups[(str(r["init_label"]), str(r["regime"]), budget(r), str((data.get("trained_on") or {}).get("dataset")),
                 str(data.get("dataset")), str(data.get("split", "test")))].append(r)
