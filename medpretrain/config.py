@@ -16,8 +16,10 @@ YAML is always read with ``yaml.safe_load``: a config can never construct Python
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import types
@@ -261,7 +263,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    """The resolved type hints of a config class (cached: a grid resolves thousands of cell configs)."""
     return typing.get_type_hints(cls)
 
 
@@ -339,14 +343,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping with the safe loader; errors name the file."""
+    """Read a YAML mapping with the safe loader; errors name the file. The same text is parsed once (a grid
+    resolves the same few files for each of its cells); callers get their own copy."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = copy.deepcopy(_safe_load(text))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None  # one line
     if data is None:
@@ -354,6 +359,12 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a config file must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+@functools.lru_cache(maxsize=256)
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, cached (callers copy the result before handing it out)."""
+    return yaml.safe_load(text)
 
 
 def _dotted_to_nested(key: str, value: Any) -> dict[str, Any]:
@@ -368,12 +379,12 @@ def _parse_scalar(text: str) -> Any:
     """A command-line value as YAML (``1e-3``, ``true``, ``[1, 2]``, ``null``). Mappings only in
     braces: ``drive:`` or ``folder:a: b`` stay strings (dataset specs end in or contain colons)."""
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = _safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
     if isinstance(value, dict) and not text.lstrip().startswith("{"):
         return text
-    return value
+    return copy.deepcopy(value)
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
