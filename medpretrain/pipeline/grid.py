@@ -160,9 +160,10 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_logged(argv: list[str], log_path: Path) -> int:
+def run_logged(argv: list[str], log_path: Path) -> tuple[int, float]:
     """:func:`run_inprocess` with this process's stdout and stderr (file descriptors, so progress bars and
-    child libraries too) in ``log_path``: a grid worker's cell."""
+    child libraries too) in ``log_path``: a grid worker's cell. Returns (exit status, seconds it ran)."""
+    t = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -171,7 +172,7 @@ def run_logged(argv: list[str], log_path: Path) -> int:
         os.dup2(fh.fileno(), 1)
         os.dup2(fh.fileno(), 2)
         try:
-            return run_inprocess(argv, log_path)
+            return run_inprocess(argv, log_path), time.perf_counter() - t
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -239,13 +240,14 @@ def run_grid(cfg: CompareConfig, console: Console = None) -> tuple[Path, list[Ru
                     n, label, argv_cell, time.perf_counter())
             for future in as_completed(started):
                 n, label, argv_cell, t = started[future]
+                seconds = time.perf_counter() - t  # a dead worker's cell: since it was queued
                 try:
-                    code = future.result()
+                    code, seconds = future.result()  # the cell's own time, not its wait in the queue
                 except Exception as e:  # noqa: BLE001 - a dead worker fails its cell, not the grid
                     code = 1
                     with (output_dir(cell_config(argv_cell)) / "run.log").open("a") as fh:
                         fh.write(f"{type(e).__name__}: {e}\n")
-                done[n] = _collect(argv_cell, code, label, time.perf_counter() - t, console)
+                done[n] = _collect(argv_cell, code, label, seconds, console)
     results = []
     for n in sorted(done):
         existing = done[n]
