@@ -35,8 +35,14 @@ inside the roi (DRIVE's field of view). Outputs as above, with per-image test me
 ``overlays.png``, and ``predictions.npz`` holding the test probability maps as uint16 (0 outside the roi)
 with the masks, rois and image names.
 
+``tasks=[...]`` (multi-task classification, :mod:`medpretrain.multitask`): one head per task on the shared
+backbone, each task reading columns of a multi-label source (``data.label_columns``, ChestMNIST's findings); the
+loss is the weighted sum of the task losses, selection and ``metrics`` / ``ci`` use the weighted mean of the task
+metrics, thresholds are chosen per task, each task's metrics and CIs are under ``tasks`` in ``results.json``, and
+``metrics.csv`` adds ``val_<task>_auc`` columns (:func:`multitask`).
+
 One training loop (:func:`train`) serves both tasks; each task supplies its
-:class:`~medpretrain.finetune.TaskParts` (:func:`classification`, :func:`segmentation`).
+:class:`~medpretrain.finetune.TaskParts` (:func:`classification`, :func:`multitask`, :func:`segmentation`).
 """
 
 from __future__ import annotations
@@ -94,7 +100,8 @@ from medpretrain.metrics import (
     per_image_metrics,
     roc_curves,
 )
-from medpretrain.regimes import Classifier, parse_regime
+from medpretrain.multitask import PROTOCOL, MultiTask, resolve_tasks, task_name
+from medpretrain.regimes import Classifier, MultiTaskClassifier, parse_regime
 from medpretrain.results import RunResult, save_predictions, write_results
 from medpretrain.stage import Stage, start_stage
 from medpretrain.unet import build_seg_model
@@ -107,6 +114,8 @@ VAL_COLUMNS = {"classification": ("auc", "accuracy"), "segmentation": ("dice", "
 
 def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) -> TaskParts:
     """Labelled images -> :class:`~medpretrain.regimes.Classifier`; metrics, CIs and ROC over test cases."""
+    if cfg.tasks:
+        return multitask(cfg, enc, accelerator)
     parts = build_dataloaders(cfg, accelerator.num_processes)
     ds = parts["datasets"]
     train_ds = ds["train"]
@@ -146,6 +155,65 @@ def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) 
               "val_size": len(ds["val"]), "test_size": len(ds["test"]), "class_names": train_ds.class_names,
               "train_class_counts": counts, "split": train_ds.split_info},
         model_meta={"class_names": train_ds.class_names, "image_size": enc.image_size},
+    )
+
+
+def multitask(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) -> TaskParts:
+    """``tasks``: labelled images -> :class:`~medpretrain.regimes.MultiTaskClassifier`, one head per task on the
+    shared backbone (:mod:`medpretrain.multitask`: weighted-sum loss, selection and headline metrics on the
+    weighted mean of the task metrics, a threshold per task); each task's metrics and CIs over test cases."""
+    parts = build_dataloaders(cfg, accelerator.num_processes)
+    ds = parts["datasets"]
+    train_ds = ds["train"]
+    mt = MultiTask(resolve_tasks(cfg.tasks, train_ds.class_names, train_ds.task, cfg.data.dataset,
+                                 [ds[s].labels for s in ("train", "val", "test")]))
+    counts = mt.view_labels(train_ds.labels).sum(0).astype(int).tolist()  # positives per column
+
+    def evaluate(pred: dict[str, np.ndarray], threshold: Any = None) -> tuple[dict[str, float], None]:
+        return mt.evaluate(pred, threshold), None
+
+    chosen: dict[str, Any] = {}  # choose_threshold (on validation) comes before test_fields: its val and rules
+
+    def choose_threshold(val: dict[str, np.ndarray]) -> tuple[Any, str]:
+        thresholds, rules = mt.choose_thresholds(val, cfg.eval.threshold)
+        chosen.update(val=val, rules=rules)
+        return thresholds, "per task: " + "; ".join(f"{n}: {r}" for n, r in rules.items())
+
+    def test_fields(pred: dict[str, np.ndarray], rows: None, threshold: Any) -> dict[str, Any]:
+        split, rules = mt.split_thresholds(threshold), chosen["rules"]
+        # Each task's validation metrics: the selected checkpoint's, at the thresholds chosen on them.
+        val_m, test_m = mt.task_metrics(chosen["val"], threshold), mt.task_metrics(pred, threshold)
+        tasks = {t["name"]: {**{k: v for k, v in t.items() if k != "name"},
+                             "metrics": {"test": test_m[t["name"]], "val_best": val_m[t["name"]]},
+                             "ci": bootstrap_ci(pred[f"probs:{t['name']}"], pred[f"labels:{t['name']}"], t["kind"],
+                                                n_boot=cfg.n_bootstrap, seed=cfg.seed, threshold=split[t["name"]]),
+                             "threshold": split[t["name"]], "threshold_rule": rules[t["name"]]}
+                 for t in mt.describe()}
+        return {"ci": mt.bootstrap_mean(pred, threshold, n_boot=cfg.n_bootstrap, seed=cfg.seed),
+                "ci_method": f"percentile bootstrap over test cases, n={cfg.n_bootstrap}, seed={cfg.seed}, 95% "
+                             "(of the weighted mean over tasks; each task's over the same resamples)",
+                "metric_protocol": PROTOCOL, "tasks": tasks,
+                "roc": roc_curves(pred["probs"], pred["labels"], "multilabel", class_names=mt.view_names)}
+
+    def save_outputs(out: Path, pred: dict[str, np.ndarray], threshold: Any) -> None:
+        save_predictions(out / "predictions.npz", pred["probs"], index=pred["index"], labels=pred["labels"],
+                         tasks={n: (pred[f"probs:{n}"], pred[f"labels:{n}"]) for n in mt.names})
+
+    model = MultiTaskClassifier(enc.backbone, mt.outputs, dropout=cfg.optim.dropout)
+    return TaskParts(
+        label_task="multilabel", model=model, datasets=ds, loaders=parts["loaders"],
+        loss=lambda logits, batch: mt.loss(logits, batch["label"]),
+        predict=lambda model, loader: mt.predict(model, loader, accelerator),
+        evaluate=evaluate, choose_threshold=choose_threshold, test_fields=test_fields, save_outputs=save_outputs,
+        val_columns=(*VAL_COLUMNS["classification"], *mt.val_columns()),
+        budget=f"labels {cfg.data.label_fraction or 1.0:g} ({len(train_ds)} train)",
+        summary=f"{len(mt.tasks)} tasks ({', '.join(f'{t.name}: {t.kind} x{t.weight:g}' for t in mt.tasks)})",
+        cases=f"{len(ds['test'])}", label_fraction=label_fraction(cfg), n_train_images=None,
+        data={"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": len(train_ds),
+              "val_size": len(ds["val"]), "test_size": len(ds["test"]), "class_names": mt.view_names,
+              "source_class_names": train_ds.class_names, "train_class_counts": counts, "split": train_ds.split_info},
+        model_meta={"class_names": mt.view_names, "image_size": enc.image_size, "tasks": mt.describe()},
+        multitask=mt,
     )
 
 
@@ -325,7 +393,7 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
             save_state_dict(best_path, unwrapped.state_dict(), {"epoch": epoch, f"val_{headline}": val_m[headline]})
         stage.log({k: v for k, v in row.items() if k != "epoch"}, epoch)
         accelerator.print(f"epoch {epoch}/{budget.periods} step {step} loss {train_loss:.4f} val "
-                          + " ".join(f"{METRIC_LABELS[c]} {val_m[c]:.4f}" for c in parts.val_columns)
+                          + " ".join(f"{METRIC_LABELS.get(c, c)} {val_m[c]:.4f}" for c in parts.val_columns)
                           + f" lr {lr:.1e} {epoch_s:.1f}s" + (" *" if improved else ""))
         accelerator.wait_for_everyone()
         stage.checkpoint(epoch, ckpt_state)
@@ -380,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.task == "segmentation" and source.task != "segmentation":
         raise ConfigError(f"task=segmentation needs a mask dataset (e.g. data.dataset=drive:drive), "
                           f"{cfg.data.dataset!r} is not one")
+    if cfg.tasks:  # labels the source lacks, or columns that are not one-hot: before the run folder too
+        resolve_tasks(cfg.tasks, source.class_names, source.task, cfg.data.dataset,
+                      [source.labels] if source.labels is not None else [])
     out = output_dir(cfg).resolve()
     requested_hash = run_hash(cfg)  # before the init checkpoint may adjust data options
     # The one stage start-up: a finished folder (results.json) or an existing one without resume=auto is
@@ -387,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     stage = start_stage("finetune", cfg, out_dir=str(out.parent), run_name=out.name, resume=cfg.resume,
                         seed=cfg.seed, step_key="epoch", log_with=None, done_file="results.json",
                         folder_key="output_dir", resume_key="resume",
-                        fields=["epoch", "train_loss", *(f"val_{c}" for c in VAL_COLUMNS[cfg.task]), "lr", "epoch_s",
-                                "step"],
+                        fields=["epoch", "train_loss", *(f"val_{c}" for c in VAL_COLUMNS[cfg.task]),
+                                *(f"val_{task_name(t)}_auc" for t in cfg.tasks), "lr", "epoch_s", "step"],
                         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     accelerator = stage.accelerator
     try:

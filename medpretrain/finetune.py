@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader
 from medpretrain.backbones import build_backbone, resolve_stem
 from medpretrain.config import BackboneConfig, DataConfig, config_hash, config_to_dict
 from medpretrain.data import build_dataset
-from medpretrain.metrics import epochs_to_fraction_of_best, probabilities
+from medpretrain.metrics import epochs_to_fraction_of_best, metric_names, probabilities
+from medpretrain.multitask import MultiTask, TaskSpec, check_tasks, tasks_label
 from medpretrain.regimes import apply_regime
 from medpretrain.results import RunResult, headline_metric, jsonable
 from medpretrain.schedules import fused
@@ -186,7 +187,7 @@ class FinetuneConfig:
     seg: SegConfig = field(default_factory=SegConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str | None = None
-    """Default: ``<runs_dir>/finetune/<task>/<init>/<regime>[/<run_tag>]/<fraction>/seed<seed>``."""
+    """Default: ``<runs_dir>/finetune/<task>/<init>/<regime>[/tasks-<names>][/<run_tag>]/<fraction>/seed<seed>``."""
     run_tag: str = ""
     """An extra folder level after the regime (a grid's LR axis sets ``lr<lr>``); empty: none."""
     n_bootstrap: int = 1000
@@ -194,6 +195,14 @@ class FinetuneConfig:
     """``auto``: continue from the newest complete epoch checkpoint of this output folder."""
     keep_checkpoints: bool = False
     """Keep the per-epoch resume checkpoints after a successful run (they are large)."""
+    tasks: list[TaskSpec] = field(default_factory=list)
+    """Multi-task classification (:mod:`medpretrain.multitask`): one head per task on the shared backbone, each
+    reading columns of a multi-label source (``data.label_columns``, ChestMNIST's findings); loss = the weighted
+    sum of the task losses; selection and the headline metrics = the weighted mean of the task metrics; each
+    task's metrics and CIs in ``results.json`` ``tasks``. Empty: the source's own single task."""
+
+    def __post_init__(self) -> None:
+        check_tasks(self.tasks, self.task)
 
 
 def init_label(init: str, name: str = "") -> str:
@@ -225,12 +234,16 @@ def label_fraction(cfg: FinetuneConfig) -> float:
 
 
 def output_dir(cfg: FinetuneConfig) -> Path:
-    """``output_dir``, else ``<runs_dir>/finetune/<task>/<init label>/<regime>[/<run_tag>]/<budget>/seed<seed>``
-    (budget: the label fraction, or ``n<images>`` for segmentation)."""
+    """``output_dir``, else ``<runs_dir>/finetune/<task>/<init label>/<regime>[/tasks-<names>][/<run_tag>]/<budget>/
+    seed<seed>`` (budget: the label fraction, or ``n<images>`` for segmentation; ``tasks-<names>``: a multi-task
+    run, :func:`medpretrain.multitask.tasks_label`)."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
     budget = f"n{cfg.seg.n_train_images or 'all'}" if cfg.task == "segmentation" else f"{label_fraction(cfg):g}"
-    regime = Path(cfg.regime.replace(":", "-")) / cfg.run_tag if cfg.run_tag else Path(cfg.regime.replace(":", "-"))
+    regime = Path(cfg.regime.replace(":", "-"))
+    if cfg.tasks:  # a multi-task run never shares the folder of the single-task run of the same cell
+        regime = regime / f"tasks-{tasks_label(cfg.tasks)}"
+    regime = regime / cfg.run_tag if cfg.run_tag else regime
     return (Path(cfg.runs_dir) / "finetune" / cfg.task / init_label(cfg.init, cfg.init_name)
             / regime / budget / f"seed{cfg.seed}")
 
@@ -541,7 +554,8 @@ class TaskParts:
     model: torch.nn.Module
     datasets: dict[str, Any]
     loaders: dict[str, DataLoader]
-    loss: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
+    loss: Callable[[Any, dict[str, Any]], torch.Tensor]
+    """``(model output, batch) -> loss``; the output is a logits tensor, or a dict of them (multi-task)."""
     predict: Callable[[torch.nn.Module, Any], dict[str, np.ndarray]]
     evaluate: Callable[[dict[str, np.ndarray], Any], tuple[dict[str, float], list[dict[str, float]] | None]]
     choose_threshold: Callable[[dict[str, np.ndarray]], tuple[Any, str]]
@@ -560,6 +574,8 @@ class TaskParts:
     """``results.json`` ``data`` block (dataset, fingerprint, split sizes, ...)."""
     model_meta: dict[str, Any]
     """Task-specific metadata of ``model.safetensors``."""
+    multitask: MultiTask | None = None
+    """Multi-task classification (``tasks``): the tasks and their protocol; ``None`` for a single task."""
 
     @property
     def headline(self) -> str:
@@ -712,12 +728,15 @@ def complete_result(cfg: FinetuneConfig, parts: TaskParts, enc: Encoder, regime:
     selected checkpoint at the chosen threshold (default: those logged when it was selected)."""
     history = progress.history
     e95 = epochs_to_fraction_of_best([h[f"val_{parts.headline}"] for h in history], 0.95)
+    names = metric_names(parts.label_task)  # a multi-task run's per-task entries are in task_fields["tasks"]
+    val = val_metrics if val_metrics is not None else progress.val_best
     return RunResult(
         status="complete", task=cfg.task, label_task=parts.label_task, init=cfg.init,
         init_label=init_label(cfg.init, cfg.init_name), init_info=jsonable(enc.info), init_warnings=enc.warnings,
         regime=str(regime), regime_info=jsonable(regime_info), label_fraction=parts.label_fraction,
         n_train_images=parts.n_train_images, seed=cfg.seed,
-        metrics={"test": test_metrics, "val_best": val_metrics if val_metrics is not None else progress.val_best},
+        metrics={"test": {k: v for k, v in test_metrics.items() if k in names},
+                 "val_best": {k: v for k, v in val.items() if k in names}},
         best_epoch=progress.best_epoch, epochs_run=progress.epoch,
         epochs_to_95=e95, steps_to_95=history[e95 - 1].get("step") if e95 else None,
         seconds_to_95=float(sum(h["epoch_s"] for h in history[:e95])) if e95 else None,

@@ -23,6 +23,9 @@ Both regimes freeze the whole backbone (:mod:`medpretrain.regimes`); ``finetune/
    trained runs (``results.json`` from :func:`medpretrain.finetune.complete_result`, ``predictions.npz``,
    ``model.safetensors``; a kNN run adds ``knn_bank.safetensors``).
 
+Multi-task runs (``tasks``) fit one read-out per task on the same cached features, each choosing its own ``C``
+or ``k`` on its validation AUC (:func:`multitask_readout`).
+
 A fit takes seconds (the feature pass dominates). Why not a few Adam steps on raw features: that head is
 not fitted, and it inherits the feature scale, so its ranking follows image intensity (issue 14). With
 several processes every process computes the same read-out and the main process writes it.
@@ -365,6 +368,61 @@ def knn_readout(train: Features, val: Features, task: str, num_outputs: int, eva
 
 
 # ------------------------------------------------------------------------------------------------
+# Multi-task read-outs
+# ------------------------------------------------------------------------------------------------
+
+
+def multitask_readout(mt: Any, model: nn.Module, feats: dict[str, Features], regime: Regime,
+                      headline: str = "auc") -> tuple[ProbeFit, dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """One read-out per task of ``mt`` (:class:`medpretrain.multitask.MultiTask`) on the same cached features:
+    ``linear``: :func:`fit_linear_probe` on the task's targets (its ``C`` chosen on its own validation
+    ``headline``), folded into ``model.heads[name]``; ``knn``: :func:`knn_readout` (the heads zeroed).
+
+    Returns the combined :class:`ProbeFit` (``choice``: the value per task; ``val_metrics``: the multi-task
+    validation metrics; ``train_loss``: the weighted sum of the task losses, the multi-task objective; NaN for
+    kNN), the validation and test prediction arrays (:meth:`~medpretrain.multitask.MultiTask.arrays`) and the
+    optimiser steps (the largest L-BFGS iteration count; 0 for kNN)."""
+    from medpretrain.metrics import classification_metrics
+
+    fits: dict[str, ProbeFit] = {}
+    val_probs, test_probs = {}, {}
+    for t in mt.tasks:
+        split = {s: Features(f.x, t.target(f.labels), f.index) for s, f in feats.items()}
+
+        def evaluate(probs: np.ndarray, labels: np.ndarray, kind: str = t.kind) -> dict[str, float]:
+            return classification_metrics(probs, labels, kind)  # selection: threshold-free AUC
+
+        head = model.heads[t.name]  # type: ignore[index]
+        assert isinstance(head, nn.Linear)
+        if regime.kind == "linear":
+            fit = fit_linear_probe(split["train"], split["val"], t.kind, t.num_outputs, evaluate, headline=headline)
+            assert fit.head is not None
+            with torch.no_grad():
+                head.weight.copy_(fit.head.weight)
+                head.bias.copy_(fit.head.bias)
+            test_probs[t.name] = _probs(fit.head.logits(split["test"].x), t.kind)
+        else:
+            ks = KNN_KS if regime.k is None else (regime.k,)
+            fit = knn_readout(split["train"], split["val"], t.kind, t.num_outputs, evaluate, headline=headline, ks=ks)
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.zero_()
+            test_probs[t.name] = knn_probabilities(split["train"], split["test"], t.kind, t.num_outputs,
+                                                   fit.choice["k"])
+        fits[t.name] = fit
+        val_probs[t.name] = fit.val_probs
+    val = mt.arrays(val_probs, feats["val"].labels, feats["val"].index)
+    test = mt.arrays(test_probs, feats["test"].labels, feats["test"].index)
+    param = "C" if regime.kind == "linear" else "k"
+    loss = (sum(t.weight * fits[t.name].train_loss for t in mt.tasks) if regime.kind == "linear" else math.nan)
+    fit = ProbeFit({param: {n: f.choice[param] for n, f in fits.items()}}, mt.evaluate(val), val["probs"], [],
+                   train_loss=float(loss), iterations=max(f.iterations for f in fits.values()),
+                   converged=all(f.converged for f in fits.values()), fit_s=sum(f.fit_s for f in fits.values()),
+                   extra={"tasks": {n: f.readout(regime.kind) for n, f in fits.items()}})
+    return fit, val, test, fit.iterations if regime.kind == "linear" else 0
+
+
+# ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
 
@@ -387,7 +445,8 @@ def run_probe(cfg: Any, stage: Any, parts: Any, enc: Any, regime: Regime, regime
     accelerator, out = stage.accelerator, stage.run_dir
     device = accelerator.device
     model, task, headline = parts.model, parts.label_task, parts.headline
-    num_outputs = int(model.head.out_features)
+    mt = parts.multitask
+    num_outputs = int(model.head.out_features) if mt is None else 0
     train_ds = parts.datasets["train"]
     if task != "multilabel":
         _check_classes(np.asarray(train_ds.labels).reshape(-1), task)
@@ -404,7 +463,9 @@ def run_probe(cfg: Any, stage: Any, parts: Any, enc: Any, regime: Regime, regime
     def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:  # selection: threshold-free AUC
         return dict(parts.evaluate({"probs": probs, "labels": labels})[0])
 
-    if regime.kind == "linear":
+    if mt is not None:
+        fit, val, test, steps = multitask_readout(mt, model, feats, regime, headline)
+    elif regime.kind == "linear":
         fit = fit_linear_probe(feats["train"], feats["val"], task, num_outputs, evaluate, headline=headline)
         assert fit.head is not None
         with torch.no_grad():
@@ -436,10 +497,11 @@ def run_probe(cfg: Any, stage: Any, parts: Any, enc: Any, regime: Regime, regime
     stage.log({k: v for k, v in row.items() if k != "epoch" and (header is None or k in header)}, 1)
 
     # The operating point is chosen on validation for the chosen read-out; then the test split, once.
-    val = {"probs": fit.val_probs, "labels": feats["val"].labels, "index": feats["val"].index}
+    if mt is None:
+        val = {"probs": fit.val_probs, "labels": feats["val"].labels, "index": feats["val"].index}
+        test = {"probs": test_probs, "labels": feats["test"].labels, "index": feats["test"].index}
     threshold, rule = parts.choose_threshold(val)
     val_m, _ = parts.evaluate(val, threshold)
-    test = {"probs": test_probs, "labels": feats["test"].labels, "index": feats["test"].index}
     test_m, rows = parts.evaluate(test, threshold)
     fields = parts.test_fields(test, rows, threshold)
     result = complete_result(cfg, parts, enc, regime, regime_info, progress, test_m,
@@ -462,12 +524,13 @@ def run_probe(cfg: Any, stage: Any, parts: Any, enc: Any, regime: Regime, regime
                             {"features": feats["train"].x, "labels": torch.as_tensor(feats["train"].labels),
                              "index": torch.as_tensor(feats["train"].index)},
                             {"k": fit.choice["k"], "t": KNN_T, "similarity": "cosine", "task": task,
-                             "num_outputs": num_outputs})
+                             "num_outputs": num_outputs if mt is None else mt.outputs})
         parts.save_outputs(out, test, threshold)
         write_results(out, result)
     label = METRIC_LABELS[headline]
     ci = fields["ci"][headline]
-    chosen = ", ".join(f"{k} {v:g}" for k, v in fit.choice.items())
+    chosen = ", ".join(f"{k} {v:g}" if not isinstance(v, dict) else f"{k} " + "/".join(f"{x:g}" for x in v.values())
+                       for k, v in fit.choice.items())
     accelerator.print(f"{regime.kind} read-out ({chosen}, chosen on validation {label} "
                       f"{fit.val_metrics[headline]:.4f}) in {features_s + fit.fit_s:.1f}s; test ({parts.cases}): "
                       + " ".join(f"{k} {v:.4f}" for k, v in test_m.items())
@@ -478,5 +541,5 @@ def run_probe(cfg: Any, stage: Any, parts: Any, enc: Any, regime: Regime, regime
 __all__ = [
     "ABSENT_LOGIT", "C_GRID", "KNN_KS", "KNN_T", "MAX_ITER", "TOL", "Features", "LinearHead", "ProbeFit",
     "Standardiser", "cache_features", "check_regime", "fit_linear_probe", "fit_logistic", "fold_standardisation",
-    "is_readout", "knn_probabilities", "knn_readout", "reestimate_frozen_bn", "run_probe",
+    "is_readout", "knn_probabilities", "knn_readout", "multitask_readout", "reestimate_frozen_bn", "run_probe",
 ]

@@ -92,7 +92,22 @@ def parse_regime(text: str) -> Regime:
     return Regime(m.group(2), int(m.group(3)))
 
 
-class Classifier(nn.Module):
+class KeepsFrozenInEval(nn.Module):
+    """A model with a ``backbone`` whose frozen submodules (``frozen``: names, set by :func:`apply_regime`) stay
+    in eval mode whatever ``train()`` says."""
+
+    backbone: nn.Module
+    frozen: list[str]
+
+    def train(self, mode: bool = True) -> KeepsFrozenInEval:
+        super().train(mode)
+        for name in self.frozen:
+            # Frozen means frozen: BatchNorm running statistics and dropout stay as in eval.
+            self.backbone.get_submodule(name).eval()
+        return self
+
+
+class Classifier(KeepsFrozenInEval):
     """Backbone + dropout + linear head. Frozen modules stay in eval mode whatever ``train()`` says.
 
     ``forward(x [B, C, H, W]) -> logits [B, num_outputs]``.
@@ -114,12 +129,31 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.backbone(x)))
 
-    def train(self, mode: bool = True) -> Classifier:
-        super().train(mode)
-        for name in self.frozen:
-            # Frozen means frozen: BatchNorm running statistics and dropout stay as in eval.
-            self.backbone.get_submodule(name).eval()
-        return self
+
+class MultiTaskClassifier(KeepsFrozenInEval):
+    """Backbone + dropout + one linear head per task (``heads[name]``, multi-task fine-tuning,
+    :mod:`medpretrain.multitask`); the heads are built in the order of ``outputs``. Frozen modules stay in eval
+    mode whatever ``train()`` says.
+
+    ``forward(x [B, C, H, W]) -> {name: logits [B, outputs[name]]}``. Raises ``ValueError`` for no task, a size
+    below 1 or a dropout outside [0, 1).
+    """
+
+    def __init__(self, backbone: nn.Module, outputs: Mapping[str, int], dropout: float = 0.0):
+        super().__init__()
+        if not outputs or any(n < 1 for n in outputs.values()):
+            raise ValueError(f"outputs must name at least one task, each with >= 1 output, got {dict(outputs)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        num_features = int(getattr(backbone, "num_features"))  # noqa: B009 (contract attribute)
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({name: nn.Linear(num_features, n) for name, n in outputs.items()})
+        self.frozen: list[str] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.dropout(self.backbone(x))
+        return {name: head(z) for name, head in self.heads.items()}
 
 
 @dataclass
@@ -153,7 +187,7 @@ def _reset(module: nn.Module, fresh: nn.Module | None) -> None:
 
 
 def apply_regime(
-    model: Classifier,
+    model: KeepsFrozenInEval,
     regime: str | Regime,
     *,
     lr: float,

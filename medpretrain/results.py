@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -123,6 +123,11 @@ class RunResult:
     transfer: dict[str, Any] | None = None
     """Feature reuse (:func:`medpretrain.transfer.reuse_analysis`): per backbone stage, ``weight_change`` and
     ``cka`` before vs after fine-tuning; trained regimes with ``eval.reuse_images > 0`` only."""
+    tasks: dict[str, dict[str, Any]] | None = None
+    """Multi-task runs (``FinetuneConfig.tasks``, :mod:`medpretrain.multitask`) only: per task (in config order)
+    ``kind``, ``labels``, ``weight``, ``metrics`` (``test``, ``val_best``), ``ci``, ``threshold`` and
+    ``threshold_rule``. ``metrics`` / ``ci`` / ``threshold`` of the run itself are then the weighted mean over
+    tasks and the per-column thresholds (``metric_protocol`` says so)."""
     history: list[dict[str, Any]] | None = None
     timing: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
@@ -255,6 +260,9 @@ class Predictions:
     masks: np.ndarray | None = None
     rois: np.ndarray | None = None
     names: np.ndarray | None = None
+    tasks: dict[str, dict[str, np.ndarray]] | None = None
+    """Multi-task runs: each task's own ``{"probs", "labels"}`` (``probs`` / ``labels`` are then the column
+    view of every task, :meth:`medpretrain.multitask.MultiTask.column_view`)."""
 
     @property
     def task(self) -> str:
@@ -293,10 +301,12 @@ def quantize_probs(probs: np.ndarray, roi: np.ndarray | None = None) -> np.ndarr
 
 def save_predictions(path: str | Path, probs: np.ndarray, masks: np.ndarray | None = None,
                      rois: np.ndarray | None = None, index: np.ndarray | None = None,
-                     names: Sequence[str] | None = None, *, labels: np.ndarray | None = None) -> Path:
+                     names: Sequence[str] | None = None, *, labels: np.ndarray | None = None,
+                     tasks: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
     """Write one run's test predictions as a compressed ``.npz`` (no pickles), atomically.
 
-    Classification (``labels`` given): ``test_probs`` (as given), ``test_labels``, ``test_index``.
+    Classification (``labels`` given): ``test_probs`` (as given), ``test_labels``, ``test_index``; a multi-task
+    run adds each task's ``(probs, labels)`` from ``tasks`` as ``task_<name>_probs`` / ``task_<name>_labels``.
     Segmentation (``masks`` and ``rois`` given): ``test_probs`` uint16 ``[N, H, W]`` (:func:`quantize_probs`, 0
     outside the roi), ``test_masks`` and ``test_rois`` uint8 {0, 1}, ``test_index`` int64 ``[N]`` (dataset
     order), ``test_names`` (unicode ``[N]``; the indices as text when ``names`` is None).
@@ -315,6 +325,11 @@ def save_predictions(path: str | Path, probs: np.ndarray, masks: np.ndarray | No
         if len(labels) != len(probs):
             raise ValueError(f"{len(labels)} labels for {len(probs)} predictions")
         arrays = {"test_probs": probs, "test_labels": labels, "test_index": index}
+        for name, (task_probs, task_labels) in (tasks or {}).items():
+            if len(task_probs) != len(probs) or len(task_labels) != len(probs):
+                raise ValueError(f"task {name!r}: {len(task_probs)} predictions and {len(task_labels)} labels for "
+                                 f"{len(probs)} cases")
+            arrays[f"task_{name}_probs"], arrays[f"task_{name}_labels"] = np.asarray(task_probs), np.asarray(task_labels)
     else:
         if masks is None or rois is None:
             raise ValueError("save_predictions needs labels (classification) or masks and rois (segmentation)")
@@ -342,7 +357,12 @@ def load_predictions(path: str | Path) -> Predictions:
             return Predictions(probs=(z["test_probs"] / PROB_LEVELS).astype(np.float32), index=z["test_index"],
                                masks=z["test_masks"], rois=z["test_rois"], names=z["test_names"])
         if {"test_probs", "test_labels", "test_index"} <= keys:
-            return Predictions(probs=z["test_probs"], index=z["test_index"], labels=z["test_labels"])
+            names = [k.removeprefix("task_").removesuffix("_probs") for k in z.files
+                     if k.startswith("task_") and k.endswith("_probs")]
+            tasks = {n: {"probs": z[f"task_{n}_probs"], "labels": z[f"task_{n}_labels"]} for n in names
+                     if f"task_{n}_labels" in keys}
+            return Predictions(probs=z["test_probs"], index=z["test_index"], labels=z["test_labels"],
+                               tasks=tasks or None)
     raise ResultsError(f"{path}: not a predictions file (keys {sorted(keys)}; expected test_probs, test_index and "
                        "test_labels, or test_masks, test_rois and test_names)")
 
