@@ -75,8 +75,19 @@ def as_mappings(results: Sequence[Result | RunResult]) -> list[Result]:
     return [r.to_dict() if isinstance(r, RunResult) else r for r in results]
 
 
+def run_regime(r: Result) -> str:
+    """The regime a run is compared under: its ``regime``, and for a multi-task run (``tasks``,
+    :mod:`medpretrain.multitask`) `` · <task names joined by +>`` (`` · <K> tasks`` when long), so that a
+    multi-task run is never a seed of the single-task cell of the same init, regime and budget."""
+    tasks = r.get("tasks")
+    if not tasks:
+        return str(r["regime"])
+    text = "+".join(tasks)
+    return f"{r['regime']} · {text if len(text) <= 48 else f'{len(tasks)} tasks'}"
+
+
 def _key(r: Result) -> tuple[str, str, float]:
-    return (str(r["init_label"]), str(r["regime"]), budget(r))
+    return (str(r["init_label"]), run_regime(r), budget(r))
 
 
 def _fmt(x: Any, nd: int = 3) -> str:
@@ -115,7 +126,7 @@ def run_lr(r: Result) -> float | None:
 
 def _cell_key(r: Result) -> CellKey:
     lr = run_lr(r)
-    return (str(r["init_label"]), str(r["regime"]), budget(r), -1.0 if lr is None else lr)
+    return (str(r["init_label"]), run_regime(r), budget(r), -1.0 if lr is None else lr)
 
 
 def is_evaluation(r: Result) -> bool:
@@ -442,13 +453,13 @@ def plot_learning_curves(results: Sequence[Result], path: Path, val_key: str = "
     from matplotlib.ticker import MaxNLocator
 
     done = [r for r in results if r.get("status") == "complete"]
-    regimes = sorted({r["regime"] for r in done}) or ["-"]
+    regimes = sorted({run_regime(r) for r in done}) or ["-"]
     inits = sorted({r["init_label"] for r in done})
     colors = _colors(inits)
     fig, axes = plt.subplots(2, len(regimes), figsize=(4.5 * len(regimes), 6), squeeze=False)
     for j, regime in enumerate(regimes):
         for init in inits:
-            runs = [r for r in done if r["regime"] == regime and r["init_label"] == init]
+            runs = [r for r in done if run_regime(r) == regime and r["init_label"] == init]
             if not runs:
                 continue
             for i, key in enumerate((val_key, "train_loss")):
@@ -474,7 +485,7 @@ def reuse_rows(results: Sequence[Result], budget_value: float) -> list[dict[str,
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for r in results:
         if r.get("status") == "complete" and r.get("transfer") and budget(r) == budget_value:
-            groups[(str(r["init_label"]), str(r["regime"]))].append(r["transfer"])
+            groups[(str(r["init_label"]), run_regime(r))].append(r["transfer"])
     rows = []
     for (init, regime), ts in sorted(groups.items()):
         stages = ts[0]["stages"]
@@ -517,8 +528,9 @@ def reuse_k_rows(rows: Sequence[Mapping[str, Any]], budget_value: float, metric:
     for s in rows:
         if s["label_fraction"] != budget_value or s["failed"]:
             continue
-        if s["regime"].startswith("reinit:"):
-            k: int | None = int(s["regime"].split(":")[1])
+        kind, _, k_text = s["regime"].partition(":")
+        if kind == "reinit" and k_text.isdigit():  # a multi-task cell (reinit:<k> · <tasks>) is no point of it
+            k: int | None = int(k_text)
         elif s["regime"] == "full":
             k = None
         else:
@@ -867,7 +879,7 @@ def _headline(results: Sequence[Result]) -> tuple[float | None, str | None]:
     if not done:
         return None, None
     frac = max(budget(r) for r in done)
-    regimes = sorted({r["regime"] for r in done if budget(r) == frac})
+    regimes = sorted({run_regime(r) for r in done if budget(r) == frac})
     return frac, ("full" if "full" in regimes else regimes[0])
 
 
@@ -1040,6 +1052,8 @@ def build_report(
 
     if rows:
         md += cross_init_markdown(cross_init_ensembles(results, metric), seg=seg)
+    if not seg:
+        md += multitask_markdown(done)
 
     md += cross_dataset_markdown(cross_dataset_rows(evaluated, metric))
     md += ["## Unavailable arms", ""]
@@ -1327,6 +1341,66 @@ def cross_init_ensembles(results: Sequence[Result | RunResult], metric: str | No
                             "ci": [g.low, g.high], "p_value": g.p_value}
                            for a, ms, g in zip(members, member_scores, gaps, strict=True)]})
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-task runs: each task's test metrics, next to the task trained alone
+# --------------------------------------------------------------------------------------------
+
+
+def multitask_rows(results: Sequence[Result | RunResult]) -> list[dict[str, Any]]:
+    """One row per task of every multi-task cell (complete runs with two or more ``tasks``; cell = init, regime,
+    label budget, task set): the task's kind, weight and labels, mean / sd / n over seeds of each test metric
+    (:func:`medpretrain.metrics.aggregate`), the per-seed bootstrap CIs of its AUC, and ``alone``: the test AUC
+    (mean / sd / n) of the same task trained alone (runs whose only task has the same name, kind and labels, same
+    init, regime and budget; ``None`` without such runs)."""
+    done = [r for r in as_mappings(results) if r.get("status") == "complete" and r.get("tasks")]
+    cells: dict[tuple[str, str, float], list[Result]] = defaultdict(list)
+    for r in done:
+        if len(r["tasks"]) > 1:
+            cells[(str(r["init_label"]), run_regime(r), budget(r))].append(r)
+
+    def same_task(t: Mapping[str, Any], u: Mapping[str, Any]) -> bool:
+        return t.get("kind") == u.get("kind") and t.get("labels") == u.get("labels")
+
+    rows = []
+    for (init, regime, frac), runs in sorted(cells.items()):
+        runs = sorted(runs, key=lambda r: r["seed"])
+        for name, spec in runs[0]["tasks"].items():
+            per_seed = [r["tasks"][name] for r in runs if name in r["tasks"]]
+            alone = [r["tasks"][name]["metrics"]["test"] for r in done
+                     if list(r["tasks"]) == [name] and same_task(r["tasks"][name], spec)
+                     and (str(r["init_label"]), str(r["regime"]), budget(r)) == (init, runs[0]["regime"], frac)]
+            rows.append({
+                "init": init, "regime": regime, "label_fraction": frac, "task": name, "kind": spec.get("kind"),
+                "weight": spec.get("weight"), "labels": spec.get("labels"), "n": len(per_seed),
+                "metrics": aggregate([t["metrics"]["test"] for t in per_seed], METRICS),
+                "auc_ci": [(t["ci"]["auc"]["low"], t["ci"]["auc"]["high"]) for t in per_seed if t.get("ci")],
+                "alone": aggregate(alone, ["auc"])["auc"] if alone else None,
+            })
+    return rows
+
+
+def multitask_markdown(results: Sequence[Result | RunResult]) -> list[str]:
+    """The "Multi-task runs" section (:func:`multitask_rows`); empty without multi-task runs."""
+    rows = multitask_rows(results)
+    if not rows:
+        return []
+    md = ["## Multi-task runs: per-task test metrics", "",
+          "One backbone, a head per task, trained jointly (loss: the weighted sum of the task losses; checkpoint "
+          "selected on the weighted mean of the tasks' validation AUCs; the cell's row in the comparison is that "
+          "weighted mean of each metric). Per task: mean ± sd over seeds of its test metrics at its own threshold "
+          "chosen on validation, the per-seed 95% bootstrap CIs of its AUC, and the test AUC of the same task trained "
+          "alone (same init, regime and label budget) where such runs exist.", "",
+          "| init | regime | labels | task | kind | weight | " + " | ".join(_LABELS[m] for m in METRICS)
+          + " | AUC 95% CI | trained alone: AUC |", "|" + "---|" * (len(METRICS) + 8)]
+    for r in rows:
+        cis = "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in r["auc_ci"])
+        md.append(f"| {r['init']} | {r['regime']} | {_frac(r['label_fraction'])} | {r['task']} | {r['kind']} | "
+                  f"{r['weight']:g} | " + " | ".join(_pm(r["metrics"][m]) for m in METRICS)
+                  + f" | {cis} | {_pm(r['alone']) if r['alone'] else '-'} |")
+    md.append("")
+    return md
 
 
 def cross_init_markdown(rows: Sequence[Mapping[str, Any]], seg: bool = False) -> list[str]:
