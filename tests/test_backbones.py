@@ -335,7 +335,7 @@ def test_memory_format_auto_is_channels_last_for_depthwise_nets_only(timm_module
     lite0.eval()
     before = lite0(x)
     assert apply_memory_format(lite0, "auto") is True
-    assert all(a is b for a, b in zip(params, lite0.parameters()))  # an optimizer built earlier still holds them
+    assert all(a is b for a, b in zip(params, lite0.parameters(), strict=True))  # an optimizer built earlier still holds them
     h = lite0.net.conv_stem(x)  # the activations follow the weights' layout
     assert h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
     assert torch.allclose(lite0(x), before, atol=1e-5)  # same function, other layout
