@@ -548,13 +548,25 @@ stage and cell hash) while they hold the value listed here, the value under whic
 such an option therefore does not invalidate every finished run; setting it to anything else does."""
 
 
+EXECUTION_ONLY: dict[str, frozenset[str]] = {
+    "CompareConfig": frozenset({"workers"}),
+    "DataConfig": frozenset({"cache", "cache_dir", "cache_workers", "cache_above_mb", "stream"}),
+}
+"""Options that choose how a run executes, never what it computes (how many grid cells at once; whether images
+are decoded into memory, into a disk cache or on access): left out of :func:`hash_view` whatever their value,
+so switching them reuses finished runs. Each is also in :data:`HASH_NEUTRAL`, so hashes of runs made before
+this table existed are unchanged. The tests check the claim for each (same results, same pixels)."""
+
+
 def hash_view(cfg: Any) -> Any:
-    """:func:`config_to_dict` of ``cfg`` without the :data:`HASH_NEUTRAL` options at their neutral values: what
-    config, stage and cell hashes are computed over."""
+    """:func:`config_to_dict` of ``cfg`` without the :data:`HASH_NEUTRAL` options at their neutral values and
+    without the :data:`EXECUTION_ONLY` options at any value: what config, stage and cell hashes are computed
+    over."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        neutral = HASH_NEUTRAL.get(type(cfg).__name__, {})
+        name = type(cfg).__name__
+        neutral, skip = HASH_NEUTRAL.get(name, {}), EXECUTION_ONLY.get(name, frozenset())
         return {f.name: hash_view(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                if not (f.name in neutral and getattr(cfg, f.name) == neutral[f.name])}
+                if f.name not in skip and not (f.name in neutral and getattr(cfg, f.name) == neutral[f.name])}
     if isinstance(cfg, (list, tuple)):
         return [hash_view(v) for v in cfg]
     if isinstance(cfg, dict):

@@ -191,6 +191,28 @@ def test_an_option_added_at_its_neutral_value_keeps_every_hash(monkeypatch: pyte
     assert config_module.config_to_dict(New())["inner"]["column"] == "label"  # saved configs keep every key
 
 
+def test_execution_only_options_never_change_a_hash() -> None:
+    """How a run executes (grid cells at once, images in memory / in a disk cache / decoded on access) is not in
+    any hash, at any value, while a result-changing option next to them still is; and every execution-only
+    option is also hash-neutral, so runs made before the table existed keep their hashes."""
+    import dataclasses as dc
+
+    from medpretrain.config import EXECUTION_ONLY, HASH_NEUTRAL, DataConfig, config_hash
+    from medpretrain.finetune import FinetuneConfig
+    from medpretrain.pipeline.grid import CompareConfig
+
+    base = FinetuneConfig()
+    for option in ("stream", "cache"):
+        assert config_hash(dc.replace(base, data=dc.replace(base.data, **{option: True}))) == config_hash(base)
+    assert config_hash(dc.replace(base, data=dc.replace(base.data, cache_workers=3))) == config_hash(base)
+    assert config_hash(dc.replace(base, data=dc.replace(base.data, clahe=True))) != config_hash(base)
+    assert config_hash(CompareConfig(workers=2)) == config_hash(CompareConfig(workers=1))
+    assert config_hash(CompareConfig(seeds=[5])) != config_hash(CompareConfig())
+    assert {f.name for f in dc.fields(DataConfig)} >= EXECUTION_ONLY["DataConfig"]
+    for cls, names in EXECUTION_ONLY.items():
+        assert names <= set(HASH_NEUTRAL[cls]), cls
+
+
 def test_a_section_given_in_part_keeps_its_fields_own_defaults() -> None:
     """A dataclass field whose factory sets other defaults than the section class (the DDPM's train section:
     lr 2e-4, 100 steps, batch 64) keeps them when a config or override gives only some of its keys."""

@@ -317,7 +317,7 @@ def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[st
     hash), of ``variant``'s arms when given. Returns the stage record and every cell's results (none for a dry
     run)."""
     ccfg = grid_config(cfg, exp_dir, task, exports, variant)
-    h = stage_hash(hash_view(dataclasses.replace(ccfg, workers=1)))  # how many at once changes no result
+    h = stage_hash(hash_view(ccfg))  # execution-only options (workers, data.stream, ...) are not in it
     name = variant_label(task, variant)
     stage = Stage(name, h, str(exp_dir / "reports" / name / "report.md"), log=str(exp_dir / "logs" / f"{name}.log"))
     todo = pending(ccfg, ("complete", "unavailable"))  # unavailable arms are retried, but cost nothing
