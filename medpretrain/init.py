@@ -68,7 +68,7 @@ from medpretrain.checkpoint import (
 )
 from medpretrain.config import ConfigError
 from medpretrain.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetUnavailable, WeightsHashMismatch
-from medpretrain.methods.registry import StageInfo, selfsup_methods, stages
+from medpretrain.methods.registry import StageInfo, all_stages, selfsup_methods, stages
 from medpretrain.utils import PROJECT_ROOT, sha256_file
 
 log = logging.getLogger(__name__)
@@ -589,6 +589,12 @@ def init_backbone(
         return _load_export(path, arch, in_channels, stem, image_size)
     path = Path(init).expanduser()
     if not path.is_file():
+        generator_only = {n for n, s in all_stages().items() if not s.exports_backbone}
+        if init in generator_only:
+            raise ConfigError(
+                f"init {init!r}: the {init} stage trains a generator and exports no backbone to transfer (its "
+                f"samples can augment scarce labels instead); choose one of {list(NAMED_INITS)} or a checkpoint file"
+            )
         raise FileNotFoundError(
             f"init {init!r} is neither one of {list(NAMED_INITS)} nor an existing checkpoint file"
         )

@@ -291,3 +291,5 @@ def test_path_init_checks_and_adapts_channels(tmp_path) -> None:
         init_backbone(str(one), "cbr_tiny", 3, "auto", image_size=28)
     with pytest.raises(FileNotFoundError, match=r"init 'simclrr' is neither one of \['scratch', 'imagenet'"):
         init_backbone("simclrr", "cbr_tiny", 1, "auto", image_size=28)
+    with pytest.raises(ValueError, match=r"init 'ddpm': the ddpm stage trains a generator and exports no backbone"):
+        init_backbone("ddpm", "cbr_tiny", 1, "auto", image_size=28)
