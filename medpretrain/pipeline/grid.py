@@ -13,6 +13,7 @@ training images (``n_train_images``) and Dice is the headline. Seed ensembles: :
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from medpretrain.pipeline.console import Console, say
 from medpretrain.pipeline.ensembles import ensembles
 from medpretrain.report import build_report
 from medpretrain.results import ResultsError, RunResult, read_results
+from medpretrain.utils import atomic_write_text
 
 LOCAL_SPLIT_NOTES = {
     "pneumoniamnist": "PneumoniaMNIST: the local train split has 3882 images (388 normal / 3494 pneumonia), "
@@ -261,11 +263,27 @@ def run_grid(cfg: CompareConfig, console: Console = None) -> tuple[Path, list[Ru
     return report, results
 
 
+CELL_MARKER = "grid_cell.json"
+"""Written into a cell's folder before it runs: the cell's config hash, so a later grid can tell an interrupted run
+of this cell (resumed from its checkpoints) from one of another config (emptied first)."""
+
+
 def _fresh(argv_cell: list[str]) -> Path:
-    """The cell's folder, emptied when it holds results of another config, an unavailable arm or unreadable ones."""
-    out = output_dir(cell_config(argv_cell))
-    if (out / "results.json").exists():
-        shutil.rmtree(out)
+    """The cell's folder, ready to run the cell: emptied when it holds results (of another config, an unavailable
+    arm or unreadable ones: :func:`pending` found none to keep) or the partial run of another config (its
+    checkpoints must not be resumed: ``resume=auto`` would continue the other config's budget); then marked
+    with :data:`CELL_MARKER`. Only an interrupted run of this very cell is left for ``resume=auto``."""
+    run_cfg = cell_config(argv_cell)
+    out, h = output_dir(run_cfg), run_hash(run_cfg)
+    if out.exists():
+        try:
+            mine = json.loads((out / CELL_MARKER).read_text()).get("config_hash") == h
+        except (OSError, ValueError, AttributeError):
+            mine = False
+        if (out / "results.json").exists() or not mine:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CELL_MARKER, json.dumps({"config_hash": h}) + "\n")
     return out
 
 

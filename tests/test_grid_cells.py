@@ -1,0 +1,60 @@
+"""A grid cell's folder before it runs (:func:`medpretrain.pipeline.grid._fresh`): an interrupted run of the same
+cell is kept for ``resume=auto``; the partial run of another config is emptied, so its checkpoints are never
+resumed under the new settings (a DRIVE cell re-planned from 1000 to 800 steps once resumed the old run's
+checkpoint and trained on to step 1000)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medpretrain.config import load_config
+from medpretrain.finetune import output_dir, run_hash
+from medpretrain.pipeline.grid import CELL_MARKER, CompareConfig, _fresh, cell_config, grid
+
+
+def _cell(tmp_path: Path, steps: int) -> list[str]:
+    cfg = load_config(CompareConfig, [f"runs_dir={tmp_path}", "inits=[scratch]", "label_fractions=[0.1]",
+                                      "seeds=[0]", "regimes=[full]",
+                                      f"overrides=[backbone.arch=cbr_tiny, optim.steps={steps}]"])
+    (argv,) = grid(cfg)
+    return argv
+
+
+def _partial_run(folder: Path) -> None:
+    (folder / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint_0" / "marker").write_text("x")
+    (folder / "run.log").write_text("epoch 1 ...\n")
+
+
+def test_an_interrupted_run_of_the_same_cell_is_kept_for_resume(tmp_path: Path) -> None:
+    argv = _cell(tmp_path, 800)
+    out = _fresh(argv)
+    assert out == output_dir(cell_config(argv))
+    marker = json.loads((out / CELL_MARKER).read_text())
+    assert marker == {"config_hash": run_hash(cell_config(argv))}
+    _partial_run(out)
+    assert _fresh(argv) == out
+    assert (out / "checkpoints" / "checkpoint_0" / "marker").read_text() == "x"  # resume=auto continues it
+
+
+def test_the_partial_run_of_another_config_is_emptied_not_resumed(tmp_path: Path) -> None:
+    old, new = _cell(tmp_path, 1000), _cell(tmp_path, 800)
+    out = _fresh(old)
+    assert output_dir(cell_config(new)) == out  # same folder, other budget: the case that went wrong
+    assert run_hash(cell_config(old)) != run_hash(cell_config(new))
+    _partial_run(out)
+    assert _fresh(new) == out
+    assert not (out / "checkpoints").exists() and not (out / "run.log").exists()
+    assert json.loads((out / CELL_MARKER).read_text())["config_hash"] == run_hash(cell_config(new))
+
+
+def test_a_folder_without_marker_or_with_results_is_emptied(tmp_path: Path) -> None:
+    argv = _cell(tmp_path, 800)
+    out = output_dir(cell_config(argv))
+    _partial_run(out)  # an interrupted cell from before the marker existed: its config is unknown
+    _fresh(argv)
+    assert not (out / "checkpoints").exists()
+    (out / "results.json").write_text("{}")  # results that pending() did not keep (another hash, unreadable)
+    _fresh(argv)
+    assert not (out / "results.json").exists() and (out / CELL_MARKER).is_file()
