@@ -58,3 +58,44 @@ def test_a_folder_without_marker_or_with_results_is_emptied(tmp_path: Path) -> N
     (out / "results.json").write_text("{}")  # results that pending() did not keep (another hash, unreadable)
     _fresh(argv)
     assert not (out / "results.json").exists() and (out / CELL_MARKER).is_file()
+
+
+def test_grid_workers_end_when_the_grid_process_is_killed(tmp_path: Path) -> None:
+    """A killed orchestrator leaves no grid worker running (they once went on training, orphaned, and wrote into
+    the cell folders of the restarted experiment)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "grid_parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from medpretrain.pipeline.grid import _worker_init\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=_worker_init, initargs=(1,))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    assert alive(worker)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive(worker):
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the grid worker outlived its killed parent")

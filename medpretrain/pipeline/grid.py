@@ -155,11 +155,24 @@ def run_inprocess(argv: list[str], log_path: Path) -> int:
         return 1
 
 
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Exit this process as soon as ``parent`` is no longer its parent (it died and the process was re-parented)."""
+    while True:
+        time.sleep(every_s)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _worker_init(threads: int) -> None:
-    """A grid worker process: ``threads`` torch threads (the CPUs shared by the workers)."""
+    """A grid worker process: ``threads`` torch threads (the CPUs shared by the workers), and a watchdog that
+    ends the worker when the grid's process dies: a killed experiment (SIGTERM / SIGKILL of the orchestrator)
+    must not leave its cells running, writing into folders a restarted grid is about to use."""
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
 
 
 def run_logged(argv: list[str], log_path: Path) -> tuple[int, float]:
