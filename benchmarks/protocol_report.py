@@ -219,6 +219,18 @@ def header(s: Mapping[str, Any]) -> list[str]:
             + (f", unavailable: {', '.join(s['unavailable'])}" if s["unavailable"] else "") + ".", ""]
 
 
+def recommendations_table(s: Mapping[str, Any]) -> list[str]:
+    md = ["Recommendation (the experiment report's, Holm-adjusted):", "",
+          f"| {'images' if s['seg'] else 'budget'} | use | runner-up | gap [95% CI] | p (Holm) | verdict |",
+          "|---|---|---|---|---|---|"]
+    for r in s["recommendations"]:
+        lo, hi = r["ci"]
+        gap = f"{r['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(r["gap"]) else "-"
+        md.append(f"| {fmt_budget(r['budget'], s['seg'])} | {r['winner']} | {r['runner_up']} | {gap} | "
+                  f"{r['p_holm']:.2g} | {r['verdict']} |")
+    return md
+
+
 def stages_md(s: Mapping[str, Any]) -> list[str]:
     total = sum(st["wall_s"] for st in s["stages"])
     md = [f"Wall-clock per stage (sum {total / 60:.1f} min; the stage's own time when it was computed):", "",
@@ -252,14 +264,7 @@ def protocol_md(summaries: Sequence[Mapping[str, Any]], notes: Sequence[str]) ->
             md += [f"| {t['init']} | {t['budget']:g} | {t['target']:.2f} | {t['mean']:.3f} ± {t['std']:.3f} "
                    f"({t['n']}) | {'yes' if t['met'] else '**no**'} |" for t in s["targets"]]
             md.append("")
-        md += ["Recommendation (the experiment report's, Holm-adjusted):", "",
-               "| budget | use | runner-up | gap [95% CI] | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
-        for r in s["recommendations"]:
-            lo, hi = r["ci"]
-            gap = f"{r['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(r["gap"]) else "-"
-            md.append(f"| {fmt_budget(r['budget'], s['seg'])} | {r['winner']} | {r['runner_up']} | {gap} | "
-                      f"{r['p_holm']:.2g} | {r['verdict']} |")
-        md += ["", *stages_md(s), ""]
+        md += recommendations_table(s) + ["", *stages_md(s), ""]
     return "\n".join(md)
 
 
@@ -344,14 +349,7 @@ def segmentation_md(s: Mapping[str, Any], notes: Sequence[str]) -> str:
     md += ["", "Other comparisons, first minus second:", ""] + questions_table(s["lite0"], s) + [""]
     md += ["Per cell: per-image Dice spread, pixel AUC, the threshold chosen on validation and the steps run:", ""]
     md += seg_details_markdown(s["seg_details"]) + [""]
-    md += ["Recommendation (the experiment report's, Holm-adjusted):", "",
-           "| images | use | runner-up | gap [95% CI] | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
-    for r in s["recommendations"]:
-        lo, hi = r["ci"]
-        gap = f"{r['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(r["gap"]) else "-"
-        md.append(f"| {fmt_budget(r['budget'], True)} | {r['winner']} | {r['runner_up']} | {gap} | "
-                  f"{r['p_holm']:.2g} | {r['verdict']} |")
-    md += ["", *stages_md(s), "",
+    md += recommendations_table(s) + ["", *stages_md(s), "",
            f"Overlays of the best and worst test images and the per-image Dice plot: "
            f"`runs/experiments/{s['name']}/reports/segmentation/` (best_worst.png, dice_per_image.png)."]
     return "\n".join(md)

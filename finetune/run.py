@@ -341,6 +341,10 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
     # later metric rows.
     if stage.begin(ckpt_state):
         accelerator.print(f"resumed from {stage.resume_from} after epoch {progress.epoch}")
+        if progress.epoch > budget.periods:  # a larger budget extends a run; a smaller one cannot shrink it
+            raise ConfigError(f"{stage.resume_from}: the checkpoint is after period {progress.epoch} of a longer "
+                              f"run, but this config's budget has {budget.periods} ({budget.total_steps} steps); "
+                              "resume it with its own settings, or start a new output_dir")
     best_path = out / "best_model.safetensors"
     unwrapped = accelerator.unwrap_model(model)
     headline, label = parts.headline, METRIC_LABELS[parts.headline]
