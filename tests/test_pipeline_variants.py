@@ -49,6 +49,22 @@ def test_variant_stage_and_grid_get_the_overrides_last_and_their_own_names(tmp_p
     assert not any("data.image_size=32" in a for a in base_cells)
 
 
+def test_a_variant_can_run_only_some_cells_of_the_grid(tmp_path: Path) -> None:
+    """``variants[].grid``: a costly variant (here 32 px) runs only the budgets, regimes and seeds it names, after
+    the task's own grid options; the base grid keeps all of its cells."""
+    variant = {"name": "px32", "overrides": ["data.image_size=32"], "stages": ["simclr"], "inits": ["simclr"],
+               "grid": ["label_fractions=[1.0]", "regimes=[full]", "seeds=[0, 1]"]}
+    cfg = experiment(tmp_path, dry_run=True, variants=[variant])
+    cfg.classification.grid = ["label_fractions=[0.05, 1.0]", "seeds=[0]", "regimes=[linear, full]"]
+    base = train_stage(cfg, tmp_path / "var", "simclr")
+    var = train_stage(cfg, tmp_path / "var", "simclr", variant=cfg.variants[0])
+    exports = {"simclr": [base], "simclr@px32": [var]}
+    ccfg = grid_config(cfg, tmp_path / "var", "classification", exports, cfg.variants[0])
+    assert (ccfg.label_fractions, ccfg.regimes, ccfg.seeds) == ([1.0], ["full"], [0, 1])
+    assert len(grid(ccfg)) == 2
+    assert len(grid(grid_config(cfg, tmp_path / "var", "classification", exports))) == 2 * 2 * 2  # inits x budgets x regimes
+
+
 @pytest.mark.parametrize("variant, message", [
     ({"name": "", "stages": []}, "own short name"),
     ({"name": "a@b", "stages": []}, "own short name"),

@@ -80,6 +80,10 @@ class VariantSpec:
     inits: list[str] = field(default_factory=list)
     """The variant's arms in every enabled grid: ``scratch``, ``imagenet`` or a stage of ``stages``.
     Empty: ``scratch``, ``imagenet`` and ``stages``."""
+    grid: list[str] = field(default_factory=list)
+    """Grid options of the variant's grids, after the task's ``grid`` (``label_fractions=[1.0]``,
+    ``regimes=[full]``, ``seeds=[0, 1, 2]``): a costly variant (a larger image size, say) can run only the cells
+    that answer its question. Its arms are then compared with the others only where both have cells."""
 
 
 @dataclass

@@ -295,7 +295,8 @@ def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[s
                    (["--config_file", str(ROOT / cfg.launch.config_file)]
                     if cfg.launch.launcher == "accelerate" and cfg.launch.config_file else []) + cfg.launch.args)])
     base = resolve_config(CompareConfig, spec.config, root=ROOT)
-    ccfg = resolve_config(CompareConfig, spec.config, [*launch, *spec.grid], root=ROOT, values={
+    ccfg = resolve_config(CompareConfig, spec.config, [*launch, *spec.grid, *(variant.grid if variant else [])],
+                          root=ROOT, values={
         "inits": inits, "overrides": [*base.overrides, *cfg.common, *spec.overrides,
                                       *(variant.overrides if variant else []), "resume=auto"],
         "runs_dir": str(exp_dir), "name": variant_label(task, variant)})
