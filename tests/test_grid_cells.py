@@ -99,3 +99,26 @@ def test_grid_workers_end_when_the_grid_process_is_killed(tmp_path: Path) -> Non
     if alive(worker):
         os.kill(worker, signal.SIGKILL)
         raise AssertionError("the grid worker outlived its killed parent")
+
+
+def test_resume_refuses_a_checkpoint_beyond_a_smaller_budget(tmp_path: Path) -> None:
+    """``resume=auto`` may extend a run (a larger budget) but not shrink it: a checkpoint after period 4 of a
+    4-period run, resumed with a 2-period budget, is refused with one line instead of reporting the old run's
+    results under the new config."""
+    import pytest
+    from test_data_cache import png_folder
+
+    from medpretrain.config import ConfigError
+    from medpretrain.finetune import main_in_process
+    from medpretrain.utils import PROJECT_ROOT
+
+    folder = png_folder(tmp_path / "png", n=8)
+    out = tmp_path / "run"
+    args = ["--config", str(PROJECT_ROOT / "configs/finetune.yaml"), f"data.dataset=folder:{folder}",
+            "data.image_size=16", "data.val_fraction=0.25", "data.test_fraction=0.25", "data.dedup=none",
+            "backbone.arch=cbr_tiny", "optim.eval_every=1", "optim.batch_size=4", "optim.eval_batch_size=16",
+            "n_bootstrap=10", "eval.reuse_images=0", "keep_checkpoints=true", f"output_dir={out}"]
+    assert main_in_process([*args, "optim.steps=4"]) == 0
+    assert json.loads((out / "results.json").read_text())["optimizer_steps"] == 4
+    with pytest.raises(ConfigError, match=r"after period 4 of a longer run, but this config's budget has 2 "):
+        main_in_process([*args, "optim.steps=2", "resume=auto"])
