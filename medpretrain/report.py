@@ -269,7 +269,7 @@ def summarize(results: Sequence[Result], headline: str = "auc") -> list[dict[str
             "auc_ci": [(r["ci"][headline]["low"], r["ci"][headline]["high"]) for r in runs if r.get("ci")],
             "epochs_to_95": conv["e95"], "epoch_s": conv["s"], "best_epoch": conv["best"],
             "steps_to_95": conv["st95"], "seconds_to_95": conv["sec95"],
-            "train_size": runs[0]["data"].get("train_size"),
+            "train_size": runs[0]["data"].get("train_size"), "multitask": bool(runs[0].get("tasks")),
             "chance": chance, "chance_kind": chance_kind, "failed": failed, "n_below_chance": below,
         })
     return rows
@@ -1220,7 +1220,8 @@ def recommend(results: Sequence[Result | RunResult], metric: str | None = None, 
     """Per label budget: which init to use, chosen and judged as a reviewer would accept.
 
     1. Cells that fail the guard (:func:`failed_check`: AUC at or below chance, Dice at or below the better
-       constant mask, undefined) are listed in ``failed_cells`` and take no part.
+       constant mask, undefined) are listed in ``failed_cells`` and take no part; nor do multi-task cells
+       (their metric is the mean over their tasks; :func:`multitask_markdown` compares them).
     2. Each init's configuration (regime, and learning rate when the runs hold several) is the one with the
        best mean over seeds of ``metrics["val_best"][metric]`` (validation, never test; ``alternatives`` lists the
        others with their validation means).
@@ -1251,7 +1252,9 @@ def recommend(results: Sequence[Result | RunResult], metric: str | None = None, 
                    "mean": s["metrics"][metric]["mean"], "n": s["n"], "chance": s["chance"],
                    "chance_kind": s["chance_kind"], "n_below_chance": s["n_below_chance"], "cause": s["failed"]}
                   for s in here if s["failed"]]
-        ok = [s for s in here if not s["failed"]]
+        # Multi-task cells score the mean over their tasks, not the headline task: compared in their own
+        # section (multitask_markdown), never ranked against single-task cells.
+        ok = [s for s in here if not s["failed"] and not s.get("multitask")]
         ranking = []
         for init in sorted({s["init"] for s in ok}):
             mine = [s for s in ok if s["init"] == init]

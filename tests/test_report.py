@@ -439,6 +439,40 @@ def test_cross_init_ensemble_of_identical_members_equals_the_member_and_mixes_ot
     assert "## Ensembles across initialisations" in text and f"| 0.1 | {', '.join(row['members'])} |" in text
 
 
+def test_seed_ensembles_keep_multitask_cells_apart_from_single_task_ones(tmp_path):
+    """A multi-task cell (``tasks``) of the same init, regime and budget is its own ensemble, never averaged with
+    the single-task seeds (its regime reads ``full · a+b``, as in every other table of the report)."""
+    from medpretrain.pipeline.ensembles import ensembles
+    from medpretrain.stats import auc_score
+
+    single = _pred_runs(tmp_path / "single", "simclr", 1.5)
+    multi = [{**r, "tasks": {"a": {}, "b": {}}} for r in _pred_runs(tmp_path / "multi", "simclr", 0.3)]
+    rows = {row["regime"]: row for row in ensembles(single + multi, n_boot=50)}
+    assert set(rows) == {"full", "full · a+b"}
+    assert rows["full"]["n"] == rows["full · a+b"]["n"] == 3
+    from medpretrain.results import load_predictions
+
+    preds = [load_predictions(Path(r["run_dir"]) / "predictions.npz") for r in single]
+    expected = auc_score(np.mean([p.probs for p in preds], axis=0), preds[0].labels)
+    assert rows["full"]["metrics"]["auc"] == pytest.approx(expected)
+    assert rows["full · a+b"]["metrics"]["auc"] < rows["full"]["metrics"]["auc"] - 0.1
+
+
+def test_recommendation_never_ranks_a_multitask_cell_against_single_task_ones(tmp_path):
+    """A multi-task cell with the best validation score is not chosen as the init's configuration: its metric is
+    the mean over tasks, not the headline task's."""
+    from medpretrain.report import recommend
+
+    single = _pred_runs(tmp_path / "single", "simclr", 1.0)
+    multi = [{**r, "tasks": {"a": {}, "b": {}}} for r in _pred_runs(tmp_path / "multi", "simclr", 3.0)]
+    scratch = _pred_runs(tmp_path / "s", "scratch", 0.5)
+    [row] = recommend(single + multi + scratch, n_boot=200)
+    chosen = {a["init"]: a for a in row["ranking"]}
+    assert chosen["simclr"]["regime"] == "full" and chosen["simclr"]["n"] == 3
+    assert not chosen["simclr"]["alternatives"]  # the multi-task cell is not even an alternative
+    assert chosen["simclr"]["mean"] < 0.85  # the single-task cells' (sep 1.0), not the multi-task ones' (sep 3.0)
+
+
 def test_grid_workers_run_cells_at_once_with_the_same_results(tmp_path, monkeypatch, capsys):
     """workers=2: the cells run in two spawned worker processes, each cell's output in its run.log; the
     results equal those of the same cells run one after the other (float rounding aside), in grid order."""

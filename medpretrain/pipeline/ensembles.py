@@ -22,6 +22,7 @@ from medpretrain.metrics import (
     per_image_metrics,
     roc_curves,
 )
+from medpretrain.report import run_regime
 from medpretrain.results import RunResult, load_predictions
 
 Run = RunResult | Mapping[str, Any]
@@ -63,6 +64,7 @@ def seg_ensemble(init: str, regime: str, n_images: float, runs: Sequence[Mapping
 
 def ensembles(results: Sequence[Run], n_boot: int) -> list[dict[str, Any]]:
     """Average test probabilities over the seeds of each (init, regime, label budget) with >= 2 complete runs.
+    The regime is :func:`medpretrain.report.run_regime`'s: a multi-task cell is its own group.
 
     The budget is the label fraction, or for segmentation the number of annotated images (:func:`seg_ensemble`).
     Raises ``ValueError`` when the seeds of a group disagree on the test set.
@@ -72,7 +74,7 @@ def ensembles(results: Sequence[Run], n_boot: int) -> list[dict[str, Any]]:
         if r.get("status") == "complete":
             budget = float(r["n_train_images"]) if r.get("task") == "segmentation" else float(r["label_fraction"])
             lr = float(((r.get("config") or {}).get("optim") or {}).get("lr") or 0.0)
-            groups.setdefault((r["init_label"], r["regime"], budget, lr), []).append(r)
+            groups.setdefault((r["init_label"], run_regime(r), budget, lr), []).append(r)  # multi-task apart
     several_lrs = len({k[3] for k in groups}) > 1
     rows = []
     for (init, regime, frac, lr), runs in sorted(groups.items()):
