@@ -51,6 +51,41 @@ def test_registry_lists_every_method_with_its_entry_yaml_and_schema():
         assert cfg.out_dir == info.out_dir and hasattr(cfg, name)
 
 
+def test_momentum_methods_move_every_target_by_the_cosine_schedule():
+    """Every method with momentum copies (MoCo, BYOL, DenseCL, DINO) lists them in ``momentum_pairs``: the
+    targets carry no gradient, and one update moves each towards its online module by exactly
+    ``m = cosine_schedule(step, total, cfg.momentum, 1)`` (lightly's ``update_momentum``)."""
+    import dataclasses
+
+    from lightly.utils.scheduler import cosine_schedule
+
+    from medpretrain.methods.base import MomentumMethod
+
+    momentum = [n for n in selfsup_methods() if issubclass(METHODS[n].method, MomentumMethod)]
+    assert {"moco", "byol", "densecl", "dino"} <= set(momentum)
+    for name in momentum:
+        spec = METHODS[name]
+        group = next(f for f in dataclasses.fields(spec.config) if f.name == name).default_factory()
+        torch.manual_seed(0)
+        method = spec.method(build_backbone("cbr_tiny", 1, "small"), group, 1)
+        assert method.momentum_pairs, name
+        step, total = 3, 10
+        before, online = {}, {}
+        for src, dst in method.momentum_pairs:
+            assert not any(p.requires_grad for p in getattr(method, dst).parameters()), (name, dst)
+            with torch.no_grad():
+                for p in getattr(method, src).parameters():
+                    p.add_(torch.randn_like(p))  # online and target now differ
+            before[dst] = [p.detach().clone() for p in getattr(method, dst).parameters()]
+            online[dst] = [p.detach().clone() for p in getattr(method, src).parameters()]
+        method.before_step(step, total)
+        m = cosine_schedule(step, total, group.momentum, 1.0)
+        assert group.momentum < m < 1.0
+        for _, dst in method.momentum_pairs:
+            for p, b, o in zip(getattr(method, dst).parameters(), before[dst], online[dst], strict=True):
+                torch.testing.assert_close(p.detach(), m * b + (1 - m) * o)
+
+
 def test_init_module_reads_the_registry():
     from medpretrain import init
 

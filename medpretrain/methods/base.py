@@ -19,10 +19,13 @@ The loop (:func:`medpretrain.pretrain.main`) builds the method, optimises its tr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
 from medpretrain.augment import AugmentConfig
@@ -172,6 +175,36 @@ class Method(nn.Module):
         """Objects with ``state_dict()`` that the model's own ``state_dict()`` misses (non-persistent
         buffers such as lightly's memory bank); saved in ``training_state.safetensors``."""
         return {}
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that only moves by momentum: deep-copied, gradients off (lightly's
+    ``deactivate_requires_grad``), so the optimizer skips it."""
+    twin = copy.deepcopy(module)
+    deactivate_requires_grad(twin)
+    return twin
+
+
+class MomentumMethod(Method):
+    """A method with momentum (target / key / teacher) copies: MoCo, BYOL, DenseCL, DINO.
+
+    ``momentum_pairs`` names the ``(online, target)`` attributes; :meth:`update_targets` moves every target
+    towards its online module with lightly's ``update_momentum`` at ``m = cosine_schedule(step, total_steps,
+    cfg.momentum, 1.0)`` (from ``cfg.momentum`` to 1, per optimizer step, as lightly's benchmarks do). The
+    attribute names are the state-dict keys of checkpoints, so each method keeps its own."""
+
+    momentum_pairs: ClassVar[tuple[tuple[str, str], ...]] = ()
+    cfg: Any
+
+    def update_targets(self, step: int, total_steps: int) -> float:
+        """One momentum update of every pair; returns the ``m`` used."""
+        m = float(cosine_schedule(step, total_steps, self.cfg.momentum, 1.0))
+        for online, target in self.momentum_pairs:
+            update_momentum(getattr(self, online), getattr(self, target), m=m)
+        return m
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        self.update_targets(step, total_steps)
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,21 @@ batch, as in the paper's per-device BN).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor
 
 from medpretrain.backbones import Backbone
-from medpretrain.methods.base import GENERIC_SCRIPT, Method, pretrain_config, register_method
+from medpretrain.methods.base import (
+    GENERIC_SCRIPT,
+    MomentumMethod,
+    momentum_copy,
+    pretrain_config,
+    register_method,
+)
 from medpretrain.methods.registry import StageInfo
 
 
@@ -41,20 +44,19 @@ class BYOLMethodConfig:
 BYOLConfig = pretrain_config("byol", BYOLMethodConfig, "BYOLConfig", __name__)
 
 
-class BYOL(Method):
+class BYOL(MomentumMethod):
     """Online backbone + projector + predictor, momentum target, negative cosine loss (lightly's example)."""
 
     title = "BYOL"
+    momentum_pairs = (("backbone", "backbone_momentum"), ("projection_head", "projection_head_momentum"))
 
     def __init__(self, backbone: Backbone, cfg: BYOLMethodConfig, processes: int = 1):
         super().__init__(backbone)
         self.cfg = cfg
         self.projection_head = BYOLProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.output_dim)
         self.prediction_head = BYOLPredictionHead(cfg.output_dim, cfg.hidden_dim, cfg.output_dim)
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.backbone_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
+        self.backbone_momentum = momentum_copy(self.backbone)
+        self.projection_head_momentum = momentum_copy(self.projection_head)
         self.criterion = NegativeCosineSimilarity()
 
     def predict(self, x: Tensor) -> Tensor:
@@ -64,10 +66,6 @@ class BYOL(Method):
     def target(self, x: Tensor) -> Tensor:
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).float()
 
-    def before_step(self, step: int, total_steps: int) -> None:
-        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
-        update_momentum(self.backbone, self.backbone_momentum, m=m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
         p0, p1 = self.predict(x0).float(), self.predict(x1).float()

@@ -26,7 +26,6 @@ encoders: 2x2 locations on a 64 px patch with ResNet-18's standard stem (8x8 wit
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,20 +33,19 @@ from typing import Any, Literal
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules.heads import DenseCLProjectionHead
-from lightly.models.utils import (
-    batch_shuffle,
-    batch_unshuffle,
-    deactivate_requires_grad,
-    select_most_similar,
-    update_momentum,
-)
-from lightly.utils.scheduler import cosine_schedule
+from lightly.models.utils import batch_shuffle, batch_unshuffle, select_most_similar
 from torch import Tensor, nn
 
 from medpretrain.backbones import Backbone
 from medpretrain.config import ConfigError
-from medpretrain.methods.base import GENERIC_SCRIPT, Method, pretrain_config, register_method
-from medpretrain.methods.moco import MAX_QUEUE_FRACTION, check_queue
+from medpretrain.methods.base import (
+    GENERIC_SCRIPT,
+    MomentumMethod,
+    momentum_copy,
+    pretrain_config,
+    register_method,
+)
+from medpretrain.methods.moco import MAX_QUEUE_FRACTION, check_queue, reseed_shuffle
 from medpretrain.methods.registry import StageInfo
 from medpretrain.resume import BufferState
 
@@ -106,10 +104,12 @@ def dense_pairs(q_features: Tensor, k_features: Tensor, k_dense: Tensor) -> Tens
     return select_most_similar(q_features.detach().float(), k_features.float(), k_dense)
 
 
-class DenseCL(Method):
+class DenseCL(MomentumMethod):
     """Query encoder with global and dense heads, their momentum copies, two InfoNCE losses (lightly's example)."""
 
     title = "DenseCL"
+    momentum_pairs = (("backbone", "backbone_momentum"), ("projection_head", "projection_head_momentum"),
+                      ("dense_head", "dense_head_momentum"))
 
     def __init__(self, backbone: Backbone, cfg: DenseCLMethodConfig, processes: int = 1):
         super().__init__(backbone)
@@ -119,11 +119,9 @@ class DenseCL(Method):
         self.bn_groups = cfg.bn_splits if split else 1
         self.projection_head = DenseCLProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.output_dim)
         self.dense_head = DenseCLProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.output_dim)
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        self.dense_head_momentum = copy.deepcopy(self.dense_head)
-        for module in (self.backbone_momentum, self.projection_head_momentum, self.dense_head_momentum):
-            deactivate_requires_grad(module)
+        self.backbone_momentum = momentum_copy(self.backbone)
+        self.projection_head_momentum = momentum_copy(self.projection_head)
+        self.dense_head_momentum = momentum_copy(self.dense_head)
         self.criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.output_dim),
                                     gather_distributed=True)
         self.dense_criterion = NTXentLoss(temperature=cfg.temperature,
@@ -174,11 +172,8 @@ class DenseCL(Method):
         return f, g, d
 
     def before_step(self, step: int, total_steps: int) -> None:
-        self.shuffle_gen.manual_seed((torch.initial_seed() + step * 0x9E3779B1) % 2**63)
-        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
-        update_momentum(self.backbone, self.backbone_momentum, m=m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
-        update_momentum(self.dense_head, self.dense_head_momentum, m=m)
+        reseed_shuffle(self.shuffle_gen, step)
+        self.update_targets(step, total_steps)
 
     def dense_loss(self, q_features: Tensor, k_features: Tensor, q_dense: Tensor, k_dense: Tensor) -> Tensor:
         """InfoNCE of every query location ``q_dense`` ``[B, N, D]`` against its corresponding key

@@ -17,18 +17,22 @@ schedules are in optimizer steps rather than epochs; the teacher head starts as 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
+from lightly.models.utils import deactivate_requires_grad
 from torch import Tensor
 
 from medpretrain.backbones import Backbone
-from medpretrain.methods.base import GENERIC_SCRIPT, Method, pretrain_config, register_method
+from medpretrain.methods.base import (
+    GENERIC_SCRIPT,
+    MomentumMethod,
+    momentum_copy,
+    pretrain_config,
+    register_method,
+)
 from medpretrain.methods.registry import StageInfo
 
 
@@ -63,20 +67,20 @@ def _head(input_dim: int, cfg: DINOMethodConfig) -> DINOProjectionHead:
                               batch_norm=cfg.batch_norm, freeze_last_layer=cfg.freeze_last_layer_steps)
 
 
-class DINO(Method):
+class DINO(MomentumMethod):
     """Student backbone + head, momentum teacher, centred and sharpened cross-entropy (lightly's example)."""
 
     title = "DINO"
+    momentum_pairs = (("backbone", "teacher_backbone"), ("student_head", "teacher_head"))
 
     def __init__(self, backbone: Backbone, cfg: DINOMethodConfig, processes: int = 1):
         super().__init__(backbone)
         self.cfg = cfg
         self.student_head = _head(backbone.num_features, cfg)
-        self.teacher_backbone = copy.deepcopy(self.backbone)
+        self.teacher_backbone = momentum_copy(self.backbone)
         # weight_norm's computed weight cannot be deep-copied: build the teacher head and copy the weights.
         self.teacher_head = _head(backbone.num_features, cfg)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
-        deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
         self.criterion = DINOLoss(cfg.output_dim, warmup_teacher_temp=cfg.warmup_teacher_temp,
                                   teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
@@ -91,9 +95,7 @@ class DINO(Method):
         return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1)).float()
 
     def before_step(self, step: int, total_steps: int) -> None:
-        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
-        update_momentum(self.backbone, self.teacher_backbone, m=m)
-        update_momentum(self.student_head, self.teacher_head, m=m)
+        self.update_targets(step, total_steps)
         warmup = max(1, round(self.cfg.teacher_temp_warmup * total_steps))
         frac = min(1.0, step / warmup)
         self.teacher_temp_now = self.cfg.warmup_teacher_temp + frac * (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp)

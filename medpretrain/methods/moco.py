@@ -27,7 +27,6 @@ to the checkpoint (saved without pickle).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,13 +34,12 @@ from typing import Any, Literal
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
-from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
+from lightly.models.utils import batch_shuffle, batch_unshuffle
 from torch import Tensor
 
 from medpretrain.backbones import Backbone
 from medpretrain.config import ConfigError
-from medpretrain.methods.base import Method, pretrain_config, register_method
+from medpretrain.methods.base import MomentumMethod, momentum_copy, pretrain_config, register_method
 from medpretrain.methods.registry import StageInfo
 from medpretrain.resume import BufferState
 
@@ -100,10 +98,17 @@ def split_forward(encoder: Callable[[Tensor], Tensor], x: Tensor, groups: int) -
     return torch.cat([encoder(chunk) for chunk in x.chunk(groups)])
 
 
-class MoCo(Method):
+def reseed_shuffle(gen: torch.Generator, step: int) -> None:
+    """Re-seed the split-BN key-group generator for optimizer ``step`` (from the run's seed and the step only),
+    so the groups are replayed exactly on resume and do not depend on what else drew random numbers."""
+    gen.manual_seed((torch.initial_seed() + step * 0x9E3779B1) % 2**63)
+
+
+class MoCo(MomentumMethod):
     """Query encoder, momentum key encoder, memory bank and InfoNCE loss (lightly's MoCo example)."""
 
     title = "MoCo v2"
+    momentum_pairs = (("backbone", "backbone_momentum"), ("projection_head", "projection_head_momentum"))
 
     def __init__(self, backbone: Backbone, cfg: MoCoMethodConfig, processes: int = 1):
         super().__init__(backbone)
@@ -113,15 +118,11 @@ class MoCo(Method):
         self.bn_groups = cfg.bn_splits if split else 1
         self.projection_head = MoCoProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.output_dim)
         # The key encoder is a frozen copy that only moves by momentum: it gets no gradient.
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.backbone_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
+        self.backbone_momentum = momentum_copy(self.backbone)
+        self.projection_head_momentum = momentum_copy(self.projection_head)
         self.criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.output_dim),
                                     gather_distributed=True)
-        # Split BN on one process: the key groups come from their own generator, re-seeded every optimizer
-        # step, so they are replayed exactly on resume and do not depend on what else drew random numbers.
-        self.shuffle_gen = torch.Generator()
+        self.shuffle_gen = torch.Generator()  # split BN on one process: the key groups (reseed_shuffle)
 
     def check_data(self, n_images: int) -> None:
         """Refuse a queue larger than :data:`MAX_QUEUE_FRACTION` of the ``n_images`` pretraining images
@@ -146,10 +147,8 @@ class MoCo(Method):
                                distributed=self.distributed).float()
 
     def before_step(self, step: int, total_steps: int) -> None:
-        self.shuffle_gen.manual_seed((torch.initial_seed() + step * 0x9E3779B1) % 2**63)
-        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
-        update_momentum(self.backbone, self.backbone_momentum, m=m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
+        reseed_shuffle(self.shuffle_gen, step)
+        self.update_targets(step, total_steps)
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
         loss = self.criterion(split_forward(self.query, x0, self.bn_groups).float(), self.key(x1))
