@@ -65,6 +65,7 @@ from medpretrain.backbones import apply_memory_format
 from medpretrain.checkpoint import load_exact, load_state_dict, save_state_dict
 from medpretrain.config import ConfigError, config_to_dict, load_config, save_config
 from medpretrain.data import read_source
+from medpretrain.data.synthetic import real_images
 from medpretrain.faults import fault_hook
 from medpretrain.finetune import (
     EXIT_UNAVAILABLE,
@@ -78,6 +79,7 @@ from medpretrain.finetune import (
     build_encoder,
     build_optimizer,
     build_seg_dataloaders,
+    check_synthetic,
     classification_loss,
     complete_result,
     label_fraction,
@@ -119,12 +121,14 @@ def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) 
     parts = build_dataloaders(cfg, accelerator.num_processes)
     ds = parts["datasets"]
     train_ds = ds["train"]
+    real = real_images(train_ds)  # the label budget; data.synthetic's images come on top (parts["data"])
     task = train_ds.task
     if task not in ("binary", "multiclass", "multilabel"):
         raise ConfigError(f"task=classification needs a labelled classification dataset, got task {task!r}")
     num_outputs = 2 if task == "binary" else train_ds.num_classes
-    counts = (np.bincount(train_ds.labels, minlength=num_outputs).tolist() if task != "multilabel"
-              else np.asarray(train_ds.labels).sum(0).tolist())
+    counts = (np.bincount(real.labels, minlength=num_outputs).tolist() if task != "multilabel"
+              else np.asarray(real.labels).sum(0).tolist())
+    added = f" + {len(train_ds) - len(real)} synthetic" if len(train_ds) > len(real) else ""
 
     def evaluate(pred: dict[str, np.ndarray], threshold: Any = None) -> tuple[dict[str, float], None]:
         return classification_metrics(pred["probs"], pred["labels"], task, threshold=threshold), None
@@ -148,12 +152,12 @@ def classification(cfg: FinetuneConfig, enc: Encoder, accelerator: Accelerator) 
         predict=lambda model, loader: predict(model, loader, task, accelerator),
         evaluate=evaluate, choose_threshold=choose_threshold, test_fields=test_fields, save_outputs=save_outputs,
         val_columns=VAL_COLUMNS["classification"],
-        budget=f"labels {cfg.data.label_fraction or 1.0:g} ({len(train_ds)} train)",
+        budget=f"labels {cfg.data.label_fraction or 1.0:g} ({len(real)} train{added})",
         summary=f"{task}, {num_outputs} outputs", cases=f"{len(ds['test'])}",
         label_fraction=label_fraction(cfg), n_train_images=None,
-        data={"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": len(train_ds),
+        data={"dataset": cfg.data.dataset, "fingerprint": train_ds.fingerprint, "train_size": len(real),
               "val_size": len(ds["val"]), "test_size": len(ds["test"]), "class_names": train_ds.class_names,
-              "train_class_counts": counts, "split": train_ds.split_info},
+              "train_class_counts": counts, "split": train_ds.split_info, **parts["data"]},
         model_meta={"class_names": train_ds.class_names, "image_size": enc.image_size},
     )
 
@@ -322,7 +326,8 @@ def train(cfg: FinetuneConfig, stage: Stage, requested_hash: str) -> RunResult:
                                t_run=t_run)
     # Any other frozen part (freeze:<k>, a segmentation linear encoder): its BN statistics re-estimated on the
     # training images first (nothing happens for full / reinit).
-    probe.reestimate_frozen_bn(parts.model, parts.loaders["train"].dataset, accelerator.device,
+    # Real images only (data.synthetic's images train the layers, they do not set frozen statistics).
+    probe.reestimate_frozen_bn(parts.model, real_images(parts.loaders["train"].dataset), accelerator.device,
                                batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
                                regime_info=regime_info)
     # ---- end of frozen read-outs ---------------------------------------------------------------------------
@@ -455,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.tasks:  # labels the source lacks, or columns that are not one-hot: before the run folder too
         resolve_tasks(cfg.tasks, source.class_names, source.task, cfg.data.dataset,
                       [source.labels] if source.labels is not None else [])
+    check_synthetic(cfg)  # a data.synthetic file that cannot be used: before the run folder too
     out = output_dir(cfg).resolve()
     requested_hash = run_hash(cfg)  # before the init checkpoint may adjust data options
     # The one stage start-up: a finished folder (results.json) or an existing one without resume=auto is

@@ -169,8 +169,30 @@ class DataConfig:
     and disk stay small, but every epoch decodes every file again, so it needs ``num_workers`` > 0 to keep up,
     and a multi-frame file or volume is decoded whole for each of its samples. With ``cache`` or ``stream``, set
     ``train.cache_on_device: false`` (pretraining) so the split is not stacked into one tensor."""
+    # Synthetic training images (fine-tuning, classification only). See :mod:`medpretrain.data.synthetic`.
+    synthetic: str = ""
+    """A ``samples.npz`` of class-conditional synthetic images (``images``, ``labels``; ``generative/sample.py
+    per_class=<n>``) added to the label budget's training images, never to validation or test; relative paths
+    resolve against the working directory. In an experiment, ``stage:<generator>[:<n per class>]`` names the
+    samples of that generator stage. Empty: none."""
+    synthetic_ratio: float = 0.0
+    """Per class, ``round_half_up(ratio x real training images of that class in the label subset)`` synthetic
+    images of that class, drawn without replacement by the run's seed."""
+    synthetic_per_class: int | None = None
+    """Instead of ``synthetic_ratio``: this many synthetic images of every class."""
 
     def __post_init__(self) -> None:
+        if self.synthetic_ratio < 0 or (self.synthetic_per_class is not None and self.synthetic_per_class < 0):
+            raise ConfigError(f"data.synthetic_ratio and data.synthetic_per_class must be >= 0, got "
+                              f"{self.synthetic_ratio} and {self.synthetic_per_class}")
+        if self.synthetic_ratio > 0 and self.synthetic_per_class is not None:
+            raise ConfigError("set either data.synthetic_ratio or data.synthetic_per_class, not both")
+        adds = self.synthetic_ratio > 0 or self.synthetic_per_class is not None
+        if adds and not self.synthetic:
+            raise ConfigError("data.synthetic_ratio / data.synthetic_per_class need data.synthetic (a samples.npz)")
+        if self.synthetic and not adds:
+            raise ConfigError(f"data.synthetic={self.synthetic!r} adds nothing: set data.synthetic_ratio or "
+                              "data.synthetic_per_class")
         if self.clahe_clip < 0 or self.clahe_grid < 1:
             raise ConfigError(f"data.clahe_clip must be >= 0 and data.clahe_grid >= 1, got {self.clahe_clip} and "
                               f"{self.clahe_grid}")
@@ -541,7 +563,7 @@ HASH_NEUTRAL: dict[str, dict[str, Any]] = {
                    "patient_column": "patient", "split_column": None, "rgb_to_grey": "luma", "clahe": False,
                    "clahe_clip": 2.0, "clahe_grid": 8, "derive_fov": False, "fov_threshold": 0.1,
                    "cache": False, "cache_dir": None, "cache_workers": None, "cache_above_mb": 2048,
-                   "stream": False},
+                   "stream": False, "synthetic": "", "synthetic_ratio": 0.0, "synthetic_per_class": None},
 }
 """Options added after runs were cached, per config class: left out of :func:`hash_view` (so of every config,
 stage and cell hash) while they hold the value listed here, the value under which they change nothing. Adding

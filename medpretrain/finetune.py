@@ -10,8 +10,9 @@
   in optimiser steps under a step budget); :class:`Budget` / :func:`budget_of`: the optimiser steps of a run
   (``optim.steps``: the same for every label fraction, drawn by :class:`StepBatches`) and its validation
   periods; :class:`Progress`: period, best validation score and history, checkpointed without pickle;
-* the two tasks' data, losses and predictions: :func:`build_dataloaders` / :func:`classification_loss` /
-  :func:`predict` (labels), :func:`build_seg_dataloaders` / :func:`seg_loss` / :func:`predict_images`
+* the two tasks' data, losses and predictions: :func:`build_dataloaders` (with ``data.synthetic``'s images
+  added to the training split, :mod:`medpretrain.data.synthetic`; :func:`check_synthetic`) /
+  :func:`classification_loss` / :func:`predict` (labels), :func:`build_seg_dataloaders` / :func:`seg_loss` / :func:`predict_images`
   (masks, sliding-window inference), :func:`save_overlays`;
 * :class:`TaskParts`: what a task hands the one training loop of the script;
 * :func:`complete_result`, :func:`unavailable_result`, :func:`failed_result`: the run's
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from medpretrain.backbones import build_backbone, resolve_stem
 from medpretrain.config import BackboneConfig, DataConfig, config_hash, config_to_dict
-from medpretrain.data import build_dataset
+from medpretrain.data import build_dataset, synthetic
 from medpretrain.metrics import epochs_to_fraction_of_best, metric_names, probabilities
 from medpretrain.multitask import MultiTask, TaskSpec, check_tasks, tasks_label
 from medpretrain.regimes import apply_regime
@@ -583,16 +584,32 @@ class TaskParts:
 
 
 def build_dataloaders(cfg: FinetuneConfig, num_processes: int = 1) -> dict[str, Any]:
-    """Classification: the label subset drawn by ``seed`` (unless ``data.subset_seed``), the seeded train loader
-    (:func:`train_loader`); val / test at ``optim.eval_batch_size``."""
-    ds = {split: build_dataset(cfg.data, split, **({"seed": cfg.seed} if split == "train" else {}))
+    """Classification: the label subset drawn by ``seed`` (unless ``data.subset_seed``), with ``data.synthetic``'s
+    images added to it (:func:`medpretrain.data.synthetic.augment_train`, drawn by ``seed``; training split only),
+    the seeded train loader (:func:`train_loader`); val / test at ``optim.eval_batch_size``.
+
+    Returns ``datasets``, ``loaders`` and ``data``: the ``results.json`` ``data`` fields of the synthetic images
+    (``{"synthetic": ...}``, empty without them); ``datasets["train"]`` is then a
+    :class:`~medpretrain.data.synthetic.SyntheticAugmented` whose ``real`` is the label budget's real images."""
+    synthetic.check_options(cfg.data, cfg.task, multitask=bool(cfg.tasks))
+    ds = {split: build_dataset(cfg.data, split, seed=cfg.seed if split == "train" else None)
           for split in ("train", "val", "test")}
+    ds["train"] = synthetic.augment_train(ds["train"], cfg.data, cfg.seed)
     loaders = {
         "train": train_loader(ds["train"], cfg, num_processes),
         "val": DataLoader(ds["val"], batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers),
         "test": DataLoader(ds["test"], batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers),
     }
-    return {"datasets": ds, "loaders": loaders}
+    added = getattr(ds["train"], "synthetic", None)
+    return {"datasets": ds, "loaders": loaders, "data": {"synthetic": added} if added is not None else {}}
+
+
+def check_synthetic(cfg: FinetuneConfig) -> None:
+    """Fail on ``data.synthetic*`` that the run cannot use (wrong task, bad file, too few images of a class) before
+    any output folder exists: the draw of :func:`build_dataloaders`, done once more."""
+    if cfg.data.synthetic:
+        synthetic.check_options(cfg.data, cfg.task, multitask=bool(cfg.tasks))
+        synthetic.augment_train(build_dataset(cfg.data, "train", seed=cfg.seed), cfg.data, cfg.seed)
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -626,6 +643,7 @@ def build_seg_dataloaders(cfg: FinetuneConfig, num_processes: int = 1) -> dict[s
     from medpretrain.config import ConfigError
     from medpretrain.data.transforms import Compose, PairedRandomCrop, PairedRandomFlip
 
+    synthetic.check_options(cfg.data, cfg.task)  # segmentation refuses data.synthetic
     patches = Compose([PairedRandomCrop(cfg.seg.patch_size, foreground=cfg.seg.foreground_fraction),
                        PairedRandomFlip()])
     full_train = build_dataset(cfg.data, "train", transform=patches)
@@ -773,7 +791,7 @@ def failed_result(cfg: FinetuneConfig, reason: str, log_tail: str = "") -> RunRe
 __all__ = [
     "EXIT_UNAVAILABLE", "SCRIPT", "Budget", "Encoder", "EvalConfig", "FinetuneConfig", "InitUnavailable",
     "OptimConfig", "Progress", "SegConfig", "StepBatches", "TaskParts", "budget_of", "build_dataloaders",
-    "build_encoder", "build_init", "build_optimizer", "build_scheduler", "train_loader",
+    "build_encoder", "check_synthetic", "build_init", "build_optimizer", "build_scheduler", "train_loader",
     "build_seg_dataloaders", "classification_loss", "complete_result", "failed_result", "init_label",
     "label_fraction", "main_in_process", "output_dir", "predict", "predict_images", "reconcile_with_init",
     "run_hash", "save_overlays", "seg_loss", "unavailable_result",

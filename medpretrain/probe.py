@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from medpretrain.config import ConfigError
+from medpretrain.data.synthetic import real_images
 from medpretrain.regimes import Regime, parse_regime, reestimate_bn
 
 C_GRID: tuple[float, ...] = tuple(10.0**e for e in range(-4, 3))
@@ -455,7 +456,10 @@ def run_probe(cfg: Any, stage: Any, parts: Any, enc: Any, regime: Regime, regime
                       f"read-out on cached features")
     t0 = time.perf_counter()
     bs, workers = cfg.optim.eval_batch_size, cfg.data.num_workers
-    reestimate_frozen_bn(model, train_ds, device, batch_size=bs, num_workers=workers, regime_info=regime_info)
+    # BatchNorm statistics from the real training images only; the read-out is fitted on all of them
+    # (data.synthetic's images included: medpretrain.data.synthetic).
+    reestimate_frozen_bn(model, real_images(train_ds), device, batch_size=bs, num_workers=workers,
+                         regime_info=regime_info)
     feats = {split: cache_features(model.backbone, parts.datasets[split], device, batch_size=bs,
                                    num_workers=workers) for split in ("train", "val", "test")}
     features_s = time.perf_counter() - t0
