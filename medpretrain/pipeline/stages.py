@@ -9,7 +9,9 @@ config (defaults included), not over strings. A stage whose product exists under
 with checkpoints but no product is resumed (``train.resume=auto``), one that died before its first
 checkpoint starts again. The product is ``backbone.safetensors``, or for a generator-only stage (the DDPM)
 its generator file (:attr:`~medpretrain.methods.registry.StageInfo.done_file`); such a stage is sampled and
-audited but is no fine-tuning arm (:func:`check_backbone_refs`).
+audited but is no fine-tuning arm (:func:`check_backbone_refs`). A fine-tune override
+``data.synthetic=stage:<generator>[:<n>]`` is resolved to that generator's per-class samples, drawn before the
+grid's cells (:func:`resolve_synthetic`, :func:`synthetic_stage`).
 """
 
 from __future__ import annotations
@@ -249,6 +251,136 @@ def sample_and_audit(cfg: ExperimentConfig, exp_dir: Path, gen: str, gen_stage: 
     return [samples, audit]
 
 
+# ------------------------------------------------------------------------------------------------
+# data.synthetic=stage:<generator>[:<n>]: per-class samples of a generator stage for the fine-tune cells
+# ------------------------------------------------------------------------------------------------
+
+SYNTHETIC_KEY = "data.synthetic"
+SYNTHETIC_PREFIX = "stage:"
+SYNTHETIC_PER_CLASS = 1000
+"""Samples per class drawn for ``data.synthetic=stage:<generator>`` without a count."""
+SYNTHETIC_SEED = 0
+"""Seed of the per-class sample file (each cell draws its own subset of it by the cell's seed)."""
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """A ``data.synthetic=stage:<label>[:<n>]`` override resolved: ``per_class`` samples of every class drawn from
+    generator stage ``label`` (``<stage>`` or ``<stage>@<variant>``; its first replicate) into ``npz``, a folder
+    named by ``hash`` (the generator stage's hash, ``per_class`` and :data:`SYNTHETIC_SEED`)."""
+
+    label: str
+    per_class: int
+    model: Path
+    hash: str
+    npz: Path
+
+
+def synthetic_override(overrides: list[str]) -> tuple[int, int, str] | None:
+    """The effective (last) ``data.synthetic`` override of ``overrides`` (``key=value``, ``--key=value`` or
+    ``--key value``) as ``(first token, value token, value)``, or ``None``."""
+    found = None
+    for i, tok in enumerate(overrides):
+        key, eq, value = tok.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_") if tok.startswith("--") or eq else ""
+        if key != SYNTHETIC_KEY:
+            continue
+        if eq:
+            found = (i, i, value.strip())
+        elif i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            found = (i, i + 1, overrides[i + 1].strip())
+    return found
+
+
+def parse_synthetic_ref(value: str) -> tuple[str, int] | None:
+    """``stage:<label>[:<n per class>]`` -> ``(label, n)`` (``n`` default :data:`SYNTHETIC_PER_CLASS`); any other
+    value (a file path, empty) -> ``None``. Raises :class:`ConfigError` for a bad count."""
+    if not value.startswith(SYNTHETIC_PREFIX):
+        return None
+    label, _, n = value.removeprefix(SYNTHETIC_PREFIX).partition(":")
+    if not label or (n and (not n.isdigit() or int(n) < 1)):
+        raise ConfigError(f"{SYNTHETIC_KEY}={value!r}: expected stage:<generator stage>[:<samples per class >= 1>]")
+    return label.strip(), int(n) if n else SYNTHETIC_PER_CLASS
+
+
+def check_synthetic_label(label: str, where: str, enabled: dict[str, bool], variant_stages: dict[str, list[str]]) -> None:
+    """Raise :class:`ConfigError` unless ``label`` (``<stage>[@<variant>]``) names an enabled generator stage."""
+    gen, _, var = label.partition("@")
+    generators = registry.generators()
+    if gen not in generators:
+        raise ConfigError(f"{where}: {SYNTHETIC_KEY}=stage:{label}: {gen!r} is not a generator stage "
+                          f"({', '.join(generators)})")
+    if not enabled.get(gen, False):
+        raise ConfigError(f"{where}: {SYNTHETIC_KEY}=stage:{label}: stage {gen} is not enabled")
+    if var and gen not in variant_stages.get(var, []):
+        raise ConfigError(f"{where}: {SYNTHETIC_KEY}=stage:{label}: variants[{var}].stages has no {gen}")
+
+
+def _synthetic_keys(overrides: list[str]) -> list[str]:
+    """The ``data.synthetic*`` keys set in ``overrides``."""
+    keys = [tok.partition("=")[0].strip().lstrip("-").replace("-", "_") for tok in overrides
+            if "=" in tok or tok.startswith("--")]
+    return [k for k in keys if k.startswith(SYNTHETIC_KEY)]
+
+
+def check_synthetic_refs(cfg: ExperimentConfig) -> None:
+    """Raise :class:`ConfigError` (one line) for ``data.synthetic*`` where training stages would get it too
+    (``common``, a variant with ``stages``) or a ``data.synthetic=stage:<label>`` that names no enabled generator
+    stage. Called before any stage runs."""
+    if _synthetic_keys(list(cfg.common)):
+        raise ConfigError(f"common has {', '.join(_synthetic_keys(list(cfg.common)))}: synthetic images belong to "
+                          "fine-tuning; put it in a grid's or a variant's overrides")
+    for v in cfg.variants:
+        if v.stages and _synthetic_keys(list(v.overrides)):
+            raise ConfigError(f"variants[{v.name}] sets {', '.join(_synthetic_keys(list(v.overrides)))} and has "
+                              f"stages {v.stages}, which would get it too: give the synthetic arm its own variant "
+                              "without stages")
+    enabled = {n: getattr(cfg, n).enabled for n in registry.all_stages()}
+    variant_stages = {v.name: list(v.stages) for v in cfg.variants}
+    lists = [(f"{task}.overrides", getattr(cfg, task).overrides) for task in GRID_TASKS]
+    lists += [(f"variants[{v.name}].overrides", v.overrides) for v in cfg.variants]
+    for where, overrides in lists:
+        found = synthetic_override(list(overrides))
+        ref = parse_synthetic_ref(found[2]) if found else None
+        if ref is not None:
+            check_synthetic_label(ref[0], where, enabled, variant_stages)
+
+
+def resolve_synthetic(overrides: list[str], exp_dir: Path,
+                      exports: dict[str, list[Stage]]) -> tuple[list[str], SyntheticSource | None]:
+    """``overrides`` with an effective ``data.synthetic=stage:<label>[:<n>]`` replaced by the path of that
+    generator's per-class sample file (``<exp_dir>/samples/<label>-per-class-<hash>/samples.npz``), and what it
+    names; unchanged and ``None`` without one. Raises :class:`ConfigError` when ``label`` is no trained generator
+    stage of this experiment."""
+    found = synthetic_override(overrides)
+    ref = parse_synthetic_ref(found[2]) if found else None
+    if found is None or ref is None:
+        return list(overrides), None
+    label, n = ref
+    gen = label.partition("@")[0]
+    if gen not in registry.generators() or label not in exports or not exports[label]:
+        trained = [k for k in exports if k.partition("@")[0] in registry.generators()]
+        raise ConfigError(f"{SYNTHETIC_KEY}=stage:{label}: no generator stage {label!r} in this experiment "
+                          f"(trained generators: {', '.join(trained) or 'none'})")
+    gen_stage = exports[label][0]  # the first replicate, as the audit
+    sh = stage_hash(gen_stage.hash, "per_class", n, SYNTHETIC_SEED)
+    src = SyntheticSource(label, n, Path(gen_stage.output).parent / registry.generators()[gen], sh,
+                          exp_dir / "samples" / f"{label}-per-class-{sh}" / "samples.npz")
+    first, last, _ = found
+    out = [*overrides[:first], f"{SYNTHETIC_KEY}={src.npz}", *overrides[last + 1:]]
+    return out, src
+
+
+def synthetic_stage(cfg: ExperimentConfig, exp_dir: Path, src: SyntheticSource, console: Console = None) -> Stage:
+    """Draw ``src.per_class`` samples of every class from ``src``'s generator (``generative/sample.py
+    per_class=<n>``) into ``src.npz``; reused when it exists."""
+    name = f"samples_{src.label}_per_class"
+    return script_stage(
+        cfg, exp_dir, Stage(name, src.hash, str(src.npz), log=str(exp_dir / "logs" / f"{name}.log")), src.npz,
+        [sys.executable, str(ROOT / SAMPLE_SCRIPT), f"model={src.model}", f"per_class={src.per_class}",
+         f"seed={SYNTHETIC_SEED}", f"out={src.npz.parent}", "png=false"], console)
+
+
 def check_backbone_refs(cfg: ExperimentConfig) -> None:
     """Raise :class:`ConfigError` (one line) when an enabled grid or a variant names a generator-only stage as
     an init, or the audit as its feature backbone: it has no backbone to transfer. Called before any stage runs."""
@@ -262,6 +394,7 @@ def check_backbone_refs(cfg: ExperimentConfig) -> None:
         if init in trained and not trained[init].exports_backbone:
             raise ConfigError(f"{where} has {init!r}, but stage {init} exports no backbone to transfer (it only "
                               f"generates images: list it under audit.generators)")
+    check_synthetic_refs(cfg)
 
 
 def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, list[Stage]],
@@ -295,16 +428,23 @@ def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[s
                    (["--config_file", str(ROOT / cfg.launch.config_file)]
                     if cfg.launch.launcher == "accelerate" and cfg.launch.config_file else []) + cfg.launch.args)])
     base = resolve_config(CompareConfig, spec.config, root=ROOT)
+    overrides, _ = resolve_synthetic(cell_overrides(cfg, task, variant), exp_dir, exports)  # stage:<generator>
     ccfg = resolve_config(CompareConfig, spec.config, [*launch, *spec.grid, *(variant.grid if variant else [])],
                           root=ROOT, values={
-        "inits": inits, "overrides": [*base.overrides, *cfg.common, *spec.overrides,
-                                      *(variant.overrides if variant else []), "resume=auto"],
-        "runs_dir": str(exp_dir), "name": variant_label(task, variant)})
+        "inits": inits, "overrides": overrides, "runs_dir": str(exp_dir), "name": variant_label(task, variant)})
     if not ccfg.title or ccfg.title == base.title:
         ccfg = dataclasses.replace(ccfg, title=f"{cfg.title or cfg.name}: {variant_label(task, variant)}")
     if variant is not None:
         ccfg = dataclasses.replace(ccfg, notes=[*ccfg.notes, variant_note(variant)])
     return ccfg
+
+
+def cell_overrides(cfg: ExperimentConfig, task: str, variant: VariantSpec | None = None) -> list[str]:
+    """Every fine-tune cell's overrides in ``task``'s grid, before :func:`resolve_synthetic`: the grid file's,
+    ``common``, the task's, the variant's, ``resume=auto``."""
+    base = resolve_config(CompareConfig, getattr(cfg, task).config, root=ROOT)
+    return [*base.overrides, *cfg.common, *getattr(cfg, task).overrides, *(variant.overrides if variant else []),
+            "resume=auto"]
 
 
 def variant_note(variant: VariantSpec) -> str:
@@ -325,6 +465,12 @@ def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[st
     if cfg.dry_run:
         stage.detail = f"{len(todo)} of {len(grid(ccfg))} runs to do"
         return stage, []
+    _, src = resolve_synthetic(cell_overrides(cfg, task, variant), exp_dir, exports)
+    drawn = ""
+    if src is not None and pending(ccfg):  # data.synthetic=stage:<generator>: its samples before any cell runs
+        sample = synthetic_stage(cfg, exp_dir, src, console)
+        record(exp_dir, sample)
+        drawn = f"; synthetic samples {sample.status} ({sample.wall_s:.0f} s): {sample.output}"
     t0 = time.perf_counter()
     _, results = run_grid(ccfg, console)
     spent = time.perf_counter() - t0
@@ -333,5 +479,5 @@ def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[st
     count = {s: sum(r.status == s for r in results) for s in STATUSES}
     stage.detail = (f"{count['complete']} complete, {count['unavailable']} unavailable, "
                     f"{count['failed']} failed of {len(results)} runs; "
-                    f"{len(todo)} computed now")
+                    f"{len(todo)} computed now{drawn}")
     return stage, results
