@@ -12,7 +12,9 @@ One module per concern:
   :class:`BackboneDiscriminator`, :func:`gan_d_loss` / :func:`gan_g_loss`;
 * :mod:`~medpretrain.generative.ddpm`: :func:`build_ddpm_unet`, :func:`ddpm_meta`, :func:`ddpm_sample`;
 * :mod:`~medpretrain.generative.sampling`: :func:`latent_noise`, :func:`generate`, :func:`generator_meta`,
-  :func:`build_generator`, :func:`save_npz`;
+  :func:`build_generator`, :func:`sample_classes`, :func:`save_npz`;
+* :mod:`~medpretrain.generative.conditioning`: class conditioning (``conditional=true``): :func:`class_seed`,
+  :func:`grid_labels`, the label checks and the class embedding concatenated to a latent;
 * :mod:`~medpretrain.generative.monitor`: :func:`pairwise_diversity`, :class:`CollapseMonitor`,
   :class:`ModeCollapseError`, :func:`sample_statistics`;
 * :mod:`~medpretrain.generative.configs`: the entry scripts' config schemas (:class:`VAEConfig`,
@@ -23,6 +25,7 @@ One module per concern:
 Image grids and 8-bit pixels: :mod:`medpretrain.images` (:func:`save_grid`, :func:`to_uint8`, re-exported).
 """
 
+from medpretrain.generative.conditioning import class_seed, grid_labels
 from medpretrain.generative.configs import (
     DCGANConfig,
     DDPMConfig,
@@ -51,6 +54,7 @@ from medpretrain.generative.sampling import (
     generate,
     generator_meta,
     latent_noise,
+    sample_classes,
     save_npz,
 )
 from medpretrain.generative.vae import (
@@ -69,7 +73,8 @@ __all__ = [
     "GENERATOR_KINDS", "MAX_CHANNELS", "VAE", "BackboneDiscriminator", "BetaSchedule", "CollapseMonitor",
     "ConvDecoder", "DCGANConfig", "DCGANGenerator", "DDPMConfig", "GaussianHead", "GenTrainConfig",
     "ModeCollapseError", "PerceptualLoss", "VAEConfig", "VAEOutput", "build_ddpm_unet", "build_generator",
-    "center_crop", "check_data_config", "dcgan_init_", "ddpm_levels", "ddpm_meta", "ddpm_sample", "gan_d_loss",
-    "gan_g_loss", "generate", "generator_meta", "kl_divergence", "latent_noise", "pairwise_diversity",
-    "reconstruction_loss", "sample_statistics", "save_grid", "save_npz", "to_uint8", "upsampling_plan",
+    "center_crop", "check_data_config", "class_seed", "dcgan_init_", "ddpm_levels", "ddpm_meta", "ddpm_sample",
+    "gan_d_loss", "gan_g_loss", "generate", "generator_meta", "grid_labels", "kl_divergence", "latent_noise",
+    "pairwise_diversity", "reconstruction_loss", "sample_classes", "sample_statistics", "save_grid", "save_npz",
+    "to_uint8", "upsampling_plan",
 ]

@@ -103,6 +103,12 @@ class VAEConfig:
     """Stride-2 layers of the patch discriminator (receptive field 16 / 34 / 70 px for 1 / 2 / 3)."""
     grad_clip: float = 5.0
     """Max gradient norm (0: off)."""
+    conditional: bool = False
+    """Learn p(x | class) on the labelled training split (the same images with their single labels; a source
+    without binary / multiclass labels is refused): a conditional VAE (Sohn et al. 2015), a class embedding
+    joined to the encoder's pooled features before the Gaussian head and another concatenated to the latent
+    for the decoder. The decoder's metadata then holds ``num_classes`` and ``class_names``, and
+    ``generative/sample.py per_class=<n>`` draws per class."""
     split: Literal["train", "all"] = "train"
     """Training split; ``train`` keeps the validation split unseen for the reconstruction metrics."""
     out_dir: str = "runs/generative/vae"
@@ -156,6 +162,12 @@ class DCGANConfig:
     collapse_patience: int = 5
     """... for this many consecutive checks."""
     on_collapse: Literal["stop", "warn"] = "stop"
+    conditional: bool = False
+    """Learn p(x | class) on the labelled training split (the same images with their single labels; a source
+    without binary / multiclass labels is refused): a class embedding concatenated to z for the generator, a
+    projection term for the discriminator of either kind (Miyato & Koyama 2018: logit + <embed(y), pooled
+    features>). The generator's metadata then holds ``num_classes`` and ``class_names``, and
+    ``generative/sample.py per_class=<n>`` draws per class."""
     split: Literal["train", "all"] = "train"
     out_dir: str = "runs/generative/dcgan"
     run_name: str = ""
@@ -189,6 +201,19 @@ class DDPMConfig:
     ``min(ema_decay, 1 - t ** -ema_power)`` (the first update copies the weights), so a short run averages over
     its recent steps, not over its initialisation: 0.75 reaches 0.99 at 464 steps and 0.999 at 10^4."""
     grad_clip: float = 1.0
+    conditional: bool = False
+    """Learn p(x | class) on the labelled training split (the same images with their single labels; a source
+    without binary / multiclass labels is refused): diffusers' ``UNet2DModel(num_class_embeds=K)``, given
+    ``class_labels`` in its forward. The UNet's metadata then holds ``num_classes`` and ``class_names``, and
+    ``generative/sample.py per_class=<n>`` draws per class."""
+    class_dropout: float = 0.0
+    """Conditional only: the probability that a training label is replaced by a learned null class (one more
+    embedding), so the same UNet also learns p(x) and classifier-free guidance (Ho & Salimans 2022) can be
+    used; 0: no null class."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance weight w of the grids and the default of ``generative/sample.py``:
+    ``eps = eps(x, null) + w * (eps(x, y) - eps(x, null))``; 1: plain conditional sampling (needs
+    ``class_dropout`` > 0 otherwise)."""
     split: Literal["train", "all"] = "train"
     out_dir: str = "runs/generative/ddpm"
     run_name: str = ""
@@ -200,3 +225,11 @@ class DDPMConfig:
         if self.sample_steps < 1 or self.base_channels < 1:
             raise ConfigError(f"sample_steps and base_channels must be >= 1, got {self.sample_steps} and "
                               f"{self.base_channels}")
+        if not 0.0 <= self.class_dropout < 1.0 or self.guidance_scale < 0:
+            raise ConfigError(f"class_dropout must be in [0, 1) and guidance_scale >= 0, got class_dropout="
+                              f"{self.class_dropout}, guidance_scale={self.guidance_scale}")
+        if (self.class_dropout > 0 or self.guidance_scale != 1.0) and not self.conditional:
+            raise ConfigError("class_dropout and guidance_scale need conditional=true")
+        if self.guidance_scale != 1.0 and self.class_dropout == 0:
+            raise ConfigError(f"guidance_scale={self.guidance_scale} needs class_dropout > 0 (the null class "
+                              "classifier-free guidance compares with)")

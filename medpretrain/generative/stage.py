@@ -17,10 +17,11 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -42,9 +43,12 @@ def start_generative(name: str, cfg: Any, fields: list[str], done_file: str = DO
     after checking that the data is normalised to [-1, 1] (``ConfigError`` otherwise).
 
     ``done_file`` is the file a finished run holds (``backbone.safetensors``; the DDPM exports none and
-    passes ``unet.safetensors``).
+    passes ``unet.safetensors``). A ``conditional`` run on a source without single-label classes is refused
+    (``ConfigError``, :func:`class_labels`) before a run folder is made.
     """
     check_data_config(cfg.data)
+    if getattr(cfg, "conditional", False):
+        class_labels(load_split(cfg.data, cfg.split)[0])  # the source is decoded once per process: train_data reuses it
     tc: GenTrainConfig = cfg.train
     return start_stage(name, cfg, out_dir=cfg.out_dir, run_name=cfg.run_name, resume=tc.resume, seed=tc.seed,
                        fields=fields, mixed_precision=tc.mixed_precision, log_with=tc.log_with,
@@ -60,6 +64,20 @@ def load_split(data: DataConfig, split: str) -> tuple[MedicalDataset, int]:
     return ds, int(h)
 
 
+def class_labels(ds: MedicalDataset) -> tuple[Tensor, list[str]]:
+    """The single labels of ``ds``'s images (int64 ``[N]``, in ``ds``'s order, read from its source even when
+    ``ds`` was built unlabeled) and the class names: what a ``conditional=true`` generator trains on.
+
+    Raises ``ConfigError`` for a source without single-label classes (unlabeled, multilabel, segmentation).
+    """
+    source = ds.source
+    if source.task not in ("binary", "multiclass") or source.labels is None:
+        raise ConfigError(f"conditional=true needs a source with single-label classes (binary or multiclass), but "
+                          f"{ds.spec} is {source.task}; set conditional=false")
+    labels = torch.as_tensor(np.asarray(source.labels)[ds.indices].astype(np.int64))
+    return labels, list(ds.class_names)
+
+
 @dataclass
 class TrainData:
     """The training split and its loader (:func:`medpretrain.data.loader.image_loader`)."""
@@ -72,15 +90,37 @@ class TrainData:
     """Seeds the shuffling; :meth:`Steps.epochs` re-seeds it every epoch."""
     to_images: Callable[[Any], Tensor]
     """Batch -> images ``[B, C, S, S]`` in [-1, 1] on the training device."""
+    labels: Tensor | None = None
+    """Conditional runs: the class index of every image of ``ds`` (int64 ``[N]``, on the training device)."""
+    class_names: list[str] = field(default_factory=list)
+    """Conditional runs: the names the labels index (empty otherwise)."""
+
+    @property
+    def num_classes(self) -> int:
+        """K for a conditional run, 0 for an unconditional one."""
+        return len(self.class_names) if self.labels is not None else 0
+
+    def to_labels(self, batch: Any) -> Tensor | None:
+        """Batch -> the class labels of its images ``[B]`` on the training device (``None`` when unconditional).
+
+        Read through the images' positions in ``ds`` (the cached loader yields them, a sample carries them as
+        ``index``), so the labels follow the images through any shuffling and a resume."""
+        if self.labels is None:
+            return None
+        index = batch if isinstance(batch, Tensor) else batch["index"]
+        return self.labels[index.to(self.labels.device)]
 
 
 def train_data(stage: Stage, cfg: Any) -> TrainData:
-    """The ``cfg.split`` split of ``cfg.data`` with a shuffling, ``drop_last`` loader of ``cfg.train.batch_size``."""
+    """The ``cfg.split`` split of ``cfg.data`` with a shuffling, ``drop_last`` loader of ``cfg.train.batch_size``;
+    with ``cfg.conditional`` also the images' class labels (:func:`class_labels`)."""
     ds, image_size = load_split(cfg.data, cfg.split)
+    labels, names = class_labels(ds) if getattr(cfg, "conditional", False) else (None, [])
     tc: GenTrainConfig = cfg.train
-    loader, sampler_gen, to_images = image_loader(ds, tc.batch_size, tc.cache_on_device, stage.accelerator.device,
-                                                  cfg.data.num_workers)
-    return TrainData(ds, image_size, loader, sampler_gen, to_images)
+    device = stage.accelerator.device
+    loader, sampler_gen, to_images = image_loader(ds, tc.batch_size, tc.cache_on_device, device, cfg.data.num_workers)
+    return TrainData(ds, image_size, loader, sampler_gen, to_images,
+                     labels.to(device) if labels is not None else None, names)
 
 
 def first_images(ds: MedicalDataset, n: int) -> Tensor:
@@ -226,9 +266,10 @@ def write_outputs(stage: Stage, steps: Steps, data: TrainData, model_file: str, 
       :func:`~medpretrain.generative.sampling.generator_meta`, :func:`~medpretrain.generative.ddpm.ddpm_meta`)
       plus the method, dataset, normalisation, steps and config;
     * ``loss.png``: ``curves`` of ``metrics.csv``;
-    * ``results.json``: ``results`` plus method, steps, epochs, image size, training wall time, run folder and
-      ``sample_stats`` (:func:`~medpretrain.generative.monitor.sample_statistics` of ``samples`` against as
-      many validation images).
+    * ``results.json``: ``results`` plus method, steps, epochs, image size, training wall time, run folder,
+      ``num_classes`` and ``class_names`` (conditional runs) and ``sample_stats``
+      (:func:`~medpretrain.generative.monitor.sample_statistics` of ``samples`` against as many validation
+      images).
 
     Returns what ``results.json`` holds.
     """
@@ -239,7 +280,9 @@ def write_outputs(stage: Stage, steps: Steps, data: TrainData, model_file: str, 
     val_ds, _ = load_split(cfg.data, "val")
     stats = sample_statistics(samples, first_images(val_ds, len(samples)))
     plot_curves(run_dir / "metrics.csv", run_dir / "loss.png", tuple(curves), title=title)
+    classes = {"num_classes": data.num_classes, "class_names": data.class_names} if data.num_classes else {}
     out = {"method": stage.name, "steps": steps.value, "epochs": steps.epoch + 1, "image_size": data.image_size,
-           "train_wall_s": time.time() - steps.start, **results, "sample_stats": stats, "run_dir": str(run_dir)}
+           "train_wall_s": time.time() - steps.start, **classes, **results, "sample_stats": stats,
+           "run_dir": str(run_dir)}
     write_json(run_dir / "results.json", out)
     return out

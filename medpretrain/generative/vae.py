@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medpretrain.config import ConfigError
+from medpretrain.generative.conditioning import class_embedding_size, with_class
 from medpretrain.generative.geometry import center_crop, check_positive, level_channels, upsampling_plan
 
 
@@ -45,15 +46,20 @@ class ConvDecoder(nn.Module):
     batch norm, SiLU), halving channels from ``base_channels * 2**(n_up-1)`` (capped at 512), a 3x3 conv
     to ``out_channels`` and ``tanh``. Nearest upsampling + conv avoids transposed-conv checkerboards
     (Odena et al. 2016).
+
+    ``num_classes`` > 0: the decoder p(x | z, y) of a conditional VAE (Sohn et al. 2015): ``forward(z, y)``
+    concatenates a class embedding ``[B, class_dim]`` (default ``latent_dim``) to z before the linear layer.
     """
 
-    def __init__(self, latent_dim: int, out_channels: int = 1, image_size: int = 28, base_channels: int = 64) -> None:
+    def __init__(self, latent_dim: int, out_channels: int = 1, image_size: int = 28, base_channels: int = 64,
+                 num_classes: int = 0, class_dim: int | None = None) -> None:
         super().__init__()
         check_positive(latent_dim=latent_dim, out_channels=out_channels, base_channels=base_channels)
         self.latent_dim, self.out_channels, self.image_size = latent_dim, out_channels, image_size
+        self.num_classes, self.class_dim = class_embedding_size(num_classes, class_dim, latent_dim)
         self.start, n_up = upsampling_plan(image_size)
         ch = level_channels(base_channels, n_up - 1)
-        self.fc = nn.Linear(latent_dim, ch * self.start * self.start)
+        self.fc = nn.Linear(latent_dim + self.class_dim, ch * self.start * self.start)
         self.start_channels = ch
         blocks: list[nn.Module] = []
         for level in reversed(range(n_up)):
@@ -67,11 +73,14 @@ class ConvDecoder(nn.Module):
             ch = out
         self.blocks = nn.Sequential(*blocks)
         self.to_image = nn.Conv2d(ch, out_channels, 3, padding=1)
+        # Last, so an unconditional decoder draws exactly what it always drew.
+        self.class_embed = nn.Embedding(num_classes, self.class_dim) if num_classes else None
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"decoder expects z of shape [B, {self.latent_dim}], got {list(z.shape)}")
-        x = F.silu(self.fc(z)).view(z.shape[0], self.start_channels, self.start, self.start)
+        x = F.silu(self.fc(with_class(z, y, self.class_embed, "decoder")))
+        x = x.view(z.shape[0], self.start_channels, self.start, self.start)
         x = torch.tanh(self.to_image(self.blocks(x)))
         return center_crop(x, self.image_size)
 
@@ -91,6 +100,11 @@ class VAE(nn.Module):
 
     ``forward(x, generator=None)`` draws ``z = mu + sigma * eps`` (the reparameterisation trick) in training mode and
     uses ``z = mu`` in eval mode, so validation reconstructions are deterministic.
+
+    A conditional decoder (``num_classes`` > 0) makes a conditional VAE (Sohn et al. 2015): q(z | x, y) by a
+    class embedding (``[K, decoder.class_dim]``) concatenated to the encoder's pooled features before the
+    Gaussian head (the trunk stays a plain backbone, so it still exports as one), p(x | z, y) by the
+    decoder's own embedding; the prior stays N(0, I). ``forward(x, y=labels)``.
     """
 
     def __init__(self, encoder: nn.Module, decoder: ConvDecoder) -> None:
@@ -99,30 +113,39 @@ class VAE(nn.Module):
         if not isinstance(num_features, int):
             raise ValueError("encoder must expose an integer `num_features` (a medpretrain Backbone)")
         self.encoder = encoder
-        self.head = GaussianHead(num_features, decoder.latent_dim)
+        self.num_classes = decoder.num_classes
+        self.head = GaussianHead(num_features + decoder.class_dim, decoder.latent_dim)
         self.decoder = decoder
         self.latent_dim = decoder.latent_dim
+        self.class_embed = nn.Embedding(decoder.num_classes, decoder.class_dim) if decoder.num_classes else None
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.head(self.encoder(x))
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.head(with_class(self.encoder(x), y, self.class_embed, "VAE encoder"))
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None, n_prior: int = 0) -> VAEOutput:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, n_prior: int = 0,
+                y: Tensor | None = None) -> VAEOutput:
         """``generator`` (on ``x``'s device) draws the noise; a per-step seeded one makes resumes exact.
 
         ``n_prior > 0`` also decodes ``n_prior`` latents drawn from the prior N(0, I) (after the posterior noise,
         from the same ``generator``), in the same decoder pass as the reconstructions (one forward, so that
-        data-parallel training sees every decoder parameter once): ``VAEOutput.prior``.
+        data-parallel training sees every decoder parameter once): ``VAEOutput.prior``. Conditional: labels
+        ``y [B]``; the prior samples take the first ``n_prior`` of them (``n_prior`` <= B).
         """
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y)
         if self.training:
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + torch.exp(0.5 * logvar) * eps
         else:
             z = mu
         if n_prior <= 0:
-            return VAEOutput(self.decoder(z), mu, logvar, z)
+            return VAEOutput(self.decoder(z, y), mu, logvar, z)
         z_prior = torch.randn((n_prior, z.shape[1]), generator=generator, device=z.device, dtype=z.dtype)
-        recon, prior = self.decoder(torch.cat([z, z_prior])).split([len(z), n_prior])
+        labels = None
+        if y is not None:
+            if n_prior > len(y):
+                raise ValueError(f"a conditional VAE decodes at most B={len(y)} prior samples, got n_prior={n_prior}")
+            labels = torch.cat([y, y[:n_prior]])
+        recon, prior = self.decoder(torch.cat([z, z_prior]), labels).split([len(z), n_prior])
         return VAEOutput(recon, mu, logvar, z, prior)
 
 
