@@ -15,6 +15,11 @@ discriminator's (two timescales, Heusel et al. 2017); ``loss=hinge`` and ``spect
 al. 2018) for stability. Mode collapse (generated-batch diversity far below real-batch diversity for several
 checks) stops the run with a clear message (``on_collapse=warn`` only warns).
 
+``conditional=true`` (a labelled source) learns p(x | class): G gets a class embedding concatenated to z, D
+(either kind) the projection term of Miyato & Koyama 2018 (logit + <embed(y), pooled trunk features>); real
+and generated batches of a step carry the same labels (the real batch's), grids cycle through the classes,
+and ``generator.safetensors`` records ``num_classes`` and ``class_names`` for ``sample.py per_class=<n>``.
+
 What ``--init dcgan`` gets: ``backbone.safetensors`` is the discriminator's trunk (without its real/fake
 head), ``meta.method = "dcgan"``, ``meta.arch`` the trunk's registered arch; its BatchNorm running statistics
 are re-estimated on real training images only (``export_bn_images``; during training they mixed real and
@@ -42,6 +47,7 @@ import torch
 from medpretrain.backbones import build_backbone, resolve_stem
 from medpretrain.config import load_config
 from medpretrain.faults import inject_nan
+from medpretrain.generative.conditioning import grid_labels
 from medpretrain.generative.configs import DCGANConfig
 from medpretrain.generative.dcgan import (
     BackboneDiscriminator,
@@ -64,17 +70,20 @@ DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "dcgan.yaml"
 FIELDS = ["step", "epoch", "d_loss", "g_loss", "d_real", "d_fake", "diversity_ratio", "elapsed_s"]
 
 
-def build_models(cfg: DCGANConfig, in_channels: int, image_size: int) -> tuple[DCGANGenerator, BackboneDiscriminator]:
+def build_models(cfg: DCGANConfig, in_channels: int, image_size: int,
+                 num_classes: int = 0) -> tuple[DCGANGenerator, BackboneDiscriminator]:
+    """G and D, class-conditional when ``num_classes`` > 0 (G: class embedding on z; D: projection)."""
     # D's trunk first, then G: the order the seeded initialisation draws them in.
     if cfg.discriminator == "radford":
         trunk = build_backbone(radford_arch(image_size), in_channels, "auto", image_size=image_size)
     else:
         stem = resolve_stem(cfg.backbone.stem, image_size, cfg.backbone.arch)
         trunk = build_backbone(cfg.backbone.arch, in_channels, stem, image_size=image_size)
-    generator = DCGANGenerator(cfg.latent_dim, in_channels, image_size, cfg.generator_channels)
+    generator = DCGANGenerator(cfg.latent_dim, in_channels, image_size, cfg.generator_channels, num_classes)
     if cfg.discriminator == "radford":
-        return generator, RadfordDiscriminator(trunk, image_size, spectral_norm=cfg.spectral_norm)
-    return generator, BackboneDiscriminator(trunk, spectral_norm=cfg.spectral_norm)
+        return generator, RadfordDiscriminator(trunk, image_size, spectral_norm=cfg.spectral_norm,
+                                               num_classes=num_classes)
+    return generator, BackboneDiscriminator(trunk, spectral_norm=cfg.spectral_norm, num_classes=num_classes)
 
 
 def build_optimizers(cfg: DCGANConfig, generator: torch.nn.Module,
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator, tc = stage.accelerator, cfg.train
 
     data = train_data(stage, cfg)
-    generator, discriminator = build_models(cfg, data.ds.in_channels, data.image_size)
+    generator, discriminator = build_models(cfg, data.ds.in_channels, data.image_size, data.num_classes)
     opt_g, opt_d = build_optimizers(cfg, generator, discriminator)
     d_arch = discriminator.backbone.arch
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(
@@ -114,9 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     monitor = CollapseMonitor(cfg.collapse_threshold, cfg.collapse_patience)
     if steps.begin({"collapse_monitor": monitor}):  # the monitor is checkpointed too (without pickle)
         accelerator.print(f"resumed from {stage.resume_from} at step {steps.value}")
-    accelerator.print(f"DCGAN ({cfg.discriminator} discriminator, trunk {d_arch}) on {cfg.data.dataset} ({len(data.ds)} images, "
-                      f"{data.image_size} px), {steps.total} steps -> {stage.run_dir}")
+    classes = f", conditional on {data.num_classes} classes" if data.num_classes else ""
+    accelerator.print(f"DCGAN ({cfg.discriminator} discriminator, trunk {d_arch}{classes}) on {cfg.data.dataset} "
+                      f"({len(data.ds)} images, {data.image_size} px), {steps.total} steps -> {stage.run_dir}")
     fixed_z = latent_noise(tc.grid_size, cfg.latent_dim, tc.seed)
+    fixed_y = grid_labels(tc.grid_size, data.num_classes)  # None unless conditional: the grid cycles the classes
     gen_module = accelerator.unwrap_model(generator)
     warned = False
     for epoch, batches in steps.epochs():
@@ -124,13 +135,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         discriminator.train()
         for batch in batches:
             real = data.to_images(batch)
+            y = data.to_labels(batch)  # None unless conditional; the fakes are drawn for the real batch's classes
             z = torch.randn(real.shape[0], cfg.latent_dim, device=accelerator.device, generator=steps.noise())
 
             # Discriminator step: real batch and (detached) fake batch, separately as in the paper's code.
             with accelerator.autocast():
-                fake = generator(z)
-                real_logits = discriminator(real)
-                fake_logits = discriminator(fake.detach())
+                fake = generator(z, y)
+                real_logits = discriminator(real, y)
+                fake_logits = discriminator(fake.detach(), y)
                 d_loss = gan_d_loss(real_logits, fake_logits, cfg.loss)
             d_loss = inject_nan(steps.value + 1, d_loss)
             opt_d.zero_grad(set_to_none=True)
@@ -139,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             # Generator step. D's gradients from this backward are discarded by the next zero_grad.
             with accelerator.autocast():
-                g_loss = gan_g_loss(discriminator(fake), cfg.loss)
+                g_loss = gan_g_loss(discriminator(fake, y), cfg.loss)
             opt_g.zero_grad(set_to_none=True)
             accelerator.backward(g_loss)
             opt_g.step()
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                             cfg.collapse_patience, str(last) if last else None)
                     accelerator.print(f"ERROR: {err}")
                     if stage.is_main:
-                        save_grid(generate(gen_module, fixed_z), stage.run_dir / "samples_collapsed.png")
+                        save_grid(generate(gen_module, fixed_z, labels=fixed_y), stage.run_dir / "samples_collapsed.png")
                     accelerator.end_training()
                     raise err
                 if collapsed and not warned:
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
 
         if steps.samples_due():
-            save_grid(generate(gen_module, fixed_z), steps.samples_path())
+            save_grid(generate(gen_module, fixed_z, labels=fixed_y), steps.samples_path())
         accelerator.print(f"epoch {epoch + 1}/{steps.num_epochs} step {steps.value} done")
 
     steps.finish()
@@ -183,8 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "spectral_norm": cfg.spectral_norm, "loss": cfg.loss, "bn_images": n_bn,
                                "bn_statistics": f"re-estimated on {n_bn} real training images (no generated images)"})
         results = write_outputs(stage, steps, data, "generator.safetensors", gen_module,
-                                generator_meta("dcgan_generator", gen_module, cfg.generator_channels),
-                                generate(gen_module, latent_noise(512, cfg.latent_dim, tc.seed + 1)),
+                                generator_meta("dcgan_generator", gen_module, cfg.generator_channels, data.class_names),
+                                generate(gen_module, latent_noise(512, cfg.latent_dim, tc.seed + 1),
+                                         labels=grid_labels(512, data.num_classes)),
                                 ("d_loss", "g_loss", "d_real", "diversity_ratio"),
                                 f"DCGAN ({cfg.discriminator} D, {cfg.loss}{', SN' if cfg.spectral_norm else ''})",
                                 discriminator_arch=d_arch, bn_images=n_bn)

@@ -1,15 +1,28 @@
-"""Draw synthetic scans from a trained VAE decoder or DCGAN generator, reproducibly.
+"""Draw synthetic scans from a trained VAE decoder, DCGAN generator or DDPM UNet, reproducibly.
 
     python generative/sample.py --model runs/generative/dcgan/<run>/generator.safetensors --n 1000 --out samples/
     python generative/sample.py --model runs/generative/vae/<run> --n 1000 --out samples/ --seed 1
+    python generative/sample.py model=runs/generative/ddpm/<cond-run> per_class=500 out=samples/
+    python generative/sample.py model=runs/generative/dcgan/<cond-run> per_class=100 "classes=[pneumonia]" out=s/
 
 ``--model`` is a ``decoder.safetensors`` / ``generator.safetensors`` / ``unet.safetensors`` written by
 ``generative/vae.py`` / ``dcgan.py`` / ``ddpm.py`` (or their run folder; DDPM samples by 50-step DDIM). Latents come from a CPU generator seeded with ``--seed``,
 so the same model and seed give the same images (and a byte-identical ``samples.npz``).
 
+A class-conditional model (trained with ``conditional=true``; its metadata has ``num_classes`` and
+``class_names``) draws class by class: ``per_class=<n>`` samples of every class, or of the classes listed in
+``classes=[...]`` (names or indices, in that order); without ``per_class`` the ``n`` samples are spread evenly
+over them (the first ``n % K`` classes get one more). Class ``c``'s latents / noise come from its own seed
+(:func:`medpretrain.generative.conditioning.class_seed` of ``seed`` and ``c``), so its samples do not depend
+on which other classes are drawn. An unconditional model refuses ``per_class`` and ``classes``.
+``guidance_scale``: classifier-free guidance of a conditional DDPM trained with ``class_dropout`` (0: the
+model's own).
+
 Writes into ``--out``: ``png/sample_00000.png`` ... (8-bit grey, or RGB for 3-channel models),
-``samples.npz`` (``images``: uint8 in MedMNIST layout ``[N, H, W]`` or ``[N, H, W, 3]``, ``seed``),
-``grid.png`` (the first ``grid`` samples) and ``samples.json`` (model file, its sha256, seed, metadata).
+``samples.npz`` (``images``: uint8 in MedMNIST layout ``[N, H, W]`` or ``[N, H, W, 3]``, ``seed``; from a
+conditional model also ``labels``, int64 ``[N]`` class indices, and ``class_names``, a unicode array of all
+the model's classes that ``labels`` index; no pickled objects), ``grid.png`` (the first ``grid`` samples)
+and ``samples.json`` (model file, its sha256, seed, per-class counts, metadata).
 """
 
 from __future__ import annotations
@@ -26,7 +39,7 @@ from PIL import Image
 from medpretrain.checkpoint import load_exact, load_state_dict
 from medpretrain.config import ConfigError, load_config
 from medpretrain.generative.ddpm import ddpm_sample
-from medpretrain.generative.sampling import build_generator, generate, latent_noise, save_npz
+from medpretrain.generative.sampling import build_generator, generate, latent_noise, sample_classes, save_npz
 from medpretrain.images import save_grid, to_uint8
 from medpretrain.utils import atomic_write_text, sha256_file
 
@@ -38,6 +51,13 @@ class SampleConfig:
     model: str = ""
     """A decoder / generator ``.safetensors`` file, or a run folder holding one."""
     n: int = 1000
+    """Samples in all (a conditional model: spread evenly over the classes); ignored with ``per_class``."""
+    per_class: int = 0
+    """> 0: this many samples of every class (of ``classes``); conditional models only."""
+    classes: list[str] = dataclasses.field(default_factory=list)
+    """The classes to draw, by name or index (empty: all); conditional models only."""
+    guidance_scale: float = 0.0
+    """Classifier-free guidance weight of a conditional DDPM with a null class (0: the model's ``guidance_scale``)."""
     out: str = ""
     seed: int = 0
     batch_size: int = 250
@@ -68,7 +88,38 @@ def load_generator(path: Path, device: str) -> tuple[torch.nn.Module, dict[str, 
     return model.to(device).eval(), meta
 
 
-def write_samples(images: torch.Tensor, out: Path, cfg: SampleConfig, model_file: Path, meta: dict[str, Any]) -> None:
+def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
+    """Class indices of ``requested`` (names, else integer indices; empty: every class), in that order.
+    ``ConfigError`` naming ``classes`` for an unknown or repeated class."""
+    if not requested:
+        return list(range(len(class_names)))
+    chosen: list[int] = []
+    for item in requested:
+        if item in class_names:
+            index = class_names.index(item)
+        elif item.isdigit() and int(item) < len(class_names):
+            index = int(item)
+        else:
+            raise ConfigError(f"classes: {item!r} is neither a class of this model nor an index 0..{len(class_names) - 1} "
+                              f"(its classes: {class_names})")
+        if index in chosen:
+            raise ConfigError(f"classes: {class_names[index]!r} is listed twice")
+        chosen.append(index)
+    return chosen
+
+
+def class_counts(cfg: SampleConfig, meta: dict[str, Any]) -> list[tuple[int, int]]:
+    """``(class index, samples)`` to draw from a conditional model: ``per_class`` of each chosen class, or
+    ``n`` spread evenly over them."""
+    chosen = resolve_classes(cfg.classes, list(meta["class_names"]))
+    if cfg.per_class > 0:
+        return [(c, cfg.per_class) for c in chosen]
+    q, r = divmod(cfg.n, len(chosen))
+    return [(c, q + (i < r)) for i, c in enumerate(chosen)]
+
+
+def write_samples(images: torch.Tensor, out: Path, cfg: SampleConfig, model_file: Path, meta: dict[str, Any],
+                  labels: torch.Tensor | None = None) -> None:
     pixels = to_uint8(images)  # [N, C, H, W]
     array = pixels[:, 0].numpy() if pixels.shape[1] == 1 else pixels.permute(0, 2, 3, 1).numpy()
     out.mkdir(parents=True, exist_ok=True)
@@ -79,11 +130,19 @@ def write_samples(images: torch.Tensor, out: Path, cfg: SampleConfig, model_file
             old.unlink()
         for i, img in enumerate(array):
             Image.fromarray(img).save(png_dir / f"sample_{i:05d}.png")
-    save_npz(out / "samples.npz", {"images": array, "seed": np.asarray(cfg.seed, dtype=np.int64)})
+    arrays = {"images": array, "seed": np.asarray(cfg.seed, dtype=np.int64)}
+    info: dict[str, Any] = {"model": str(model_file), "model_sha256": sha256_file(model_file), "n": len(array),
+                            "seed": cfg.seed}
+    if labels is not None:  # the format fine-tuning's synthetic augmentation reads: labels index class_names
+        names = list(meta["class_names"])
+        arrays.update(labels=labels.numpy().astype(np.int64), class_names=np.asarray(names, dtype=np.str_))
+        counts = np.bincount(arrays["labels"], minlength=len(names))
+        info.update(class_names=names, per_class={names[c]: int(k) for c, k in enumerate(counts) if k},
+                    guidance_scale=cfg.guidance_scale or meta.get("guidance_scale"))
+    save_npz(out / "samples.npz", arrays)
     save_grid(images[: cfg.grid], out / "grid.png")
-    info = {"model": str(model_file), "model_sha256": sha256_file(model_file), "n": cfg.n, "seed": cfg.seed,
-            "shape": list(array.shape), "dtype": "uint8", "range": [0, 255],
-            "generator": {k: v for k, v in meta.items() if k != "config"}}
+    info.update(shape=list(array.shape), dtype="uint8", range=[0, 255],
+                generator={k: v for k, v in meta.items() if k != "config"})
     atomic_write_text(out / "samples.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
@@ -91,17 +150,31 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = load_config(SampleConfig, argv)
     if not cfg.model or not cfg.out:
         raise ConfigError("--model and --out are required (e.g. --model runs/generative/dcgan/<run> --out samples/)")
-    if cfg.n < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"n and batch_size must be positive, got n={cfg.n}, batch_size={cfg.batch_size}")
+    if cfg.n < 1 or cfg.batch_size < 1 or cfg.per_class < 0 or cfg.guidance_scale < 0:
+        raise ConfigError(f"n and batch_size must be positive, per_class and guidance_scale >= 0, got n={cfg.n}, "
+                          f"batch_size={cfg.batch_size}, per_class={cfg.per_class}, guidance_scale={cfg.guidance_scale}")
     model_file = resolve_model_file(cfg.model)
     model, meta = load_generator(model_file, cfg.device)
-    if meta["kind"] == "ddpm_unet":
+    labels = None
+    if meta.get("num_classes"):
+        if cfg.seed < 0:
+            raise ConfigError(f"seed must be >= 0 for a class-conditional model (class seeds derive from it), got {cfg.seed}")
+        if cfg.guidance_scale not in (0.0, 1.0) and meta.get("null_class") is None:
+            raise ConfigError(f"guidance_scale={cfg.guidance_scale}: {model_file} has no null class to guide with "
+                              "(a conditional DDPM trained with class_dropout > 0 has)")
+        counts = class_counts(cfg, meta)
+        images, labels = sample_classes(model, meta, counts, cfg.seed, cfg.batch_size, cfg.guidance_scale or None)
+    elif cfg.per_class or cfg.classes or cfg.guidance_scale:
+        raise ConfigError(f"per_class, classes and guidance_scale need a class-conditional model, but {model_file} is "
+                          "unconditional (trained with conditional=false); use n=<count>")
+    elif meta["kind"] == "ddpm_unet":
         images = ddpm_sample(model, cfg.n, cfg.seed, meta, cfg.batch_size)
     else:
         images = generate(model, latent_noise(cfg.n, int(meta["latent_dim"]), cfg.seed), cfg.batch_size)
     out = Path(cfg.out).expanduser()
-    write_samples(images, out, cfg, model_file, meta)
-    print(f"wrote {cfg.n} samples {list(images.shape[1:])} from {model_file} (seed {cfg.seed}) to {out}")
+    write_samples(images, out, cfg, model_file, meta, labels)
+    per = f", {len(counts)} classes" if labels is not None else ""
+    print(f"wrote {len(images)} samples {list(images.shape[1:])}{per} from {model_file} (seed {cfg.seed}) to {out}")
     return out
 
 

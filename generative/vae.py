@@ -6,12 +6,16 @@ linearly from 0 over ``beta_warmup_steps`` (KL warm-up, alias ``kl_warmup_steps`
 against blur, each weighted per pixel: a feature distance through a frozen network (``perceptual_weight``;
 ``perceptual_init=random`` needs no download), ``1 - SSIM`` (``ssim_weight``) and the VAE-GAN term of a
 patch discriminator judging reconstructions and prior samples against real images (``adversarial_weight``,
-Larsen et al. 2016; hinge loss, spectral norm, its own Adam, from ``adversarial_start``). Exports, under
+Larsen et al. 2016; hinge loss, spectral norm, its own Adam, from ``adversarial_start``).
+``conditional=true`` (a labelled source) trains a conditional VAE (Sohn et al. 2015): a class embedding
+joins the encoder's pooled features before the Gaussian head and another is concatenated to the latent for
+the decoder (prior samples and grids take classes too; the grids cycle through them). Exports, under
 ``out_dir/<run_name>/``:
 
 * ``backbone.safetensors``: the encoder trunk as a contract backbone (``meta.method = "vae"``; its
   ``extra`` holds the validation MSE / PSNR / SSIM), so ``finetune/run.py --init vae`` can start from it;
-* ``decoder.safetensors``: the decoder (``generative/sample.py --model`` draws images from it);
+* ``decoder.safetensors``: the decoder (``generative/sample.py --model`` draws images from it; conditional:
+  its metadata records ``num_classes`` and ``class_names``, ``sample.py per_class=<n>``);
 * ``config.yaml``, ``metrics.csv`` (losses per step; ``val_mse``, ``val_psnr``, ``val_ssim`` per epoch),
   ``loss.png``, ``samples_epochXXX.png``, ``results.json`` (validation reconstruction MSE, PSNR and SSIM on
   the [0, 1] scale, sample statistics), ``checkpoints/``.
@@ -37,6 +41,7 @@ from torch.utils.data import DataLoader
 from medpretrain.backbones import build_backbone, resolve_stem
 from medpretrain.config import load_config
 from medpretrain.faults import inject_nan
+from medpretrain.generative.conditioning import grid_labels
 from medpretrain.generative.configs import VAEConfig
 from medpretrain.generative.dcgan import dataset_batches, gan_d_loss, gan_g_loss, reestimate_batchnorm
 from medpretrain.generative.monitor import ssim
@@ -44,6 +49,7 @@ from medpretrain.generative.sampling import generate, generator_meta, latent_noi
 from medpretrain.generative.stage import (
     Steps,
     TrainData,
+    class_labels,
     load_split,
     optimizer_step,
     start_generative,
@@ -70,10 +76,11 @@ PERCEPTUAL_BN_IMAGES = 1024
 """Real training images the BatchNorm statistics of a random perceptual network are estimated on."""
 
 
-def build_model(cfg: VAEConfig, in_channels: int, image_size: int) -> VAE:
+def build_model(cfg: VAEConfig, in_channels: int, image_size: int, num_classes: int = 0) -> VAE:
+    """Backbone encoder, Gaussian head and decoder; a conditional VAE when ``num_classes`` > 0."""
     stem = resolve_stem(cfg.backbone.stem, image_size, cfg.backbone.arch)
     encoder = build_backbone(cfg.backbone.arch, in_channels, stem, image_size=image_size)
-    decoder = ConvDecoder(cfg.latent_dim, in_channels, image_size, cfg.decoder_channels)
+    decoder = ConvDecoder(cfg.latent_dim, in_channels, image_size, cfg.decoder_channels, num_classes)
     return VAE(encoder, decoder)
 
 
@@ -113,16 +120,19 @@ def build_adversarial(cfg: VAEConfig, in_channels: int) -> tuple[PatchDiscrimina
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
+             labels: torch.Tensor | None = None) -> dict[str, float]:
     """Reconstruction quality on ``loader`` (z = mu) on the [0, 1] pixel scale: ``val_mse`` (mean over
     pixels and images), ``val_psnr`` (the PSNR of that mean MSE) and ``val_ssim`` (mean per-image SSIM,
-    :func:`medpretrain.generative.monitor.ssim`)."""
+    :func:`medpretrain.generative.monitor.ssim`). ``labels``: the class of every image of the loader's
+    dataset (a conditional VAE), looked up by the samples' ``index``."""
     model.eval()
     errors, similarities = [], []
     for batch in loader:
         x = batch["image"]
+        y = labels[batch["index"].cpu()].to(x.device) if labels is not None else None
         with accelerator.autocast():
-            recon = model(x).recon
+            recon = model(x, y=y).recon
         x01, r01 = (x.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2  # [-1, 1] -> [0, 1] scale
         errors.append(accelerator.gather_for_metrics((r01 - x01).pow(2).flatten(1).mean(1)))
         similarities.append(accelerator.gather_for_metrics(ssim(r01, x01)))
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Data: the whole split cached on the device; validation through a prepared loader.
     data = train_data(stage, cfg)
     val_ds, _ = load_split(cfg.data, "val")
-    model = build_model(cfg, data.ds.in_channels, data.image_size)
+    val_labels = class_labels(val_ds)[0] if data.num_classes else None
+    model = build_model(cfg, data.ds.in_channels, data.image_size, data.num_classes)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused(params))
     adversarial = build_adversarial(cfg, data.ds.in_channels)
@@ -160,16 +171,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"KL warm-up {cfg.beta_warmup_steps if cfg.beta_schedule == 'linear' else 0} steps"
                       f"{', ' + ', '.join(terms) if terms else ''}, {steps.total} steps -> {stage.run_dir}")
     fixed_z = latent_noise(tc.grid_size, cfg.latent_dim, tc.seed)  # same latents in every grid
+    fixed_y = grid_labels(tc.grid_size, data.num_classes)  # None unless conditional: the grid cycles the classes
     decoder = accelerator.unwrap_model(model).decoder
     for epoch, batches in steps.epochs():
         model.train()
         for batch in batches:
             x = data.to_images(batch)
+            y = data.to_labels(batch)  # None unless conditional
             beta = beta_at(steps.value)
             adv_on = disc is not None and steps.value >= cfg.adversarial_start
             n_prior = len(x) if adv_on and cfg.adversarial_prior else 0
             with accelerator.autocast():
-                out = model(x, generator=steps.noise(), n_prior=n_prior)
+                out = model(x, generator=steps.noise(), n_prior=n_prior, y=y)
                 fakes = [out.recon] if out.prior is None else [out.recon, out.prior]
                 recon = reconstruction_loss(out.recon, x, cfg.recon_loss)
                 kl = kl_divergence(out.mu, out.logvar)
@@ -205,24 +218,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
 
         # End of epoch: validation reconstruction and a sample grid from fixed latents.
-        val = evaluate(model, val_loader, accelerator)
+        val = evaluate(model, val_loader, accelerator, val_labels)
         steps.log(val, check=False)
         accelerator.print(f"epoch {epoch + 1}/{steps.num_epochs} step {steps.value}: val MSE {val['val_mse']:.4f}, "
                           f"PSNR {val['val_psnr']:.2f} dB, SSIM {val['val_ssim']:.3f}")
         if steps.samples_due():
-            save_grid(generate(decoder, fixed_z), steps.samples_path())
+            save_grid(generate(decoder, fixed_z, labels=fixed_y), steps.samples_path())
 
     # Finish: a last NaN check and checkpoint, then the exports.
     steps.finish()
-    val = evaluate(model, val_loader, accelerator)
+    val = evaluate(model, val_loader, accelerator, val_labels)
     results: dict[str, Any] = {}
     if stage.is_main:
         vae = accelerator.unwrap_model(model).eval()
         stage.export_backbone(vae.encoder, data.ds, METHOD, data.image_size, steps.value, steps.epoch + 1,
                               {"latent_dim": cfg.latent_dim, **val})
         results = write_outputs(stage, steps, data, "decoder.safetensors", vae.decoder,
-                                generator_meta("vae_decoder", vae.decoder, cfg.decoder_channels),
-                                generate(vae.decoder, latent_noise(512, cfg.latent_dim, tc.seed + 1)),
+                                generator_meta("vae_decoder", vae.decoder, cfg.decoder_channels, data.class_names),
+                                generate(vae.decoder, latent_noise(512, cfg.latent_dim, tc.seed + 1),
+                                         labels=grid_labels(512, data.num_classes)),
                                 ("loss", "recon", "kl", "val_mse"), f"VAE {cfg.backbone.arch}", **val)
         accelerator.print(f"exported {stage.run_dir / 'backbone.safetensors'} and {stage.run_dir / 'decoder.safetensors'}")
     stage.finish()
