@@ -124,6 +124,7 @@ def ddpm_sample(unet: nn.Module, n: int, seed: int, meta: dict[str, Any], batch_
     null = meta.get("null_class")
     if w != 1.0 and (not num_classes or null is None):
         raise ValueError(f"guidance_scale={w} needs a conditional UNet trained with a null class (class_dropout > 0)")
+    null_label = int(null) if null is not None else -1  # used only when guiding
 
     scheduler: Any = DDIMScheduler(num_train_timesteps=int(meta["num_train_timesteps"]),
                               beta_schedule=meta["beta_schedule"], clip_sample=True)
@@ -145,7 +146,7 @@ def ddpm_sample(unet: nn.Module, n: int, seed: int, meta: dict[str, Any], batch_
             elif w == 1.0:
                 eps = unet(x, t, class_labels=y).sample
             else:  # the conditional and the null-class prediction in one batch
-                eps_c, eps_u = unet(torch.cat([x, x]), t, class_labels=torch.cat([y, torch.full_like(y, null)])
+                eps_c, eps_u = unet(torch.cat([x, x]), t, class_labels=torch.cat([y, torch.full_like(y, null_label)])
                                     ).sample.chunk(2)
                 eps = eps_u + w * (eps_c - eps_u)
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
