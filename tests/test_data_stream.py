@@ -162,7 +162,7 @@ def test_a_file_changed_after_indexing_is_one_line_from_a_dataloader_worker(tmp_
 
 def test_stream_options_are_hash_neutral_off_and_refused_where_they_cannot_work(tmp_path):
     assert "stream" not in hash_view(DataConfig())
-    assert config_hash(DataConfig(stream=True)) != config_hash(DataConfig())
+    assert config_hash(DataConfig(stream=True)) == config_hash(DataConfig())  # execution only (EXECUTION_ONLY)
     assert load_config(DataConfig, ["stream=on"]).stream is True
     folder = png_folder(tmp_path / "png", n=1)
     with pytest.raises(ConfigError, match=r"^config key 'data.stream': streams files instead of caching them; set "
