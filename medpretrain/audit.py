@@ -16,6 +16,41 @@ Parts used by ``scripts/audit_synthetic.py`` (each usable alone):
   training images (the distance an unseen real image typically has).
 * :func:`cross_fit_discriminator` - a (pretrained) backbone fine-tuned to tell real from fake with k-fold
   cross-fitting, so every image gets a realism score ``P(real)`` from a discriminator that never saw it.
+* :func:`fixed_budget_discriminator` - the score that still orders generators once that AUC is 1.000: the
+  held-out cross-entropy of a fixed, tiny real-vs-fake discriminator (see "Fixed-budget discriminator").
+* :func:`load_fake_labels` / :func:`per_class_metrics` - FID / KID / PRDC per class when the fakes carry
+  ``labels`` (class-conditional samples), fakes of class c against reals of class c.
+* :func:`class_grid` - per class a row of real images above a row of fakes, for one PNG.
+* :func:`rank_audits` - generators ordered by :data:`RANKING_RULE`.
+
+Fixed-budget discriminator
+--------------------------
+A ranking AUC stops moving once every fake scores below every real, which a fine-tuned deep network reaches
+for every generator we have. The fixed-budget score asks instead *how confidently* a discriminator of fixed
+capacity, trained with a fixed budget, tells them apart: on the frozen in-domain features (the audit
+backbone's), ``n`` reals and ``n`` fakes (a seeded draw) are split into ``folds`` balanced folds; for each
+fold an MLP ``D -> hidden -> 1`` (ReLU; seeded init) is trained on the other folds by full-batch gradient
+descent for exactly ``steps`` steps of size ``lr / D``, and its binary cross-entropy on the held-out fold
+(reals and fakes weighted equally, in nats) is recorded. The score is the mean over folds; ``ln 2 = 0.693``
+is chance, higher is closer to real.
+
+Why this definition. The cross-entropy is a proper scoring rule: it keeps falling as the two sets separate
+further, long after every pair is ranked right (AUC 1), and the fixed budget bounds how large the logits can
+grow, so two perfectly separable generators still get different losses. ``ln 2 - loss`` estimates (from
+below, within this function class) the Jensen-Shannon divergence of the two feature distributions, the
+quantity the optimal GAN discriminator measures (Goodfellow et al. 2014). A hidden layer rather than a
+linear probe, because fakes that match the real feature mean but not its spread (noise, blur, mode collapse)
+are invisible to a linear one. Plain gradient descent rather than Adam: Adam rescales every gradient to a
+full step, so it fits sampling noise even between two samples of one distribution (held-out losses of 0.9
+to 3.4 nats for real vs real in our checks); gradient descent moves in proportion to the real-fake
+difference, so real vs real stays near ``ln 2`` and the loss falls steadily as fakes move away. Inputs are
+centred on the training folds' pooled (real and fake) mean and divided by their overall standard deviation
+(one scalar), so they stay of order one whatever the fakes and a fixed step size cannot diverge; the step
+is divided by ``D`` because its effect on the hidden pre-activations grows with the squared input norm
+(about ``D``), which makes the budget the same in a 64- and a 512-dimensional feature space.
+
+The score depends on ``n`` and the settings: compare audits with equal ``n`` (``n_per_side``) and settings
+only; the real-vs-real baseline (two disjoint real sets) gives the value a perfect generator would get.
 
 Library code: no printing; errors are ``ValueError`` / ``FileNotFoundError`` naming what is wrong.
 """
@@ -23,6 +58,7 @@ Library code: no printing; errors are ``ValueError`` / ``FileNotFoundError`` nam
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -82,6 +118,16 @@ def _to_unit_nchw(array: np.ndarray, source: str) -> np.ndarray:
     raise DataError(source, f"unsupported image dtype {array.dtype} (use uint8 or float in [0, 1])")
 
 
+def _resolve_fake(path: str | Path) -> Path:
+    """The ``.npz`` or image folder named by ``path`` (a folder holding ``samples.npz`` means that file)."""
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise FileNotFoundError(f"fake images not found: {p}")
+    if p.is_dir() and (p / "samples.npz").is_file():
+        p = p / "samples.npz"
+    return p
+
+
 def load_fake_images(path: str | Path, size: tuple[int, int], channels: int, *, key: str = "") -> Tensor:
     """Generated images as float32 ``[N, channels, *size]`` in [0, 1].
 
@@ -91,11 +137,7 @@ def load_fake_images(path: str | Path, size: tuple[int, int], channels: int, *, 
     resized (bilinear, antialiased) and converted to ``channels`` as the real data is.
     Raises ``FileNotFoundError`` or :class:`~medpretrain.data.errors.DataError` (a ``ValueError``) naming the path.
     """
-    p = Path(path).expanduser().resolve()
-    if not p.exists():
-        raise FileNotFoundError(f"fake images not found: {p}")
-    if p.is_dir() and (p / "samples.npz").is_file():
-        p = p / "samples.npz"
+    p = _resolve_fake(path)
     if p.is_file():
         if p.suffix != ".npz":
             raise DataError(p, "fake images must be a .npz or a folder of images")
@@ -109,6 +151,38 @@ def load_fake_images(path: str | Path, size: tuple[int, int], channels: int, *, 
     if size[0] != size[1]:
         raise DataError(p, f"real images are {size[0]}x{size[1]}; the folder reader resizes to squares only")
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in source.images]))
+
+
+def load_fake_labels(path: str | Path, n_images: int, class_names: list[str] | None) -> np.ndarray | None:
+    """The fakes' class labels, int64 ``[N]``, or ``None`` when the fakes carry none (a folder of images, or
+    a ``.npz`` without a ``labels`` array: ``generative/sample.py`` writes ``labels`` and ``class_names`` for
+    class-conditional samples).
+
+    ``class_names``: the real data's classes (``None`` when the real data has no single-label classes).
+    Raises :class:`~medpretrain.data.errors.DataError` naming the file when the labels do not fit the real
+    classes: not integers ``[n_images]``, out of ``range(len(class_names))``, ``class_names`` stored in the
+    file that differ from the real ones, or labelled fakes against unlabelled real data.
+    """
+    p = _resolve_fake(path)
+    if not p.is_file():
+        return None
+    with np.load(p, allow_pickle=False) as npz:
+        if "labels" not in npz:
+            return None
+        labels = npz["labels"]
+        names = [str(v) for v in npz["class_names"].reshape(-1)] if "class_names" in npz else None
+    if class_names is None:
+        raise DataError(p, "the fakes carry labels but the real data has no single-label classes to match them "
+                           "against; audit against labelled real data or drop the 'labels' array")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n_images,):
+        raise DataError(p, f"'labels' must be integers [{n_images}] (one per image), got {labels.dtype} "
+                           f"{list(labels.shape)}")
+    if names is not None and names != list(class_names):
+        raise DataError(p, f"class_names {names} do not match the real data's classes {list(class_names)}")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise DataError(p, f"labels {int(labels.min())}..{int(labels.max())} lie outside the real data's "
+                           f"{len(class_names)} classes {list(class_names)}")
+    return labels.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,6 +295,49 @@ def prdc(real: Tensor, fake: Tensor, k: int = 5) -> dict[str, float]:
         "coverage": float(inside_real.any(dim=1).double().mean()),
         "k": k,
     }
+
+
+def distribution_metrics(real: Tensor, fake: Tensor, *, k: int = 5, kid_subsets: int = 50,
+                         kid_subset_size: int = 100, seed: int = 0) -> dict[str, float]:
+    """:func:`fid_kid` and :func:`prdc` of one pair of feature sets, in one mapping."""
+    return {**fid_kid(real, fake, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed),
+            **prdc(real, fake, k=k)}
+
+
+def per_class_metrics(real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor,
+                      class_names: list[str], *, n: int, k: int = 5, kid_subsets: int = 50,
+                      kid_subset_size: int = 100, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """FID / KID / precision / recall / density / coverage per class, fakes of class c against reals of class c.
+
+    ``real [N, D]`` / ``fake [M, D]`` features with int labels ``[N]`` / ``[M]`` in ``range(len(class_names))``.
+    Per class: ``m = min(n, reals_c // 2, fakes_c)`` fakes against ``m`` reals (A), beside ``m`` other reals
+    (B) against A, the real-vs-real baseline, as for the overall numbers; ``k = min(k, m - 1)``. Reals are
+    drawn from one seeded generator and fakes from another, so the real sides are the same for every fake
+    set audited with the same ``seed``. A class with ``m < 2`` gets ``skipped`` (the reason) instead of
+    numbers. Returns ``{class name: {"label", "n_real", "n_fake", "n_per_side", "k", "fake", "real_baseline"}}``.
+    """
+    if len(real_labels) != len(real) or len(fake_labels) != len(fake):
+        raise ValueError(f"per_class_metrics: {len(real)} reals with {len(real_labels)} labels, "
+                         f"{len(fake)} fakes with {len(fake_labels)} labels")
+    gen_real, gen_fake = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    out: dict[str, dict[str, Any]] = {}
+    for c, name in enumerate(class_names):
+        r, f = real[real_labels == c], fake[fake_labels == c]
+        perm_r = torch.randperm(len(r), generator=gen_real)
+        perm_f = torch.randperm(len(f), generator=gen_fake)
+        m = min(n, len(r) // 2, len(f))
+        entry: dict[str, Any] = {"label": c, "n_real": len(r), "n_fake": len(f), "n_per_side": m}
+        if m < 2:
+            entry["skipped"] = (f"{len(f)} fakes and {len(r)} reals of this class: need at least 2 fakes and "
+                                "4 reals")
+        else:
+            a, b, ff = r[perm_r[:m]], r[perm_r[m : 2 * m]], f[perm_f[:m]]
+            entry["k"] = kc = min(k, m - 1)
+            kw = {"k": kc, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "seed": seed}
+            entry["fake"] = distribution_metrics(a, ff, **kw)
+            entry["real_baseline"] = distribution_metrics(a, b, **kw)
+        out[name] = entry
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -509,8 +626,148 @@ def copy_factory(backbone: nn.Module) -> Callable[[], nn.Module]:
     return lambda: copy.deepcopy(backbone)
 
 
+# ------------------------------------------------------------------------------------------------
+# Fixed-budget discriminator (the score that keeps ordering generators when the AUC saturates)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeResult:
+    """Held-out results of :func:`fixed_budget_discriminator` (means over folds)."""
+
+    loss: float
+    """The score: mean held-out balanced binary cross-entropy, nats (``ln 2`` = chance; higher = closer to real)."""
+    loss_sd: float
+    """Standard deviation of the per-fold losses."""
+    fold_loss: list[float]
+    auc: float
+    """Mean held-out AUC (reals positive): saturates at 1 where ``loss`` does not."""
+    accuracy: float
+    """Mean held-out balanced accuracy at logit 0."""
+    n_per_side: int
+    folds: int
+
+    @property
+    def js_lower_bound(self) -> float:
+        """``ln 2 - loss``: an estimate from below of the Jensen-Shannon divergence (nats), within this probe's reach."""
+        return math.log(2.0) - self.loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "js_lower_bound": self.js_lower_bound}
+
+
+def _balanced_bce(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean BCE over reals plus mean over fakes, halved: both sides weigh the same whatever the fold sizes."""
+    per = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    return 0.5 * (per[y == 1].mean() + per[y == 0].mean())
+
+
+def fixed_budget_discriminator(real: Tensor, fake: Tensor, *, n: int = 500, folds: int = 5, hidden: int = 64,
+                               steps: int = 200, lr: float = 10.0, seed: int = 0) -> ProbeResult:
+    """Held-out cross-entropy of a fixed, tiny real-vs-fake MLP on frozen features (module docstring).
+
+    ``real [N, D]``, ``fake [M, D]`` features; ``min(n, N, M)`` of each (a seeded draw), ``folds`` balanced
+    folds; per fold an MLP ``D -> hidden -> 1`` (ReLU, init seeded by ``seed`` and the fold) trained by
+    full-batch gradient descent, ``steps`` steps of size ``lr / D``, on the other folds, on features centred
+    on those folds' pooled mean and divided by their overall standard deviation. Deterministic for equal
+    inputs and settings. Raises ``ValueError`` for bad shapes or settings, or fewer than ``2 * folds`` a side.
+    """
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"fixed_budget_discriminator needs [N, D] and [M, D] features, got {tuple(real.shape)} "
+                         f"and {tuple(fake.shape)}")
+    if folds < 2 or hidden < 1 or steps < 1 or not lr > 0:
+        raise ValueError(f"fixed_budget_discriminator needs folds >= 2, hidden >= 1, steps >= 1 and lr > 0, got "
+                         f"folds={folds}, hidden={hidden}, steps={steps}, lr={lr}")
+    m = min(n, len(real), len(fake))
+    if m < 2 * folds:
+        raise ValueError(f"fixed_budget_discriminator needs at least {2 * folds} images a side for {folds} folds, "
+                         f"got {m}")
+    gen = torch.Generator().manual_seed(seed)
+    r = real[torch.randperm(len(real), generator=gen)[:m]].float()
+    f = fake[torch.randperm(len(fake), generator=gen)[:m]].float()
+    r_fold, f_fold = _folds(m, folds, gen), _folds(m, folds, gen)
+    losses, aucs, accs = [], [], []
+    for i in range(folds):
+        x_tr = torch.cat([r[r_fold != i], f[f_fold != i]])
+        y_tr = torch.cat([torch.ones(int((r_fold != i).sum())), torch.zeros(int((f_fold != i).sum()))])
+        x_te = torch.cat([r[r_fold == i], f[f_fold == i]])
+        y_te = torch.cat([torch.ones(int((r_fold == i).sum())), torch.zeros(int((f_fold == i).sum()))])
+        mu, scale = x_tr.mean(0, keepdim=True), x_tr.var(0).mean().sqrt().clamp_min(1e-12)
+        x_tr, x_te = (x_tr - mu) / scale, (x_te - mu) / scale
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1000 * (i + 1))
+            probe = nn.Sequential(nn.Linear(x_tr.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        opt = torch.optim.SGD(probe.parameters(), lr=lr / x_tr.shape[1])
+        with torch.enable_grad():  # callers may hold a no_grad context (feature extraction)
+            for _ in range(steps):
+                loss = _balanced_bce(probe(x_tr).squeeze(1), y_tr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            logits = probe(x_te).squeeze(1)
+        losses.append(float(_balanced_bce(logits, y_te)))
+        aucs.append(binary_auc(logits[y_te == 1], logits[y_te == 0]))
+        accs.append(0.5 * float((logits[y_te == 1] > 0).float().mean() + (logits[y_te == 0] <= 0).float().mean()))
+    return ProbeResult(float(np.mean(losses)), float(np.std(losses)), losses, float(np.mean(aucs)),
+                       float(np.mean(accs)), m, folds)
+
+
+# ------------------------------------------------------------------------------------------------
+# Grids and ranking
+# ------------------------------------------------------------------------------------------------
+
+
+def class_grid(real: Tensor, fake: Tensor, per_row: int, *, real_labels: Tensor | None = None,
+               fake_labels: Tensor | None = None, num_classes: int = 0, seed: int = 0) -> Tensor:
+    """Images for one grid of ``per_row`` columns: per class a row of reals then a row of its fakes.
+
+    ``real [N, C, H, W]``, ``fake [M, C, H, W]`` in [0, 1]. With ``fake_labels`` (and ``real_labels``,
+    ``num_classes``): ``2 * num_classes`` rows, class 0's reals, class 0's fakes, class 1's reals, ...;
+    without: one row of reals and one of fakes. Images are a seeded random draw; a row with fewer images
+    than ``per_row`` is filled with white. Returns ``[rows * per_row, C, H, W]`` for
+    ``save_grid(..., nrow=per_row, value_range=(0, 1))``.
+    """
+    if per_row < 1:
+        raise ValueError(f"class_grid needs per_row >= 1, got {per_row}")
+    gen = torch.Generator().manual_seed(seed)
+    blank = torch.ones_like(real[:1])
+
+    def row(x: Tensor) -> Tensor:
+        pick = x[torch.randperm(len(x), generator=gen)[:per_row]]
+        return torch.cat([pick, blank.expand(per_row - len(pick), *blank.shape[1:])])
+
+    if fake_labels is None:
+        return torch.cat([row(real), row(fake)])
+    if real_labels is None or num_classes < 1:
+        raise ValueError("class_grid: fake_labels need real_labels and num_classes")
+    return torch.cat([row(x) for c in range(num_classes) for x in (real[real_labels == c], fake[fake_labels == c])])
+
+
+RANKING_RULE = ("higher fixed-budget discriminator loss first (harder to tell from real images; compared at "
+                "the 3 decimals shown), then lower FID")
+"""How :func:`rank_audits` orders generators."""
+
+
+def _rank_key(result: dict[str, Any]) -> tuple[float, float]:
+    probe = (result.get("probe") or {}).get("fake") or {}
+    loss = probe.get("loss")
+    fid = ((result.get("distribution") or {}).get("fake") or {}).get("fid")
+    first = -round(loss, 3) if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
+    second = fid if isinstance(fid, (int, float)) and math.isfinite(fid) else math.inf
+    return first, second
+
+
+def rank_audits(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Names of ``results`` (name -> ``audit.json`` content) best first, by :data:`RANKING_RULE`; audits
+    without a fixed-budget score (written before it existed) come last, ordered by FID. Stable for ties."""
+    return sorted(results, key=lambda name: _rank_key(results[name]))
+
+
 __all__ = [
-    "BackboneFeatures", "DiscriminatorResult", "MemorisationResult", "MemorisationSpace", "PrecomputedFeatures",
-    "binary_auc", "copy_factory", "cross_fit_discriminator", "extract_features", "fid_kid", "load_fake_images",
-    "memorisation", "nearest_neighbours", "predict_real", "prdc", "train_discriminator",
+    "RANKING_RULE", "BackboneFeatures", "DiscriminatorResult", "MemorisationResult", "MemorisationSpace",
+    "PrecomputedFeatures", "ProbeResult", "binary_auc", "class_grid", "copy_factory", "cross_fit_discriminator",
+    "distribution_metrics", "extract_features", "fid_kid", "fixed_budget_discriminator", "load_fake_images",
+    "load_fake_labels", "memorisation", "nearest_neighbours", "per_class_metrics", "predict_real", "prdc",
+    "rank_audits", "train_discriminator",
 ]
