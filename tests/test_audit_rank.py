@@ -196,3 +196,32 @@ def test_script_ranks_two_labelled_generators(script, data_root, tmp_path):
     save_npz(tmp_path / "wrong.npz", {"images": (images * 255).to(torch.uint8).numpy(), "labels": labels + 1})
     with pytest.raises(DataError, match=r"wrong\.npz: labels 1\.\.2 lie outside"):
         script.main([*args, f"fake={tmp_path / 'wrong.npz'}", f"out={tmp_path / 'w'}"])
+
+
+def test_experiment_report_orders_audits_by_the_ranking_rule(tmp_path: Path):
+    """report.md's audit table: the fixed-budget loss column, rows best first; an old audit without it last."""
+    import time
+
+    from medpretrain.pipeline.report import write_report
+    from medpretrain.pipeline.schema import ExperimentConfig
+    from medpretrain.pipeline.stages import Stage
+
+    def write(gen: str, loss: float | None, fid: float) -> Stage:
+        d = {"fid": fid, "kid": 0.01, "precision": 0.5, "recall": 0.4}
+        a = {"discriminator": {"auc": 1.0, "auc_ci95": [1.0, 1.0]}, "memorisation": {"n_flagged": 0},
+             "distribution": {"fake": d, "real_baseline": {**d, "fid": 9.5}}, "fake": {"n_used": 500}}
+        if loss is not None:
+            a["probe"] = {"fake": {"loss": loss}, "real_baseline": {"loss": 0.70}}
+        out = tmp_path / "audit" / gen / "audit.md"
+        out.parent.mkdir(parents=True)
+        (out.parent / "audit.json").write_text(json.dumps(a))
+        return Stage(f"audit_{gen}", "h", str(out), status="run")
+
+    stages = [write("old", None, 10.0), write("dcgan", 0.012, 900.0), write("vae", 0.251, 300.0),
+              write("ddpm", 0.2508, 250.0)]
+    report = write_report(ExperimentConfig(name="t"), tmp_path, stages, {}, time.time()).read_text()
+    table = report[report.index("## Synthetic images (audit)"):report.index("## Stages")]
+    assert audit.RANKING_RULE in table and "| fixed-budget D loss |" in table
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ") and "[audit.md]" in line]
+    assert rows == ["ddpm", "vae", "dcgan", "old"]  # vae and ddpm tie at 0.251: the lower FID (ddpm) first
+    assert "| ddpm | 1.000 [1.000, 1.000] | 0.251 (0.700) | 250.00 (9.50) |" in table and "| old | 1.000 [1.000, 1.000] | - |" in table

@@ -51,12 +51,21 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _probe_cell(a: dict[str, Any]) -> str:
+    """The fixed-budget discriminator loss (real-vs-real baseline); ``-`` for audits written before it existed."""
+    probe = a.get("probe")
+    if not probe:
+        return "-"
+    return f"{probe['fake']['loss']:.3f} ({probe['real_baseline']['loss']:.3f})"
+
+
 def _audit_cells(a: dict[str, Any]) -> list[str]:
-    """Realism AUC, FID / KID / precision / recall (fake, and the real-vs-real baseline), memorised count."""
+    """Realism AUC, fixed-budget discriminator loss, FID / KID / precision / recall (fake, and the real-vs-real
+    baseline), memorised count."""
     disc, fk, rb, memo = a["discriminator"], a["distribution"]["fake"], a["distribution"]["real_baseline"], \
         a["memorisation"]
     lo, hi = disc["auc_ci95"]
-    return [f"{disc['auc']:.3f} [{lo:.3f}, {hi:.3f}]", f"{fk['fid']:.2f} ({rb['fid']:.2f})",
+    return [f"{disc['auc']:.3f} [{lo:.3f}, {hi:.3f}]", _probe_cell(a), f"{fk['fid']:.2f} ({rb['fid']:.2f})",
             f"{fk['kid']:.4f} ({rb['kid']:.4f})", f"{fk['precision']:.3f} ({rb['precision']:.3f})",
             f"{fk['recall']:.3f} ({rb['recall']:.3f})", f"{memo['n_flagged']} / {a['fake']['n_used']}"]
 
@@ -104,16 +113,22 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
         md += ["", f"Full comparison, label-efficiency curves and plots: [reports/{task}/report.md]"
                    f"(reports/{task}/report.md).", "",
                f"![label efficiency](reports/{task}/label_efficiency.png)", ""]
-    audits = [s for s in stages if s.name.startswith("audit_") and Path(s.output).with_name("audit.json").is_file()]
+    audits = {s.name.removeprefix("audit_"): s for s in stages
+              if s.name.startswith("audit_") and Path(s.output).with_name("audit.json").is_file()}
     if audits:
+        from medpretrain.audit import RANKING_RULE, rank_audits
+
+        loaded = {g: json.loads(Path(s.output).with_name("audit.json").read_text()) for g, s in audits.items()}
         md += ["## Synthetic images (audit)", "",
-               "Cross-fitted real-vs-fake discriminator AUC [95% CI] (0.5 = indistinguishable); distribution metrics "
-               "in the feature space of the audit backbone, fake vs real with the real-vs-real baseline in brackets.",
-               "", "| generator | real-vs-fake AUC | FID | KID | precision | recall | memorised | report |", "|---|---|---|---|---|---|---|---|"]
-        for s in audits:
-            a = json.loads(Path(s.output).with_name("audit.json").read_text())
-            md.append("| " + " | ".join([s.name.removeprefix("audit_"), *_audit_cells(a),
-                                         f"[audit.md]({Path(s.output).relative_to(exp_dir)})"]) + " |")
+               "Cross-fitted real-vs-fake discriminator AUC [95% CI] (0.5 = indistinguishable); fixed-budget "
+               "discriminator loss in nats (ln 2 = 0.693 is chance; it keeps ordering generators whose AUC is "
+               "1.000); distribution metrics in the feature space of the audit backbone, fake vs real with the "
+               f"real-vs-real baseline in brackets. Best first: {RANKING_RULE}.",
+               "", "| generator | real-vs-fake AUC | fixed-budget D loss | FID | KID | precision | recall | memorised "
+               "| report |", "|---|---|---|---|---|---|---|---|---|"]
+        for g in rank_audits(loaded):
+            md.append("| " + " | ".join([g, *_audit_cells(loaded[g]),
+                                         f"[audit.md]({Path(audits[g].output).relative_to(exp_dir)})"]) + " |")
         md.append("")
     md += ["## Stages", "", "| stage | status | wall-clock | output | config hash |", "|---|---|---|---|---|"]
     for s in stages:
@@ -185,8 +200,11 @@ def readme_section(exp_dir: Path, assets: Path = PROJECT_ROOT / "docs" / "result
     for s in audits:
         a = json.loads(Path(s["output"]).with_name("audit.json").read_text())
         d, fk, rb = a["discriminator"], a["distribution"]["fake"], a["distribution"]["real_baseline"]
+        p = a.get("probe")
+        probe = (f"fixed-budget discriminator loss {p['fake']['loss']:.3f} nats (real vs real "
+                 f"{p['real_baseline']['loss']:.3f}), " if p else "")
         md.append(f"- Synthetic {s['name'].removeprefix('audit_').upper()} images: real-vs-fake AUC {d['auc']:.3f} "
-                  f"(0.5 = indistinguishable), FID {fk['fid']:.2f} (real vs real {rb['fid']:.2f}), "
+                  f"(0.5 = indistinguishable), {probe}FID {fk['fid']:.2f} (real vs real {rb['fid']:.2f}), "
                   f"{a['memorisation']['n_flagged']} of {a['fake']['n_used']} flagged as near-copies.")
     if audits:
         md.append("")
