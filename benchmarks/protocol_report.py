@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -25,12 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from medpretrain.config import load_config
-from medpretrain.finetune import output_dir
 from medpretrain.methods.registry import selfsup_methods
-from medpretrain.pipeline.experiment import ExperimentConfig
-from medpretrain.pipeline.grid import cell_config, grid, previous
-from medpretrain.pipeline.schema import GRID_TASKS
-from medpretrain.pipeline.stages import Stage, grid_config
+from medpretrain.pipeline.experiment import ExperimentConfig, experiment_cells
 from medpretrain.report import (
     _cells,
     as_mappings,
@@ -69,31 +64,6 @@ def lite0_arms(exp_dir: Path, inits: Sequence[str]) -> dict[str, Any]:
     others = [i for i in inits if i.startswith("scratch@") and i != f"scratch{suffix}"] if base else ["scratch"]
     return {"imagenet": f"imagenet{suffix}", "scratch": f"scratch{suffix}", "ssl": ssl, "base": base,
             "references": {i: ("ResNet-18" if i == "scratch" else i.partition("@")[2]) for i in others}}
-
-
-def load(exp_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``experiment.json`` and the results of the cells of the experiment's own grids (the grids of its
-    ``experiment.yaml``, variants included, with the same config hash: a stale cell of an earlier config in the
-    same folder is left out)."""
-    exp = json.loads((exp_dir / "experiment.json").read_text())
-    cfg = load_config(ExperimentConfig, ["--config", str(exp_dir / "experiment.yaml")])
-    exports: dict[str, list[Stage]] = {}
-    for st in exp["stages"]:
-        base, _, variant = st["name"].partition("@")
-        key = re.sub(r"_seed\d+$", "", base) + (f"@{variant}" if variant else "")
-        exports.setdefault(key, []).append(Stage(st["name"], st["hash"], st["output"]))
-    cells = []
-    for task in GRID_TASKS:
-        if not getattr(cfg, task).enabled:
-            continue
-        for variant in [None, *cfg.variants]:
-            for argv in grid(grid_config(cfg, exp_dir, task, exports, variant)):
-                r = previous(cell_config(argv), ("complete", "unavailable", "failed"))
-                if r is not None:
-                    if r.run_dir is None:
-                        r.run_dir = str(output_dir(cell_config(argv)))
-                    cells.append(r.to_dict())
-    return exp, cells
 
 
 def fmt_budget(b: float, seg: bool) -> str:
@@ -141,7 +111,7 @@ def pair_md(p: Mapping[str, Any] | None) -> str:
 
 
 def summarise(name: str, exp_dir: Path) -> dict[str, Any]:
-    exp, results = load(exp_dir)
+    exp, results = experiment_cells(exp_dir)
     task = next(iter(exp["recommendations"]))
     metric = headline_metric(task)
     seg = task == "segmentation"

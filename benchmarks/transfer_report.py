@@ -7,7 +7,7 @@ supervised transfer, summarised from real experiment runs.
     python scripts/run_experiment.py configs/experiments/transfer_busi.yaml
     .venv/bin/python benchmarks/transfer_report.py        # -> benchmarks/results/transfer_analysis.md (+ .json, plots)
 
-Reads each experiment's cells (``benchmarks/protocol_report.load``: the cells of its own grids, variants
+Reads each experiment's cells (:func:`medpretrain.pipeline.experiment.experiment_cells`: the cells of its own grids, variants
 included; nothing is re-run). Per experiment, at its label budget:
 
 * **reuse**: per init (full fine-tuning), each stage's relative weight change ``||w - w0|| / ||w0||`` and the
@@ -27,17 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from protocol_report import load  # noqa: E402  (the same cell loader as protocol.md)
-
-from medpretrain.report import (  # noqa: E402
+from medpretrain.pipeline.experiment import experiment_cells
+from medpretrain.report import (
     _cells,
     compare_arms,
     plot_reuse,
@@ -47,7 +43,7 @@ from medpretrain.report import (  # noqa: E402
     reuse_rows,
     summarize,
 )
-from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version  # noqa: E402
+from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 EXPERIMENTS = ("transfer_pneumonia", "transfer_busi")
@@ -76,7 +72,7 @@ def arch_of(init: str) -> str:
 
 def analyse(name: str, exp_dir: Path, plots: Path) -> dict[str, Any]:
     """Every section of one experiment as JSON-ready fields (plots written under ``plots``)."""
-    exp, cells = load(exp_dir)
+    exp, cells = experiment_cells(exp_dir)
     done = [c for c in cells if c.get("status") == "complete"]
     if not done:
         raise SystemExit(f"error: {exp_dir}: no complete fine-tune cell (run the experiment first)")

@@ -16,15 +16,18 @@ group with the experiment's launcher:
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medpretrain.config import ConfigError, save_config
+from medpretrain.config import ConfigError, load_config, save_config
+from medpretrain.finetune import output_dir
 from medpretrain.methods import registry
 from medpretrain.pipeline.console import Console, say
-from medpretrain.pipeline.grid import grid_report
+from medpretrain.pipeline.grid import cell_config, grid, grid_report, previous
 from medpretrain.pipeline.report import write_report
 from medpretrain.pipeline.schema import (  # noqa: F401  (the schema, re-exported for callers)
     DEFAULT_ENABLED,
@@ -141,3 +144,28 @@ def run_experiment(cfg: Any, console: Console = None) -> Path:
     report = write_report(cfg, exp_dir, stages, grids, started)
     say(console, f"[experiment] report: {report} ({(time.time() - started) / 60:.1f} min)")
     return report
+
+
+def experiment_cells(exp_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``experiment.json`` and the results of the cells of the experiment's own grids (the grids of its
+    ``experiment.yaml``, variants included, with the same config hash: a stale cell of an earlier config in the
+    same folder is left out)."""
+    exp = json.loads((exp_dir / "experiment.json").read_text())
+    cfg = load_config(ExperimentConfig, ["--config", str(exp_dir / "experiment.yaml")])
+    exports: dict[str, list[Stage]] = {}
+    for st in exp["stages"]:
+        base, _, variant = st["name"].partition("@")
+        key = re.sub(r"_seed\d+$", "", base) + (f"@{variant}" if variant else "")
+        exports.setdefault(key, []).append(Stage(st["name"], st["hash"], st["output"]))
+    cells = []
+    for task in GRID_TASKS:
+        if not getattr(cfg, task).enabled:
+            continue
+        for variant in [None, *cfg.variants]:
+            for argv in grid(grid_config(cfg, exp_dir, task, exports, variant)):
+                r = previous(cell_config(argv), ("complete", "unavailable", "failed"))
+                if r is not None:
+                    if r.run_dir is None:
+                        r.run_dir = str(output_dir(cell_config(argv)))
+                    cells.append(r.to_dict())
+    return exp, cells
