@@ -27,7 +27,7 @@ from typing import Any
 
 from medpretrain.checkpoint import BackboneMeta, CheckpointError, save_backbone
 from medpretrain.cli import UserError
-from medpretrain.config import config_to_dict, save_config
+from medpretrain.config import ConfigError, config_to_dict, save_config
 from medpretrain.distributed import check_world, cpu_group_needed
 from medpretrain.faults import FiniteGuard, NonFiniteLossError
 from medpretrain.resume import (
@@ -205,6 +205,10 @@ def start_stage(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    synthetic = getattr(getattr(cfg, "data", None), "synthetic", "")
+    if synthetic and name != "finetune":
+        raise ConfigError(f"data.synthetic={synthetic!r} is a fine-tuning option; the {name} stage would ignore it "
+                          "(drop it from this stage's overrides)")
     run_dir, existing = resolve_run_dir(out_dir, run_name, resume, done_file)
     resume_from = resolve_resume(resume, run_dir / "checkpoints") if existing else None
     if (run_dir / done_file).exists() and resume_from is None:

@@ -205,6 +205,29 @@ def test_tasks_that_cannot_take_synthetic_images_refuse_them(tmp_path: Path, dat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("script", ["pretrain/simclr.py", "generative/vae.py"])
+def test_training_stages_refuse_synthetic_images_instead_of_ignoring_them(tmp_path: Path, data_root: Path,
+                                                                         script: str) -> None:
+    """Pretraining and generator training read unlabeled real images only: ``data.synthetic`` there is refused in
+    one line (exit 2) before a run folder is made, not silently dropped."""
+    import os
+    import subprocess
+    import sys
+
+    f = tmp_path / "samples.npz"
+    write_samples(f)
+    env = {**os.environ, "MEDPRETRAIN_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    env.pop("MEDPRETRAIN_DEBUG", None)
+    proc = subprocess.run([sys.executable, str(ROOT / script), f"out_dir={tmp_path}", "run_name=r",
+                           *synth(f, "data.synthetic_per_class=5")], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    stage = Path(script).stem
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr == (f"error: data.synthetic={str(f)!r} is a fine-tuning option; the {stage} stage would "
+                           "ignore it (drop it from this stage's overrides)\n")
+    assert not (tmp_path / "r").exists()
+
+
 def test_the_neutral_defaults_keep_every_hash() -> None:
     assert config_hash(DataConfig()) == config_hash(DataConfig(synthetic="", synthetic_ratio=0.0))
     assert config_hash(DataConfig(synthetic="a.npz", synthetic_ratio=1.0)) != config_hash(DataConfig())
