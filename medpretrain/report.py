@@ -465,7 +465,12 @@ def plot_learning_curves(results: Sequence[Result], path: Path, val_key: str = "
             for i, key in enumerate((val_key, "train_loss")):
                 curves = [[h[key] for h in r["history"]] for r in runs]
                 length = min(len(c) for c in curves)
-                mean = np.nanmean(np.asarray([c[:length] for c in curves], dtype=float), axis=0)
+                arr = np.asarray([c[:length] for c in curves], dtype=float)
+                seen = ~np.isnan(arr).all(axis=0)  # a kNN read-out has no training loss: nothing to average
+                if not seen.any():
+                    continue
+                mean = np.full(length, np.nan)
+                mean[seen] = np.nanmean(arr[:, seen], axis=0)
                 axes[i][j].plot(range(1, length + 1), mean, color=colors[init], label=init)
         axes[0][j].set_title(f"regime: {regime}")
         axes[0][j].set_ylabel(val_key.replace("_", " "))

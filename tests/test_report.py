@@ -494,3 +494,22 @@ def test_grid_workers_run_cells_at_once_with_the_same_results(tmp_path, monkeypa
         assert "test (624): auc" in (Path(b.run_dir) / "run.log").read_text()
     # the workers' own results, not copies: another seed, another subset, another number
     assert two[0].metrics["test"]["auc"] != two[1].metrics["test"]["auc"]
+
+
+def test_learning_curves_skip_a_read_out_without_training_loss(tmp_path):
+    """A kNN read-out records no training loss (NaN): its loss curve is left out, without numpy's
+    "Mean of empty slice" warning, and the trained runs' curves are still drawn."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from medpretrain.report import plot_learning_curves
+
+    knn = _fake("simclr", 0.1, 0, 0.8, regime="knn")
+    knn["history"] = [{"epoch": 1, "train_loss": float("nan"), "val_auc": 0.8, "epoch_s": 1.0}]
+    runs = [knn, _fake("scratch", 0.1, 0, 0.7), _fake("scratch", 0.1, 1, 0.7)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        path = plot_learning_curves(runs, tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
