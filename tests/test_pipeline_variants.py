@@ -65,6 +65,30 @@ def test_a_variant_can_run_only_some_cells_of_the_grid(tmp_path: Path) -> None:
     assert len(grid(grid_config(cfg, tmp_path / "var", "classification", exports))) == 2 * 2 * 2  # inits x budgets x regimes
 
 
+def test_variant_overrides_reach_only_the_configs_that_have_their_group(tmp_path: Path) -> None:
+    """A variant's ``optim.steps`` reaches its fine-tune cells, not its pretraining (whose schema has no
+    ``optim``); its ``train.max_steps`` reaches the pretraining, not the cells; a group nothing has is refused."""
+    plain = experiment(tmp_path, dry_run=True)
+    both = experiment(tmp_path, dry_run=True, variants=[
+        {"name": "px32", "overrides": ["data.image_size=32", "optim.steps=7", "train.max_steps=5"],
+         "stages": ["simclr"]}])
+    only_ft = experiment(tmp_path, dry_run=True, variants=[
+        {"name": "px32", "overrides": ["data.image_size=32", "optim.steps=7"], "stages": ["simclr"]}])
+    h = {name: train_stage(c, tmp_path / "var", "simclr", variant=c.variants[0]).hash
+         for name, c in (("plain", plain), ("both", both), ("only_ft", only_ft))}
+    assert h["only_ft"] == h["plain"] != h["both"]  # optim.* never reached the stage; train.max_steps did
+    var = train_stage(both, tmp_path / "var", "simclr", variant=both.variants[0])
+    cells = grid(grid_config(both, tmp_path / "var", "classification", {"simclr": [var], "simclr@px32": [var]},
+                             both.variants[0]))
+    assert cells and all("optim.steps=7" in argv and "data.image_size=32" in argv for argv in cells)
+    assert not any("train.max_steps=5" in argv for argv in cells)
+    typo = experiment(tmp_path, dry_run=True, variants=[
+        {"name": "v", "overrides": ["optm.steps=7"], "stages": ["simclr"]}])
+    with pytest.raises(ConfigError, match=r"^variants\[v\]\.overrides has 'optm.steps=7': neither the fine-tune "
+                                          r"cells nor the variant's stages \(simclr\) have a 'optm' group$"):
+        run_experiment(typo)
+
+
 @pytest.mark.parametrize("variant, message", [
     ({"name": "", "stages": []}, "own short name"),
     ({"name": "a@b", "stages": []}, "own short name"),

@@ -47,6 +47,9 @@ from medpretrain.pipeline.stages import (
     grid_stage,
     record,
     sample_and_audit,
+    schema_keys,
+    schema_of,
+    top_key,
     train_stage,
     variant_label,
     variant_note,
@@ -71,6 +74,16 @@ def check_variants(cfg: Any, trained: Mapping[str, Any]) -> None:
         for init in v.inits:
             if init in trained and init not in v.stages:
                 raise ConfigError(f"variants[{v.name}].inits has {init!r}: add it to variants[{v.name}].stages")
+        from medpretrain.finetune import FinetuneConfig
+
+        takers = [FinetuneConfig, *(schema_of(registry.stage(n)) for n in v.stages)]
+        if None in takers:
+            continue  # a stage without a schema takes every override
+        known = set().union(*(schema_keys(t) for t in takers))
+        for o in v.overrides:
+            if top_key(o) is not None and top_key(o) not in known:
+                raise ConfigError(f"variants[{v.name}].overrides has {o!r}: neither the fine-tune cells nor the "
+                                  f"variant's stages ({', '.join(v.stages) or 'none'}) have a {top_key(o)!r} group")
 
 
 def run_experiment(cfg: Any, console: Console = None) -> Path:

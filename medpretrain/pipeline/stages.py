@@ -101,16 +101,31 @@ def stage_config(info: registry.StageInfo, config_file: str, overrides: list[str
     return merge_overrides(read_yaml(ROOT / config_file) if config_file else {}, overrides, root=ROOT)
 
 
-def stage_common(info: registry.StageInfo, common: list[str]) -> list[str]:
-    """The experiment's ``common`` overrides that stage ``info`` takes: those whose top-level key its schema has
-    (a field or an alias), so ``backbone.arch=...`` reaches the backbone stages and skips the DDPM, whose
-    config has no ``backbone``; all of them when the stage names no schema. A misspelt key inside a group
-    the stage has still fails."""
-    schema = schema_of(info)
+def top_key(override: str) -> str | None:
+    """The top-level key of a ``key=value`` / ``--key=value`` override (``optim`` of ``optim.steps=300``)."""
+    return override.partition("=")[0].strip().lstrip("-").split(".")[0] if "=" in override else None
+
+
+def schema_keys(schema: type) -> set[str]:
+    """The top-level keys a config schema takes: its fields and aliases."""
+    return {f.name for f in dataclasses.fields(schema)} | set(getattr(schema, "ALIASES", {}))
+
+
+def taken_by(schema: type | None, overrides: list[str]) -> list[str]:
+    """The overrides whose top-level key ``schema`` has (all of them when there is no schema)."""
     if schema is None:
-        return list(common)
-    keys = {f.name for f in dataclasses.fields(schema)} | set(getattr(schema, "ALIASES", {}))
-    return [o for o in common if "=" not in o or o.partition("=")[0].strip().lstrip("-").split(".")[0] in keys]
+        return list(overrides)
+    keys = schema_keys(schema)
+    return [o for o in overrides if top_key(o) is None or top_key(o) in keys]
+
+
+def stage_common(info: registry.StageInfo, common: list[str]) -> list[str]:
+    """The experiment's ``common`` (or a variant's) overrides that stage ``info`` takes: those whose top-level
+    key its schema has (a field or an alias), so ``backbone.arch=...`` reaches the backbone stages and skips
+    the DDPM, whose config has no ``backbone``, and a variant's ``optim.steps=300`` reaches its fine-tune cells,
+    not its pretraining; all of them when the stage names no schema. A misspelt key inside a group the stage
+    has still fails (and a top-level key nothing takes: :func:`medpretrain.pipeline.experiment.check_variants`)."""
+    return taken_by(schema_of(info), common)
 
 
 def data_of(conf: dict[str, Any]) -> DataConfig:
@@ -176,7 +191,8 @@ def train_stage(cfg: ExperimentConfig, exp_dir: Path, name: str, console: Consol
     info = registry.stage(name)
     spec = getattr(cfg, name)
     config_file = spec.config or info.config
-    overrides = [*stage_common(info, cfg.common), *spec.overrides, *(variant.overrides if variant else []),
+    overrides = [*stage_common(info, cfg.common), *spec.overrides,
+                 *(stage_common(info, variant.overrides) if variant else []),
                  *([f"train.seed={seed}"] if seed is not None else [])]
     conf = stage_config(info, config_file, overrides)
     h = stage_hash(info.script, conf, data_stamp(data_of(conf)))
@@ -441,10 +457,13 @@ def grid_config(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[s
 
 def cell_overrides(cfg: ExperimentConfig, task: str, variant: VariantSpec | None = None) -> list[str]:
     """Every fine-tune cell's overrides in ``task``'s grid, before :func:`resolve_synthetic`: the grid file's,
-    ``common``, the task's, the variant's, ``resume=auto``."""
+    ``common``, the task's, the variant's that fine-tuning takes (not a pretraining-only ``train.epochs=15``),
+    ``resume=auto``."""
     base = resolve_config(CompareConfig, getattr(cfg, task).config, root=ROOT)
-    return [*base.overrides, *cfg.common, *getattr(cfg, task).overrides, *(variant.overrides if variant else []),
-            "resume=auto"]
+    from medpretrain.finetune import FinetuneConfig
+
+    return [*base.overrides, *cfg.common, *getattr(cfg, task).overrides,
+            *(taken_by(FinetuneConfig, variant.overrides) if variant else []), "resume=auto"]
 
 
 def variant_note(variant: VariantSpec) -> str:
