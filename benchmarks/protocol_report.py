@@ -44,7 +44,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 EXPERIMENTS = ("pneumonia", "busi", "drive")
 TARGETS = {"pneumonia": {0.01: 0.85, 0.1: 0.90, 1.0: 0.96}}
 """Self-supervised fine-tuning test AUC the protocol must reach (issue 14: the independent reference script)."""
-SSL = (*selfsup_methods(), "simclr@lite0")
+
+
+def is_ssl(init: str) -> bool:
+    """A self-supervised arm: ``simclr``, or a variant's ``simclr@lite0`` / ``moco@px64``."""
+    return init.partition("@")[0] in selfsup_methods()
+
+
+def scratch_of(init: str) -> str:
+    """The scratch arm of the same variant: ``scratch@px64`` for ``simclr@px64``, ``scratch`` for ``simclr``."""
+    _, at, variant = init.partition("@")
+    return f"scratch{at}{variant}"
+
 LITE0 = ("imagenet@lite0", "simclr@lite0", "scratch@lite0")
 LITE0_ARCH = "timm:tf_efficientnet_lite0"
 SEG_TARGET = 0.82
@@ -55,14 +66,18 @@ def lite0_arms(exp_dir: Path, inits: Sequence[str]) -> dict[str, Any]:
     """Which arms are EfficientNet-Lite0: the ``@lite0`` variant's (``imagenet@lite0`` ...) or, when the
     experiment's ``common`` makes Lite0 the backbone of every arm (drive.yaml), the plain ``imagenet`` /
     ``scratch`` / self-supervised ones. Returns ``imagenet``, ``scratch``, ``ssl`` (list) labels, ``base``
-    (True when the plain arms are Lite0) and the reference arms of other architectures."""
+    (True when the plain arms are Lite0), ``arch`` (the plain arms' architecture, as a reader names it) and the
+    reference arms of other architectures."""
     cfg = load_config(ExperimentConfig, ["--config", str(exp_dir / "experiment.yaml")])
     base = f"backbone.arch={LITE0_ARCH}" in cfg.common
     suffix = "" if base else "@lite0"
     ssl = ([i for i in inits if "@" not in i and i in selfsup_methods()] if base else
            [i for i in inits if i.endswith(suffix) and i.removesuffix(suffix) in selfsup_methods()])
     others = [i for i in inits if i.startswith("scratch@") and i != f"scratch{suffix}"] if base else ["scratch"]
+    archs = [o.partition("=")[2].strip() for o in cfg.common if o.partition("=")[0].strip() == "backbone.arch"]
+    arch = archs[-1] if archs else "resnet18"
     return {"imagenet": f"imagenet{suffix}", "scratch": f"scratch{suffix}", "ssl": ssl, "base": base,
+            "arch": {"resnet18": "ResNet-18", LITE0_ARCH: "EfficientNet-Lite0"}.get(arch, arch),
             "references": {i: ("ResNet-18" if i == "scratch" else i.partition("@")[2]) for i in others}}
 
 
@@ -120,10 +135,13 @@ def summarise(name: str, exp_dir: Path) -> dict[str, Any]:
     every = summarize(results, headline=metric)
     budgets = sorted({row["budget"] for row in rows})
     inits = sorted({a["init"] for row in rows for a in row["ranking"]})
-    ssl = [i for i in SSL if i in inits and not i.endswith("@lite0")]
-    cells = _cells(as_mappings(results))
-    questions = {f"{s} - scratch": [pair(cells, choice, s, "scratch", b, metric) for b in budgets] for s in ssl}
     arms = lite0_arms(exp_dir, inits)
+    # Lite0 arms of a @lite0 variant have their own section (lite0 below); other variants' arms (@px64) are
+    # compared with their variant's scratch, where both have cells.
+    ssl = [i for i in inits if is_ssl(i) and scratch_of(i) in inits and (arms["base"] or not i.endswith("@lite0"))]
+    cells = _cells(as_mappings(results))
+    questions = {f"{s} - {scratch_of(s)}": [pair(cells, choice, s, scratch_of(s), b, metric) for b in budgets]
+                 for s in ssl}
     im, sc = arms["imagenet"], arms["scratch"]
     qs = {f"{im} - {sc}": (im, sc), **{f"{x} - {sc}": (x, sc) for x in arms["ssl"]},
           **{f"{im} - {x}": (im, x) for x in arms["ssl"]}}
@@ -133,7 +151,7 @@ def summarise(name: str, exp_dir: Path) -> dict[str, Any]:
     lite0 = {q: [pair(cells, choice, a, b_, b, metric) for b in budgets] for q, (a, b_) in qs.items()}
     targets = []
     for b, goal in TARGETS.get(name, {}).items():
-        for init in [i for i in SSL if i in inits]:
+        for init in [i for i in inits if is_ssl(i)]:
             c = choice.get((b, init))
             if c is not None:
                 targets.append({"init": init, "budget": b, "target": goal, "mean": c["mean"], "std": c["std"],
@@ -226,7 +244,7 @@ def protocol_md(summaries: Sequence[Mapping[str, Any]], notes: Sequence[str]) ->
                    f"{f['init']}/{f['regime']}/{f['budget']:g} {f['mean']:.3f} ({f['cause']})"
                    for f in s["failed_cells"]) + "."), ""]
         md += choice_table(s) + [""]
-        md += ["Self-supervised minus scratch (same architecture, ResNet-18), gap [95% CI]:", ""]
+        md += [f"Self-supervised minus scratch (same architecture, {s['lite0_arms']['arch']}), gap [95% CI]:", ""]
         md += questions_table(s["ssl_vs_scratch"], s) + [""]
         if s["targets"]:
             md += ["Targets (issue 14: self-supervised fine-tuning test AUC of the independent reference):", "",
