@@ -556,7 +556,7 @@ HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "FinetuneConfig": {"tasks": []},
     "BackboneConfig": {"memory_format": "auto"},
     "CompareConfig": {"workers": 1},
-    "SegConfig": {"model": "unet", "full_resolution": False, "foreground_fraction": 0.0},
+    "SegConfig": {"model": "unet", "full_resolution": False, "foreground_fraction": 0.0, "sw_size": 0, "tta": "none"},
     "DDPMConfig": {"ema_decay": 0.0, "ema_power": 0.75, "conditional": False, "class_dropout": 0.0,
                    "guidance_scale": 1.0},
     "VAEConfig": {"conditional": False},

@@ -141,6 +141,13 @@ class SegConfig:
     """Patches drawn per training image per epoch."""
     sw_batch_size: int = 16
     sw_overlap: float = 0.25
+    sw_size: int = 0
+    """Sliding-window size at inference (0: ``patch_size``). A fully convolutional U-Net runs at any size: a window
+    larger than the training patches leaves fewer window borders in every prediction."""
+    tta: Literal["none", "flips"] = "none"
+    """Test-time augmentation of every prediction (validation and test alike, so the threshold chosen on validation
+    fits test): ``flips`` averages the foreground probabilities of the image and its horizontal, vertical and
+    double flips, each flipped back (4x the inference cost)."""
     threshold: float = 0.5
     """Binarisation threshold of the per-period validation Dice (model selection), and of test with
     ``threshold_rule=fixed``."""
@@ -167,6 +174,8 @@ class SegConfig:
 
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ConfigError(f"seg.foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+        if self.sw_size < 0:
+            raise ConfigError(f"seg.sw_size must be >= 0 (0: seg.patch_size), got {self.sw_size}")
 
 
 @dataclass
@@ -678,17 +687,24 @@ def seg_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float) -> to
 def predict_images(model: torch.nn.Module, loader: Any, cfg: FinetuneConfig, accelerator: Any) -> dict[str, np.ndarray]:
     """Foreground probabilities of whole images by MONAI sliding-window inference, gathered across processes.
 
-    Returns ``probs``, ``masks``, ``rois`` ``[N, H, W]`` and ``index`` ``[N]`` (images of one split share a size).
+    Windows of ``seg.sw_size`` (default the patch size), Gaussian-weighted where they overlap; ``seg.tta=flips``:
+    the mean probability over the four flips of each image. Returns ``probs``, ``masks``, ``rois`` ``[N, H, W]``
+    and ``index`` ``[N]`` (images of one split share a size).
     """
     from monai.inferers import sliding_window_inference
 
     model.eval()
     probs, masks, rois, index = [], [], [], []
-    size = (cfg.seg.patch_size, cfg.seg.patch_size)
+    side = cfg.seg.sw_size or cfg.seg.patch_size
+    flips = [(), (-1,), (-2,), (-2, -1)] if cfg.seg.tta == "flips" else [()]
     for batch in loader:
-        logits = sliding_window_inference(batch["image"], size, cfg.seg.sw_batch_size, model,
-                                          overlap=cfg.seg.sw_overlap, mode="gaussian")
-        p = torch.sigmoid(torch.as_tensor(logits))[:, 0]
+        p = 0.0
+        for dims in flips:
+            x = batch["image"].flip(dims) if dims else batch["image"]
+            logits = torch.as_tensor(sliding_window_inference(x, (side, side), cfg.seg.sw_batch_size, model,
+                                                              overlap=cfg.seg.sw_overlap, mode="gaussian"))
+            p = p + torch.sigmoid(logits.flip(dims) if dims else logits)[:, 0]
+        p = p / len(flips)
         p, m, r, i = accelerator.gather_for_metrics((p, batch["mask"][:, 0], batch["roi"][:, 0], batch["index"]))
         probs.append(p.float().cpu())
         masks.append(m.cpu())

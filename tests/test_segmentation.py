@@ -319,3 +319,35 @@ def test_small_unet_fine_tunes_on_drive_from_scratch(tmp_path):
                                       method="simclr", dataset="drive:"))
     with pytest.raises(ConfigError, match="seg.model=small is trained from scratch"):
         main_in_process([*args, "backbone.arch=cbr_tiny", f"init={init}", f"output_dir={tmp_path / 'refused'}"])
+
+
+class _Gather:
+    """The accelerator's one call predict_images makes, in one process."""
+
+    @staticmethod
+    def gather_for_metrics(x):
+        return x
+
+
+def test_predict_images_window_size_and_flip_tta():
+    """One window covering the image is the plain forward pass; ``seg.tta=flips`` is the mean probability of the
+    four flips, each flipped back (a conv net that is not flip-symmetric, so the four differ)."""
+    from medpretrain.finetune import FinetuneConfig, predict_images
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 3, padding=1))
+    x = torch.rand(2, 1, 20, 20)
+    batch = {"image": x, "mask": torch.zeros(2, 1, 20, 20), "roi": torch.ones(2, 1, 20, 20), "index": torch.arange(2)}
+    cfg = FinetuneConfig(task="segmentation")
+    cfg.seg.patch_size, cfg.seg.sw_size = 8, 20
+    with torch.no_grad():
+        plain = torch.sigmoid(model(x))[:, 0]
+        flipped = [torch.sigmoid(model(x.flip(d)).flip(d))[:, 0] for d in [(-1,), (-2,), (-2, -1)]]
+    one = predict_images(model, [batch], cfg, _Gather)["probs"]
+    np.testing.assert_allclose(one, plain.numpy(), atol=1e-6)
+    cfg.seg.tta = "flips"
+    tta = predict_images(model, [batch], cfg, _Gather)["probs"]
+    np.testing.assert_allclose(tta, ((plain + sum(flipped)) / 4).numpy(), atol=1e-6)
+    assert np.abs(tta - one).max() > 1e-3  # the flips changed something: the test can tell them apart
+    cfg.seg.tta, cfg.seg.sw_size = "none", 0  # 8 px windows (the patch size): borders differ from one window
+    assert np.abs(predict_images(model, [batch], cfg, _Gather)["probs"] - one).max() > 1e-4
