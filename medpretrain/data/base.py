@@ -17,14 +17,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
-
-if TYPE_CHECKING:
-    from medpretrain.data.cache import CachedImages
-    from medpretrain.data.stream import StreamedImages
 
 Task = Literal["binary", "multiclass", "multilabel", "segmentation", "unlabeled"]
 PROGRESS_MIN_FILES = 200
@@ -98,6 +94,49 @@ def stack_if_same(images: list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
     return images
 
 
+class LazyImages:
+    """A read-only sequence of float32 ``[C, H, W]`` images produced on access (the on-disk cache's
+    :class:`~medpretrain.data.cache.CachedImages`, the streamed :class:`~medpretrain.data.stream.StreamedImages`):
+    ``images[j]``, slices and index arrays (stacked), iteration and ``np.asarray`` like an in-memory array.
+    Subclasses set ``item_shape`` and ``what`` and define ``__len__`` and :meth:`item`."""
+
+    dtype = np.dtype(np.float32)
+    item_shape: tuple[int, ...]
+    what = "images"
+    """How an out-of-range index error names them (``cached images``)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def item(self, j: int) -> np.ndarray:
+        """Image ``j`` (``0 <= j < len(self)``)."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.item_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.item_shape)
+
+    def __getitem__(self, j: Any) -> np.ndarray:
+        if isinstance(j, (int, np.integer)):
+            if not -len(self) <= j < len(self):
+                raise IndexError(f"index {j} out of range for {len(self)} {self.what}")
+            return self.item(int(j) % len(self))
+        picked = np.arange(len(self))[j]
+        return np.stack([self.item(int(i)) for i in np.atleast_1d(picked)]).reshape(-1, *self.item_shape)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for j in range(len(self)):
+            yield self.item(j)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]  # every image in memory: for small sets (audits), not for training
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class Source:
     """Decoded samples of one dataset, before splitting.
@@ -118,7 +157,7 @@ class Source:
     ``data.group_regex`` is matched against; ``None``: ``names``.
     """
 
-    images: list[np.ndarray] | np.ndarray | CachedImages | StreamedImages
+    images: list[np.ndarray] | np.ndarray | LazyImages
     task: Task
     names: list[str]
     files: list[Path]

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from medpretrain.config import ConfigError, DataConfig
 from medpretrain.data import retina
-from medpretrain.data.base import PROGRESS_MIN_FILES, DatasetSpec, Decoded, Source, decoding_with
+from medpretrain.data.base import PROGRESS_MIN_FILES, DatasetSpec, Decoded, LazyImages, Source, decoding_with
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.privacy import salted_key
 from medpretrain.data.readers import READERS, Reader
@@ -422,12 +422,12 @@ def _index(folder: Path, n_chunks: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-class CachedImages:
+class CachedImages(LazyImages):
     """The images of an on-disk cache as a read-only sequence: ``images[j]`` is float32 ``[C, H, W]`` in [0, 1]
     (one item read from the memory-mapped chunk and dequantised); ``rows`` maps a source sample to its row
     in the cache. Pickles as its file names (DataLoader workers re-open the maps)."""
 
-    dtype = np.dtype(np.float32)
+    what = "cached images"
 
     def __init__(self, folder: Path, records: list[dict[str, Any]], shape: list[int], rows: np.ndarray):
         self.folder = Path(folder)
@@ -436,14 +436,6 @@ class CachedImages:
         self._chunks = [(k, int(r["samples"]), np.dtype(r["dtype"])) for k, r in enumerate(records)]
         self._starts = np.cumsum([0] + [n for _, n, _ in self._chunks])
         self._maps: list[np.memmap | None] | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.rows), *self.item_shape)
-
-    @property
-    def ndim(self) -> int:
-        return 1 + len(self.item_shape)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -463,21 +455,8 @@ class CachedImages:
         assert chunk is not None
         return np.asarray(chunk[row - self._starts[c]])
 
-    def __getitem__(self, j: Any) -> np.ndarray:
-        if isinstance(j, (int, np.integer)):
-            if not -len(self) <= j < len(self):
-                raise IndexError(f"index {j} out of range for {len(self)} cached images")
-            return dequantise(self.quantised(int(j) % len(self)))
-        picked = np.arange(len(self))[j]
-        return np.stack([self[int(i)] for i in np.atleast_1d(picked)]).reshape(-1, *self.item_shape)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for j in range(len(self)):
-            yield self[j]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[:]  # every image in memory: for small sets (audits), not for training
-        return out if dtype is None else out.astype(dtype)
+    def item(self, j: int) -> np.ndarray:
+        return dequantise(self.quantised(j))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": None}

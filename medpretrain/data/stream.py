@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from medpretrain.config import ConfigError, DataConfig
-from medpretrain.data.base import DatasetSpec, Source
+from medpretrain.data.base import DatasetSpec, LazyImages, Source
 from medpretrain.data.cache import CacheInfo, FileTask, _build, _workers, plan, serve_source
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.readers import READERS, Reader
@@ -56,13 +55,13 @@ class StreamReadError(DataError):
         super().__init__(path, reason)
 
 
-class StreamedImages:
+class StreamedImages(LazyImages):
     """The images of a streamed source as a read-only sequence: ``images[j]`` is float32 ``[C, H, W]`` in [0, 1],
     decoded from its file on access (see the module docstring). ``tasks`` are the planned per-file decodes,
     ``files[j]`` / ``frames[j]`` sample ``j``'s task and its sample within the file. Pickles without the
     decoded file it keeps (DataLoader workers start empty)."""
 
-    dtype = np.dtype(np.float32)
+    what = "streamed images"
 
     def __init__(self, tasks: list[FileTask], files: np.ndarray, frames: np.ndarray, shape: list[int],
                  cfg: DataConfig, counts: np.ndarray):
@@ -73,14 +72,6 @@ class StreamedImages:
         self.cfg = cfg
         self.counts = np.asarray(counts, dtype=np.int64)  # samples per planned file when indexed
         self._last: tuple[int, np.ndarray] | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.files), *self.item_shape)
-
-    @property
-    def ndim(self) -> int:
-        return 1 + len(self.item_shape)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -102,22 +93,8 @@ class StreamedImages:
         self._last = (i, images)
         return images
 
-    def __getitem__(self, j: Any) -> np.ndarray:
-        if isinstance(j, (int, np.integer)):
-            if not -len(self) <= j < len(self):
-                raise IndexError(f"index {j} out of range for {len(self)} streamed images")
-            j = int(j) % len(self)
-            return self._decoded(int(self.files[j]))[int(self.frames[j])]
-        picked = np.arange(len(self))[j]
-        return np.stack([self[int(i)] for i in np.atleast_1d(picked)]).reshape(-1, *self.item_shape)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for j in range(len(self)):
-            yield self[j]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[:]  # every image decoded into memory: for small sets (audits), not for training
-        return out if dtype is None else out.astype(dtype)
+    def item(self, j: int) -> np.ndarray:
+        return self._decoded(int(self.files[j]))[int(self.frames[j])]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_last": None}
