@@ -27,3 +27,45 @@ def require_module(name: str, hint: str) -> object:
         return importlib.import_module(name)
     except ImportError as e:
         pytest.fail(f"test dependency {name!r} is missing ({e}): {hint}", pytrace=False)
+
+
+# Small on-disk sources for the cache and streaming tests (tests/test_data_cache.py, tests/test_data_stream.py).
+DICOM_FILES = {"ct": ["CT_small.dcm", "MR_small.dcm"], "mr": ["MR_small_bigendian.dcm", "emri_small.dcm"]}
+"""Real 16-bit pydicom test files (emri_small.dcm has 10 frames) in two class folders."""
+
+
+def png_folder(root: Path, n: int = 5, size: tuple[int, int] = (20, 24)) -> Path:
+    """``n`` random uint8 PNGs of ``size`` in each of two class folders (``benign``, ``malignant``)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("benign", "malignant"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / c / f"{c}_{i}.png")
+    return root
+
+
+def dicom_folder(root: Path) -> Path:
+    """:data:`DICOM_FILES` copied into class folders under ``root``."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    for c, names in DICOM_FILES.items():
+        (root / c).mkdir(parents=True)
+        for name in names:
+            shutil.copy(get_testdata_file(name), root / c / name)
+    return root
+
+
+@pytest.fixture
+def small_cache_chunks(monkeypatch: pytest.MonkeyPatch):
+    """Cache chunks of 3 files (so a few test files span several chunks) and no decoded source kept across tests."""
+    from medpretrain.data import cache, clear_source_cache
+
+    monkeypatch.setattr(cache, "CHUNK_FILES", 3)
+    clear_source_cache()
+    yield
+    clear_source_cache()

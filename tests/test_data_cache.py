@@ -5,51 +5,24 @@ that reads its images from the memory maps."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_module
+from conftest import DICOM_FILES, dicom_folder, png_folder, require_module
 from PIL import Image
 
 from medpretrain.config import ConfigError, DataConfig, config_hash, hash_view, load_config
-from medpretrain.data import DataError, build_dataset, cache, clear_source_cache, read_source
+from medpretrain.data import DataError, build_dataset, cache, read_source
 from medpretrain.data.cache import CachedImages, build_cache, dequantise, quantise
 
 require_module("data_store", "pip install pydicom-data (part of the [dev] extra; scripts/setup.sh installs it)")
 from pydicom.data import get_testdata_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# Real 16-bit files (emri_small.dcm has 10 frames) in two class folders.
-DICOM_FILES = {"ct": ["CT_small.dcm", "MR_small.dcm"], "mr": ["MR_small_bigendian.dcm", "emri_small.dcm"]}
-
-
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache, "CHUNK_FILES", 3)
-    clear_source_cache()
-    yield
-    clear_source_cache()
-
-
-def png_folder(root: Path, n: int = 5, size: tuple[int, int] = (20, 24)) -> Path:
-    rng = np.random.default_rng(0)
-    for c in ("benign", "malignant"):
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / c / f"{c}_{i}.png")
-    return root
-
-
-def dicom_folder(root: Path) -> Path:
-    for c, names in DICOM_FILES.items():
-        (root / c).mkdir(parents=True)
-        for name in names:
-            shutil.copy(get_testdata_file(name), root / c / name)
-    return root
+pytestmark = pytest.mark.usefixtures("small_cache_chunks")
 
 
 def cached(cfg: DataConfig, cache_dir: Path, **kw) -> DataConfig:
