@@ -645,6 +645,53 @@ def list_class_layout(path: Path, accept: Callable[[Path], bool]) -> tuple[list[
     return files, None, [], refused
 
 
+def read_class_files(path: Path, files: list[Path], labels: list[int] | None, class_names: list[str], log: SkipLog,
+                     kind: str, candidates: str, containers: str, decode: Callable[[Path, str], Decoded]) -> Source:
+    """The :class:`Source` of the ``files`` of a class layout (:func:`list_class_layout`; ``labels`` per file, or
+    ``None``), each decoded by ``decode(file, rel)`` (``rel``: its posix path under ``path``) into one or more
+    samples that carry the file's label and group. A bad file's :class:`DataError` goes to ``log`` (raised, or
+    counted under ``skip_bad``). Raises DataError when no file could be read; warns about class folders left
+    without a readable sample. ``kind`` / ``candidates`` / ``containers`` name the files in the progress bar, the
+    error and the log line (``"NIfTI"``, ``"NIfTI file(s)"``, ``"volume(s)"``)."""
+    first_skip = len(log.skipped)
+    chunks: list[np.ndarray] = []
+    names: list[str] = []
+    groups: list[str] = []
+    sample_labels: list[int] = []
+    read: list[Path] = []
+    for i, f in enumerate(progress(files, kind)):
+        rel = (f.relative_to(path) if f != path else Path(f.name)).as_posix()
+        try:
+            decoded = decode(f, rel)
+        except DataError as err:
+            log.handle(err)
+            continue
+        read.append(f)
+        chunks.append(np.asarray(decoded.images))
+        names += decoded.names
+        groups += [decoded.group] * len(decoded)  # type: ignore[list-item]
+        if labels is not None:
+            sample_labels += [labels[i]] * len(decoded)
+    skipped = list(log.skipped[first_skip:])
+    if not chunks:
+        raise DataError(path, f"none of the {len(files)} {candidates} could be read")
+    if labels is not None:
+        empty = [c for k, c in enumerate(class_names) if k not in set(sample_labels)]
+        if empty:
+            logger.warning("%s: class folder(s) %s have no readable %s images", path, ", ".join(empty), kind)
+    logger.info("%s: %d sample(s) from %d %s; %d skipped", path, len(names), len(read), containers, len(skipped))
+    return Source(
+        images=np.concatenate(chunks),
+        task=task_for(class_names, labels is not None),
+        names=names,
+        files=read,
+        labels=np.asarray(sample_labels, dtype=np.int64) if labels is not None else None,
+        class_names=class_names if labels is not None else [],
+        groups=np.asarray(groups),
+        skipped=skipped,
+    )
+
+
 def task_for(class_names: list[str], labelled: bool) -> Task:
     """``"unlabeled"``, ``"binary"`` (two classes) or ``"multiclass"``."""
     if not labelled:
@@ -680,39 +727,5 @@ def read_dicom_source(path: Path, cfg: DataConfig, log: SkipLog) -> Source:
         logger.info("%s: ignored %d file(s) that are clearly not DICOM (by name)", path, ignored)
     if not files:
         raise DataError(path, "no DICOM files found")
-    first_skip = len(log.skipped)
-    images: list[np.ndarray] = []
-    names: list[str] = []
-    groups: list[str] = []
-    sample_labels: list[int] = []
-    read: list[Path] = []
-    for i, f in enumerate(progress(files, "DICOM")):
-        try:
-            decoded = decode_file(decode_dicom_file, f, cfg, str(f.relative_to(path)) if f != path else f.name)
-        except DataError as err:
-            log.handle(err)
-            continue
-        read.append(f)
-        images.extend(decoded.images)
-        names.extend(decoded.names)
-        groups.extend([decoded.group] * len(decoded))  # type: ignore[list-item]
-        if labels is not None:
-            sample_labels.extend([labels[i]] * len(decoded))
-    skipped = list(log.skipped[first_skip:])
-    if not images:
-        raise DataError(path, f"none of the {len(files)} candidate DICOM file(s) could be read")
-    if labels is not None:
-        empty = [c for k, c in enumerate(class_names) if k not in set(sample_labels)]
-        if empty:
-            logger.warning("%s: class folder(s) %s have no readable DICOM images", path, ", ".join(empty))
-    logger.info("%s: %d sample(s) from %d DICOM file(s); %d skipped", path, len(images), len(read), len(skipped))
-    return Source(
-        images=np.stack(images),
-        task=task_for(class_names, labels is not None),
-        names=names,
-        files=read,
-        labels=np.asarray(sample_labels, dtype=np.int64) if labels is not None else None,
-        class_names=class_names if labels is not None else [],
-        groups=np.asarray(groups),
-        skipped=skipped,
-    )
+    return read_class_files(path, files, labels, class_names, log, "DICOM", "candidate DICOM file(s)", "DICOM file(s)",
+                            lambda f, rel: decode_file(decode_dicom_file, f, cfg, rel))

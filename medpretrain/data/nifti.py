@@ -43,9 +43,14 @@ from nibabel.orientations import apply_orientation, io_orientation
 
 from medpretrain.config import ConfigError, DataConfig
 from medpretrain.data.base import Decoded, Source, decode_file
-from medpretrain.data.dicom import DEFAULT_IMAGE_SIZE, list_class_layout, project_salt, salted_key, task_for
+from medpretrain.data.dicom import (
+    DEFAULT_IMAGE_SIZE,
+    list_class_layout,
+    project_salt,
+    read_class_files,
+    salted_key,
+)
 from medpretrain.data.errors import DataError, SkipLog, check_pixel_limit
-from medpretrain.data.folder import progress
 from medpretrain.data.transforms import resize, to_channels
 
 logger = logging.getLogger(__name__)
@@ -225,36 +230,5 @@ def read_nifti_source(path: Path, cfg: DataConfig, log: SkipLog, *, skip_empty: 
         logger.info("%s: ignored %d file(s) that are not .nii / .nii.gz", path, ignored)
     if not files:
         raise DataError(path, "no NIfTI files (.nii, .nii.gz) found")
-    first_skip = len(log.skipped)
-    chunks: list[np.ndarray] = []
-    names: list[str] = []
-    groups: list[str] = []
-    sample_labels: list[int] = []
-    read: list[Path] = []
-    for i, f in enumerate(progress(files, "NIfTI")):
-        rel = (f.relative_to(path) if f != path else Path(f.name)).as_posix()
-        try:
-            decoded = decode_file(decode_nifti_file, f, cfg, rel, skip_empty=skip_empty)
-        except DataError as err:
-            log.handle(err)
-            continue
-        read.append(f)
-        chunks.append(decoded.images)
-        names += decoded.names
-        groups += [decoded.group] * len(decoded)  # type: ignore[list-item]
-        if labels is not None:
-            sample_labels += [labels[i]] * len(decoded)
-    if not chunks:
-        raise DataError(path, f"none of the {len(files)} NIfTI file(s) could be read")
-    skipped = list(log.skipped[first_skip:])
-    logger.info("%s: %d slice(s) from %d volume(s); %d skipped", path, len(names), len(read), len(skipped))
-    return Source(
-        images=np.concatenate(chunks),
-        task=task_for(class_names, labels is not None),
-        names=names,
-        files=read,
-        labels=np.asarray(sample_labels, dtype=np.int64) if labels is not None else None,
-        class_names=class_names if labels is not None else [],
-        groups=np.asarray(groups),
-        skipped=skipped,
-    )
+    return read_class_files(path, files, labels, class_names, log, "NIfTI", "NIfTI file(s)", "volume(s)",
+                            lambda f, rel: decode_file(decode_nifti_file, f, cfg, rel, skip_empty=skip_empty))
