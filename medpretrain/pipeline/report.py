@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medpretrain.cli import UserError
-from medpretrain.pipeline.stages import Stage
+from medpretrain.pipeline.stages import Stage, synthetic_override
 from medpretrain.report import (
     SEG_PLOTS,
+    as_mappings,
+    budget,
+    compare_arms,
     cross_dataset_markdown,
     cross_dataset_rows,
     efficiency_markdown,
     recommend,
     recommendation_markdown,
+    run_regime,
     seg_details,
     seg_details_markdown,
     summarize,
@@ -70,6 +74,63 @@ def _audit_cells(a: dict[str, Any]) -> list[str]:
             f"{fk['recall']:.3f} ({rb['recall']:.3f})", f"{memo['n_flagged']} / {a['fake']['n_used']}"]
 
 
+def synthetic_comparisons(cfg: ExperimentConfig, results: Sequence[RunResult | dict[str, Any]],
+                          metric: str = "auc") -> list[dict[str, Any]]:
+    """Every arm ``<init>@<variant>`` of a variant whose overrides set ``data.synthetic`` against the same init
+    without it (``<init>``), in each regime and label budget where both have complete cells: the gap of the
+    test ``metric`` (synthetic minus real only) with :func:`medpretrain.report.compare_arms` (paired bootstrap of
+    the seed-averaged predictions + the seed spread), unadjusted for multiplicity. Rows: ``arm``, ``base``,
+    ``synthetic`` (the override's value), ``regime``, ``budget``, ``arm_mean``, ``base_mean``, ``n``, and the
+    comparison's ``gap``, ``ci``, ``p_value``, ``test``; ``verdict`` ``helps`` / ``hurts`` (the CI excludes 0) or
+    ``not distinguishable``."""
+    cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in as_mappings(results):
+        if r.get("status") == "complete" and not r.get("evaluated_from"):
+            cells.setdefault((str(r["init_label"]), run_regime(r), budget(r)), []).append(dict(r))
+    rows = []
+    for v in cfg.variants:
+        found = synthetic_override(list(v.overrides))
+        if found is None or not found[2]:
+            continue
+        arms = sorted({k[0] for k in cells if k[0].endswith(f"@{v.name}")})
+        for arm in arms:
+            base = arm.removesuffix(f"@{v.name}")
+            for (init, regime, b), runs in sorted(cells.items()):
+                other = cells.get((base, regime, b))
+                if init != arm or not other:
+                    continue
+                runs, other = sorted(runs, key=lambda r: r["seed"]), sorted(other, key=lambda r: r["seed"])
+                cmp = compare_arms(runs, other, metric)
+                lo, hi = cmp["ci"]
+                rows.append({"arm": arm, "base": base, "synthetic": found[2], "regime": regime, "budget": b,
+                             "metric": metric, "n": [len(runs), len(other)],
+                             "arm_mean": float(sum(r["metrics"]["test"][metric] for r in runs) / len(runs)),
+                             "base_mean": float(sum(r["metrics"]["test"][metric] for r in other) / len(other)),
+                             "gap": cmp["gap"], "ci": cmp["ci"], "se": cmp["se"], "p_value": cmp["p_value"], "test": cmp["test"],
+                             "verdict": "helps" if lo > 0 else "hurts" if hi < 0 else "not distinguishable"})
+    return rows
+
+
+def synthetic_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's "<init> + synthetic - <init>" table of :func:`synthetic_comparisons` rows (empty: none)."""
+    if not rows:
+        return []
+    name = rows[0]["metric"].upper()
+    md = ["## Do synthetic images help?", "",
+          f"Test {name} of each arm trained with synthetic images added to its labelled training images (the "
+          "variant's `data.synthetic`) minus the same init without them, same regime, label budget and seeds; gap "
+          "[95% CI] from the paired bootstrap of the seed-averaged predictions and the seed spread (not adjusted "
+          "for multiplicity).", "",
+          f"| comparison | synthetic | regime | label fraction | test {name} with | without | gap [95% CI] | p | "
+          "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["ci"]
+        md.append(f"| {r['arm']} - {r['base']} | `{r['synthetic']}` | {r['regime']} | {r['budget']:g} | "
+                  f"{r['arm_mean']:.3f} (n={r['n'][0]}) | {r['base_mean']:.3f} (n={r['n'][1]}) | "
+                  f"{r['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['p_value']:.2g} | {r['verdict']} |")
+    return [*md, ""]
+
+
 def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid_results: dict[str, list[RunResult]],
                  started: float) -> Path:
     """Write ``report.md`` and ``experiment.json`` into ``exp_dir``; return the report's path.
@@ -113,6 +174,8 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
         md += ["", f"Full comparison, label-efficiency curves and plots: [reports/{task}/report.md]"
                    f"(reports/{task}/report.md).", "",
                f"![label efficiency](reports/{task}/label_efficiency.png)", ""]
+    synthetic = synthetic_comparisons(cfg, grid_results.get("classification", []))
+    md += synthetic_markdown(synthetic)
     audits = {s.name.removeprefix("audit_"): s for s in stages
               if s.name.startswith("audit_") and Path(s.output).with_name("audit.json").is_file()}
     if audits:
@@ -144,7 +207,7 @@ def write_report(cfg: ExperimentConfig, exp_dir: Path, stages: list[Stage], grid
     summary = {"name": cfg.name, "title": cfg.title, "machine": info, "compute_s": computed,
                "invocation_s": time.time() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "stages": [dataclasses.asdict(s) for s in stages],
-               "recommendations": recommendations, "segmentation_details": details,
+               "recommendations": recommendations, "segmentation_details": details, "synthetic": synthetic,
                "summary": {t: {"metric": headline_metric(t), "rows": summarize(r, headline=headline_metric(t))}
                            for t, r in grids.items() if r}}
     atomic_write_text(exp_dir / "experiment.json", json.dumps(summary, indent=2, default=str) + "\n")
