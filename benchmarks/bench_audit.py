@@ -1,131 +1,158 @@
-"""Audit the generative benchmark's samples (``samples.npz`` under the generative run folders).
+"""The synthetic-image audit benchmark, read from the generator experiments' audits.
 
-    python benchmarks/bench_audit.py                                   # selfsup feature space (must exist)
-    python benchmarks/bench_audit.py backbone=vae                      # the newest VAE encoder export instead
-    python benchmarks/bench_audit.py audit_args="disc.epochs=3 n_fake=1000"
+    python benchmarks/bench_audit.py                       # the experiments of benchmarks/bench_generative.py
+    python benchmarks/bench_audit.py "experiments=[configs/experiments/generative_pneumonia.yaml]"
 
-Trains no generator: it looks for ``samples.npz`` under ``search`` (default ``runs/generative`` and
-``runs/bench_generative``, as written by ``benchmarks/bench_generative.py`` / ``generative/sample.py``), runs
-``scripts/audit_synthetic.py`` on each, and writes ``benchmarks/results/<name>.{json,md}``. With no
-samples, or no usable backbone, it writes and says exactly that.
+Audits nothing itself: each experiment (``configs/experiments/generative_*.yaml``) samples its generators and
+audits them with ``scripts/audit_synthetic.py`` in its in-domain feature space (its ``audit.features``); this
+script reads every ``audit.json`` the experiment's stage records name and writes
+``benchmarks/results/<name>.{json,md}``: per generator, in the ranking order of
+:func:`medpretrain.audit.rank_audits`, the cross-fitted discriminator AUC with its CI, the fixed-budget
+discriminator score, FID / KID / precision / recall / density / coverage against the real-vs-real baseline,
+per-class FID / recall / coverage and the memorised count, with the audit's settings.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
 
 from medpretrain.config import load_config
 from medpretrain.utils import PROJECT_ROOT, atomic_write_text, code_version
 
+GENERATORS = ("vae", "dcgan", "ddpm")
+
 
 @dataclass
 class BenchAuditConfig:
-    search: list[str] = field(default_factory=lambda: ["runs/generative", "runs/bench_generative"])
-    """Folders searched recursively for samples.npz (relative to the project root)."""
-    backbone: str = "selfsup"
-    n_fake: int = 500
-    n_real: int = 500
-    disc_epochs: int = 2
-    audit_args: str = ""
-    """Further ``key=value`` overrides for audit_synthetic.py."""
+    experiments: list[str] = field(default_factory=lambda: ["configs/experiments/generative_pneumonia.yaml",
+                                                            "configs/experiments/generative_busi.yaml"])
     out_dir: str = "benchmarks/results"
-    runs_dir: str = "runs/audit/bench"
     name: str = "audit"
-    note: str = ""
-    """Free text for the report (e.g. why this feature space), written by the person running the bench."""
 
 
-def run_audit(args: list[str], out: Path) -> dict[str, Any]:
-    """Run ``scripts/audit_synthetic.py`` as its own process and read the ``audit.json`` it writes.
+def read_audits(config: Path) -> dict[str, Any]:
+    """One experiment's audits (by generator) and where they are."""
+    exp = yaml.safe_load(config.read_text()) or {}
+    name = str(exp.get("name", config.stem))
+    exp_dir = (PROJECT_ROOT / str(exp.get("out_dir", "runs/experiments")) / name).resolve()
+    try:
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(config)], cwd=PROJECT_ROOT,
+                                capture_output=True, text=True, check=True).stdout.strip() or "-"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "-"
+    audits: dict[str, Any] = {}
+    for g in GENERATORS:
+        path = exp_dir / "stages" / f"audit_{g}.json"
+        if not path.is_file():
+            continue
+        rec = json.loads(path.read_text())
+        audit_json = Path(rec["output"]).with_name("audit.json")
+        if audit_json.is_file():
+            a = json.loads(audit_json.read_text())
+            a.pop("per_image", None)  # thousands of rows: they stay in the run folder
+            audits[g] = {"audit": a, "stage_wall_s": rec["wall_s"], "path": str(audit_json)}
+    ranking: list[str] = []
+    if audits:
+        from medpretrain.audit import rank_audits
 
-    Raises:
-        RuntimeError: the audit exited non-zero (e.g. the backbone is unavailable); its last stderr line says why.
-    """
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "audit_synthetic.py"), *args],
-                          cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"exit code {proc.returncode}")
-    return json.loads((out / "audit.json").read_text())
+        ranking = rank_audits({g: x["audit"] for g, x in audits.items()})
+    return {"name": name, "title": exp.get("title", name), "config": str(config.relative_to(PROJECT_ROOT))
+            if config.is_relative_to(PROJECT_ROOT) else str(config), "config_commit": commit,
+            "exp_dir": str(exp_dir), "audits": audits, "ranking": ranking}
+
+
+def _rel(path: str) -> str:
+    p = Path(path)
+    return str(p.relative_to(PROJECT_ROOT)) if p.is_relative_to(PROJECT_ROOT) else path
+
+
+def experiment_markdown(e: dict[str, Any]) -> list[str]:
+    md = [f"## {e['title']}", ""]
+    if not e["audits"]:
+        return [*md, f"`{e['config']}`: no audit has finished yet.", ""]
+    first = e["audits"][e["ranking"][0]]["audit"]
+    c, real, b = first["config"], first["real"], first["backbone"]
+    md += [f"`python scripts/run_experiment.py {e['config']}` (config at commit {e['config_commit']}, audit code "
+           f"{first['code_version']}). Real: `{real['dataset']}`, {real['train_split']} split ({real['n_train']} "
+           f"images; the generators' training images), {real['heldout_split']} split ({real['n_heldout']} held-out "
+           f"images for the memorisation threshold). Feature space and discriminator start: **{b['init']}** "
+           f"{b['arch']} (`{_rel(b['source'])}`), the experiment's own SimCLR stage: in-domain, trained without labels.",
+           "", f"Settings: {first['fake']['n_used']} fakes per generator (classes evenly), "
+           f"{first['distribution']['n_per_side']} a side for FID / KID / PRDC (k = {c['knn_k']}); cross-fitted "
+           f"discriminator {c['disc']['folds']} folds x {c['disc']['epochs']} epochs ({c['disc']['regime']}); "
+           f"fixed-budget discriminator: {first['probe']['hidden']}-unit MLP, {first['probe']['steps']} full-batch "
+           f"gradient-descent steps, {first['probe']['n_per_side']} a side, {first['probe']['folds']} folds; "
+           f"memorisation: {c['memo']['rule']} of pixel and feature distance below the {c['memo']['quantile']:g} "
+           "quantile of held-out images' nearest-training distances.", "",
+           "Best first (" + first_rule() + "); the real-vs-real baseline (other real training images against the "
+           "same real side, equal sizes) in brackets.", "",
+           "| generator | fixed-budget D loss (nats) | cross-fitted AUC [95% CI] | FID | KID | precision | recall | "
+           "density | coverage | memorised | audit wall (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in e["ranking"]:
+        a = e["audits"][g]["audit"]
+        fk, rb, d, p = a["distribution"]["fake"], a["distribution"]["real_baseline"], a["discriminator"], a["probe"]
+        md.append(f"| {g} | {p['fake']['loss']:.3f} ± {p['fake']['loss_sd']:.3f} ({p['real_baseline']['loss']:.3f}) | "
+                  f"{d['auc']:.3f} [{d['auc_ci95'][0]:.3f}, {d['auc_ci95'][1]:.3f}] | {fk['fid']:.2f} ({rb['fid']:.2f}) "
+                  f"| {fk['kid']:.4f} ({rb['kid']:.4f}) | {fk['precision']:.3f} ({rb['precision']:.3f}) | "
+                  f"{fk['recall']:.3f} ({rb['recall']:.3f}) | {fk['density']:.3f} ({rb['density']:.3f}) | "
+                  f"{fk['coverage']:.3f} ({rb['coverage']:.3f}) | {a['memorisation']['n_flagged']} / "
+                  f"{a['fake']['n_used']} | {a['wall_s']:.0f} |")
+    classes = [k for k, v in (first.get("per_class") or {}).items() if "fake" in v]
+    if classes:
+        md += ["", "Per class (fakes of a class against real training images of that class; real vs real in "
+                   "brackets; n a side in the header):", "",
+               "| generator | " + " | ".join(f"{k} (n={first['per_class'][k]['n_per_side']}): FID / recall / coverage"
+                                          for k in classes) + " |", "|---|" + "---|" * len(classes)]
+        for g in e["ranking"]:
+            pc = e["audits"][g]["audit"].get("per_class") or {}
+            cells = []
+            for k in classes:
+                x = pc.get(k, {})
+                cells.append("-" if "fake" not in x else
+                             f"{x['fake']['fid']:.2f} ({x['real_baseline']['fid']:.2f}) / {x['fake']['recall']:.3f} / "
+                             f"{x['fake']['coverage']:.3f}")
+            md.append(f"| {g} | " + " | ".join(cells) + " |")
+    md += ["", "Full reports (most / least realistic samples, closest training images, class grids): "
+           + ", ".join(f"`{_rel(e['audits'][g]['path']).removesuffix('.json')}.md`" for g in e["ranking"])
+           + " (not committed).", ""]
+    return md
+
+
+def first_rule() -> str:
+    from medpretrain.audit import RANKING_RULE
+
+    return RANKING_RULE
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(BenchAuditConfig, argv)
-    found = sorted(p for d in cfg.search for p in (PROJECT_ROOT / d).rglob("samples.npz"))
-    results: dict[str, Any] = {
-        "benchmark": "synthetic-sample audit of the generative benchmark's samples (PneumoniaMNIST 28 px)",
-        "settings": vars(cfg), "code_version": code_version(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-                    "cuda": torch.cuda.is_available(), "torch": torch.__version__},
-        "audits": {},
-    }
-    if not found:
-        results["note"] = f"no samples.npz under {cfg.search}: nothing audited, nothing trained"
-        print(results["note"])
-    for path in found:
-        rel = path.parent.relative_to(PROJECT_ROOT)
-        out = PROJECT_ROOT / cfg.runs_dir / str(rel).replace(os.sep, "__")
-        args = [f"fake={path}", f"backbone={cfg.backbone}", f"n_fake={cfg.n_fake}", f"n_real={cfg.n_real}",
-                f"disc.epochs={cfg.disc_epochs}", f"out={out}", *shlex.split(cfg.audit_args)]
-        print(f"== audit {rel}", flush=True)
-        try:
-            r = run_audit(args, out)
-        except RuntimeError as e:  # the backbone is unavailable: record why, never substitute silently
-            results["audits"][str(rel)] = {"status": "not run", "reason": str(e)}
-            print(e)
-            continue
-        results["audits"][str(rel)] = {
-            "status": "ok", "report": os.path.relpath(out / "audit.md", PROJECT_ROOT), "backbone": r["backbone"],
-            "discriminator": {k: r["discriminator"][k] for k in ("auc", "auc_ci95", "fold_auc", "chance_sd", "n_real", "n_fake")},
-            "distribution": r["distribution"], "memorisation": r["memorisation"], "wall_s": r["wall_s"]}
-    out_dir = PROJECT_ROOT / cfg.out_dir
-    atomic_write_text(out_dir / f"{cfg.name}.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out_dir / f"{cfg.name}.md", report(results))
-    print(f"wrote {out_dir / (cfg.name + '.md')}")
+    configs = [PROJECT_ROOT / c for c in cfg.experiments]
+    for c in configs:
+        if not c.is_file():
+            raise FileNotFoundError(f"{c}: no such experiment file")
+    results = {"benchmark": "synthetic-image audit of the generator experiments (issue 17)", "settings": vars(cfg),
+               "code_version": code_version(), "experiments": [read_audits(c) for c in configs]}
+    md = ["# Synthetic-image audit of the generator experiments", "",
+          f"Written by `benchmarks/bench_audit.py` (code {results['code_version']}) from the audits the experiments "
+          "ran (`scripts/audit_synthetic.py`); generator training and the other numbers: `generative.md` beside "
+          "this file.", ""]
+    for e in results["experiments"]:
+        md += experiment_markdown(e)
+    out = PROJECT_ROOT / cfg.out_dir
+    atomic_write_text(out / f"{cfg.name}.json", json.dumps(results, indent=1, default=str) + "\n")
+    atomic_write_text(out / f"{cfg.name}.md", "\n".join(md))
+    print(f"wrote {out / (cfg.name + '.json')} and {out / (cfg.name + '.md')}")
     return results
 
 
-def report(r: dict[str, Any]) -> str:
-    lines = ["# Synthetic-sample audit of the generative benchmark", "",
-             f"Written by `benchmarks/bench_audit.py` ({r['code_version']}); {r['machine']['logical_cpus']} logical CPUs "
-             f"(shared), CUDA {r['machine']['cuda']}. Settings: "
-             f"{json.dumps({k: v for k, v in r['settings'].items() if k != 'note'})}.", ""]
-    if r.get("note"):
-        lines += [f"**{r['note']}**", ""]
-    if r["settings"].get("note"):
-        lines += [r["settings"]["note"], ""]
-    ok = {k: v for k, v in r["audits"].items() if v["status"] == "ok"}
-    for k, v in r["audits"].items():
-        if v["status"] != "ok":
-            lines += [f"- `{k}`: not audited: {v['reason']}"]
-    if ok:
-        lines += ["Fake vs real, with the real-vs-real baseline in brackets (same sample sizes). AUC: cross-fitted "
-                  "discriminator, mean of per-fold held-out AUCs (0.5 = indistinguishable).", "",
-                  "| samples | feature space | disc AUC (95% CI) | FID (baseline) | KID x1000 (baseline) | precision | "
-                  "recall | density | coverage | memorised | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for k, v in ok.items():
-            d, f, b, m = v["discriminator"], v["distribution"]["fake"], v["distribution"]["real_baseline"], v["memorisation"]
-            space = f"{v['backbone']['init']} {v['backbone']['arch']}" + (" (UNTRAINED)" if v["backbone"]["untrained"] else "")
-            lines.append(
-                f"| `{k}` | {space} | {d['auc']:.3f} ({d['auc_ci95'][0]:.3f}-{d['auc_ci95'][1]:.3f}) | "
-                f"{f['fid']:.3g} ({b['fid']:.3g}) | {1000 * f['kid']:.3g} ({1000 * b['kid']:.3g}) | "
-                f"{f['precision']:.3f} ({b['precision']:.3f}) | {f['recall']:.3f} ({b['recall']:.3f}) | "
-                f"{f['density']:.3f} ({b['density']:.3f}) | {f['coverage']:.3f} ({b['coverage']:.3f}) | "
-                f"{m['n_flagged']} / {d['n_fake']} | {v['wall_s']:.0f} |")
-        lines += ["", "Full reports (grids of the most / least realistic samples and of the closest training "
-                  "images): " + ", ".join(f"`{v['report']}`" for v in ok.values()) + " (not committed)."]
-    return "\n".join(lines) + "\n"
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from medpretrain.cli import run
+
+    run(main, sys.argv[1:])
