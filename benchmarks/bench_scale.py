@@ -3,6 +3,7 @@ from the cache against the in-memory path; writes ``benchmarks/results/scale.jso
 
     .venv/bin/python benchmarks/bench_scale.py                                   # 50 000 files: ~26 GB of temporary DICOM
     .venv/bin/python benchmarks/bench_scale.py --n 300 --steps 5 --batch 8 --arch cbr_tiny --out /tmp/scale   # smoke run
+    .venv/bin/python benchmarks/bench_scale.py --runs cache,memory,stream     # without the reference run on the device
 
 What it does, in order (everything under a fresh folder in ``--tmp-dir``, deleted at the end unless ``--keep``):
 
@@ -472,12 +473,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tmp-dir", default=tempfile.gettempdir(), help="where the temporary study and cache go")
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per pretraining run")
+    ap.add_argument("--runs", default="cache,memory,memory_on_device,stream",
+                    help="pretraining runs, comma-separated (cache and memory, the goal's pair, always)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary files (their folder is printed)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"),
                     help="writes <out>.json and <out>.md (default benchmarks/results/scale)")
     args = ap.parse_args(argv)
     args.subset = args.n // 10 if args.subset is None else args.subset
     args.log_every = args.log_every or max(1, args.steps // 5)
+    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not {"cache", "memory"} <= set(args.runs) or not set(args.runs) <= set(RUN_TITLES):
+        raise UserError(f"--runs must include cache and memory, from {', '.join(RUN_TITLES)}; got {args.runs}")
     if args.n < 2 or not 1 <= args.subset <= args.n or args.steps < 1 or args.batch < 2 or args.workers < 1:
         raise UserError(f"need n >= 2, 1 <= subset <= n, steps >= 1, batch >= 2, workers >= 1; got n={args.n}, "
                         f"subset={args.subset}, steps={args.steps}, batch={args.batch}, workers={args.workers}")
@@ -541,7 +547,7 @@ def main(argv: list[str]) -> int:
             "stream": [f"data.dataset=manifest:{subset}", "data.stream=on", "train.cache_on_device=false"],
         }
         res["runs"] = {}
-        for name, extra in plans.items():
+        for name, extra in ((k, v) for k, v in plans.items() if k in args.runs):
             print(f"pretraining: {RUN_TITLES[name]}")
             r = pretrain(name, [*common, *extra], tmp / "runs" / name, args.batch, args.timeout)
             r["command"] = r["command"].replace(str(tmp), "<tmp>")
