@@ -244,8 +244,9 @@ def protocol_md(summaries: Sequence[Mapping[str, Any]], notes: Sequence[str]) ->
                    f"{f['init']}/{f['regime']}/{f['budget']:g} {f['mean']:.3f} ({f['cause']})"
                    for f in s["failed_cells"]) + "."), ""]
         md += choice_table(s) + [""]
-        md += [f"Self-supervised minus scratch (same architecture, {s['lite0_arms']['arch']}), gap [95% CI]:", ""]
-        md += questions_table(s["ssl_vs_scratch"], s) + [""]
+        if any(p is not None for ps in s["ssl_vs_scratch"].values() for p in ps):
+            md += [f"Self-supervised minus scratch (same architecture, {s['lite0_arms']['arch']}), gap [95% CI]:", ""]
+            md += questions_table(s["ssl_vs_scratch"], s) + [""]
         if s["targets"]:
             md += ["Targets (issue 14: self-supervised fine-tuning test AUC of the independent reference):", "",
                    "| init | label fraction | target | measured (mean ± sd, n) | met |", "|---|---|---|---|---|"]
