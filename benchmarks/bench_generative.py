@@ -257,11 +257,20 @@ def synthetic_rows(exp_dir: Path, exp: dict[str, Any] | None) -> list[dict[str, 
     return synthetic_comparisons(load(ExperimentConfig, ["--config", str(exp_dir / "experiment.yaml")]), cells)
 
 
+def finished(exp: dict[str, Any], stages: dict[str, dict[str, Any]]) -> bool:
+    """Whether ``experiment.json`` was written after every stage on record (each is in it with the same hash),
+    i.e. by the invocation that ran them, and none of them failed."""
+    written = {s["name"]: s.get("hash") for s in exp.get("stages", [])}
+    return all(written.get(k) == v.get("hash") and v.get("status") != "failed" for k, v in stages.items())
+
+
 def read_experiment(config: Path, cfg: BenchConfig, observations: dict[str, Any]) -> dict[str, Any]:
     """Everything the benchmark reports about one experiment folder."""
     name, exp_dir, exp_yaml = experiment_dir(config)
     stages = stage_records(exp_dir)
     exp = read_json(exp_dir / "experiment.json")
+    if exp is not None and not finished(exp, stages):
+        exp = None  # an earlier invocation's report: this one has not reached its end
     out: dict[str, Any] = {"name": name, "config": str(config.relative_to(PROJECT_ROOT)) if config.is_relative_to(
         PROJECT_ROOT) else str(config), "config_commit": config_commit(config), "exp_dir": str(exp_dir),
         "finished": exp is not None, "title": exp_yaml.get("title", name),

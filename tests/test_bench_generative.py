@@ -110,6 +110,9 @@ def test_an_unfinished_experiment_from_its_stage_records(tmp_path: Path, monkeyp
         for name, out, wall in ((gen, run_dir / "generator.safetensors", 120.0), (f"audit_{gen}", adir / "audit.md", 9.0)):
             (exp_dir / "stages" / f"{name}.json").write_text(json.dumps(
                 {"name": name, "hash": "h", "output": str(out), "status": "run", "wall_s": wall}))
+    # an earlier invocation's experiment.json (no ddpm in it) does not make this one finished
+    (exp_dir / "experiment.json").write_text(json.dumps({"stages": [{"name": "dcgan", "hash": "h"}], "synthetic": [1]}))
+    assert not bg.finished(json.loads((exp_dir / "experiment.json").read_text()), bg.stage_records(exp_dir))
     cfg = bg.BenchConfig(targets_for="generative_toy")
     e = bg.read_experiment(config, cfg, {"generative_toy": {"ddpm": "lungs"}})
     assert not e["finished"] and e["synthetic"] == []
