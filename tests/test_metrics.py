@@ -616,3 +616,33 @@ def test_binary_bootstrap_vectorised_equals_the_per_resample_metrics(n, threshol
         assert fast[k]["high"] == pytest.approx(slow[k]["high"], abs=1e-6), k
     if n == 9:
         assert fast["auc"]["n"] < 300  # some resamples miss a class: their AUC is left out, as before
+
+
+def test_binary_bootstrap_rows_equal_classification_metrics_with_empty_denominators():
+    """Each resample's six metrics from the vectorised binary bootstrap equal classification_metrics on that
+    resample, including resamples with no positive, no negative or no predicted positive, where a ratio with
+    an empty denominator is 0 (torchmetrics' zero_division) and AUC is NaN."""
+    from medpretrain.metrics import _binary_bootstrap_samples
+
+    p = np.array([0.1, 0.4, 0.35, 0.8, 0.6], dtype=np.float32)
+    t = np.array([0, 0, 1, 1, 0])
+    idx = np.random.default_rng(3).integers(0, 5, (100, 5))
+    idx[:4] = [[0, 1, 4, 0, 1], [2, 3, 2, 3, 3], [0, 1, 2, 0, 1], [0, 0, 0, 0, 0]]  # no pos; no neg; no predicted pos
+    got = _binary_bootstrap_samples(p.astype(np.float64), t, idx, p >= 0.5)
+    assert sorted(got) == sorted(METRICS)
+    empty = {"sensitivity": 0, "precision": 0, "f1": 0, "specificity": 0}
+    for i, row in enumerate(idx):
+        ref = classification_metrics(p[row], t[row], "binary")
+        for k in METRICS:
+            if math.isnan(ref[k]):
+                assert math.isnan(got[k][i]), (i, k)
+            else:
+                assert got[k][i] == pytest.approx(ref[k], abs=1e-6), (i, k)
+        y, d = t[row] > 0, p[row] >= 0.5
+        empty["sensitivity"] += not y.any()
+        empty["specificity"] += y.all()
+        empty["precision"] += not d.any()
+        empty["f1"] += not (y.any() or d.any())
+    assert all(v > 0 for v in empty.values()), empty  # every empty denominator occurs
+    assert got["sensitivity"][0] == got["precision"][0] == got["f1"][0] == 0.0 and math.isnan(got["auc"][0])
+    assert got["specificity"][1] == 0.0 and got["accuracy"][3] == 1.0

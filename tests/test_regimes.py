@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -321,3 +323,36 @@ def test_reestimate_bn_counts_every_frozen_layer_once():
     bare = Bare()
     assert reestimate_bn(bare, [{"image": x}], "cpu") == 0
     assert int(bare.backbone.bn1.num_batches_tracked) == 0
+
+
+def test_multitask_classifier_heads_forward_and_validation():
+    from medpretrain.regimes import MultiTaskClassifier
+
+    torch.manual_seed(0)
+    b = build_backbone("cbr_tiny", 1)
+    model = MultiTaskClassifier(b, {"pneumonia": 2, "effusion": 1, "site": 3})
+    assert list(model.heads) == ["pneumonia", "effusion", "site"]  # the order of outputs
+    assert [(h.in_features, h.out_features) for h in model.heads.values()] == [(b.num_features, n) for n in (2, 1, 3)]
+    assert model.dropout.p == 0.0 and model.frozen == [] and model.backbone is b
+    assert MultiTaskClassifier(b, {"a": 1}, dropout=0.3).dropout.p == 0.3
+    x, _ = _batch(4)
+    model.eval()
+    out = model(x)
+    assert list(out) == ["pneumonia", "effusion", "site"]
+    z = b(x)
+    for name, n in (("pneumonia", 2), ("effusion", 1), ("site", 3)):
+        assert out[name].shape == (4, n)
+        assert torch.equal(out[name], model.heads[name](z))
+    for bad in ({}, {"a": 2, "b": 0}):
+        with pytest.raises(ValueError, match=rf"^outputs must name at least one task, each with >= 1 output, "
+                                             rf"got {re.escape(str(bad))}$"):
+            MultiTaskClassifier(b, bad)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"^dropout must be in \[0, 1\), got {bad}$"):
+            MultiTaskClassifier(b, {"a": 2}, dropout=bad)
+    # Frozen parts stay in eval mode through train(), as for Classifier.
+    apply_regime(model, "linear", lr=0.1)
+    model.train()
+    assert model.frozen == [name for name, _ in b.named_children()] and model.training
+    assert all(not m.training for name in model.frozen for m in b.get_submodule(name).modules())
+    assert all(h.training for h in model.heads.values())
