@@ -88,7 +88,7 @@ def synthetic_comparisons(cfg: ExperimentConfig, results: Sequence[RunResult | d
         if r.get("status") == "complete" and not r.get("evaluated_from"):
             cells.setdefault((str(r["init_label"]), run_regime(r), budget(r)), []).append(dict(r))
     rows = []
-    for v in cfg.variants:
+    for v in getattr(cfg, "variants", None) or []:  # a report of a plain grid has no variants
         found = synthetic_override(list(v.overrides))
         if found is None or not found[2]:
             continue
