@@ -20,6 +20,13 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_outside_the_repository(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Image caches and data-file digests of the tests (``$MEDPRETRAIN_CACHE``, inherited by the scripts the
+    tests start) go to a temporary folder, not into the project's ``runs/cache``."""
+    os.environ["MEDPRETRAIN_CACHE"] = str(tmp_path_factory.mktemp("medpretrain-cache"))
+
+
 def require_module(name: str, hint: str) -> object:
     """Import a test dependency or fail the run with ``hint`` (CI installs everything: a missing one is a
     broken set-up, and a skip would hide every test that needs it)."""

@@ -171,6 +171,42 @@ def test_data_stamp_follows_the_files(tmp_path: Path) -> None:
     assert data_stamp(cfg) != first
 
 
+def test_data_stamp_is_the_content_so_a_copy_with_new_times_keeps_it(tmp_path: Path, monkeypatch) -> None:
+    """A fresh copy of the shared data (new mtimes, another root) keeps every stage reusable, the digests are
+    stored without file names or paths, and a changed file is read again and changes the stamp."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from medpretrain.data import dataset
+
+    monkeypatch.setenv("MEDPRETRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dataset, "_DIGESTS", {})
+    rng = np.random.default_rng(0)
+    for cls in ("benign_patient_x", "malignant"):
+        (tmp_path / "a" / "data" / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "a" / "data" / cls / "x.png")
+    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy)  # contents only: new mtimes
+    f_a, f_b = (tmp_path / r / "data" / "malignant" / "x.png" for r in ("a", "b"))
+    assert f_a.stat().st_mtime_ns != f_b.stat().st_mtime_ns
+
+    def stamp(root: str) -> str:
+        return data_stamp(DataConfig(dataset="folder:data", root=str(tmp_path / root)))
+
+    first = stamp("a")
+    assert stamp("b") == first
+    store = (tmp_path / "cache" / dataset.DIGESTS_FILE).read_text()
+    assert len(json.loads(store)) == 4
+    assert "patient" not in store and "x.png" not in store and str(tmp_path) not in store
+    monkeypatch.setattr(dataset, "_DIGESTS", {})  # another process: reads the store, not the files
+    monkeypatch.setattr(dataset, "sha256_file", lambda f: pytest.fail(f"{f} read again"))
+    assert stamp("a") == stamp("b") == first
+    monkeypatch.undo()
+    f_b.write_bytes(f_b.read_bytes()[:-1] + b"\x00")  # same size, new content and mtime
+    assert stamp("b") != first and stamp("a") == first
+
+
 def _result(init: str, regime: str, seed: int, auc: float, ci: float = 0.01) -> dict:
     return {"status": "complete", "init_label": init, "regime": regime, "label_fraction": 0.1, "seed": seed,
             "metrics": {"test": {"auc": auc, "accuracy": auc}, "val_best": {"auc": auc}}, "ci": {"auc": {"low": auc - ci, "high": auc + ci}},

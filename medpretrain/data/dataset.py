@@ -118,25 +118,73 @@ def fingerprint(files: list[Path]) -> str:
 
 
 def data_stamp(cfg: DataConfig) -> str:
-    """Cheap identity of the files behind ``cfg.dataset``: sha256 of (path relative to the data root, size,
-    mtime) of every file (a manifest's rows' files included), without decoding anything (content hashes are
-    :func:`fingerprint`'s job).
+    """Identity of the files behind ``cfg.dataset``: sha256 of (path relative to the data root, size, content
+    digest) of every file (a manifest's rows' files included), without decoding anything.
 
-    Used to decide whether a finished stage can be reused. Raises :class:`DataError` naming the spec when
-    its files do not exist.
+    Content, not modification times, so a copy of the same data (another machine, a fresh checkout of the
+    shared folder) keeps every finished stage, grid cell and image cache reusable. Each file's digest is read
+    once per machine: :func:`file_digests` remembers it under (path, size, mtime), so later stamps cost one
+    ``stat`` per file. Used to decide whether a finished stage can be reused. Raises :class:`DataError`
+    naming the spec when its files do not exist.
     """
     import hashlib
 
     root = data_root(cfg)
     spec = parse_spec(cfg.dataset, root)
     listed = READERS[spec.scheme].files(spec, cfg)
-    files = listed if listed is not None else _files_under(spec, cfg)
+    files = sorted(listed if listed is not None else _files_under(spec, cfg))
+    digests = file_digests(files, cfg)
     h = hashlib.sha256(cfg.dataset.encode())
-    for f in sorted(files):
-        st = f.stat()
+    for f, digest in zip(files, digests, strict=True):
         rel = f.relative_to(root) if f.is_relative_to(root) else f
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{rel}\0{f.stat().st_size}\0{digest}\n".encode())
     return h.hexdigest()[:16]
+
+
+DIGESTS_FILE = "file_digests.json"
+"""Beside the image caches (:func:`medpretrain.data.cache.cache_root`): content digests of data files, keyed by a
+salted hash of the absolute path (no file name or path is written, :mod:`medpretrain.data.privacy`)."""
+
+_DIGESTS: dict[str, list] = {}  # salted path key -> [size, mtime_ns, digest], this process's view of the file
+
+
+def file_digests(files: list[Path], cfg: DataConfig) -> list[str]:
+    """sha256 (16 hex digits) of each file's content, taken from the digest store while the file's size and
+    mtime are those recorded, else read (and the store updated, atomically; concurrent writers only lose
+    entries, which are then read again)."""
+    import json
+
+    from medpretrain.data.cache import cache_root
+    from medpretrain.data.privacy import salted_key
+    from medpretrain.utils import atomic_write_text
+
+    store = cache_root(cfg) / DIGESTS_FILE
+    if not _DIGESTS and store.is_file():
+        try:
+            _DIGESTS.update(json.loads(store.read_text()))
+        except (OSError, ValueError):
+            pass  # an unreadable store is rebuilt
+    out, new = [], 0
+    for f in files:
+        st = f.stat()
+        key = salted_key(str(f.resolve()))
+        hit = _DIGESTS.get(key)
+        if hit is None or hit[:2] != [st.st_size, st.st_mtime_ns]:
+            _DIGESTS[key] = hit = [st.st_size, st.st_mtime_ns, sha256_file(f)[:16]]
+            new += 1
+        out.append(hit[2])
+    if new:
+        try:
+            merged = json.loads(store.read_text()) if store.is_file() else {}
+        except (OSError, ValueError):
+            merged = {}
+        merged.update(_DIGESTS)
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(store, json.dumps(merged, separators=(",", ":")))
+        except OSError as e:  # a read-only cache folder costs speed, never correctness
+            log.debug("cannot write %s (%s)", store, e)
+    return out
 
 
 def _files_under(spec: DatasetSpec, cfg: DataConfig) -> list[Path]:
