@@ -224,6 +224,7 @@ def audit_summary(a: dict[str, Any]) -> dict[str, Any]:
         "fid_ratio": fk["fid"] / rb["fid"] if rb["fid"] > 0 else math.inf,
         "memorised": a["memorisation"]["n_flagged"], "per_class": per_class, "wall_s": a.get("wall_s"),
         "real_per_class": {name: e["n_real"] for name, e in (a.get("per_class") or {}).items() if "n_real" in e},
+        "fake_per_class": {name: e["n_fake"] for name, e in (a.get("per_class") or {}).items() if "n_fake" in e},
     }
 
 
@@ -401,10 +402,17 @@ def experiment_markdown(e: dict[str, Any]) -> list[str]:
         mix = a0.get("real_per_class") or {}
         if mix and sum(mix.values()):
             total = sum(mix.values())
+            fmix = {g: gens[g]["audit"].get("fake_per_class") or {} for g in audited}
+            same = all(f and abs(f.get(c, 0) / sum(f.values()) - k / total) < 0.01
+                       for f in fmix.values() for c, k in mix.items())
             md += ["", "Real training images per class: " + ", ".join(
-                f"{c} {k} ({100 * k / total:.0f}%)" for c, k in mix.items()) + "; the fakes are drawn evenly over "
-                "the classes, so the overall FID / KID / PRDC also measure that difference in class mix, and the "
-                "per-class numbers below compare like with like."]
+                f"{c} {k} ({100 * k / total:.0f}%)" for c, k in mix.items()) + "; " + (
+                "the fakes are drawn in the same class mix (`generative/sample.py mix=data`), so the overall "
+                "FID / KID / PRDC and the discriminators compare like with like." if same else
+                "fakes per class: " + "; ".join(f"{g} " + ", ".join(f"{c} {k}" for c, k in f.items())
+                                                for g, f in fmix.items()) + ": the overall FID / KID / PRDC (and "
+                "the discriminators) also measure that difference in class mix; the per-class numbers below "
+                "compare like with like.")]
         if classes:
             md += ["", "Per class (fakes of the class against real images of the class; FID real-vs-real in "
                        "brackets):", "", "| generator | " + " | ".join(f"{c}: FID | {c}: recall | {c}: coverage"

@@ -11,8 +11,10 @@ so the same model and seed give the same images (and a byte-identical ``samples.
 
 A class-conditional model (trained with ``conditional=true``; its metadata has ``num_classes`` and
 ``class_names``) draws class by class: ``per_class=<n>`` samples of every class, or of the classes listed in
-``classes=[...]`` (names or indices, in that order); without ``per_class`` the ``n`` samples are spread evenly
-over them (the first ``n % K`` classes get one more). Class ``c``'s latents / noise come from its own seed
+``classes=[...]`` (names or indices, in that order); without ``per_class`` the ``n`` samples are spread over
+them evenly (``mix=even``, the default; the first ``n % K`` classes get one more) or in proportion to the
+model's training images per class (``mix=data``: the real class mix, by largest remainders, every class at
+least one). Class ``c``'s latents / noise come from its own seed
 (:func:`medpretrain.generative.conditioning.class_seed` of ``seed`` and ``c``), so its samples do not depend
 on which other classes are drawn. An unconditional model refuses ``per_class`` and ``classes``.
 ``guidance_scale``: classifier-free guidance of a conditional DDPM trained with ``class_dropout`` (0: the
@@ -51,7 +53,12 @@ class SampleConfig:
     model: str = ""
     """A decoder / generator ``.safetensors`` file, or a run folder holding one."""
     n: int = 1000
-    """Samples in all (a conditional model: spread evenly over the classes); ignored with ``per_class``."""
+    """Samples in all (a conditional model: spread over the classes by ``mix``); ignored with ``per_class``."""
+    mix: str = "even"
+    """How a conditional model's ``n`` samples are spread over the classes: ``even``, or ``data``: in proportion
+    to the model's training images per class (the real class mix, so that an audit's overall FID / KID /
+    precision / recall and its discriminators compare like with like). Unconditional models sample the data's
+    mix by construction."""
     per_class: int = 0
     """> 0: this many samples of every class (of ``classes``); conditional models only."""
     classes: list[str] = dataclasses.field(default_factory=list)
@@ -108,12 +115,56 @@ def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
     return chosen
 
 
-def class_counts(cfg: SampleConfig, meta: dict[str, Any]) -> list[tuple[int, int]]:
+MIXES = ("even", "data")
+
+
+def training_class_counts(meta: dict[str, Any], model_file: Path) -> list[int]:
+    """Training images per class of a conditional model: its ``class_counts`` metadata, or, for a model
+    exported before that was recorded, the labels of the training split its config names, read again."""
+    if meta.get("class_counts"):
+        return [int(k) for k in meta["class_counts"]]
+    from medpretrain.config import DataConfig, resolve_config
+    from medpretrain.data import build_dataset
+    from medpretrain.generative.stage import class_labels
+
+    data = meta.get("config", {}).get("data")
+    if not data:
+        raise ConfigError(f"mix=data: {model_file} records neither class_counts nor its data config; use mix=even")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    dcfg = resolve_config(DataConfig, None, [f"{k}={json.dumps(v)}" for k, v in data.items() if k in known])
+    labels, names = class_labels(build_dataset(dcfg, "train", unlabeled=True))
+    if names != list(meta["class_names"]):
+        raise ConfigError(f"mix=data: the training data of {model_file} now has classes {names}, the model "
+                          f"{meta['class_names']}; use mix=even")
+    return torch.bincount(labels, minlength=len(names)).tolist()
+
+
+def proportional(n: int, weights: list[int]) -> list[int]:
+    """``n`` split in proportion to ``weights`` by largest remainders (ties: the earlier class), every class
+    with a positive weight getting at least one while ``n`` allows."""
+    total = sum(weights)
+    if total <= 0:
+        raise ConfigError("mix=data: the model's training classes are all empty")
+    exact = [n * w / total for w in weights]
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))[: n - sum(counts)]:
+        counts[i] += 1
+    for i, w in enumerate(weights):  # a rare class keeps one sample, taken from the largest
+        if w > 0 and counts[i] == 0 and n >= sum(1 for x in weights if x > 0):
+            counts[max(range(len(counts)), key=lambda j: counts[j])] -= 1
+            counts[i] = 1
+    return counts
+
+
+def class_counts(cfg: SampleConfig, meta: dict[str, Any], model_file: Path | None = None) -> list[tuple[int, int]]:
     """``(class index, samples)`` to draw from a conditional model: ``per_class`` of each chosen class, or
-    ``n`` spread evenly over them."""
+    ``n`` spread over them evenly (``mix=even``) or in the training images' proportions (``mix=data``)."""
     chosen = resolve_classes(cfg.classes, list(meta["class_names"]))
     if cfg.per_class > 0:
         return [(c, cfg.per_class) for c in chosen]
+    if cfg.mix == "data":
+        train = training_class_counts(meta, model_file or Path(cfg.model))
+        return list(zip(chosen, proportional(cfg.n, [train[c] for c in chosen]), strict=True))
     q, r = divmod(cfg.n, len(chosen))
     return [(c, q + (i < r)) for i, c in enumerate(chosen)]
 
@@ -153,6 +204,8 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.n < 1 or cfg.batch_size < 1 or cfg.per_class < 0 or cfg.guidance_scale < 0:
         raise ConfigError(f"n and batch_size must be positive, per_class and guidance_scale >= 0, got n={cfg.n}, "
                           f"batch_size={cfg.batch_size}, per_class={cfg.per_class}, guidance_scale={cfg.guidance_scale}")
+    if cfg.mix not in MIXES:
+        raise ConfigError(f"mix must be one of {', '.join(MIXES)}, got {cfg.mix!r}")
     model_file = resolve_model_file(cfg.model)
     model, meta = load_generator(model_file, cfg.device)
     labels = None
@@ -162,7 +215,7 @@ def main(argv: list[str] | None = None) -> Path:
         if cfg.guidance_scale not in (0.0, 1.0) and meta.get("null_class") is None:
             raise ConfigError(f"guidance_scale={cfg.guidance_scale}: {model_file} has no null class to guide with "
                               "(a conditional DDPM trained with class_dropout > 0 has)")
-        counts = class_counts(cfg, meta)
+        counts = class_counts(cfg, meta, model_file)
         images, labels = sample_classes(model, meta, counts, cfg.seed, cfg.batch_size, cfg.guidance_scale or None)
     elif cfg.per_class or cfg.classes or cfg.guidance_scale:
         raise ConfigError(f"per_class, classes and guidance_scale need a class-conditional model, but {model_file} is "

@@ -305,12 +305,12 @@ def distribution_metrics(real: Tensor, fake: Tensor, *, k: int = 5, kid_subsets:
 
 
 def per_class_metrics(real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor,
-                      class_names: list[str], *, n: int, k: int = 5, kid_subsets: int = 50,
+                      class_names: list[str], *, n: int | dict[int, int], k: int = 5, kid_subsets: int = 50,
                       kid_subset_size: int = 100, seed: int = 0) -> dict[str, dict[str, Any]]:
     """FID / KID / precision / recall / density / coverage per class, fakes of class c against reals of class c.
 
     ``real [N, D]`` / ``fake [M, D]`` features with int labels ``[N]`` / ``[M]`` in ``range(len(class_names))``.
-    Per class: ``m = min(n, reals_c // 2, fakes_c)`` fakes against ``m`` reals (A), beside ``m`` other reals
+    Per class: ``m = min(n, reals_c // 2, fakes_c)`` (``n``: one cap, or a cap per class index) fakes against ``m`` reals (A), beside ``m`` other reals
     (B) against A, the real-vs-real baseline, as for the overall numbers; ``k = min(k, m - 1)``. Reals are
     drawn from one seeded generator and fakes from another, so the real sides are the same for every fake
     set audited with the same ``seed``. A class with ``m < 2`` gets ``skipped`` (the reason) instead of
@@ -325,7 +325,7 @@ def per_class_metrics(real: Tensor, real_labels: Tensor, fake: Tensor, fake_labe
         r, f = real[real_labels == c], fake[fake_labels == c]
         perm_r = torch.randperm(len(r), generator=gen_real)
         perm_f = torch.randperm(len(f), generator=gen_fake)
-        m = min(n, len(r) // 2, len(f))
+        m = min(n.get(c, 0) if isinstance(n, dict) else n, len(r) // 2, len(f))
         entry: dict[str, Any] = {"label": c, "n_real": len(r), "n_fake": len(f), "n_per_side": m}
         if m < 2:
             entry["skipped"] = (f"{len(f)} fakes and {len(r)} reals of this class: need at least 2 fakes and "

@@ -312,10 +312,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return audit.extract_features(backbone, norm(x), cfg.device, batch_size=cfg.batch_size)[0]
 
     real.feats = {"train": features(train), "heldout": features(heldout)}
-    # Per class, the fewest fakes of a class over all fake sets (classes absent from a set aside), so that
+    # Per class, the fewest fakes of that class over all fake sets (sets without the class aside), so that
     # ranked sets are compared at equal sample sizes per class too.
-    per_class_n = min([cfg.n_real, *(int(c) for f in fakes if f.labels is not None
-                                     for c in torch.bincount(f.labels) if c > 0)])
+    counts = [torch.bincount(f.labels, minlength=len(class_names or [])) for f in fakes if f.labels is not None]
+    per_class_n = {c: min([cfg.n_real, *(int(k[c]) for k in counts if k[c] > 0)])
+                   for c in range(len(class_names or []))}
     ctx = {"data": data, "backbone": backbone, "info": info, "norm": norm, "features": features, "mean": mean,
            "std": std, "n_probe": n_probe, "per_class_n": per_class_n}
     if not cfg.fakes:

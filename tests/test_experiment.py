@@ -244,14 +244,15 @@ def test_recommend_ranks_inits_and_judges_the_gap() -> None:
 
 
 def test_generator_samples_and_audit_stages(tmp_path: Path) -> None:
-    """DCGAN (3 steps) -> 64 samples -> audit with its own discriminator trunk's features; then reused."""
+    """Conditional DCGAN (3 steps) -> 64 samples in the training images' class mix (audit.mix=data, the
+    default) -> audit with its own discriminator trunk's features; then reused."""
     exp = {
         "name": "gen", "out_dir": str(tmp_path / "exp"),
         "common": ["data.dataset=medmnist:pneumoniamnist", "backbone.arch=cbr_tiny", "backbone.stem=standard"],
         "launch": {"launcher": "python"},
         "simclr": {"enabled": False}, "moco": {"enabled": False}, "vae": {"enabled": False},
         "dcgan": {"overrides": ["train.max_steps=3", "train.batch_size=32", "train.checkpoint_every=0",
-                            "discriminator=backbone"]},  # the cbr_tiny trunk as the audit's feature space
+                            "discriminator=backbone", "conditional=true"]},  # cbr_tiny trunk: the audit's features
         "audit": {"generators": ["dcgan"], "features": "dcgan", "n_samples": 64,
                   "overrides": ["n_real=64", "n_fake=64", "disc.epochs=1", "disc.folds=2", "kid_subsets=2",
                                 "kid_subset_size=32", "memo.n_heldout=64", "memo.n_train=256"]},
@@ -265,6 +266,13 @@ def test_generator_samples_and_audit_stages(tmp_path: Path) -> None:
     assert [st[k]["status"] for k in ("dcgan", "samples_dcgan", "audit_dcgan")] == ["run", "run", "run"]
     with np.load(st["samples_dcgan"]["output"]) as npz:
         assert npz["images"].shape == (64, 28, 28) and npz["images"].dtype == np.uint8
+        drawn = np.bincount(npz["labels"], minlength=2).tolist()
+    from medpretrain.checkpoint import load_state_dict
+
+    _, meta = load_state_dict(Path(st["dcgan"]["output"]).with_name("generator.safetensors"))
+    train = meta["class_counts"]  # the shared PneumoniaMNIST's training split: 388 normal, 3494 pneumonia
+    normal = round(64 * train[0] / sum(train))
+    assert 0 < train[0] < train[1] and drawn == [normal, 64 - normal] and normal < 32
     audit = json.loads(Path(st["audit_dcgan"]["output"]).with_name("audit.json").read_text())
     assert audit["fake"]["n_used"] == 64
     # 3-step DCGAN samples are told from real images every time (1.0 here; chance is 0.5 +- chance_sd)

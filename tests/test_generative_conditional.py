@@ -77,6 +77,16 @@ def sample(args: list[str]) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
+def test_proportional_split_by_largest_remainders_keeps_every_class() -> None:
+    split = load_script("generative/sample.py", "cond_sample").proportional
+    assert split(1000, [388, 3494]) == [100, 900]  # PneumoniaMNIST's training mix: 99.95 / 900.05
+    assert split(10, [388, 3494]) == [1, 9]
+    assert split(7, [1, 1, 1]) == [3, 2, 2]  # ties: the earlier class
+    assert split(3, [1, 1000, 1]) == [1, 1, 1]  # a rare class keeps one sample
+    assert split(5, [0, 3, 1]) == [0, 4, 1]
+    assert sum(split(999, [5, 7, 11, 13])) == 999
+
+
 def test_class_seed_depends_on_the_seed_and_the_class_only() -> None:
     seeds = {(s, c): class_seed(s, c) for s in (0, 1, 7) for c in (0, 1, 2)}
     assert len(set(seeds.values())) == 9 and all(0 <= v < 2**63 for v in seeds.values())
@@ -288,8 +298,27 @@ def test_sampling_per_class_is_reproducible_and_class_dependent(dcgan_run: tuple
     with pytest.raises(ConfigError, match="classes: 'cat' is neither a class of this model"):
         draw("bad", "per_class=1", "classes=[cat]")
 
-    # class-dependent: the same latents give different images for the two classes
+    # mix=data: n spread in the training images' class mix, recorded in the export (and, for an export made
+    # before class_counts was recorded, read again from its training split: the same counts)
     state, meta = load_state_dict(model / "generator.safetensors")
+    script = load_script("generative/sample.py", "cond_sample")
+    from medpretrain.config import DataConfig, resolve_config
+    from medpretrain.data import build_dataset
+    from medpretrain.generative.stage import class_labels
+
+    data = resolve_config(DataConfig, None, [f"{k}={json.dumps(v)}" for k, v in meta["config"]["data"].items()])
+    train_labels, _ = class_labels(build_dataset(data, "train", unlabeled=True))
+    expected = np.bincount(train_labels.numpy(), minlength=2).tolist()
+    assert meta["class_counts"] == expected and expected[0] < expected[1]
+    old = {k: v for k, v in meta.items() if k != "class_counts"}
+    assert script.training_class_counts(old, model) == expected
+    mixed = np.bincount(draw("mixed", "n=40", "mix=data", "seed=3")["labels"], minlength=2).tolist()
+    assert mixed == script.proportional(40, expected) and sum(mixed) == 40
+    assert abs(mixed[0] - 40 * expected[0] / sum(expected)) < 1
+    with pytest.raises(ConfigError, match="mix must be one of even, data, got 'real'"):
+        draw("badmix", "mix=real")
+
+    # class-dependent: the same latents give different images for the two classes
     g = build_generator(meta)
     g.load_state_dict(state)
     z = latent_noise(8, 16, 0)

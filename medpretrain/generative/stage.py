@@ -264,7 +264,8 @@ def write_outputs(stage: Stage, steps: Steps, data: TrainData, model_file: str, 
 
     * ``model_file`` in the run folder: ``model``'s weights with ``meta`` (what rebuilds it:
       :func:`~medpretrain.generative.sampling.generator_meta`, :func:`~medpretrain.generative.ddpm.ddpm_meta`)
-      plus the method, dataset, normalisation, steps and config;
+      plus the method, dataset, normalisation, steps and config (conditional runs: ``class_counts``, the
+      training images per class);
     * ``loss.png``: ``curves`` of ``metrics.csv``;
     * ``results.json``: ``results`` plus method, steps, epochs, image size, training wall time, run folder,
       ``num_classes`` and ``class_names`` (conditional runs) and ``sample_stats``
@@ -274,8 +275,10 @@ def write_outputs(stage: Stage, steps: Steps, data: TrainData, model_file: str, 
     Returns what ``results.json`` holds.
     """
     cfg, run_dir = stage.cfg, stage.run_dir
+    counts = ({"class_counts": torch.bincount(data.labels.cpu(), minlength=data.num_classes).tolist()}
+              if data.num_classes else {})  # the real class mix: what ``sample.py mix=data`` draws in
     save_state_dict(run_dir / model_file, model.state_dict(),
-                    {**meta, "method": stage.name, "dataset": data.ds.spec, "dataset_hash": data.ds.fingerprint,
+                    {**meta, **counts, "method": stage.name, "dataset": data.ds.spec, "dataset_hash": data.ds.fingerprint,
                      "mean": cfg.data.mean, "std": cfg.data.std, "steps": steps.value, "config": config_to_dict(cfg)})
     val_ds, _ = load_split(cfg.data, "val")
     stats = sample_statistics(samples, first_images(val_ds, len(samples)))

@@ -60,6 +60,10 @@ class AuditSpec:
     features: str = "simclr"
     """Backbone of the discriminator and feature metrics: a training stage, ``imagenet`` or ``scratch``."""
     n_samples: int = 1000
+    mix: str = "data"
+    """How a conditional generator's ``n_samples`` are spread over the classes (``generative/sample.py mix=``):
+    ``data``, the real training images' class mix, so that the overall FID / KID / PRDC and the discriminators
+    compare like with like (the per-class metrics compare each class at equal sizes either way); ``even``."""
     seed: int = 0
     overrides: list[str] = field(default_factory=list)
     """``key=value`` for scripts/audit_synthetic.py (``data.*`` keys of ``common`` are passed too)."""

@@ -245,15 +245,16 @@ def script_stage(cfg: ExperimentConfig, exp_dir: Path, stage: Stage, product: Pa
 
 def sample_and_audit(cfg: ExperimentConfig, exp_dir: Path, gen: str, gen_stage: Stage, feat: str,
                      console: Console = None) -> list[Stage]:
-    """Draw ``audit.n_samples`` from generator stage ``gen`` and audit them with backbone ``feat``."""
+    """Draw ``audit.n_samples`` from generator stage ``gen`` (a conditional one in the class mix ``audit.mix``)
+    and audit them with backbone ``feat``."""
     a = cfg.audit
     model = Path(gen_stage.output).parent / registry.generators()[gen]
-    sh = stage_hash(gen_stage.hash, a.n_samples, a.seed)
+    sh = stage_hash(gen_stage.hash, a.n_samples, a.seed, *([a.mix] if a.mix != "even" else []))
     sdir = exp_dir / "samples" / f"{gen}-{sh}"
     samples = script_stage(
         cfg, exp_dir, Stage(f"samples_{gen}", sh, str(sdir / "samples.npz"), log=str(exp_dir / "logs" / f"samples_{gen}.log")),
         sdir / "samples.npz",
-        [sys.executable, str(ROOT / SAMPLE_SCRIPT), f"model={model}", f"n={a.n_samples}",
+        [sys.executable, str(ROOT / SAMPLE_SCRIPT), f"model={model}", f"n={a.n_samples}", f"mix={a.mix}",
          f"seed={a.seed}", f"out={sdir}"], console)
     overrides = [*(o for o in cfg.common if o.startswith("data.")), *a.overrides]
     conf = merge_overrides(read_yaml(ROOT / a.config) if a.config else {}, overrides, root=ROOT)
