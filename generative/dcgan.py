@@ -13,7 +13,8 @@ Discriminator (``discriminator=``):
 Adam 2e-4 / beta1 0.5 as in the paper; ``train.lr`` is the generator's learning rate and ``d_lr`` the
 discriminator's (two timescales, Heusel et al. 2017); ``loss=hinge`` and ``spectral_norm=true`` (Miyato et
 al. 2018) for stability. Mode collapse (generated-batch diversity far below real-batch diversity for several
-checks) stops the run with a clear message (``on_collapse=warn`` only warns).
+checks; conditional runs: within the worst class of the batch, since one image per class keeps a batch varied)
+stops the run with a clear message (``on_collapse=warn`` only warns).
 
 ``conditional=true`` (a labelled source) learns p(x | class): G gets a class embedding concatenated to z, D
 (either kind) the projection term of Miyato & Koyama 2018 (logit + <embed(y), pooled trunk features>); real
@@ -59,7 +60,7 @@ from medpretrain.generative.dcgan import (
     radford_arch,
     reestimate_batchnorm,
 )
-from medpretrain.generative.monitor import CollapseMonitor, ModeCollapseError, pairwise_diversity
+from medpretrain.generative.monitor import CollapseMonitor, ModeCollapseError, diversity_ratio
 from medpretrain.generative.sampling import generate, generator_meta, latent_noise
 from medpretrain.generative.stage import Steps, TrainData, start_generative, train_data, write_outputs
 from medpretrain.images import save_grid
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step = steps.advance(d_loss + g_loss)
 
             if cfg.collapse_check_every and step % cfg.collapse_check_every == 0:
-                collapsed = monitor.update(pairwise_diversity(fake), pairwise_diversity(real))
+                collapsed = monitor.update(diversity_ratio(fake, real, y))  # conditional: the worst class
                 if collapsed and cfg.on_collapse == "stop":
                     last = stage.last_checkpoint
                     err = ModeCollapseError(step, monitor.last_ratio, cfg.collapse_threshold,

@@ -155,6 +155,25 @@ def test_collapse_monitor_needs_consecutive_strikes():
     assert CollapseMonitor(0.2, 1).update(float("nan"), 1.0) is True  # NaN samples count as collapse
 
 
+def test_diversity_ratio_sees_a_class_that_collapsed_in_a_varied_batch():
+    """Conditional batch: class 0's fakes are one image, class 1's as varied as its reals. The whole batch
+    looks varied (the two classes differ); the within-class ratio is 0, the worst class."""
+    from medpretrain.generative.monitor import diversity_ratio
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(8, 1, 6, 6, generator=g)
+    y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    fake = real.clone()
+    fake[y == 0] = real[0] + 3.0  # far from class 1's images, and all the same
+    assert diversity_ratio(fake, real) > 0.8  # the whole batch: no alarm
+    assert diversity_ratio(fake, real, y) == 0.0
+    assert diversity_ratio(real, real, y) == pytest.approx(1.0)
+    one = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])  # no class with two images: nothing to compare
+    assert math.isnan(diversity_ratio(fake, real, one))
+    m = CollapseMonitor(0.2, 2)
+    assert [m.update(diversity_ratio(fake, real, y)) for _ in range(2)] == [False, True]
+
+
 def test_spectral_norm_discriminator_exports_a_plain_backbone():
     torch.manual_seed(0)
     disc = BackboneDiscriminator(build_backbone("cbr_tiny", 1, "small"), spectral_norm=True)

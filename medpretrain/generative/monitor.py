@@ -23,6 +23,27 @@ def pairwise_diversity(x: Tensor) -> float:
     return float(torch.pdist(flat).mean() / math.sqrt(flat.shape[1]))
 
 
+def diversity_ratio(fake: Tensor, real: Tensor, labels: Tensor | None = None) -> float:
+    """Generated-batch diversity over real-batch diversity (:func:`pairwise_diversity`); near 0: collapse.
+
+    With ``labels`` (a conditional batch: the fakes drawn for the real images' classes) the ratio is taken
+    within each class that has at least 2 images in the batch, and the lowest is returned: a conditional
+    generator that draws one image per class keeps the whole batch varied (the classes differ) while every
+    class has collapsed. ``nan`` when no class has 2 images (the monitor counts it as a strike only when the
+    real images of no class vary either, which a shuffled batch of any size above K makes rare)."""
+    if labels is None:
+        real_div = pairwise_diversity(real)
+        return pairwise_diversity(fake) / real_div if real_div > 0 else float("nan")
+    ratios = []
+    for c in torch.unique(labels):
+        keep = labels == c
+        if int(keep.sum()) >= 2:
+            real_div = pairwise_diversity(real[keep])
+            if real_div > 0:
+                ratios.append(pairwise_diversity(fake[keep]) / real_div)
+    return min(ratios) if ratios else float("nan")
+
+
 class ModeCollapseError(RuntimeError):
     """Generated samples stopped varying (see :class:`CollapseMonitor`); the run stops instead of going on."""
 
@@ -53,7 +74,9 @@ class CollapseMonitor:
         self.strikes = 0
         self.last_ratio = float("nan")
 
-    def update(self, fake_div: float, real_div: float) -> bool:
+    def update(self, fake_div: float, real_div: float = 1.0) -> bool:
+        """One check: ``fake_div / real_div`` (or, with the default ``real_div``, a ratio already taken, e.g.
+        :func:`diversity_ratio`'s lowest within-class ratio) below the threshold is a strike."""
         ratio = fake_div / real_div if real_div > 0 else float("nan")
         self.last_ratio = ratio
         if not math.isfinite(ratio) or ratio < self.threshold:
