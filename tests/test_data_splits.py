@@ -540,3 +540,35 @@ def test_group_samples_info_and_errors(monkeypatch):
             splits.group_samples(3, paths=paths, group_regex=r"^(\w)_")
     with pytest.raises(ConfigError, match=r"^data\.dedup_threshold must be >= 0, got -1\.0$"):
         splits.group_samples(3, thumbs=thumbs, dedup="pixels", dedup_threshold=-1.0)
+
+
+def test_validation_carved_from_official_train_by_whole_groups():
+    """No official ``val`` but groups: validation is whole groups of the official train, chosen by the greedy
+    rule on the train samples only (stream [seed, 0]); test stays as given. When the rule leaves validation
+    empty the first train sample's group is validation; with one group only the carve is sample by sample."""
+    rng = np.random.default_rng(8)
+    sizes = rng.integers(1, 5, size=40)  # 40 patients of 1-4 images, a rare class (one patient in 3)
+    groups = np.repeat(np.arange(40), sizes)
+    labels = np.repeat((np.arange(40) % 3 == 0).astype(np.int64), sizes)
+    n = len(labels)
+    train = rng.permutation(np.flatnonzero(groups < 30))  # official lists, in no order
+    test = np.flatnonzero(groups >= 30)[::-1]
+    for seed, frac in ((0, 0.2), (3, 0.1)):
+        s = make_splits(labels, n, groups=groups, official={"train": train, "test": test}, val_fraction=frac,
+                        seed=seed)
+        tr = np.sort(train)
+        ref = _ref_grouped(labels[tr], groups[tr], {"val": frac, "train": 1.0 - frac}, seed)
+        assert s["val"].tolist() == tr[ref["val"]].tolist() and s["train"].tolist() == tr[ref["train"]].tolist()
+        assert s["test"].tolist() == sorted(test.tolist())
+        assert set(groups[s["val"]]).isdisjoint(groups[s["train"]]) and len(s["val"]) > 0
+    # Two interleaved patients of 5 and val_fraction 0.1: both fill train's need better, validation would be
+    # empty, so the first train sample's patient (0) is validation.
+    two = make_splits(None, 12, groups=np.r_[np.arange(10) % 2, 2, 2],
+                      official={"train": np.arange(10), "test": np.array([10, 11])}, val_fraction=0.1)
+    assert two["val"].tolist() == [0, 2, 4, 6, 8] and two["train"].tolist() == [1, 3, 5, 7, 9]
+    assert two["test"].tolist() == [10, 11]
+    # One patient in train: nothing to keep apart, the carve is the one without groups (2 of 10 samples).
+    official = {"train": np.arange(10), "test": np.array([10, 11])}
+    one = make_splits(None, 12, groups=np.r_[np.zeros(10, int), 1, 1], official=official, val_fraction=0.2, seed=4)
+    plain = make_splits(None, 12, official=official, val_fraction=0.2, seed=4)
+    assert all(one[k].tolist() == plain[k].tolist() for k in ("train", "val", "test")) and len(one["val"]) == 2

@@ -646,3 +646,60 @@ def test_binary_bootstrap_rows_equal_classification_metrics_with_empty_denominat
     assert all(v > 0 for v in empty.values()), empty  # every empty denominator occurs
     assert got["sensitivity"][0] == got["precision"][0] == got["f1"][0] == 0.0 and math.isnan(got["auc"][0])
     assert got["specificity"][1] == 0.0 and got["accuracy"][3] == 1.0
+
+
+def test_multilabel_accuracy_is_the_element_wise_fraction():
+    """Multi-label accuracy counts every (case, label) decision once: 5 of 6 right here, as one division (the
+    mean of the per-label accuracies 2/3 and 1 is the same number but rounds differently in float32)."""
+    p = torch.tensor([[0.9, 0.2], [0.6, 0.8], [0.7, 0.1]])
+    t = torch.tensor([[1, 0], [0, 1], [1, 0]])
+    m = classification_metrics(p, t, "multilabel")
+    assert m["accuracy"] == float(torch.tensor(5.0) / 6.0)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == 0.5  # label 0: the negative case is predicted positive
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_bootstrap_multiclass_and_multilabel_against_a_loop(task):
+    """Without metric_fn a multi-class or multi-label resample is scored by classification_metrics at the given
+    threshold: the intervals and counts equal a written-out loop over the same draws (one randint per resample)."""
+    rng = np.random.default_rng(11)
+    n = 30
+    if task == "multiclass":
+        p = rng.random((n, 3))
+        p /= p.sum(1, keepdims=True)
+        y = rng.integers(0, 3, n)
+    else:
+        p = np.round(rng.random((n, 2)), 1)
+        y = (rng.random((n, 2)) < 0.3).astype(np.int64)
+    p = p.astype(np.float32)
+    ci = bootstrap_ci(p, y, task, n_boot=30, seed=2, threshold=0.3, alpha=0.1)
+    gen = torch.Generator().manual_seed(2)
+    rows = []
+    for _ in range(30):
+        i = torch.randint(0, n, (n,), generator=gen).numpy()
+        rows.append(classification_metrics(p[i], y[i], task, threshold=0.3))
+    assert sorted(ci) == sorted(METRICS)
+    for k in METRICS:
+        v = np.array([r[k] for r in rows])
+        v = v[np.isfinite(v)]
+        assert ci[k] == {"low": float(np.percentile(v, 5)), "high": float(np.percentile(v, 95)), "n": len(v)}, k
+    if task == "multilabel":  # the threshold reaches the resamples: at 0.5 the intervals differ
+        assert bootstrap_ci(p, y, task, n_boot=30, seed=2, alpha=0.1)["sensitivity"] != ci["sensitivity"]
+
+
+def test_binary_bootstrap_default_never_scores_resamples_one_by_one(monkeypatch):
+    """The binary default is the vectorised path: no classification_metrics call per resample (1000 of them per
+    test set otherwise), with the intervals of that path."""
+    import medpretrain.metrics as metrics_module
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 40)
+    p = np.clip(0.4 * y + 0.6 * rng.random(40), 0, 1).astype(np.float32)
+    want = bootstrap_ci(p, y, "binary", n_boot=50, seed=1, threshold=0.4)
+
+    def per_resample(*args, **kwargs):
+        raise AssertionError("bootstrap_ci scored a binary resample with classification_metrics")
+
+    monkeypatch.setattr(metrics_module, "classification_metrics", per_resample)
+    assert bootstrap_ci(p, y, "binary", n_boot=50, seed=1, threshold=0.4) == want
+    assert want["auc"]["n"] == 50 and 0.5 < want["auc"]["low"] < want["auc"]["high"] < 1.0
