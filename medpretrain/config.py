@@ -333,7 +333,7 @@ def _unknown_keys_message(unknown: list[str], cls: type, prefix: str) -> str:
 
 def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     """Instantiate dataclass ``cls`` from a (partial) mapping, validating every key and type."""
-    hints = _hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]  # a class is hashable; mypy reads type[T] as any T
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:

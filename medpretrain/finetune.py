@@ -698,7 +698,7 @@ def predict_images(model: torch.nn.Module, loader: Any, cfg: FinetuneConfig, acc
     side = cfg.seg.sw_size or cfg.seg.patch_size
     flips = [(), (-1,), (-2,), (-2, -1)] if cfg.seg.tta == "flips" else [()]
     for batch in loader:
-        p = 0.0
+        p = torch.zeros(())
         for dims in flips:
             x = batch["image"].flip(dims) if dims else batch["image"]
             logits = torch.as_tensor(sliding_window_inference(x, (side, side), cfg.seg.sw_batch_size, model,

@@ -524,7 +524,7 @@ def _load_supervised(run: str, arch: str, in_channels: int, stem: str,
     if got["in_channels"] != in_channels:
         raise CheckpointError(path, f"model has in_channels={got['in_channels']}, but in_channels={in_channels} "
                                     "was requested (data.channels)")
-    resolved = got["stem"] if stem == "auto" else resolve_stem(stem, image_size, arch)
+    resolved = str(got["stem"]) if stem == "auto" else resolve_stem(stem, image_size, arch)
     if resolved != got["stem"]:
         raise CheckpointError(path, f"model was built with stem={got['stem']!r}, but stem={stem!r} was requested; "
                                     f"use stem={got['stem']!r} or 'auto'")

@@ -1066,21 +1066,21 @@ def build_report(
         md.append("These arms could not be measured and are **not** replaced by randomly initialised weights:")
         md.append("")
         seen = set()
-        for r in unavailable:
-            key = (r.get("init_label"), r.get("reason"))
+        for arm in unavailable:
+            key = (arm.get("init_label"), arm.get("reason"))
             if key in seen:
                 continue
             seen.add(key)
             n = sum(1 for u in unavailable if (u.get("init_label"), u.get("reason")) == key)
-            md.append(f"- **{r.get('init_label')}** ({n} run(s)): {r.get('reason')}")
+            md.append(f"- **{arm.get('init_label')}** ({n} run(s)): {arm.get('reason')}")
     else:
         md.append("None: every requested init was available.")
     md.append("")
     if failed:
         md += ["## Failed runs", ""]
-        for r in failed:
-            md.append(f"- {r.get('init_label')} / {r.get('regime')} / {r.get('label_fraction')} / seed "
-                      f"{r.get('seed')}: {r.get('reason', 'no reason recorded')}")
+        for run in failed:
+            md.append(f"- {run.get('init_label')} / {run.get('regime')} / {run.get('label_fraction')} / seed "
+                      f"{run.get('seed')}: {run.get('reason', 'no reason recorded')}")
         md.append("")
     md += ["Files: `runs.csv` (one row per run, with bootstrap CIs of every metric), `summary.csv` "
            "(aggregates and ensembles)."]

@@ -32,7 +32,7 @@ import numpy as np
 
 from medpretrain.config import DataConfig
 from medpretrain.data import retina
-from medpretrain.data.base import Source
+from medpretrain.data.base import LazyImages, Source
 from medpretrain.data.duplicates import thumbnail
 from medpretrain.data.errors import DataError, SkipLog
 from medpretrain.data.folder import (
@@ -156,6 +156,7 @@ def read_drive_source(path: Path, cfg: DataConfig, skips: SkipLog) -> Source:
     parts = [read_segpairs_source(path / s / "images", path / s / "1st_manual", path / s / "mask", cfg, skips)
              for s in ("training", "test")]
     train, test = parts
+    assert not isinstance(train.images, LazyImages) and not isinstance(test.images, LazyImages)  # decoded above
     n_train = len(train)
     return Source(
         images=_concat(train.images, test.images), task="segmentation",

@@ -276,7 +276,7 @@ def write_outputs(stage: Stage, steps: Steps, data: TrainData, model_file: str, 
     """
     cfg, run_dir = stage.cfg, stage.run_dir
     counts = ({"class_counts": torch.bincount(data.labels.cpu(), minlength=data.num_classes).tolist()}
-              if data.num_classes else {})  # the real class mix: what ``sample.py mix=data`` draws in
+              if data.labels is not None and data.num_classes else {})  # the real class mix: what ``sample.py mix=data`` draws in
     save_state_dict(run_dir / model_file, model.state_dict(),
                     {**meta, **counts, "method": stage.name, "dataset": data.ds.spec, "dataset_hash": data.ds.fingerprint,
                      "mean": cfg.data.mean, "std": cfg.data.std, "steps": steps.value, "config": config_to_dict(cfg)})

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
@@ -32,6 +32,8 @@ from medpretrain.augment import AugmentConfig
 from medpretrain.backbones import Backbone
 from medpretrain.config import BackboneConfig, ConfigError, DataConfig
 from medpretrain.methods.registry import StageInfo, register
+
+M = TypeVar("M", bound=nn.Module)
 
 GENERIC_SCRIPT = "pretrain/train.py"
 """The entry script that trains every registered method (``pretrain/train.py method=byol``)."""
@@ -177,7 +179,7 @@ class Method(nn.Module):
         return {}
 
 
-def momentum_copy(module: nn.Module) -> nn.Module:
+def momentum_copy(module: M) -> M:
     """A copy of ``module`` that only moves by momentum: deep-copied, gradients off (lightly's
     ``deactivate_requires_grad``), so the optimizer skips it."""
     twin = copy.deepcopy(module)

@@ -76,8 +76,9 @@ def check_variants(cfg: Any, trained: Mapping[str, Any]) -> None:
                 raise ConfigError(f"variants[{v.name}].inits has {init!r}: add it to variants[{v.name}].stages")
         from medpretrain.finetune import FinetuneConfig
 
-        takers = [FinetuneConfig, *(schema_of(registry.stage(n)) for n in v.stages)]
-        if None in takers:
+        schemas = [FinetuneConfig, *(schema_of(registry.stage(n)) for n in v.stages)]
+        takers = [t for t in schemas if t is not None]
+        if len(takers) < len(schemas):
             continue  # a stage without a schema takes every override
         known = set().union(*(schema_keys(t) for t in takers))
         for o in v.overrides:
