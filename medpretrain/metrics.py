@@ -105,6 +105,7 @@ def classification_metrics(
     if threshold is None:
         threshold = 0.5
     kw: dict[str, Any]
+    out: dict[str, Any]  # tensors from torchmetrics, floats once returned
     if task == "binary" and not isinstance(threshold, (int, float)):
         raise ValueError(f"binary metrics take one threshold, got {threshold!r}")
     if task == "multilabel" and not isinstance(threshold, (int, float)):

@@ -284,8 +284,8 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     if not layers:
         return 0
     try:
-        recompute_batchnorm(model, layers, (batch["image"].to(device) for batch in batches), model.backbone,
-                            name="reestimate_bn")
+        recompute_batchnorm(model, layers, (batch["image"].to(device) for batch in batches),
+                            model.backbone, name="reestimate_bn")  # type: ignore[arg-type]  # a Module is callable
     finally:
         for m in layers:  # Classifier / UNet keep frozen parts in eval mode; here too when no batch came
             m.eval()
