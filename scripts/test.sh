@@ -8,4 +8,5 @@ bash scripts/setup.sh
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 export MEDPRETRAIN_DATA=${MEDPRETRAIN_DATA:-$(cd .. && pwd)/shared/data}
 .venv/bin/ruff check medpretrain pretrain finetune generative scripts tests
+.venv/bin/mypy  # medpretrain/ ([tool.mypy] in pyproject.toml): clean since 2026-12-02
 .venv/bin/python -m pytest -q -n 2 --durations=15 "$@"
