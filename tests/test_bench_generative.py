@@ -113,6 +113,12 @@ def test_an_unfinished_experiment_from_its_stage_records(tmp_path: Path, monkeyp
     # an earlier invocation's experiment.json (no ddpm in it) does not make this one finished
     (exp_dir / "experiment.json").write_text(json.dumps({"stages": [{"name": "dcgan", "hash": "h"}], "synthetic": [1]}))
     assert not bg.finished(json.loads((exp_dir / "experiment.json").read_text()), bg.stage_records(exp_dir))
+    # a grid's per-class synthetic samples are recorded but never listed in experiment.json: not a sign of an
+    # unfinished invocation (the generative_pneumonia run of 2026-12-02 was reported unfinished for it)
+    listed = {"stages": [{"name": n, "hash": "h"} for n in ("dcgan", "audit_dcgan", "ddpm", "audit_ddpm")]}
+    per_class = {"name": "samples_ddpm_per_class", "hash": "p", "status": "run"}
+    assert bg.finished(listed, {**bg.stage_records(exp_dir), "samples_ddpm_per_class": per_class})
+    assert not bg.finished(listed, {**bg.stage_records(exp_dir), "samples_ddpm": {**per_class, "name": "samples_ddpm"}})
     cfg = bg.BenchConfig(targets_for="generative_toy")
     e = bg.read_experiment(config, cfg, {"generative_toy": {"ddpm": "lungs"}})
     assert not e["finished"] and e["synthetic"] == []
