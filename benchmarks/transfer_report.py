@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plots.mkdir(parents=True, exist_ok=True)
     parts = []
     for name in args.experiments:
-        exp_dir = Path(args.runs) / name
+        exp_dir = Path(args.runs).resolve() / name  # the cells' config hash holds the absolute runs_dir
         if not (exp_dir / "experiment.json").is_file():
             raise SystemExit(f"error: {exp_dir}/experiment.json not found (run "
                              f"`python scripts/run_experiment.py configs/experiments/{name}.yaml` first)")

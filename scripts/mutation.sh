@@ -8,7 +8,11 @@
 # report names the commit. Surviving mutants are reviewed in benchmarks/mutation_review.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+if [ -L .venv ]; then  # a worktree borrowing another checkout's environment: re-installing the editable
+  echo "[mutation] .venv links to another checkout's environment: not re-installing into it"  # package here
+else                     # would point that environment at this worktree
+  bash scripts/setup.sh
+fi
 .venv/bin/python -m pip show mutmut >/dev/null 2>&1 || .venv/bin/python -m pip install -q "mutmut>=3.3,<4"
 export MEDPRETRAIN_DATA=${MEDPRETRAIN_DATA:-$(cd .. && pwd)/shared/data} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/mutmut run "$@" || true   # mutmut exits non-zero when mutants survive; the report says which
