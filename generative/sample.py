@@ -40,8 +40,16 @@ from PIL import Image
 
 from medpretrain.checkpoint import load_exact, load_state_dict
 from medpretrain.config import ConfigError, load_config
+from medpretrain.data.splits import _round_counts
 from medpretrain.generative.ddpm import ddpm_sample
-from medpretrain.generative.sampling import build_generator, generate, latent_noise, sample_classes, save_npz
+from medpretrain.generative.sampling import (
+    MIXES,
+    build_generator,
+    generate,
+    latent_noise,
+    sample_classes,
+    save_npz,
+)
 from medpretrain.images import save_grid, to_uint8
 from medpretrain.utils import atomic_write_text, sha256_file
 
@@ -115,9 +123,6 @@ def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
     return chosen
 
 
-MIXES = ("even", "data")
-
-
 def training_class_counts(meta: dict[str, Any], model_file: Path) -> list[int]:
     """Training images per class of a conditional model: its ``class_counts`` metadata, or, for a model
     exported before that was recorded, the labels of the training split its config names, read again."""
@@ -131,7 +136,7 @@ def training_class_counts(meta: dict[str, Any], model_file: Path) -> list[int]:
     if not data:
         raise ConfigError(f"mix=data: {model_file} records neither class_counts nor its data config; use mix=even")
     known = {f.name for f in dataclasses.fields(DataConfig)}
-    dcfg = resolve_config(DataConfig, None, [f"{k}={json.dumps(v)}" for k, v in data.items() if k in known])
+    dcfg = resolve_config(DataConfig, values={k: v for k, v in data.items() if k in known})
     labels, names = class_labels(build_dataset(dcfg, "train", unlabeled=True))
     if names != list(meta["class_names"]):
         raise ConfigError(f"mix=data: the training data of {model_file} now has classes {names}, the model "
@@ -145,10 +150,7 @@ def proportional(n: int, weights: list[int]) -> list[int]:
     total = sum(weights)
     if total <= 0:
         raise ConfigError("mix=data: the model's training classes are all empty")
-    exact = [n * w / total for w in weights]
-    counts = [int(e) for e in exact]
-    for i in sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))[: n - sum(counts)]:
-        counts[i] += 1
+    counts = _round_counts(np.asarray(weights), n / total).tolist()  # the splits' largest-remainder rounding
     for i, w in enumerate(weights):  # a rare class keeps one sample, taken from the largest
         if w > 0 and counts[i] == 0 and n >= sum(1 for x in weights if x > 0):
             counts[max(range(len(counts)), key=lambda j: counts[j])] -= 1

@@ -49,6 +49,11 @@ def generate(model: nn.Module, z: Tensor, batch_size: int = 256, labels: Tensor 
     return torch.cat(out).clamp_(-1.0, 1.0)
 
 
+MIXES = ("even", "data")
+"""How ``generative/sample.py`` spreads a conditional model's ``n`` samples over its classes (``mix=``): evenly,
+or in the class mix of the model's training images."""
+
+
 def generator_meta(kind: str, model: ConvDecoder | DCGANGenerator, base_channels: int,
                    class_names: list[str] | None = None) -> dict[str, Any]:
     """What :func:`build_generator` needs to rebuild ``model`` (stored in the safetensors header); a

@@ -95,8 +95,10 @@ def run_experiment(cfg: Any, console: Console = None) -> Path:
     :class:`ConfigError` for an inconsistent experiment (a grid or audit naming a disabled stage).
     """
     exp_dir = (PROJECT_ROOT / cfg.out_dir / cfg.name).resolve()
-    if cfg.audit.mix not in ("even", "data"):
-        raise ConfigError(f"audit.mix must be 'data' or 'even', got {cfg.audit.mix!r}")
+    from medpretrain.generative.sampling import MIXES  # the package imports diffusers: only when running
+
+    if cfg.audit.mix not in MIXES:
+        raise ConfigError(f"audit.mix must be one of {', '.join(MIXES)}, got {cfg.audit.mix!r}")
     started = time.time()
     code_version()  # the code this process runs, recorded by every in-process cell and the report
     say(console, f"[experiment] {cfg.name}: {exp_dir}" + (" (dry run)" if cfg.dry_run else ""))
