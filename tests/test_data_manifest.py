@@ -261,9 +261,44 @@ def test_configurable_columns_classes_and_unknown_labels(tmp_path):
     clear_source_cache()
     plain = read_source(DataConfig(dataset=f"manifest:{manifest}", image_size=8, path_column="file"))
     assert plain.task == "unlabeled" and plain.labels is None and plain.groups is None
-    write(tmp_path / "m.parquet", "")
-    assert error_of(DataConfig(dataset=f"manifest:{tmp_path / 'm.parquet'}")).endswith(
-        "Parquet manifests are not read; save the table as .csv or .tsv")
+    clear_source_cache()
+
+
+def test_parquet_manifest_reads_as_the_same_table_in_csv(tmp_path):
+    """A Parquet table gives the very source its CSV gives (labels, groups, pixels, official splits), an
+    integer label column with a null (a float column, as pandas writes it) keeps integer labels, and its
+    errors name the row the CSV would (first data row: 2)."""
+    pa = require_module("pyarrow", "bash scripts/setup.sh installs the dev extra, which has pyarrow")
+    pq = require_module("pyarrow.parquet", "bash scripts/setup.sh installs the dev extra, which has pyarrow")
+
+    for i in range(6):
+        png(tmp_path / f"{i}.png", seed=i)
+    files = [f"{i}.png" for i in range(6)]
+    labels, subjects = [1, 0, 1, 0, 1, 0], ["S1", "S1", "S2", "S3", "S4", "S5"]
+    splits = ["train", "train", "train", "val", "test", "train"]
+    csv_text = "image_path,label,patient,split\n" + "".join(
+        f"{f},{y},{p},{s}\n" for f, y, p, s in zip(files, labels, subjects, splits, strict=True))
+    pq.write_table(pa.table({"image_path": files, "label": labels, "patient": subjects, "split": splits}),
+                   tmp_path / "m.parquet")
+    cols = {"image_size": 8, "split_column": "split"}
+    from_csv = read_source(DataConfig(dataset=f"manifest:{write(tmp_path / 'm.csv', csv_text)}", **cols))
+    clear_source_cache()
+    from_pq = read_source(DataConfig(dataset=f"manifest:{tmp_path / 'm.parquet'}", **cols))
+    assert from_pq.labels.tolist() == from_csv.labels.tolist() == labels
+    assert list(from_pq.groups) == list(from_csv.groups) and from_pq.groups[0] == salted_key("S1")
+    assert np.array_equal(np.asarray(from_pq.images), np.asarray(from_csv.images))
+    assert from_pq.class_names == from_csv.class_names and from_pq.task == "binary"
+    clear_source_cache()
+    # An integer column holding a null is a float column in Parquet: 1.0 reads as 1, the null as empty.
+    pq.write_table(pa.table({"image_path": files[:3], "label": pa.array([1.0, None, 0.0])}), tmp_path / "n.parquet")
+    assert error_of(DataConfig(dataset=f"manifest:{tmp_path / 'n.parquet'}", image_size=8)) == (
+        f"{tmp_path / 'n.parquet'}: row 3: empty label")
+    no_null = read_source(DataConfig(dataset=f"manifest:{tmp_path / 'n.parquet'}", image_size=8, skip_bad=True))
+    assert no_null.labels.tolist() == [1, 0] and no_null.class_names == ["0", "1"]
+    clear_source_cache()
+    write(tmp_path / "bad.parquet", "not parquet\n")
+    assert error_of(DataConfig(dataset=f"manifest:{tmp_path / 'bad.parquet'}")).startswith(
+        f"{tmp_path / 'bad.parquet'}: cannot read Parquet manifest (")
     clear_source_cache()
 
 

@@ -1,7 +1,8 @@
-"""``manifest:<file>`` (also ``folder:<file.csv>``): a CSV / TSV table, one row per file, of any format.
+"""``manifest:<file>`` (also ``folder:<file.csv>``): a CSV / TSV / Parquet table, one row per file, of any format.
 
 Columns (names set in :class:`medpretrain.config.DataConfig`; header names are stripped, other columns are
-ignored; ``.tsv`` / ``.tab`` files are tab-separated, ``.csv`` comma-separated):
+ignored; ``.tsv`` / ``.tab`` files are tab-separated, ``.csv`` comma-separated, ``.parquet`` / ``.pq`` read
+with pyarrow, the ``parquet`` extra, each cell as the text a CSV of the same table would hold):
 
 * ``data.path_column`` (``image_path``): the file, relative to the manifest's folder or absolute. Its format
   comes from the reader registry (:func:`medpretrain.data.readers.reader_for_file`): content signature first
@@ -24,8 +25,8 @@ ignored; ``.tsv`` / ``.tab`` files are tab-separated, ``.csv`` comma-separated):
 Rows are checked before anything is decoded. A missing file, a path listed twice, an empty or unknown label
 and an unknown split are each one line, ``<manifest>: row <n>: ...`` (``n`` the line in the file, the
 header being line 1); under ``data.skip_bad`` the row is skipped and counted instead. A file that does not
-decode names the file and the row (``<file>: <reason> (row <n> of <manifest name>)``). Parquet is not read:
-save the table as CSV or TSV.
+decode names the file and the row (``<file>: <reason> (row <n> of <manifest name>)``). A Parquet table's rows
+are numbered as the same table saved as CSV would be (first data row: 2).
 """
 
 from __future__ import annotations
@@ -72,14 +73,51 @@ def is_manifest(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES
 
 
+def _texts(values: list[object]) -> list[str]:
+    """A Parquet column as the texts a CSV of the same table holds: null / NaN empty, booleans ``true`` /
+    ``false``; a float column whose values are all integral (an integer column with nulls, as pandas
+    writes it) as integers (``1.0`` -> ``1``), so integer class indices stay integers."""
+    present = [v for v in values if v is not None and not (isinstance(v, float) and v != v)]
+    integral = bool(present) and all(isinstance(v, float) and v.is_integer() for v in present)
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, float) and v != v):
+            out.append("")
+        elif isinstance(v, bool):
+            out.append("true" if v else "false")
+        elif isinstance(v, bytes):
+            out.append(v.decode("utf-8", errors="replace"))
+        else:
+            out.append(str(int(v)) if integral and isinstance(v, float) else str(v))
+    return out
+
+
+def _read_parquet(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(manifest, "reading a Parquet manifest needs pyarrow (pip install 'medpretrain[parquet]'), "
+                                  "or save the table as .csv / .tsv") from None
+    try:
+        table = pq.read_table(manifest)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise DataError(manifest, f"cannot read Parquet manifest ({str(e).splitlines()[0]})") from None
+    header = [str(n).strip() for n in table.column_names]
+    columns = [_texts(col.to_pylist()) for col in table.columns]
+    rows = [(i + 2, dict(zip(header, cells, strict=True))) for i, cells in enumerate(zip(*columns, strict=True))]
+    return header, rows
+
+
 def read_table(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header (stripped names) and ``(line number, row)`` pairs of a CSV / TSV file. Raises DataError."""
+    """Header (stripped names) and ``(line number, row)`` pairs of a CSV / TSV / Parquet file (a Parquet
+    row's number is its line in the same table saved as CSV). Raises DataError."""
     suffix = manifest.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        raise DataError(manifest, "Parquet manifests are not read; save the table as .csv or .tsv")
     if not manifest.is_file():
         raise DataError(manifest, "manifest not found (relative paths resolve against data.root or "
-                                  "$MEDPRETRAIN_DATA)" if not manifest.exists() else "not a .csv / .tsv manifest")
+                                  "$MEDPRETRAIN_DATA)" if not manifest.exists()
+                        else "not a .csv / .tsv / .parquet manifest")
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(manifest)
     delimiter = "\t" if suffix in (".tsv", ".tab") else ","
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
