@@ -201,7 +201,7 @@ def check_output(out: Path) -> None:
 def eval_dataset(cfg: Any, split: Split) -> Any:
     """``split`` of ``cfg.data``: its test split (:func:`medpretrain.data.build_dataset`) or every sample."""
     from medpretrain.data import build_dataset, read_source
-    from medpretrain.data.dataset import MedicalDataset
+    from medpretrain.data.dataset import MedicalDataset, digest_store
 
     if split == "test":
         return build_dataset(cfg.data, "test")
@@ -209,7 +209,7 @@ def eval_dataset(cfg: Any, split: Split) -> Any:
     n = len(source)
     return MedicalDataset(source, np.arange(n), spec=cfg.data.dataset, split="whole", in_channels=cfg.data.channels,
                           mean=cfg.data.mean, std=cfg.data.std,
-                          split_info={"method": "whole set", "sizes": {"whole": n}})
+                          split_info={"method": "whole set", "sizes": {"whole": n}}, digest_store=digest_store(cfg.data))
 
 
 def _check_data(ds: Any, cfg: Any, meta: dict[str, Any], path: Path) -> None:

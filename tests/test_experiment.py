@@ -207,6 +207,37 @@ def test_data_stamp_is_the_content_so_a_copy_with_new_times_keeps_it(tmp_path: P
     assert stamp("b") != first and stamp("a") == first
 
 
+def test_fingerprint_reuses_the_stamps_digests_and_keeps_its_value(tmp_path: Path, monkeypatch) -> None:
+    """An export's dataset_hash (fingerprint) takes the digests data_stamp has stored instead of reading every
+    file again, with the value it always had: sha256sum's 16 digits for one file, hash_files for several; an
+    entry of the earlier 16-digit store is read once more."""
+    from medpretrain.data import dataset
+    from medpretrain.utils import hash_files, sha256_file
+
+    monkeypatch.setattr(dataset, "_DIGESTS", {})
+    files = []
+    for i, name in enumerate(("b.bin", "a.bin", "c.bin")):
+        (tmp_path / "d").mkdir(exist_ok=True)
+        files.append(tmp_path / "d" / name)
+        files[-1].write_bytes(bytes([i]) * (100 + i))
+    store = tmp_path / "cache" / dataset.DIGESTS_FILE
+    assert dataset.fingerprint(files, store) == hash_files(files) == dataset.fingerprint(files)
+    assert dataset.fingerprint(files[:1], store) == sha256_file(files[0])[:16] == dataset.fingerprint(files[:1])
+    assert sorted(v[2] for v in json.loads(store.read_text()).values()) == sorted(sha256_file(f) for f in files)
+    monkeypatch.setattr(dataset, "_DIGESTS", {})  # another process: the store, not the files
+    monkeypatch.setattr(dataset, "sha256_file", lambda f: pytest.fail(f"{f} read again"))
+    assert dataset.fingerprint(files, store) == hash_files(files)
+    assert dataset.file_digests(files, DataConfig(cache_dir=str(tmp_path / "cache"))) == [
+        sha256_file(f)[:16] for f in files]
+    monkeypatch.undo()
+    monkeypatch.setattr(dataset, "_DIGESTS", {})
+    old = {k: [*v[:2], v[2][:16]] for k, v in json.loads(store.read_text()).items()}  # the earlier store
+    store.write_text(json.dumps(old))
+    read: list[Path] = []
+    monkeypatch.setattr(dataset, "sha256_file", lambda f: read.append(f) or sha256_file(f))
+    assert dataset.fingerprint(files, store) == hash_files(files) and sorted(read) == sorted(files)
+
+
 def _result(init: str, regime: str, seed: int, auc: float, ci: float = 0.01) -> dict:
     return {"status": "complete", "init_label": init, "regime": regime, "label_fraction": 0.1, "seed": seed,
             "metrics": {"test": {"auc": auc, "accuracy": auc}, "val_best": {"auc": auc}}, "ci": {"auc": {"low": auc - ci, "high": auc + ci}},

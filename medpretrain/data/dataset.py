@@ -104,13 +104,27 @@ def read_source(cfg: DataConfig) -> Source:
     return _SOURCE_CACHE[key]
 
 
-def fingerprint(files: list[Path]) -> str:
-    """Content hash of the source files (cached per process by path, size and mtime).
+def fingerprint(files: list[Path], store: Path | None = None) -> str:
+    """Content hash of the source files: the ``dataset_hash`` of exports.
 
     One file (a MedMNIST npz): the first 16 hex digits of its sha256, as ``sha256sum`` prints.
-    Several files: :func:`medpretrain.utils.hash_files`.
+    Several files: :func:`medpretrain.utils.hash_files` (sha256 over each file's name and content digest, in
+    path order). With ``store`` (the digest store, :data:`DIGESTS_FILE`) the digests :func:`data_stamp` has
+    already read are reused, so a large set is not read twice; the value is the same either way. Without it
+    the result is cached per process by path, size and mtime.
     """
+    import hashlib
+
     existing = [p for p in files if p.is_file()]  # a missing file skipped under skip_bad has no content
+    if store is not None:
+        digests = dict(zip(map(str, existing), _stored_digests(existing, store), strict=True))
+        if len(existing) == 1:
+            return digests[str(existing[0])][:16]
+        h = hashlib.sha256()
+        for p in sorted(digests):
+            h.update(Path(p).name.encode())
+            h.update(digests[p].encode())
+        return h.hexdigest()[:16]
     key = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in existing))
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = sha256_file(existing[0])[:16] if len(existing) == 1 else hash_files(list(existing))
@@ -145,40 +159,55 @@ DIGESTS_FILE = "file_digests.json"
 """Beside the image caches (:func:`medpretrain.data.cache.cache_root`): content digests of data files, keyed by a
 salted hash of the absolute path (no file name or path is written, :mod:`medpretrain.data.privacy`)."""
 
-_DIGESTS: dict[str, list] = {}  # salted path key -> [size, mtime_ns, digest], this process's view of the file
+_DIGESTS: dict[str, Any] = {}  # salted path key -> [size, mtime_ns, sha256], this process's view of the store
+# named under the key "" (never written)
+
+
+def digest_store(cfg: DataConfig) -> Path:
+    """The digest store of ``cfg``'s cache folder (:func:`medpretrain.data.cache.cache_root`)."""
+    from medpretrain.data.cache import cache_root
+
+    return cache_root(cfg) / DIGESTS_FILE
 
 
 def file_digests(files: list[Path], cfg: DataConfig) -> list[str]:
-    """sha256 (16 hex digits) of each file's content, taken from the digest store while the file's size and
+    """sha256 (16 hex digits) of each file's content, from the digest store of ``cfg``'s cache folder
+    (:func:`_stored_digests`)."""
+    return [d[:16] for d in _stored_digests(files, digest_store(cfg))]
+
+
+def _stored_digests(files: list[Path], store: Path) -> list[str]:
+    """Full sha256 (64 hex digits) of each file's content, taken from ``store`` while the file's size and
     mtime are those recorded, else read (and the store updated, atomically; concurrent writers only lose
-    entries, which are then read again)."""
+    entries, which are then read again). An entry of the earlier 16-digit store is read again once."""
     import json
 
-    from medpretrain.data.cache import cache_root
     from medpretrain.data.privacy import salted_key
     from medpretrain.utils import atomic_write_text
 
-    store = cache_root(cfg) / DIGESTS_FILE
-    if not _DIGESTS and store.is_file():
-        try:
-            _DIGESTS.update(json.loads(store.read_text()))
-        except (OSError, ValueError):
-            pass  # an unreadable store is rebuilt
+    if _DIGESTS.get("") != str(store):  # this process's view belongs to one store at a time
+        _DIGESTS.clear()
+        _DIGESTS[""] = str(store)
+        if store.is_file():
+            try:
+                _DIGESTS.update(json.loads(store.read_text()))
+            except (OSError, ValueError):
+                pass  # an unreadable store is rebuilt
     out, new = [], 0
     for f in files:
         st = f.stat()
         key = salted_key(str(f.resolve()))
         hit = _DIGESTS.get(key)
-        if hit is None or hit[:2] != [st.st_size, st.st_mtime_ns]:
-            _DIGESTS[key] = hit = [st.st_size, st.st_mtime_ns, sha256_file(f)[:16]]
+        if not isinstance(hit, list) or hit[:2] != [st.st_size, st.st_mtime_ns] or len(str(hit[2])) != 64:
+            _DIGESTS[key] = hit = [st.st_size, st.st_mtime_ns, sha256_file(f)]
             new += 1
-        out.append(hit[2])
+        out.append(str(hit[2]))
     if new:
         try:
             merged = json.loads(store.read_text()) if store.is_file() else {}
         except (OSError, ValueError):
             merged = {}
-        merged.update(_DIGESTS)
+        merged.update({k: v for k, v in _DIGESTS.items() if k})
         try:
             store.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(store, json.dumps(merged, separators=(",", ":")))
@@ -276,7 +305,7 @@ class MedicalDataset(Dataset):
     def __init__(self, source: Source, indices: np.ndarray, *, spec: str, split: str, in_channels: int,
                  mean: float, std: float, unlabeled: bool = False, normalize: bool = True,
                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 split_info: dict[str, Any] | None = None):
+                 split_info: dict[str, Any] | None = None, digest_store: Path | None = None):
         if std <= 0:
             raise ValueError(f"data.std must be positive, got {std}")
         self.source = source
@@ -294,13 +323,14 @@ class MedicalDataset(Dataset):
         self.names = [source.names[i] for i in self.indices]
         self.skipped = list(source.skipped)
         self.split_info: dict[str, Any] = dict(split_info or {})
+        self.digest_store = digest_store  # where data_stamp's file digests are kept, reused by fingerprint
         self._fingerprint: str | None = None
 
     @property
     def fingerprint(self) -> str:
         """Content hash of the whole source (all splits), computed on first use."""
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.source.files)
+            self._fingerprint = fingerprint(self.source.files, self.digest_store)
         return self._fingerprint
 
     def __len__(self) -> int:
@@ -376,4 +406,4 @@ def build_dataset(cfg: DataConfig, split: str, *, unlabeled: bool = False, norma
                                      f"test_fraction={cfg.test_fraction}, {len(source)} samples{grouped})")
     return MedicalDataset(source, indices, spec=cfg.dataset, split=split, in_channels=cfg.channels,
                           mean=cfg.mean, std=cfg.std, unlabeled=unlabeled, normalize=normalize,
-                          transform=transform, split_info=info)
+                          transform=transform, split_info=info, digest_store=digest_store(cfg))
