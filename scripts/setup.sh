@@ -15,7 +15,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] .venv is up to date"
   exit 0
 fi
-echo "[setup] installing torch, torchvision and medpretrain[dev] (about 90 s on a fresh machine)"
+echo "[setup] installing torch, torchvision and medpretrain[dev] (about 2 minutes on a fresh machine)"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
