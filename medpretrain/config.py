@@ -561,6 +561,7 @@ HASH_NEUTRAL: dict[str, dict[str, Any]] = {
                    "guidance_scale": 1.0},
     "VAEConfig": {"conditional": False},
     "DCGANConfig": {"conditional": False},
+    "GenTrainConfig": {"class_balance": False},
     "TrainConfig": {"lr_scaling": "linear", "patch_size": 0, "patches_per_image": 1},
     "DataConfig": {"path_column": "image_path", "label_column": "label", "label_columns": None, "classes": None,
                    "patient_column": "patient", "split_column": None, "rgb_to_grey": "luma", "clahe": False,

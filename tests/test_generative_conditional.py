@@ -188,6 +188,36 @@ def test_training_labels_follow_their_images(data_root: Path) -> None:
     assert data.num_classes == 2 and TrainData(ds, 28, None, torch.Generator(), lambda b: b).to_labels(idx) is None
 
 
+def test_class_balance_draws_every_class_equally_often(data_root: Path) -> None:
+    """train.class_balance: an epoch of batches holds each class about equally often (the shared
+    PneumoniaMNIST training split is 10% normal: 388 of 3882 images), reproducibly for the epoch's seed; off, an epoch is a permutation (the
+    data's own mix); unconditional runs refuse it; finished runs keep their hashes."""
+    from types import SimpleNamespace
+
+    from medpretrain.generative.configs import GenTrainConfig
+    from medpretrain.generative.stage import train_data
+
+    stage = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")))
+
+    def epoch(balance: bool, seed: int = 0) -> torch.Tensor:
+        cfg = DCGANConfig(conditional=True, train=GenTrainConfig(batch_size=64, class_balance=balance))
+        data = train_data(stage, cfg)  # type: ignore[arg-type]
+        data.sampler_gen.manual_seed(seed)
+        return torch.cat([data.to_labels(b) for b in data.loader])
+
+    plain, balanced = epoch(False), epoch(True)
+    n = len(plain)
+    data_share = float(torch.as_tensor(build_dataset(DataConfig(), "train").labels == 0).float().mean())
+    assert data_share == pytest.approx(388 / 3882) and len(balanced) == n == (3882 // 64) * 64
+    assert abs(float((plain == 0).float().mean()) - data_share) < 0.01  # a permutation: the data's share
+    assert abs(float((balanced == 0).float().mean()) - 0.5) < 0.03  # 1/2 +- 4 sd of 3840 draws
+    assert torch.equal(epoch(True), balanced) and not torch.equal(epoch(True, seed=1), balanced)
+    with pytest.raises(ConfigError, match=r"^train.class_balance=true needs conditional=true"):
+        train_data(stage, DCGANConfig(train=GenTrainConfig(class_balance=True)))  # type: ignore[arg-type]
+    assert "class_balance" not in hash_view(GenTrainConfig())
+    assert config_hash(GenTrainConfig()) != config_hash(GenTrainConfig(class_balance=True))
+
+
 # --------------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ class GenTrainConfig:
     seed: int = 0
     cache_on_device: bool = True
     """Keep the decoded split as one tensor on the training device (:func:`medpretrain.data.loader.image_loader`)."""
+    class_balance: bool = False
+    """Conditional runs: draw the training batches with every class equally likely (with replacement, weights
+    1 / class count), so a minority class gets as many generator and discriminator updates as the majority;
+    an epoch is still ``len(split)`` images. Samples for the audit keep the data's class mix
+    (``sample.py mix=data``)."""
     log_every: int = 5
     """Optimizer steps between CSV / tracker rows and NaN checks."""
     checkpoint_every: int = 50

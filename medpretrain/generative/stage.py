@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from medpretrain.checkpoint import save_state_dict
 from medpretrain.config import ConfigError, DataConfig, config_to_dict
 from medpretrain.data import MedicalDataset, build_dataset
-from medpretrain.data.loader import image_loader
+from medpretrain.data.loader import balanced_weights, image_loader
 from medpretrain.faults import fault_hook
 from medpretrain.generative.configs import GenTrainConfig, check_data_config
 from medpretrain.generative.monitor import sample_statistics
@@ -118,7 +118,11 @@ def train_data(stage: Stage, cfg: Any) -> TrainData:
     labels, names = class_labels(ds) if getattr(cfg, "conditional", False) else (None, [])
     tc: GenTrainConfig = cfg.train
     device = stage.accelerator.device
-    loader, sampler_gen, to_images = image_loader(ds, tc.batch_size, tc.cache_on_device, device, cfg.data.num_workers)
+    if tc.class_balance and labels is None:
+        raise ConfigError("train.class_balance=true needs conditional=true (it balances the classes of the batches)")
+    weights = balanced_weights(labels) if tc.class_balance and labels is not None else None
+    loader, sampler_gen, to_images = image_loader(ds, tc.batch_size, tc.cache_on_device, device, cfg.data.num_workers,
+                                                  weights)
     return TrainData(ds, image_size, loader, sampler_gen, to_images,
                      labels.to(device) if labels is not None else None, names)
 
