@@ -48,7 +48,7 @@ def image_loader(
     def sampler(source: Any) -> Sampler:
         if weights is None:
             return RandomSampler(source, generator=gen)
-        return WeightedRandomSampler(weights, num_samples=len(ds), replacement=True, generator=gen)
+        return WeightedRandomSampler(weights, num_samples=len(ds), replacement=True, generator=gen)  # type: ignore[arg-type]
 
     if cache_on_device:
         on_disk = type(getattr(getattr(ds, "source", None), "images", None)).__name__
