@@ -413,7 +413,10 @@ def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
     non-finite scores or mismatched lengths.
     """
     thr, sens, spec = _roc_points(probs, labels)
-    return float(thr[int(np.argmax(sens + spec - 1.0))])
+    j = sens + spec - 1.0
+    # Equal J (equal tp/pos - fp/neg) can differ in the last bit (1/3 + 1 - 1 against 2/3 + (1 - 1/3) - 1), and
+    # argmax would then pick a lower threshold; distinct J differ by at least 1/(pos neg), far above 1e-12.
+    return float(thr[int(np.flatnonzero(j >= j.max() - 1e-12)[0])])
 
 
 def threshold_for(probs: np.ndarray, labels: np.ndarray, *, sensitivity: float | None = None,
