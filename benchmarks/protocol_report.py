@@ -344,29 +344,69 @@ def segmentation_md(s: Mapping[str, Any], notes: Sequence[str]) -> str:
     return "\n".join(md)
 
 
+def sections(markdown: str) -> dict[str, str]:
+    """The ``## `` sections of an earlier report, by the experiment their header names (its
+    ``configs/experiments/<name>.yaml`` line, as :func:`header` writes it)."""
+    out: dict[str, str] = {}
+    for block in markdown.split("\n## ")[1:]:
+        title, _, rest = block.partition("\n\n")
+        for name in EXPERIMENTS:
+            if rest.startswith(f"`python scripts/run_experiment.py configs/experiments/{name}.yaml`"):
+                out[name] = "## " + block.rstrip("\n")
+    return out
+
+
+def carry_over(old: Path, new_md: str, missing: Sequence[str]) -> str:
+    """``new_md`` plus, for each experiment in ``missing`` (no runs on this machine), its section of the earlier
+    report ``old`` verbatim under a line that says so; sections it does not have are left out."""
+    if not missing or not old.is_file():
+        return new_md
+    kept = sections(old.read_text())
+    generated = next((line for line in old.read_text().splitlines() if line.startswith("Generated ")), "")
+    for name in missing:
+        if name in kept:
+            print(f"{name}: kept from the earlier {old.name}", file=sys.stderr)
+            new_md += (f"\n\n> {name}: its runs are not on this machine; the section below is kept verbatim from the "
+                       f"earlier report ({generated.split(' by ')[0].removeprefix('Generated ')}).\n\n"
+                       + kept[name])
+    return new_md
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="?", default=str(ROOT / "runs" / "experiments"))
     ap.add_argument("--note", action="append", default=[], help="a line quoted at the top of both reports")
     ap.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
     ap.add_argument("--out", default=str(RESULTS), help="folder for protocol.md / imagenet.md (+ .json)")
+    ap.add_argument("--no-keep", dest="keep", action="store_false",
+                    help="leave out experiments without runs here instead of keeping their sections of the earlier "
+                         "protocol.md / imagenet.md (kept sections say so)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    summaries = []
+    summaries, missing = [], []
     for name in args.experiments:
         d = (Path(args.runs) / name).resolve()  # cell hashes hold the absolute runs_dir
         if not (d / "experiment.json").is_file():
             print(f"{d}: no experiment.json (run scripts/run_experiment.py configs/experiments/{name}.yaml); "
-                  "left out", file=sys.stderr)
+                  + ("its earlier section is kept" if args.keep else "left out"), file=sys.stderr)
+            missing.append(name)
             continue
         summaries.append(summarise(name, d))
     if not summaries:
         print(f"{args.runs}: no finished experiment to summarise", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "protocol.json", json.dumps(summaries, indent=2, default=str) + "\n")
-    atomic_write_text(out / "protocol.md", protocol_md(summaries, args.note) + "\n")
-    atomic_write_text(out / "imagenet.md", imagenet_md(summaries, args.note) + "\n")
+    keep = missing if args.keep else []
+    protocol_text = carry_over(out / "protocol.md", protocol_md(summaries, args.note), keep)
+    imagenet_text = carry_over(out / "imagenet.md", imagenet_md(summaries, args.note), keep)
+    if keep and (out / "protocol.json").is_file():
+        earlier = {s["name"]: s for s in json.loads((out / "protocol.json").read_text())}
+        summaries_json = [*summaries, *(earlier[n] for n in keep if n in earlier)]
+    else:
+        summaries_json = summaries
+    atomic_write_text(out / "protocol.json", json.dumps(summaries_json, indent=2, default=str) + "\n")
+    atomic_write_text(out / "protocol.md", protocol_text + "\n")
+    atomic_write_text(out / "imagenet.md", imagenet_text + "\n")
     atomic_write_text(out / "imagenet.json", json.dumps(
         [{k: s[k] for k in ("name", "budgets", "lite0", "cell_seconds", "choice", "stages")} for s in summaries],
         indent=2, default=str) + "\n")

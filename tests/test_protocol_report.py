@@ -1,0 +1,77 @@
+"""benchmarks/protocol_report.py: sections of experiments whose runs are not on this machine are kept from the
+earlier report, verbatim and marked, instead of silently dropped."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("protocol_report", ROOT / "benchmarks" / "protocol_report.py")
+pr = importlib.util.module_from_spec(spec)
+sys.modules["protocol_report"] = pr
+spec.loader.exec_module(pr)
+
+EARLIER = """# Protocol: the shipped CPU experiments (issue 14)
+
+Generated 2026-12-02 06:24 UTC by `benchmarks/protocol_report.py` (code x) from the experiments' own results.
+
+## PneumoniaMNIST (28 px): old
+
+`python scripts/run_experiment.py configs/experiments/pneumonia.yaml`; report written 2026-12-02T02:58 UTC.
+
+| a | b |
+|---|---|
+| old pneumonia | 0.9 |
+
+## BUSI ultrasound
+
+`python scripts/run_experiment.py configs/experiments/busi.yaml`; report written 2026-12-02T03:56 UTC.
+
+BUSI body, with a ### sub-heading below
+
+### detail
+
+text
+
+## DRIVE
+
+`python scripts/run_experiment.py configs/experiments/drive.yaml`; report written 2026-12-02T06:10 UTC.
+
+DRIVE body
+"""
+
+
+def test_sections_are_found_by_the_experiment_their_header_names() -> None:
+    found = pr.sections(EARLIER)
+    assert sorted(found) == ["busi", "drive", "pneumonia"]
+    assert found["busi"].startswith("## BUSI ultrasound\n\n`python scripts/run_experiment.py configs/experiments/busi")
+    assert found["busi"].endswith("### detail\n\ntext") and "DRIVE" not in found["busi"]
+    assert found["drive"].endswith("DRIVE body")
+
+
+def test_missing_experiments_keep_their_earlier_section_marked_as_kept(tmp_path: Path) -> None:
+    old = tmp_path / "protocol.md"
+    old.write_text(EARLIER)
+    new = "# Protocol\n\n## PneumoniaMNIST (28 px): new\n\nnew body"
+    text = pr.carry_over(old, new, ["busi", "drive"])
+    assert text.startswith(new) and "old pneumonia" not in text
+    assert text.count("its runs are not on this machine") == 2
+    assert "> busi: its runs are not on this machine; the section below is kept verbatim from the earlier report " \
+           "(2026-12-02 06:24 UTC).\n\n## BUSI ultrasound" in text
+    assert text.index("## BUSI") < text.index("## DRIVE") and text.endswith("DRIVE body")
+    assert pr.carry_over(old, new, []) == new and pr.carry_over(tmp_path / "none.md", new, ["busi"]) == new
+
+
+def test_main_keeps_the_json_summaries_of_missing_experiments(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "protocol.md").write_text(EARLIER)
+    (out / "imagenet.md").write_text(EARLIER)
+    (out / "protocol.json").write_text(json.dumps([{"name": "busi", "x": 1}, {"name": "drive", "x": 2}]))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert pr.main([str(runs), "--out", str(out)]) == 1  # nothing finished here: nothing is rewritten
+    assert (out / "protocol.md").read_text() == EARLIER
