@@ -3,6 +3,9 @@
     python scripts/publish_results.py runs/experiments/pneumonia runs/experiments/busi runs/experiments/drive
     python scripts/publish_results.py runs/experiments/drive note="The CPU was shared with other jobs."
 
+Sections of experiments not named (their runs need not be on this machine) are kept verbatim under a line
+that says so (:func:`medpretrain.pipeline.report.publish_readme`).
+
 Reads each experiment's ``experiment.json`` (written by ``scripts/run_experiment.py``), copies its
 label-efficiency plot to ``docs/results/<name>/label_efficiency.png`` (committed; ``runs/`` is not) and
 replaces the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md with, per

@@ -75,3 +75,28 @@ def test_main_keeps_the_json_summaries_of_missing_experiments(tmp_path: Path) ->
     runs.mkdir()
     assert pr.main([str(runs), "--out", str(out)]) == 1  # nothing finished here: nothing is rewritten
     assert (out / "protocol.md").read_text() == EARLIER
+
+
+def test_publish_readme_keeps_the_sections_of_experiments_not_republished(tmp_path: Path, monkeypatch) -> None:
+    """README's results block: publishing one experiment replaces its section and keeps the others verbatim
+    (marked), in their order; publishing again does not pile up the marker lines; keep=False drops them."""
+    from medpretrain.pipeline import report
+
+    def section(name: str, body: str) -> list[str]:
+        return [f"### {name} title", "", f"`python scripts/run_experiment.py configs/experiments/{name}.yaml` - x",
+                "", body]
+
+    monkeypatch.setattr(report, "readme_section", lambda d, assets: section(d.name, f"new {d.name}"))
+    old = "\n".join([report.README_BEGIN, "", "> old note", "", *section("pneumonia", "old pneumonia"), "",
+                     *section("busi", "old busi"), "", *section("drive", "old drive"), report.README_END])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# head\n\n{old}\n\n## tail\n")
+    report.publish_readme(readme, [tmp_path / "pneumonia"], ["new note"])
+    text = readme.read_text()
+    assert text.startswith("# head\n\n") and text.endswith("\n\n## tail\n") and "old note" not in text
+    assert "old pneumonia" not in text and text.index("new pneumonia") < text.index("old busi") < text.index("old drive")
+    assert "> Kept from an earlier publication of `busi` (not re-published here).\n\n### busi title" in text
+    report.publish_readme(readme, [tmp_path / "pneumonia"], ["new note"])
+    assert readme.read_text() == text  # idempotent: one marker per kept section
+    report.publish_readme(readme, [tmp_path / "busi"], keep=False)
+    assert "new busi" in readme.read_text() and "drive" not in readme.read_text().split("## tail")[0]
