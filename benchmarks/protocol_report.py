@@ -26,6 +26,7 @@ from typing import Any
 from medpretrain.config import load_config
 from medpretrain.methods.registry import selfsup_methods
 from medpretrain.pipeline.experiment import ExperimentConfig, experiment_cells
+from medpretrain.pipeline.report import experiment_sections, keep_marker
 from medpretrain.report import (
     _cells,
     as_mappings,
@@ -344,31 +345,19 @@ def segmentation_md(s: Mapping[str, Any], notes: Sequence[str]) -> str:
     return "\n".join(md)
 
 
-def sections(markdown: str) -> dict[str, str]:
-    """The ``## `` sections of an earlier report, by the experiment their header names (its
-    ``configs/experiments/<name>.yaml`` line, as :func:`header` writes it)."""
-    out: dict[str, str] = {}
-    for block in markdown.split("\n## ")[1:]:
-        title, _, rest = block.partition("\n\n")
-        for name in EXPERIMENTS:
-            if rest.startswith(f"`python scripts/run_experiment.py configs/experiments/{name}.yaml`"):
-                out[name] = "## " + block.rstrip("\n")
-    return out
-
-
 def carry_over(old: Path, new_md: str, missing: Sequence[str]) -> str:
     """``new_md`` plus, for each experiment in ``missing`` (no runs on this machine), its section of the earlier
     report ``old`` verbatim under a line that says so; sections it does not have are left out."""
     if not missing or not old.is_file():
         return new_md
-    kept = sections(old.read_text())
+    kept = experiment_sections(old.read_text(), "##")
     generated = next((line for line in old.read_text().splitlines() if line.startswith("Generated ")), "")
+    when = generated.split(" by ")[0].removeprefix("Generated ")
     for name in missing:
         if name in kept:
             print(f"{name}: kept from the earlier {old.name}", file=sys.stderr)
-            new_md += (f"\n\n> {name}: its runs are not on this machine; the section below is kept verbatim from the "
-                       f"earlier report ({generated.split(' by ')[0].removeprefix('Generated ')}).\n\n"
-                       + kept[name])
+            new_md += "\n\n" + keep_marker(name, f"its runs are not on this machine; the section below is the "
+                                                 f"earlier report's, {when}") + "\n\n" + kept[name]
     return new_md
 
 

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from medpretrain.pipeline.report import experiment_sections
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("protocol_report", ROOT / "benchmarks" / "protocol_report.py")
 pr = importlib.util.module_from_spec(spec)
@@ -45,7 +47,7 @@ DRIVE body
 
 
 def test_sections_are_found_by_the_experiment_their_header_names() -> None:
-    found = pr.sections(EARLIER)
+    found = experiment_sections(EARLIER, "##")
     assert sorted(found) == ["busi", "drive", "pneumonia"]
     assert found["busi"].startswith("## BUSI ultrasound\n\n`python scripts/run_experiment.py configs/experiments/busi")
     assert found["busi"].endswith("### detail\n\ntext") and "DRIVE" not in found["busi"]
@@ -59,8 +61,8 @@ def test_missing_experiments_keep_their_earlier_section_marked_as_kept(tmp_path:
     text = pr.carry_over(old, new, ["busi", "drive"])
     assert text.startswith(new) and "old pneumonia" not in text
     assert text.count("its runs are not on this machine") == 2
-    assert "> busi: its runs are not on this machine; the section below is kept verbatim from the earlier report " \
-           "(2026-12-02 06:24 UTC).\n\n## BUSI ultrasound" in text
+    assert "> Kept from an earlier publication of `busi` (its runs are not on this machine; the section below is " \
+           "the earlier report's, 2026-12-02 06:24 UTC).\n\n## BUSI ultrasound" in text
     assert text.index("## BUSI") < text.index("## DRIVE") and text.endswith("DRIVE body")
     assert pr.carry_over(old, new, []) == new and pr.carry_over(tmp_path / "none.md", new, ["busi"]) == new
 
@@ -100,3 +102,15 @@ def test_publish_readme_keeps_the_sections_of_experiments_not_republished(tmp_pa
     assert readme.read_text() == text  # idempotent: one marker per kept section
     report.publish_readme(readme, [tmp_path / "busi"], keep=False)
     assert "new busi" in readme.read_text() and "drive" not in readme.read_text().split("## tail")[0]
+
+
+def test_keeping_a_kept_section_again_does_not_pile_up_markers(tmp_path: Path) -> None:
+    old = tmp_path / "protocol.md"
+    old.write_text(EARLIER)
+    new = "# Protocol\n\nGenerated 2026-12-03 10:00 UTC by x.\n\n## PneumoniaMNIST (28 px): new\n\nnew body"
+    once = pr.carry_over(old, new, ["busi", "drive"])
+    old.write_text(once)
+    twice = pr.carry_over(old, new, ["busi", "drive"])
+    assert twice.count("Kept from an earlier publication") == 2
+    assert experiment_sections(twice, "##")["busi"] == experiment_sections(EARLIER, "##")["busi"]
+    assert experiment_sections(twice, "##")["drive"].endswith("DRIVE body")

@@ -278,17 +278,28 @@ def readme_section(exp_dir: Path, assets: Path = PROJECT_ROOT / "docs" / "result
 KEPT = "Kept from an earlier publication"
 
 
-def readme_sections(block: str) -> dict[str, str]:
-    """The ``### `` experiment sections of a README results block, by the experiment their run line names
-    (``configs/experiments/<name>.yaml``, as :func:`readme_section` writes it)."""
+def experiment_sections(markdown: str, level: str = "###") -> dict[str, str]:
+    """The ``level`` sections of a results report (README's block: ``###``; ``benchmarks/results/*.md``: ``##``),
+    by the experiment whose run line opens them (``python scripts/run_experiment.py
+    configs/experiments/<name>.yaml``, as :func:`readme_section` and ``benchmarks/protocol_report.py`` write it).
+
+    A section ends where the next one at that level starts; the marker line of a kept section that follows it
+    (``> Kept from an earlier publication ...``, :func:`keep_marker`) and README's end marker are not part of it,
+    so keeping a section twice does not pile up markers."""
     out: dict[str, str] = {}
-    for part in block.split("\n### ")[1:]:
+    for part in markdown.split(f"\n{level} ")[1:]:
         _, _, rest = part.partition("\n\n")
         m = re.match(r"`python scripts/run_experiment.py configs/experiments/([\w.-]+)\.yaml`", rest)
-        if m:  # without the marker line of a kept section that follows (publish_readme writes it)
+        if m:
             text = re.sub(rf"\n> {KEPT}[^\n]*", "", part.split("\n" + README_END)[0])
-            out[m.group(1)] = "### " + text.rstrip("\n")
+            out[m.group(1)] = f"{level} " + text.rstrip("\n")
     return out
+
+
+def keep_marker(name: str, why: str) -> str:
+    """The quoted line above a section kept verbatim from an earlier report (:func:`experiment_sections` drops it
+    when the report is read again)."""
+    return f"> {KEPT} of `{name}` ({why})."
 
 
 def publish_readme(readme: Path, exp_dirs: list[Path], notes: Sequence[str] = (),
@@ -309,11 +320,11 @@ def publish_readme(readme: Path, exp_dirs: list[Path], notes: Sequence[str] = ()
     for d in exp_dirs:
         lines = readme_section(d, assets)
         md += lines
-        published |= set(readme_sections("\n" + "\n".join(lines)))
+        published |= set(experiment_sections("\n" + "\n".join(lines)))
     if keep:
-        for name, text in readme_sections(old_block).items():
+        for name, text in experiment_sections(old_block).items():
             if name not in published:
-                md += [f"> {KEPT} of `{name}` (not re-published here).", "", text, ""]
+                md += [keep_marker(name, "not re-published here"), "", text, ""]
     md.append(README_END)
     atomic_write_text(readme, head + "\n".join(md) + tail)
     return readme
