@@ -9,7 +9,7 @@ import os
 import random
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +64,17 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def hash_files(paths: list[str | os.PathLike[str]]) -> str:
-    """Fingerprint of a dataset: sha256 over (relative name, size, mtime-free content hash) of each file.
+def hash_files(paths: list[str | os.PathLike[str]], digests: Mapping[str, str] | None = None) -> str:
+    """Fingerprint of a dataset: sha256 over (file name, content sha256) of each file, in path order.
 
-    Content is hashed (not mtimes) so copies of the same data on two machines agree.
+    Content is hashed (not mtimes) so copies of the same data on two machines agree. ``digests`` (path as
+    ``str`` -> full hex sha256) supplies digests already computed, so those files are not read again; the
+    value is the same either way.
     """
     h = hashlib.sha256()
     for p in sorted(str(x) for x in paths):
         h.update(Path(p).name.encode())
-        h.update(sha256_file(p).encode())
+        h.update((digests[p] if digests is not None and p in digests else sha256_file(p)).encode())
     return h.hexdigest()[:16]
 
 

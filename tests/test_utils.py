@@ -64,3 +64,18 @@ def test_fused_optimizer_kwargs_and_same_update_as_the_for_loop() -> None:
     assert moved > 1e-3  # five steps moved the weights ...
     for k in results[0]:  # ... and the fused kernel moved them to the same place
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-6)
+
+
+def test_hash_files_with_given_digests_equals_reading_and_reads_nothing(tmp_path):
+    from medpretrain.utils import sha256_file
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"one")
+    b.write_bytes(b"two")
+    digests = {str(a): sha256_file(a), str(b): sha256_file(b)}
+    assert hash_files([a, b], digests) == hash_files([a, b])
+    a.unlink()  # a given digest is used as it is: the file is not read again
+    assert hash_files([a, b], digests) == hash_files([b, a], digests)
+    partial = {str(b): digests[str(b)]}  # files without a given digest are read
+    b.write_bytes(b"changed")
+    assert hash_files([b], partial) != hash_files([b])

@@ -113,18 +113,10 @@ def fingerprint(files: list[Path], store: Path | None = None) -> str:
     already read are reused, so a large set is not read twice; the value is the same either way. Without it
     the result is cached per process by path, size and mtime.
     """
-    import hashlib
-
     existing = [p for p in files if p.is_file()]  # a missing file skipped under skip_bad has no content
     if store is not None:
         digests = dict(zip(map(str, existing), _stored_digests(existing, store), strict=True))
-        if len(existing) == 1:
-            return digests[str(existing[0])][:16]
-        h = hashlib.sha256()
-        for p in sorted(digests):
-            h.update(Path(p).name.encode())
-            h.update(digests[p].encode())
-        return h.hexdigest()[:16]
+        return digests[str(existing[0])][:16] if len(existing) == 1 else hash_files(existing, digests)
     key = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in existing))
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = sha256_file(existing[0])[:16] if len(existing) == 1 else hash_files(list(existing))
