@@ -63,6 +63,10 @@ SEG_TARGET = 0.82
 """DRIVE test Dice with all training images (issue 16: the literature's 0.81 to 0.83)."""
 
 
+REFERENCE_NAMES = {"small": "small dedicated U-Net (from scratch)", "resnet18": "ResNet-18 from scratch"}
+"""How the reports name the reference arms of variants on other architectures (drive.yaml's)."""
+
+
 def lite0_arms(exp_dir: Path, inits: Sequence[str]) -> dict[str, Any]:
     """Which arms are EfficientNet-Lite0: the ``@lite0`` variant's (``imagenet@lite0`` ...) or, when the
     experiment's ``common`` makes Lite0 the backbone of every arm (drive.yaml), the plain ``imagenet`` /
@@ -79,7 +83,9 @@ def lite0_arms(exp_dir: Path, inits: Sequence[str]) -> dict[str, Any]:
     arch = archs[-1] if archs else "resnet18"
     return {"imagenet": f"imagenet{suffix}", "scratch": f"scratch{suffix}", "ssl": ssl, "base": base,
             "arch": {"resnet18": "ResNet-18", LITE0_ARCH: "EfficientNet-Lite0"}.get(arch, arch),
-            "references": {i: ("ResNet-18" if i == "scratch" else i.partition("@")[2]) for i in others}}
+            "references": {i: ("ResNet-18" if i == "scratch" else REFERENCE_NAMES.get(i.partition("@")[2],
+                                                                                   i.partition("@")[2]))
+                           for i in others}}
 
 
 def fmt_budget(b: float, seg: bool) -> str:
