@@ -553,6 +553,7 @@ def save_config(cfg: Any, out_dir: str | os.PathLike[str], name: str = "config.y
 
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {
     "EvalConfig": {"reuse_images": 64},
+    "OptimConfig": {"class_balance": False},
     "FinetuneConfig": {"tasks": []},
     "BackboneConfig": {"memory_format": "auto"},
     "CompareConfig": {"workers": 1},

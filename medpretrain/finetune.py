@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from medpretrain.backbones import build_backbone, resolve_stem
-from medpretrain.config import BackboneConfig, DataConfig, config_hash, config_to_dict
+from medpretrain.config import BackboneConfig, ConfigError, DataConfig, config_hash, config_to_dict
 from medpretrain.data import build_dataset, synthetic
+from medpretrain.data.loader import balanced_weights
 from medpretrain.metrics import epochs_to_fraction_of_best, metric_names, probabilities
 from medpretrain.multitask import MultiTask, TaskSpec, check_tasks, tasks_label
 from medpretrain.regimes import apply_regime
@@ -90,10 +91,17 @@ class OptimConfig:
     augment: Literal["none", "light", "strong"] = "none"
     """Training augmentation on whole batches on the device, the same for every init
     (:class:`medpretrain.augment.TrainAugment`; segmentation: the same geometry for image and mask)."""
+    class_balance: bool = False
+    """Single-label classification under a step budget: every pass of :class:`StepBatches` draws the budget's
+    training images with every class equally likely (with replacement, seeded by the run's seed and the pass), so
+    a 10%-normal training split trains on about as many normal as pneumonia images; validation and test are
+    untouched, and the operating point is still chosen on validation. Off: each pass is a permutation."""
 
     def __post_init__(self) -> None:
         from medpretrain.config import ConfigError
 
+        if self.class_balance and self.steps == 0:
+            raise ConfigError("optim.class_balance=true needs a step budget (optim.steps > 0)")
         if self.steps < 0 or self.eval_every < 0:
             raise ConfigError(f"optim.steps and optim.eval_every must be >= 0, got {self.steps} and {self.eval_every}")
         if self.steps == 0 and self.epochs < 1:
@@ -459,20 +467,29 @@ class StepBatches(torch.utils.data.Sampler):
     uninterrupted one. Raises ``ValueError`` for empty data or non-positive sizes.
     """
 
-    def __init__(self, n: int, batch_size: int, budget: Budget, seed: int, num_processes: int = 1):
+    def __init__(self, n: int, batch_size: int, budget: Budget, seed: int, num_processes: int = 1,
+                 weights: np.ndarray | None = None):
         if n < 1 or batch_size < 1 or num_processes < 1:
             raise ValueError(f"StepBatches needs n, batch_size, num_processes >= 1, got {n}, {batch_size}, "
                              f"{num_processes}")
+        if weights is not None and (len(weights) != n or not np.all(np.asarray(weights) >= 0)
+                                    or not np.asarray(weights).sum() > 0):
+            raise ValueError(f"StepBatches weights need {n} non-negative values with a positive sum")
         self.n, self.batch_size, self.budget, self.seed = n, batch_size, budget, seed
         self.num_processes = num_processes
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.period = 1
         self._passes: dict[int, np.ndarray] = {}
 
     def _pass(self, p: int) -> np.ndarray:
+        """Pass ``p``: a permutation of ``range(n)``; with ``weights``, ``n`` indices drawn with replacement
+        with those probabilities (:attr:`OptimConfig.class_balance`)."""
         if p not in self._passes:
             if len(self._passes) > 64:  # only a few passes are live at a time
                 self._passes.clear()
-            self._passes[p] = np.random.default_rng(np.random.SeedSequence([self.seed, p])).permutation(self.n)
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, p]))
+            self._passes[p] = rng.permutation(self.n) if self.weights is None else rng.choice(self.n, self.n,
+                                                                                              p=self.weights)
         return self._passes[p]
 
     def batch(self, b: int) -> list[int]:
@@ -493,10 +510,20 @@ class StepBatches(torch.utils.data.Sampler):
 
 def train_loader(ds: Any, cfg: FinetuneConfig, num_processes: int = 1) -> DataLoader:
     """The training loader: ``optim.steps`` > 0: :class:`StepBatches` seeded by ``seed`` (the same number of
-    steps for every label fraction); else shuffled by a generator seeded by ``seed``, ``drop_last`` when the
-    split holds more than one batch (epochs mode, as before)."""
+    steps for every label fraction; ``optim.class_balance``: classes drawn equally often, from ``ds.labels``);
+    else shuffled by a generator seeded by ``seed``, ``drop_last`` when the split holds more than one batch
+    (epochs mode, as before)."""
     if cfg.optim.steps > 0:
-        sampler = StepBatches(len(ds), cfg.optim.batch_size, budget_of(cfg.optim, 0), cfg.seed, num_processes)
+        weights = None
+        if cfg.optim.class_balance:
+            labels = getattr(ds, "labels", None)
+            labels = None if labels is None else np.asarray(labels)
+            if cfg.task != "classification" or labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+                raise ConfigError("optim.class_balance=true balances the classes of single-label classification; "
+                                  f"this run's training set (task {cfg.task}) has no class index per image")
+            weights = balanced_weights(torch.as_tensor(labels)).numpy()
+        sampler = StepBatches(len(ds), cfg.optim.batch_size, budget_of(cfg.optim, 0), cfg.seed, num_processes,
+                              weights=weights)
         return DataLoader(ds, batch_sampler=sampler, num_workers=cfg.data.num_workers)
     g = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, generator=g,

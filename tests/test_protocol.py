@@ -115,6 +115,41 @@ def test_step_batches_cycle_over_small_data_in_seeded_passes():
     assert len(two) == 6 and list(two)[0] == batches[0]
 
 
+def test_class_balance_draws_every_class_about_equally_on_the_real_split():
+    """optim.class_balance on real PneumoniaMNIST (train split 10% normal): the batches of a step budget draw the
+    normal class about half the time; without it, about 10%; the draws depend only on (seed, pass)."""
+    args = [*TINY, "optim.steps=200", "optim.eval_every=100"]
+    plain = load_config(FinetuneConfig, args)
+    balanced = load_config(FinetuneConfig, [*args, "optim.class_balance=true"])
+    ds = build_dataset(plain.data, "train", seed=0)
+    labels = np.asarray(ds.labels)
+    assert round(float((labels == 0).mean()), 3) == 0.100  # 388 of 3882
+
+    def normal_share(cfg: FinetuneConfig) -> tuple[float, list[list[int]]]:
+        sampler = train_loader(ds, cfg).batch_sampler
+        batches = []
+        for period in (1, 2):
+            sampler.period = period
+            batches += list(sampler)
+        assert len(batches) == 200 and all(len(b) == 32 for b in batches)
+        return float((labels[np.concatenate(batches)] == 0).mean()), batches
+
+    share_plain, _ = normal_share(plain)
+    share_bal, batches = normal_share(balanced)
+    assert abs(share_plain - 0.100) < 0.01 and abs(share_bal - 0.5) < 0.02  # 6400 draws: sd of the share 0.006
+    assert normal_share(balanced)[1] == batches  # reproducible (a resumed run draws the same batches)
+    w = StepBatches(4, 2, Budget(2, 2, 1, True), seed=1, weights=np.array([0.0, 1.0, 0.0, 1.0]))
+    assert set(np.concatenate(list(w)).tolist()) <= {1, 3}  # zero weight: never drawn
+    with pytest.raises(ValueError, match="weights"):
+        StepBatches(4, 2, Budget(2, 2, 1, True), seed=1, weights=np.zeros(4))
+    with pytest.raises(ConfigError, match="step budget"):
+        OptimConfig(class_balance=True)
+    seg = load_config(FinetuneConfig, ["--config", str(ROOT / "configs/finetune_drive.yaml"), "optim.steps=4",
+                                       "optim.class_balance=true", "seg.n_train_images=1"])
+    with pytest.raises(ConfigError, match="single-label classification"):
+        build_seg_dataloaders(seg)
+
+
 def test_segmentation_budgets_get_the_same_steps():
     counts = {}
     for n in (1, 5):
