@@ -40,6 +40,8 @@ class BenchStageConfig:
     """The wall-clock the stage must fit (issue 17: 20 minutes per generator)."""
     work_dir: str = "runs/bench_stage"
     out_dir: str = "benchmarks/results"
+    note: str = ""
+    """A line quoted under the title (what else ran on the machine, for instance)."""
 
 
 def last_step(metrics: Path) -> int | None:
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "python": sys.version.split()[0]},
         "code": code_version(), "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "log": stage.log,
+        "log": stage.log, "note": cfg.note,
     }
     dest = Path(cfg.out_dir)
     dest = dest if dest.is_absolute() else PROJECT_ROOT / dest
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"Written {out['written']} by `benchmarks/bench_stage.py` (code {out['code']}); {out['machine']['cpu']}, "
           f"{out['machine']['cores']} cores, torch {out['machine']['torch']}. The stage ran as "
           "`scripts/run_experiment.py` runs it (same config and command, same stage hash), into a scratch folder.", "",
+          *([f"> {cfg.note}", ""] if cfg.note else []),
           "| stage | hash | steps | wall-clock (min) | budget (min) | met | load average before / after (1 min) |",
           "|---|---|---|---|---|---|---|",
           f"| {cfg.stage} | `{stage.hash}` | {out['steps'] if out['steps'] is not None else '-'} | {wall / 60:.1f} | "

@@ -48,10 +48,10 @@ def test_a_stage_is_timed_alone_with_the_experiments_own_hash(tmp_path: Path) ->
     written = json.loads((tmp_path / "res" / "stage_tiny_simclr.json").read_text())
     assert written["hash"] == planned.hash and written["overrides"][0] == "train.max_steps=3"
     md = (tmp_path / "res" / "stage_tiny_simclr.md").read_text()
-    assert f"| simclr | `{planned.hash}` | 3 |" in md and "| 20 | yes |" in md
-    again = bench.main([*argv[:-1], "budget_min=0.0001"])  # a second call runs again (nothing reused)
+    assert f"| simclr | `{planned.hash}` | 3 |" in md and "| 20 | yes |" in md and "> " not in md
+    again = bench.main([*argv[:-1], "budget_min=0.0001", "note=beside x"])  # runs again (nothing reused)
     assert again["status"] == "run" and again["hash"] == planned.hash and again["met"] is False
-    assert "| **no** |" in (tmp_path / "res" / "stage_tiny_simclr.md").read_text()
+    assert "| **no** |" in (md := (tmp_path / "res" / "stage_tiny_simclr.md").read_text()) and "\n> beside x\n" in md
 
 
 def test_an_unknown_stage_is_one_clear_error(tmp_path: Path) -> None:
