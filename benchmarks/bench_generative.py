@@ -75,6 +75,13 @@ class BenchConfig:
 # Reading an experiment folder
 # ------------------------------------------------------------------------------------------------
 
+def timed_alone(experiment: str, stage: str, stage_hash: str | None) -> dict[str, Any] | None:
+    """``benchmarks/bench_stage.py``'s record of this stage timed on its own, if there is one for the same stage
+    hash (a record of another config of the stage is not this stage's time)."""
+    rec = read_json(PROJECT_ROOT / "benchmarks" / "results" / f"stage_{experiment}_{stage}.json")
+    return rec if rec is not None and stage_hash is not None and rec.get("hash") == stage_hash else None
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -294,7 +301,7 @@ def read_experiment(config: Path, cfg: BenchConfig, observations: dict[str, Any]
         entry: dict[str, Any] = {"status": rec["status"], "wall_s": rec["wall_s"], "steps": res.get("steps"),
                                  "epochs": res.get("epochs"), "train_wall_s": res.get("train_wall_s"),
                                  "overrides": (exp_yaml.get(g) or {}).get("overrides", []),
-                                 "run_dir": str(run_dir)}
+                                 "run_dir": str(run_dir), "alone": timed_alone(name, g, rec.get("hash"))}
         if g == "vae":
             entry["reconstruction"] = {k: res.get(k) for k in ("val_mse", "val_psnr", "val_ssim")}
         srec = stages.get(f"samples_{g}")
@@ -356,9 +363,15 @@ def experiment_markdown(e: dict[str, Any]) -> list[str]:
     md += ["### Training", "",
            "Wall-clock: the experiment's stage record (the whole stage process: start-up, training, export, "
            "sample grid); steps: optimizer steps (a DCGAN step trains D once and G once).", "",
-           "| generator | overrides of the stage | steps | epochs | wall-clock (min) |", "|---|---|---|---|---|"]
+           "Timed alone: the same stage (same hash) run on its own by `benchmarks/bench_stage.py` "
+           "(`stage_<experiment>_<generator>.md`, with its load average), where that file exists.", "",
+           "| generator | overrides of the stage | steps | epochs | wall-clock (min) | timed alone (min) |",
+           "|---|---|---|---|---|---|"]
     for g, x in gens.items():
-        md.append(f"| {g} | `{' '.join(x['overrides'])}` | {x['steps']} | {x['epochs']} | {x['wall_s'] / 60:.1f} |")
+        alone = x.get("alone")
+        alone_md = f"{alone['wall_s'] / 60:.1f} (load {alone['loadavg_after'][0]:.1f})" if alone else "-"
+        md.append(f"| {g} | `{' '.join(x['overrides'])}` | {x['steps']} | {x['epochs']} | {x['wall_s'] / 60:.1f} | "
+                  f"{alone_md} |")
     vae = gens.get("vae", {}).get("reconstruction")
     if vae and vae.get("val_psnr") is not None:
         md += ["", f"VAE reconstruction of the validation split (never trained on; [0, 1] scale, z = posterior mean): "

@@ -119,8 +119,15 @@ def test_an_unfinished_experiment_from_its_stage_records(tmp_path: Path, monkeyp
     per_class = {"name": "samples_ddpm_per_class", "hash": "p", "status": "run"}
     assert bg.finished(listed, {**bg.stage_records(exp_dir), "samples_ddpm_per_class": per_class})
     assert not bg.finished(listed, {**bg.stage_records(exp_dir), "samples_ddpm": {**per_class, "name": "samples_ddpm"}})
+    # bench_stage.py's records: the ddpm's (same hash) is shown, the dcgan's (another config's hash) is not
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    for gen, h in (("ddpm", "h"), ("dcgan", "other")):
+        (results / f"stage_generative_toy_{gen}.json").write_text(json.dumps(
+            {"hash": h, "wall_s": 90.0, "loadavg_after": [1.24, 1.0, 1.0]}))
     cfg = bg.BenchConfig(targets_for="generative_toy")
     e = bg.read_experiment(config, cfg, {"generative_toy": {"ddpm": "lungs"}})
+    assert e["generators"]["dcgan"]["alone"] is None and e["generators"]["ddpm"]["alone"]["wall_s"] == 90.0
     assert not e["finished"] and e["synthetic"] == []
     assert e["ranking"] == ["ddpm", "dcgan"] and e["best"] == "ddpm"  # higher fixed-budget D loss first
     assert e["generators"]["dcgan"]["overrides"] == ["loss=hinge"] and e["generators"]["ddpm"]["observation"] == "lungs"
@@ -128,6 +135,7 @@ def test_an_unfinished_experiment_from_its_stage_records(tmp_path: Path, monkeyp
     assert all(t["met"] for t in e["targets"]["ddpm"])
     md = "\n".join(bg.experiment_markdown(e))
     assert "has not finished" in md and "**ddpm**" in md and "| ddpm | 0.400 (0.700) |" in md
+    assert "| 1 | 2.0 | 1.5 (load 1.2) |" in md and "| 1 | 2.0 | - |" in md  # wall-clock, then timed alone
     assert "all targets met" in md and "By eye" not in md  # no grid without samples
     assert "normal 300 (100%)" in md
 
