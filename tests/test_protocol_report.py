@@ -114,3 +114,12 @@ def test_keeping_a_kept_section_again_does_not_pile_up_markers(tmp_path: Path) -
     assert twice.count("Kept from an earlier publication") == 2
     assert experiment_sections(twice, "##")["busi"] == experiment_sections(EARLIER, "##")["busi"]
     assert experiment_sections(twice, "##")["drive"].endswith("DRIVE body")
+
+
+def test_the_older_kept_marker_is_not_carried_into_a_section() -> None:
+    """protocol.md / imagenet.md of 2026-12-02 marked kept sections with '> <name>: its runs are not on this
+    machine; ...': read again, that line is not part of the section above it."""
+    older = EARLIER.replace("\n## DRIVE", "\n> drive: its runs are not on this machine; the section below is kept "
+                                          "verbatim from the earlier report (2026-12-02 06:24 UTC).\n\n## DRIVE")
+    found = experiment_sections(older, "##")
+    assert found["busi"] == experiment_sections(EARLIER, "##")["busi"] and "its runs" not in found["busi"]

@@ -291,7 +291,8 @@ def experiment_sections(markdown: str, level: str = "###") -> dict[str, str]:
         _, _, rest = part.partition("\n\n")
         m = re.match(r"`python scripts/run_experiment.py configs/experiments/([\w.-]+)\.yaml`", rest)
         if m:
-            text = re.sub(rf"\n> {KEPT}[^\n]*", "", part.split("\n" + README_END)[0])
+            text = re.sub(rf"\n> (?:{KEPT}|[\w.-]+: its runs are not on this machine)[^\n]*", "",
+                          part.split("\n" + README_END)[0])  # the second: protocol_report's marker before 5f160e4
             out[m.group(1)] = f"{level} " + text.rstrip("\n")
     return out
 
