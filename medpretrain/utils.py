@@ -9,7 +9,7 @@ import os
 import random
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,7 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def hash_files(paths: list[str | os.PathLike[str]], digests: Mapping[str, str] | None = None) -> str:
+def hash_files(paths: Sequence[str | os.PathLike[str]], digests: Mapping[str, str] | None = None) -> str:
     """Fingerprint of a dataset: sha256 over (file name, content sha256) of each file, in path order.
 
     Content is hashed (not mtimes) so copies of the same data on two machines agree. ``digests`` (path as
