@@ -259,7 +259,7 @@ def bootstrap_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
-    threshold: float = 0.5,
+    threshold: float | Sequence[float] = 0.5,
     metric_fn: Callable[..., Mapping[str, float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Percentile bootstrap confidence intervals for every metric on one test set.
@@ -278,7 +278,7 @@ def bootstrap_ci(
     if metric_fn is None and task == "binary" and p.ndim == 1:
         # All resamples at once (the same draws as one randint per resample), counted with numpy.
         idx = torch.randint(0, len(t), (n_boot, len(t)), generator=gen).numpy()
-        samples = _binary_bootstrap_samples(p.double().numpy(), t.numpy(), idx, (p >= float(threshold)).numpy())
+        samples = _binary_bootstrap_samples(p.double().numpy(), t.numpy(), idx, (p >= float(threshold)).numpy())  # type: ignore[arg-type]
     else:
         fn = metric_fn or (lambda pp, tt: classification_metrics(pp, tt, task, threshold=threshold))
         samples = {}

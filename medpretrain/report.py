@@ -950,8 +950,8 @@ def build_report(
            f"Mean ± sample sd over seeds; per-seed 95% percentile-bootstrap CIs of the test {_LABELS[metric]}; "
            + ("ensemble rows average the seeds' test probability maps per pixel (saved in 1/65535 steps) and "
               "score them like one run (CI from the bootstrap over test images)" if seg
-              else "ensemble rows average the test probabilities of the seeds of one init (CI from the bootstrap "
-              "of that ensemble)") + ".",
+              else "ensemble rows average the test probabilities of the seeds of one init, thresholded at the mean "
+              "of the seeds' validation-chosen operating points (shown; CI from the bootstrap of that ensemble)") + ".",
            "", f"| init | regime | {'images' if seg else 'labels'} | model | "
            + " | ".join(_LABELS[m] for m in metrics) + f" | {_LABELS[metric]} 95% CI | epochs to 95% | s/epoch |",
            "|" + "---|" * (len(metrics) + 7)]
@@ -964,7 +964,10 @@ def build_report(
                   + f" | {cis} | {_pm(s['epochs_to_95'], 1)} | {_fmt(s['epoch_s']['mean'], 1)} |")
         e = ens_by_key.get((s["init"], s["regime"], s["label_fraction"]))
         if e:
-            md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | ensemble of {e['n']} | "
+            thr = e.get("threshold")
+            at = (f" at {thr:.3f}" if isinstance(thr, float) else
+                  " at " + "/".join(f"{v:.2f}" for v in thr) if isinstance(thr, list) else "")
+            md.append(f"| {s['init']} | {s['regime']} | {_frac(s['label_fraction'])} | ensemble of {e['n']}{at} | "
                       + " | ".join(_fmt(e["metrics"][m]) for m in metrics)
                       + f" | [{e['ci'][metric]['low']:.3f}, {e['ci'][metric]['high']:.3f}] | | |")
     bad = [s for s in rows if s["failed"]]

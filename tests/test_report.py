@@ -513,3 +513,27 @@ def test_learning_curves_skip_a_read_out_without_training_loss(tmp_path):
         warnings.simplefilter("error", RuntimeWarning)
         path = plot_learning_curves(runs, tmp_path / "curves.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_seed_ensemble_applies_the_members_validation_thresholds_not_half(tmp_path):
+    """A binary seed ensemble is scored at the mean of its members' validation-chosen thresholds (issue 14 item 7),
+    not at 0.5: sensitivity / specificity follow that operating point, AUC does not depend on it."""
+    from medpretrain.metrics import classification_metrics
+    from medpretrain.pipeline.ensembles import ensembles, member_threshold
+    from medpretrain.results import load_predictions
+
+    runs = [{**r, "threshold": t} for r, t in zip(_pred_runs(tmp_path, "simclr", 1.5), (0.7, 0.8, 0.9), strict=True)]
+    assert member_threshold(runs) == pytest.approx(0.8)
+    [row] = ensembles(runs, n_boot=50)
+    probs = np.mean([load_predictions(Path(r["run_dir"]) / "predictions.npz").probs for r in runs], axis=0)
+    y = load_predictions(Path(runs[0]["run_dir"]) / "predictions.npz").labels
+    at_08, at_05 = (classification_metrics(probs, y, "binary", threshold=t) for t in (0.8, 0.5))
+    assert row["threshold"] == pytest.approx(0.8)
+    assert row["metrics"]["specificity"] == pytest.approx(at_08["specificity"])
+    assert row["metrics"]["specificity"] > at_05["specificity"] + 0.1  # 0.5 would be a different operating point
+    assert row["metrics"]["auc"] == pytest.approx(at_05["auc"])
+    lo, hi = row["ci"]["specificity"]["low"], row["ci"]["specificity"]["high"]
+    assert lo <= at_08["specificity"] <= hi
+    # per-label means for multi-label members, none for multi-class or a member without one
+    assert member_threshold([{"threshold": [0.2, 0.6]}, {"threshold": [0.4, 0.8]}]) == pytest.approx([0.3, 0.7])
+    assert member_threshold([{"threshold": 0.3}, {}]) is None

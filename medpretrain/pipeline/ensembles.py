@@ -2,7 +2,8 @@
 averaged and scored like one run.
 
 Classification: the seeds' ``predictions.npz`` test probabilities averaged, scored with
-:func:`medpretrain.metrics.classification_metrics` and its bootstrap. Segmentation: the seeds' probability
+:func:`medpretrain.metrics.classification_metrics` and its bootstrap at the mean of the members' operating
+points (each chosen on validation, :func:`member_threshold`), never at a fixed 0.5. Segmentation: the seeds' probability
 maps averaged per pixel and scored per image inside the roi (:func:`seg_ensemble`).
 """
 
@@ -62,6 +63,19 @@ def seg_ensemble(init: str, regime: str, n_images: float, runs: Sequence[Mapping
     }
 
 
+def member_threshold(runs: Sequence[Mapping[str, Any]]) -> float | list[float] | None:
+    """The operating point of a classification seed ensemble: the mean of its members' ``threshold`` (each chosen
+    on validation by the run's ``eval.threshold`` rule; per label for multi-label runs). Only the members' test
+    probabilities are saved, so the ensemble cannot choose its own on validation; the mean is the closest
+    validation-chosen point. ``None`` (arg-max / 0.5) for multi-class runs or when a member recorded none."""
+    ths: list[Any] = [r.get("threshold") for r in runs]
+    if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in ths):
+        return float(np.mean([float(t) for t in ths]))
+    if all(isinstance(t, (list, tuple)) for t in ths) and len({len(t) for t in ths}) == 1:
+        return [float(v) for v in np.mean(np.asarray(ths, dtype=float), axis=0)]
+    return None
+
+
 def ensembles(results: Sequence[Run], n_boot: int) -> list[dict[str, Any]]:
     """Average test probabilities over the seeds of each (init, regime, label budget) with >= 2 complete runs.
     The regime is :func:`medpretrain.report.run_regime`'s: a multi-task cell is its own group.
@@ -94,11 +108,12 @@ def ensembles(results: Sequence[Run], n_boot: int) -> list[dict[str, Any]]:
                 raise ValueError(f"{init}/{regime}/{frac}: runs disagree on the test set; cannot ensemble")
         probs = np.mean([p.probs for p in preds], axis=0)
         labels, task = ref["labels"], runs[0]["label_task"]
+        thr = member_threshold(runs) if task in ("binary", "multilabel") else None
         rows.append({
             "init": init, "regime": regime, "label_fraction": frac, "n": len(runs),
-            "seeds": sorted(r["seed"] for r in runs),
-            "metrics": classification_metrics(probs, labels, task),
-            "ci": bootstrap_ci(probs, labels, task, n_boot=n_boot, seed=0),
+            "seeds": sorted(r["seed"] for r in runs), "threshold": thr,
+            "metrics": classification_metrics(probs, labels, task, threshold=thr),
+            "ci": bootstrap_ci(probs, labels, task, n_boot=n_boot, seed=0, threshold=thr if thr is not None else 0.5),
             "roc": roc_curves(probs, labels, task, class_names=runs[0]["data"]["class_names"]),
         })
     return rows
