@@ -406,12 +406,13 @@ def main(argv: list[str] | None = None) -> int:
         [{k: s[k] for k in ("name", "budgets", "lite0", "cell_seconds", "choice", "stages")} for s in summaries],
         indent=2, default=str) + "\n")
     for s in summaries:
-        if s["seg"] and s["name"] == "drive":
-            atomic_write_text(out / "segmentation.md", segmentation_md(s, args.note) + "\n")
-            atomic_write_text(out / "segmentation.json", json.dumps(
+        if s["seg"]:  # drive -> segmentation.md; another segmentation experiment -> segmentation_<name>.md
+            stem = "segmentation" if s["name"] == "drive" else f"segmentation_{s['name']}"
+            atomic_write_text(out / f"{stem}.md", segmentation_md(s, args.note) + "\n")
+            atomic_write_text(out / f"{stem}.json", json.dumps(
                 {k: s[k] for k in ("name", "budgets", "choice", "pretrained_vs_scratch", "lite0", "seg_details",
                                    "recommendations", "stages", "machine")}, indent=2, default=str) + "\n")
-            print(f"wrote {out / 'segmentation.md'}")
+            print(f"wrote {out / (stem + '.md')}")
     print(f"wrote {out / 'protocol.md'} and {out / 'imagenet.md'}")
     return 0
 
