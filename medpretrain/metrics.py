@@ -276,9 +276,11 @@ def bootstrap_ci(
     gen = torch.Generator().manual_seed(seed)
     samples: dict[str, Any]
     if metric_fn is None and task == "binary" and p.ndim == 1:
+        if not isinstance(threshold, (int, float)):
+            raise ValueError(f"binary metrics take one threshold, got {threshold!r}")
         # All resamples at once (the same draws as one randint per resample), counted with numpy.
         idx = torch.randint(0, len(t), (n_boot, len(t)), generator=gen).numpy()
-        samples = _binary_bootstrap_samples(p.double().numpy(), t.numpy(), idx, (p >= float(threshold)).numpy())  # type: ignore[arg-type]
+        samples = _binary_bootstrap_samples(p.double().numpy(), t.numpy(), idx, (p >= float(threshold)).numpy())
     else:
         fn = metric_fn or (lambda pp, tt: classification_metrics(pp, tt, task, threshold=threshold))
         samples = {}

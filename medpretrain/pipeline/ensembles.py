@@ -23,7 +23,7 @@ from medpretrain.metrics import (
     per_image_metrics,
     roc_curves,
 )
-from medpretrain.report import run_regime
+from medpretrain.report import run_regime, run_threshold
 from medpretrain.results import RunResult, load_predictions
 
 Run = RunResult | Mapping[str, Any]
@@ -52,8 +52,7 @@ def seg_ensemble(init: str, regime: str, n_images: float, runs: Sequence[Mapping
         if not p.same_cases(ref):
             raise ValueError(f"{init}/{regime}/{n_images:g} images: runs disagree on the test images; cannot ensemble")
     probs = np.mean([p["probs"] for p in preds], axis=0)
-    threshold = float(np.mean([r["threshold"] if isinstance(r.get("threshold"), (int, float))
-                               else r["config"]["seg"]["threshold"] for r in runs]))
+    threshold = float(np.mean([run_threshold(r) for r in runs]))
     rows = per_image_metrics(probs, list(ref["masks"]), list(ref["rois"]), threshold=threshold, seed=0)
     return {
         "init": init, "regime": regime, "label_fraction": n_images, "n_train_images": int(n_images), "n": len(runs),
