@@ -108,6 +108,32 @@ def test_killed_experiment_resumes_then_everything_is_reused(tmp_path: Path) -> 
     assert "simclr: run - would run" in plan.stdout
     assert "classification: planned - 1 of 2 runs to do" in plan.stdout  # scratch is unchanged
 
+    # 5. Run it: the grid's wall-clock is the part computed now plus the reused scratch cell's own seconds (one
+    #    worker), so a partly recomputed grid is not reported as costing only its new cells.
+    fourth = run(config)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    cls = stages(exp_dir)["classification"]
+    scratch = next(r for r in (json.loads(p.read_text()) for p in (exp_dir / "finetune").rglob("results.json"))
+                   if r["init_label"] == "scratch")
+    kept = scratch["timing"]["total_s"]
+    assert cls["status"] == "run" and "1 computed now" in cls["detail"]
+    assert f"+ {kept:.0f} s of reused cells ({kept:.0f} s / 1 workers)" in cls["detail"]
+    assert cls["wall_s"] > kept
+
+
+def test_previous_wall_finds_a_stage_by_its_hash_under_another_name(tmp_path: Path) -> None:
+    """A stage that became replicate ``simclr_seed0`` (a section given ``seeds: [0, ...]``) keeps the wall-clock
+    it was measured with as ``simclr``; another hash, or no record, gives 0."""
+    from medpretrain.pipeline.stages import previous_wall
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "simclr.json").write_text(json.dumps({"name": "simclr", "hash": "abc", "wall_s": 73.8}))
+    (tmp_path / "stages" / "moco.json").write_text(json.dumps({"name": "moco", "hash": "def", "wall_s": 140.2}))
+    assert previous_wall(tmp_path, "simclr_seed0", "abc") == 73.8
+    assert previous_wall(tmp_path, "simclr", "abc") == 73.8
+    assert previous_wall(tmp_path, "simclr_seed1", "xyz") == 0.0
+    assert previous_wall(tmp_path / "missing", "simclr", "abc") == 0.0
+
 
 def test_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
     """The same tiny experiment with every stage and every fine-tune cell on 2 processes (torchrun, gloo)."""

@@ -123,3 +123,21 @@ def test_the_older_kept_marker_is_not_carried_into_a_section() -> None:
                                           "verbatim from the earlier report (2026-12-02 06:24 UTC).\n\n## DRIVE")
     found = experiment_sections(older, "##")
     assert found["busi"] == experiment_sections(EARLIER, "##")["busi"] and "its runs" not in found["busi"]
+
+
+def test_target_overview_takes_each_budgets_best_self_supervised_arm_across_experiments() -> None:
+    """The 100%-label target can be met by pneumonia_px64's 64 px arm while pneumonia's 28 px arm misses it: the
+    overview names the best arm and its experiment per label fraction, and says whether it meets the target."""
+    def t(init: str, budget: float, mean: float) -> dict:
+        return {"init": init, "budget": budget, "target": {0.01: 0.85, 1.0: 0.96}[budget], "mean": mean,
+                "std": 0.01, "n": 3, "met": mean >= {0.01: 0.85, 1.0: 0.96}[budget]}
+
+    summaries = [{"name": "pneumonia", "targets": [t("simclr", 0.01, 0.89), t("moco", 0.01, 0.84),
+                                                     t("simclr", 1.0, 0.94)]},
+                 {"name": "pneumonia_px64", "targets": [t("simclr@px64", 1.0, 0.962)]},
+                 {"name": "busi", "targets": []}]
+    rows = pr.target_overview(summaries)
+    assert [(r["budget"], r["init"], r["experiment"], r["met"]) for r in rows] == [
+        (0.01, "simclr", "pneumonia", True), (1.0, "simclr@px64", "pneumonia_px64", True)]
+    rows = pr.target_overview(summaries[:1])
+    assert [(r["init"], r["met"]) for r in rows] == [("simclr", True), ("simclr", False)]

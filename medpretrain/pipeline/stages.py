@@ -40,7 +40,7 @@ from medpretrain.config import (
 from medpretrain.data import data_stamp
 from medpretrain.methods import registry
 from medpretrain.pipeline.console import Console, relay
-from medpretrain.pipeline.grid import CompareConfig, grid, pending, run_grid
+from medpretrain.pipeline.grid import CompareConfig, cell_config, grid, pending, previous, run_grid
 from medpretrain.pipeline.schema import GRID_TASKS
 from medpretrain.results import STATUSES, RunResult
 from medpretrain.resume import list_checkpoints
@@ -170,12 +170,18 @@ def record(exp_dir: Path, stage: Stage) -> None:
 
 
 def previous_wall(exp_dir: Path, name: str, h: str) -> float:
-    """Wall-clock the stage took when it was computed (kept across reuses)."""
-    try:
-        old = json.loads((exp_dir / "stages" / f"{name}.json").read_text())
-    except (OSError, ValueError):
-        return 0.0
-    return float(old.get("wall_s", 0.0)) if old.get("hash") == h else 0.0
+    """Wall-clock the stage took when it was computed (kept across reuses): from its own record, else from any
+    record of the same hash (a stage that became replicate ``<name>_seed0`` of a section given ``seeds`` has the
+    hash it had as ``<name>``); 0 when none is found."""
+    records = [exp_dir / "stages" / f"{name}.json", *sorted((exp_dir / "stages").glob("*.json"))]
+    for path in records:
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if old.get("hash") == h and float(old.get("wall_s", 0.0)) > 0:
+            return float(old["wall_s"])
+    return 0.0
 
 
 def variant_label(name: str, variant: VariantSpec | None) -> str:
@@ -472,6 +478,18 @@ def variant_note(variant: VariantSpec) -> str:
     return f"Arms `…@{variant.name}`: the same grid with {variant.overrides} applied last."
 
 
+def reused_cell_seconds(ccfg: CompareConfig, todo: list[list[str]]) -> float:
+    """The seconds the complete cells of ``ccfg`` not in ``todo`` took when they ran (their ``timing.total_s``)."""
+    total = 0.0
+    for args in grid(ccfg):
+        if args in todo:
+            continue
+        r = previous(cell_config(args))
+        if r is not None and r.timing:
+            total += float(r.timing.get("total_s", 0.0))
+    return total
+
+
 def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[str, list[Stage]],
                console: Console = None, variant: VariantSpec | None = None) -> tuple[Stage, list[RunResult]]:
     """The fine-tune grid of ``task`` (:func:`medpretrain.pipeline.grid.run_grid`; cells reused by their own
@@ -491,13 +509,19 @@ def grid_stage(cfg: ExperimentConfig, exp_dir: Path, task: str, exports: dict[st
         sample = synthetic_stage(cfg, exp_dir, src, console)
         record(exp_dir, sample)
         drawn = f"; synthetic samples {sample.status} ({sample.wall_s:.0f} s): {sample.output}"
+    kept = reused_cell_seconds(ccfg, todo)
     t0 = time.perf_counter()
     _, results = run_grid(ccfg, console)
     spent = time.perf_counter() - t0
     stage.status = "reused" if not todo else "run"
-    stage.wall_s = spent if todo else previous_wall(exp_dir, name, h)
+    # A grid partly computed now costs what ran now plus what its reused cells took when they ran (their own
+    # seconds over the workers that shared the CPU), so the experiment's total is the whole grid's, not the part.
+    workers = max(1, ccfg.workers)
+    stage.wall_s = spent + kept / workers if todo else previous_wall(exp_dir, name, h)
     count = {s: sum(r.status == s for r in results) for s in STATUSES}
     stage.detail = (f"{count['complete']} complete, {count['unavailable']} unavailable, "
                     f"{count['failed']} failed of {len(results)} runs; "
-                    f"{len(todo)} computed now{drawn}")
+                    f"{len(todo)} computed now ({spent:.0f} s)"
+                    + (f" + {kept / workers:.0f} s of reused cells ({kept:.0f} s / {workers} workers)"
+                       if todo and kept else "") + drawn)
     return stage, results
