@@ -246,7 +246,10 @@ def target_overview(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     return [best[b] for b in sorted(best)]
 
 
-def protocol_md(summaries: Sequence[Mapping[str, Any]], notes: Sequence[str]) -> str:
+def protocol_md(summaries: Sequence[Mapping[str, Any]], notes: Sequence[str],
+                kept: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The protocol report of ``summaries``; ``kept``: the earlier summaries of experiments whose sections are carried
+    over (:func:`carry_over`), which count in the targets' overview like the ones summarised now."""
     md = ["# Protocol: the shipped CPU experiments (issue 14)", "",
           f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/protocol_report.py` "
           f"(code {code_version()}) from the experiments' own results; nothing here is typed by hand.", "",
@@ -255,7 +258,7 @@ def protocol_md(summaries: Sequence[Mapping[str, Any]], notes: Sequence[str]) ->
           "order; gaps = paired bootstrap over the test cases of the seed-averaged predictions combined with the "
           "seed spread (t quantiles); *better* / *worse*: the 95% CI of the gap excludes 0 (unadjusted; the "
           "experiment reports add Holm over budgets).", "", *[f"> {n}" for n in notes], ""]
-    overview = target_overview(summaries)
+    overview = target_overview([*summaries, *kept])
     if overview:
         md += ["Issue 14's targets, the best self-supervised arm per label fraction over the experiments below "
                "(each arm's configuration chosen on validation):", "",
@@ -412,13 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out.mkdir(parents=True, exist_ok=True)
     keep = missing if args.keep else []
-    protocol_text = carry_over(out / "protocol.md", protocol_md(summaries, args.note), keep)
+    earlier = ({s["name"]: s for s in json.loads((out / "protocol.json").read_text())}
+               if keep and (out / "protocol.json").is_file() else {})
+    kept_summaries = [earlier[n] for n in keep if n in earlier]
+    protocol_text = carry_over(out / "protocol.md", protocol_md(summaries, args.note, kept_summaries), keep)
     imagenet_text = carry_over(out / "imagenet.md", imagenet_md(summaries, args.note), keep)
-    if keep and (out / "protocol.json").is_file():
-        earlier = {s["name"]: s for s in json.loads((out / "protocol.json").read_text())}
-        summaries_json = [*summaries, *(earlier[n] for n in keep if n in earlier)]
-    else:
-        summaries_json = summaries
+    summaries_json = [*summaries, *kept_summaries]
     atomic_write_text(out / "protocol.json", json.dumps(summaries_json, indent=2, default=str) + "\n")
     atomic_write_text(out / "protocol.md", protocol_text + "\n")
     atomic_write_text(out / "imagenet.md", imagenet_text + "\n")

@@ -141,3 +141,18 @@ def test_target_overview_takes_each_budgets_best_self_supervised_arm_across_expe
         (0.01, "simclr", "pneumonia", True), (1.0, "simclr@px64", "pneumonia_px64", True)]
     rows = pr.target_overview(summaries[:1])
     assert [(r["init"], r["met"]) for r in rows] == [("simclr", True), ("simclr", False)]
+
+
+def test_a_kept_experiments_targets_count_in_the_overview() -> None:
+    """pneumonia re-run while pneumonia_px64's runs are not on the machine: its kept summary (protocol.json) still
+    meets the 100%-label target, so the overview must not say the target is missed."""
+    def t(init: str, budget: float, mean: float) -> dict:
+        return {"init": init, "budget": budget, "target": 0.96, "mean": mean, "std": 0.01, "n": 3, "met": mean >= 0.96}
+
+    now = {"name": "pneumonia", "targets": [t("simclr", 1.0, 0.929)]}
+    kept = {"name": "pneumonia_px64", "targets": [t("simclr", 1.0, 0.963)]}
+    overview = [line for line in pr.protocol_md([], [], [kept]).splitlines()
+                if line.startswith("| 1 |")]
+    assert overview == ["| 1 | 0.96 | simclr | pneumonia_px64 | 0.963 ± 0.010 (3) | yes |"]
+    assert pr.target_overview([now, kept])[0]["experiment"] == "pneumonia_px64"
+    assert pr.target_overview([now])[0]["met"] is False
